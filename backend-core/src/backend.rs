@@ -1,0 +1,236 @@
+//! The `ExecutionBackend` trait.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::{self, StreamExt};
+
+use crate::{
+    BackendError, EventReceiver, NetworkPolicy, OwnershipLabels, Result, SessionExitInfo, SessionHealth,
+    SessionSpec, SessionState, SessionStatus,
+};
+
+/// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.
+pub const SHUTDOWN_CONCURRENCY: usize = 64;
+
+/// What a backend can do. A conformance test whose capability is missing is skipped with
+/// a printed reason, never passed silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Health reflects a running health check (not just "running").
+    pub health_checks: bool,
+    /// [`ExecutionBackend::subscribe_events`] returns a stream.
+    pub events: bool,
+    /// OOM kills are reported in [`SessionExitInfo::oom_killed`].
+    pub oom_detection: bool,
+    /// [`ExecutionBackend::send_command`] works.
+    pub exec: bool,
+    /// [`ExecutionBackend::session_logs`] works.
+    pub logs: bool,
+    /// [`NetworkPolicy::Isolated`] is enforced.
+    pub network_isolation: bool,
+}
+
+impl Capabilities {
+    /// Every capability.
+    pub const ALL: Capabilities = Capabilities {
+        health_checks: true,
+        events: true,
+        oom_detection: true,
+        exec: true,
+        logs: true,
+        network_isolation: true,
+    };
+    /// No optional capability.
+    pub const NONE: Capabilities = Capabilities {
+        health_checks: false,
+        events: false,
+        oom_detection: false,
+        exec: false,
+        logs: false,
+        network_isolation: false,
+    };
+}
+
+/// The result of running a command in a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// The command's exit code, when the engine reports it.
+    pub exit_code: Option<i64>,
+    /// Standard output and standard error, interleaved.
+    pub output: String,
+}
+
+/// What [`ExecutionBackend::shutdown_all_sessions`] did.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Sessions stopped and removed.
+    pub stopped: Vec<String>,
+    /// Sessions that could not be stopped, with the reason.
+    pub failed: Vec<(String, BackendError)>,
+}
+
+/// A container engine that runs agent sessions.
+///
+/// # Contract
+/// - A *session* is one container whose main process is the agent. Its name is
+///   [`SessionSpec::session`] and starts with [`ExecutionBackend::prefix`].
+/// - Every container a backend creates carries the labels of its
+///   [`OwnershipLabels`]; every listing returns only containers carrying this prefix
+///   **and** this instance id. Nothing else is ever listed, stopped or removed by a
+///   listing-driven call.
+/// - [`BackendError::Unavailable`] means the engine could not be asked. It never stands for
+///   "the session is gone": that is `Ok(false)` from `session_exists`, or
+///   [`SessionStatus::Missing`].
+/// - Creating a session whose name is taken never reuses the old container: a stale
+///   container of ours is removed and recreated, anything else fails with
+///   [`BackendError::AlreadyExists`].
+/// - Exit information stays readable until the session is removed.
+/// - Nothing is pulled: a missing image is [`BackendError::ImageNotFound`].
+#[async_trait]
+pub trait ExecutionBackend: Send + Sync + fmt::Debug {
+    /// A short lowercase name: `docker`, `podman`, `mock`.
+    fn name(&self) -> &'static str;
+
+    /// The ownership this backend stamps and filters on.
+    fn ownership(&self) -> &OwnershipLabels;
+
+    /// The prefix of every session name this backend creates.
+    fn prefix(&self) -> &str {
+        self.ownership().prefix()
+    }
+
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The URL an agent in a session with `network` uses to reach the agent channel of
+    /// the daemon listening on `port`, or `None` when it cannot reach it (for example
+    /// [`NetworkPolicy::None`]).
+    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String>;
+
+    /// The host addresses on which the daemon must serve the agent channel so that
+    /// sessions under every network policy but `none` reach it. Empty means loopback is
+    /// enough.
+    async fn agent_channel_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
+        Ok(Vec::new())
+    }
+
+    /// Whether `image` is present locally (nothing is ever pulled).
+    async fn image_exists(&self, image: &str) -> Result<bool>;
+
+    /// Creates the session's container from `spec`, without starting it. Returns the
+    /// engine's container id.
+    async fn create_session(&self, spec: &SessionSpec) -> Result<String>;
+
+    /// Starts a created session; the agent becomes the container's main process.
+    async fn start_session(&self, session: &str) -> Result<()>;
+
+    /// Whether the session exists. `Ok(false)` only when the engine said so.
+    async fn session_exists(&self, session: &str) -> Result<bool>;
+
+    /// Stops the session: SIGTERM, then SIGKILL after `grace`. The container and its exit
+    /// info stay. Stopping a session that is not running succeeds; a missing one is
+    /// [`BackendError::NotFound`].
+    async fn stop_session(&self, session: &str, grace: Duration) -> Result<()>;
+
+    /// Removes the session's container, forcibly. Removing a missing session succeeds.
+    async fn remove_session(&self, session: &str) -> Result<()>;
+
+    /// Stops (with `grace`) and removes the session. Idempotent: a missing session is
+    /// success. The caller reads exit info first if it wants it.
+    async fn kill_session(&self, session: &str, grace: Duration) -> Result<()> {
+        match self.stop_session(session, grace).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.remove_session(session).await
+    }
+
+    /// Runs `command` inside the running session and returns its output.
+    async fn send_command(&self, session: &str, command: &[String]) -> Result<CommandOutput> {
+        let _ = (session, command);
+        Err(BackendError::Unsupported {
+            backend: self.name(),
+            operation: "send_command",
+        })
+    }
+
+    /// The names of all sessions this backend owns (prefix and instance).
+    async fn list_sessions(&self) -> Result<Vec<String>> {
+        Ok(self.snapshot().await?.into_iter().map(|s| s.session).collect())
+    }
+
+    /// The state of every owned session, in as few engine calls as the engine allows
+    /// (one listing, independent of the number of sessions).
+    async fn snapshot(&self) -> Result<Vec<SessionState>>;
+
+    /// The state of one session; [`SessionStatus::Missing`] when the engine has none.
+    async fn session_state(&self, session: &str) -> Result<SessionState> {
+        Ok(self
+            .snapshot()
+            .await?
+            .into_iter()
+            .find(|s| s.session == session)
+            .unwrap_or_else(|| SessionState::missing(session)))
+    }
+
+    /// The session's health. Backends without health support report `Unknown`.
+    async fn session_health(&self, session: &str) -> Result<SessionHealth> {
+        let _ = session;
+        Ok(SessionHealth::Unknown)
+    }
+
+    /// How the session ended; `None` while it runs, when it never ran, or when it is
+    /// missing. Backends without exit support report `None`.
+    async fn session_exit_info(&self, session: &str) -> Result<Option<SessionExitInfo>> {
+        let _ = session;
+        Ok(None)
+    }
+
+    /// The last `tail` lines (all when `None`) of the session's output.
+    async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
+        let _ = (session, tail);
+        Err(BackendError::Unsupported {
+            backend: self.name(),
+            operation: "session_logs",
+        })
+    }
+
+    /// Subscribes to the engine's events for owned sessions. `None` means this backend
+    /// has no events and the caller must rely on relisting.
+    async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
+        Ok(None)
+    }
+
+    /// Stops and removes every owned session, concurrently (at most
+    /// [`SHUTDOWN_CONCURRENCY`] at once), each with `grace`.
+    async fn shutdown_all_sessions(&self, grace: Duration) -> Result<ShutdownReport> {
+        let sessions = self.list_sessions().await?;
+        let outcomes: Vec<(String, Result<()>)> = stream::iter(sessions)
+            .map(|session| async move {
+                let outcome = self.kill_session(&session, grace).await;
+                (session, outcome)
+            })
+            .buffer_unordered(SHUTDOWN_CONCURRENCY)
+            .collect()
+            .await;
+        let mut report = ShutdownReport::default();
+        for (session, outcome) in outcomes {
+            match outcome {
+                Ok(()) => report.stopped.push(session),
+                Err(e) => report.failed.push((session, e)),
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Whether a snapshot status means the main process is alive.
+impl SessionStatus {
+    /// True for [`SessionStatus::Running`].
+    pub fn is_running(self) -> bool {
+        self == SessionStatus::Running
+    }
+}

@@ -1,0 +1,784 @@
+//! The conformance suite: one async function per promised behaviour of
+//! [`ExecutionBackend`], run by every backend crate against its engine.
+//!
+//! Every function takes a [`Harness`], which builds backends for given ownership on the
+//! engine under test and supplies fixtures (a foreign container, a kill from outside).
+//! Each call uses its own random prefix and instance id, and removes what it created,
+//! also when an assertion fails.
+//!
+//! The agent under test is the echo agent (`docker/echo-agent`), driven by environment
+//! variables: `ECHO_EXIT_AFTER_MS`, `ECHO_EXIT_CODE`, `ECHO_ALLOC_MB`,
+//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`. The mock backend simulates the same
+//! variables. A function whose capability the backend lacks prints why and returns.
+//!
+//! Backend crates generate one `#[tokio::test]` per function with [`conformance_tests!`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+
+use crate::{
+    BackendError, BackendEvent, Capabilities, ExecutionBackend, HealthCheck, HealthCheckSpec, NetworkPolicy,
+    OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
+};
+
+/// Builds backends and fixtures on the engine under test.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A backend on the engine under test with this ownership.
+    async fn backend(&self, owner: OwnershipLabels) -> Arc<dyn ExecutionBackend>;
+
+    /// The echo-agent image as this engine names it.
+    fn image(&self) -> String;
+
+    /// The longest any expected transition may take before a test fails.
+    fn patience(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
+    /// Creates and starts a running container named `name` that carries `labels` but was
+    /// not created by any backend (an unlabelled or foreign container). Returns a handle
+    /// to remove it with [`Harness::remove_fixture`].
+    async fn start_fixture(&self, name: &str, labels: BTreeMap<String, String>) -> String;
+
+    /// Removes a fixture container.
+    async fn remove_fixture(&self, handle: &str);
+
+    /// Kills the session's main process with SIGKILL from outside the backend (as
+    /// `docker kill` would).
+    async fn kill_from_outside(&self, session: &str);
+}
+
+/// One test's world: a unique ownership, its backend, and cleanup.
+struct World<'h> {
+    harness: &'h dyn Harness,
+    backend: Arc<dyn ExecutionBackend>,
+    run: String,
+    extra: Vec<Arc<dyn ExecutionBackend>>,
+    fixtures: Vec<String>,
+}
+
+fn random_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+impl<'h> World<'h> {
+    async fn new(harness: &'h dyn Harness) -> World<'h> {
+        let run = random_id();
+        let owner = OwnershipLabels::new(format!("ct{run}"), format!("inst-{run}")).expect("valid labels");
+        let backend = harness.backend(owner).await;
+        World {
+            harness,
+            backend,
+            run,
+            extra: Vec::new(),
+            fixtures: Vec::new(),
+        }
+    }
+
+    fn caps(&self) -> Capabilities {
+        self.backend.capabilities()
+    }
+
+    /// A backend with a different prefix or instance on the same engine.
+    async fn other_backend(&mut self, prefix: &str, instance: &str) -> Arc<dyn ExecutionBackend> {
+        let owner = OwnershipLabels::new(prefix, instance).expect("valid labels");
+        let backend = self.harness.backend(owner).await;
+        self.extra.push(backend.clone());
+        backend
+    }
+
+    fn spec(&self, name: &str) -> SessionSpec {
+        self.spec_for(&self.backend, name)
+    }
+
+    fn spec_for(&self, backend: &Arc<dyn ExecutionBackend>, name: &str) -> SessionSpec {
+        let mut spec = SessionSpec::new(
+            format!("{}-{name}", backend.prefix()),
+            format!("agent-{name}-{}", self.run),
+            self.harness.image(),
+        );
+        spec.stop_grace = Duration::from_secs(2);
+        spec.labels.insert("agentd.test".into(), "conformance".into());
+        spec
+    }
+
+    async fn start(&self, spec: &SessionSpec) {
+        start_on(&self.backend, spec).await;
+    }
+
+    async fn cleanup(&self) {
+        for backend in std::iter::once(&self.backend).chain(&self.extra) {
+            if let Ok(sessions) = backend.list_sessions().await {
+                for session in sessions {
+                    if let Err(e) = backend.kill_session(&session, Duration::ZERO).await {
+                        eprintln!("conformance cleanup: could not remove {session}: {e}");
+                    }
+                }
+            }
+        }
+        for fixture in &self.fixtures {
+            self.harness.remove_fixture(fixture).await;
+        }
+    }
+
+    /// Runs `body`, then cleans up whether it passed or panicked.
+    async fn run<F>(mut self, body: F)
+    where
+        F: AsyncFnOnce(&mut World<'h>),
+    {
+        let outcome = {
+            let fut = body(&mut self);
+            AssertUnwindSafe(fut).catch_unwind().await
+        };
+        self.cleanup().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+async fn start_on(backend: &Arc<dyn ExecutionBackend>, spec: &SessionSpec) {
+    backend
+        .create_session(spec)
+        .await
+        .unwrap_or_else(|e| panic!("create_session({}) failed: {e}", spec.session));
+    backend
+        .start_session(&spec.session)
+        .await
+        .unwrap_or_else(|e| panic!("start_session({}) failed: {e}", spec.session));
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `patience` with
+/// `what` and the last observation.
+pub async fn wait_for<T, F, Fut>(patience: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out after {patience:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_status(w: &World<'_>, session: &str, want: SessionStatus) {
+    let backend = w.backend.clone();
+    wait_for(w.harness.patience(), &format!("{session} to be {want}"), || {
+        let backend = backend.clone();
+        async move {
+            match backend.session_state(session).await {
+                Ok(state) if state.status == want => Ok(()),
+                Ok(state) => Err(format!("status {}", state.status)),
+                Err(e) => Err(format!("error {e}")),
+            }
+        }
+    })
+    .await
+}
+
+async fn wait_health(w: &World<'_>, session: &str, want: SessionHealth) {
+    let backend = w.backend.clone();
+    wait_for(w.harness.patience(), &format!("{session} to be {want}"), || {
+        let backend = backend.clone();
+        async move {
+            match backend.session_health(session).await {
+                Ok(health) if health == want => Ok(()),
+                Ok(health) => Err(format!("health {health}")),
+                Err(e) => Err(format!("error {e}")),
+            }
+        }
+    })
+    .await
+}
+
+fn skip(test: &str, why: &str) {
+    eprintln!("conformance: SKIPPED {test}: {why}");
+}
+
+fn fast_health_check(interval_ms: u64) -> HealthCheckSpec {
+    HealthCheckSpec::Override(HealthCheck {
+        command: vec!["/agent".into(), "--health".into()],
+        interval: Duration::from_millis(interval_ms),
+        timeout: Duration::from_secs(2),
+        retries: 1,
+        start_period: Duration::ZERO,
+    })
+}
+
+/// A created session exists and reads `created`; started, it reads `running`; a name
+/// never created reads `missing` and does not exist.
+pub async fn create_start_exists(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let spec = w.spec("basic");
+            let id = w.backend.create_session(&spec).await.expect("create");
+            assert!(!id.is_empty(), "create_session must return the engine's id");
+            assert!(w.backend.session_exists(&spec.session).await.expect("exists"));
+            let state = w.backend.session_state(&spec.session).await.expect("state");
+            assert_eq!(state.status, SessionStatus::Created, "{state:?}");
+            assert_eq!(state.id, id);
+            w.backend.start_session(&spec.session).await.expect("start");
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            assert_eq!(w.backend.session_exit_info(&spec.session).await.expect("exit info"), None);
+
+            let ghost = format!("{}-never-created", w.backend.prefix());
+            assert!(!w.backend.session_exists(&ghost).await.expect("exists on a missing session"));
+            let state = w.backend.session_state(&ghost).await.expect("state of a missing session");
+            assert_eq!(state.status, SessionStatus::Missing);
+            assert_eq!(w.backend.session_exit_info(&ghost).await.expect("exit info"), None);
+        })
+        .await
+}
+
+/// Creating a session whose name is taken never reuses the old container.
+pub async fn create_conflict_never_reuses_the_old_container(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let spec = w.spec("conflict");
+            let first = w.backend.create_session(&spec).await.expect("first create");
+            match w.backend.create_session(&spec).await {
+                Ok(second) => {
+                    assert_ne!(first, second, "a second create returned the stale container");
+                    let state = w.backend.session_state(&spec.session).await.expect("state");
+                    assert_eq!(state.id, second, "the session must be the new container");
+                }
+                Err(BackendError::AlreadyExists { .. }) => {}
+                Err(e) => panic!("expected a new container or AlreadyExists, got {e}"),
+            }
+        })
+        .await
+}
+
+/// A missing image is `ImageNotFound` (nothing is pulled); an invalid spec is
+/// `InvalidSpec` naming the field.
+pub async fn bad_specs_are_refused_clearly(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let mut spec = w.spec("noimage");
+            spec.image = format!("agentd-missing-{}:none", w.run);
+            assert!(!w.backend.image_exists(&spec.image).await.expect("image_exists"));
+            assert!(w.backend.image_exists(&w.harness.image()).await.expect("image_exists"));
+            match w.backend.create_session(&spec).await {
+                Err(BackendError::ImageNotFound { image, .. }) => assert_eq!(image, spec.image),
+                other => panic!("expected ImageNotFound, got {other:?}"),
+            }
+            let mut spec = w.spec("badmem");
+            spec.resources.memory_bytes = Some(1);
+            match w.backend.create_session(&spec).await {
+                Err(BackendError::InvalidSpec { field, .. }) => assert_eq!(field, "resources.memory_bytes"),
+                other => panic!("expected InvalidSpec, got {other:?}"),
+            }
+        })
+        .await
+}
+
+async fn exits_with(h: &dyn Harness, code: i64) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let mut spec = w.spec(&format!("exit{code}"));
+            spec.env.insert("ECHO_EXIT_AFTER_MS".into(), "300".into());
+            spec.env.insert("ECHO_EXIT_CODE".into(), code.to_string());
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Exited).await;
+            let exit = w
+                .backend
+                .session_exit_info(&spec.session)
+                .await
+                .expect("exit info")
+                .expect("an exited session has exit info");
+            assert_eq!(exit.exit_code, Some(code), "{exit:?}");
+            assert!(!exit.oom_killed, "{exit:?}");
+            assert!(exit.finished_at.is_some(), "finished_at must be recorded: {exit:?}");
+            assert_eq!(
+                w.backend.session_health(&spec.session).await.expect("health"),
+                SessionHealth::Unknown,
+                "health of a session that is not running is unknown"
+            );
+        })
+        .await
+}
+
+/// A session whose agent exits 0 reads exited with code 0.
+pub async fn exit_code_zero_is_reported(h: &dyn Harness) {
+    exits_with(h, 0).await
+}
+
+/// A session whose agent exits 3 reads exited with code 3.
+pub async fn nonzero_exit_code_is_reported(h: &dyn Harness) {
+    exits_with(h, 3).await
+}
+
+/// Exit info stays readable, unchanged, until the session is removed; then it is gone.
+pub async fn exit_info_is_kept_until_removed(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let mut spec = w.spec("keep");
+            spec.env.insert("ECHO_EXIT_AFTER_MS".into(), "100".into());
+            spec.env.insert("ECHO_EXIT_CODE".into(), "7".into());
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Exited).await;
+            let first = w.backend.session_exit_info(&spec.session).await.expect("exit info");
+            let second = w.backend.session_exit_info(&spec.session).await.expect("exit info");
+            assert_eq!(first, second);
+            assert_eq!(first.as_ref().and_then(|e| e.exit_code), Some(7));
+            w.backend.remove_session(&spec.session).await.expect("remove");
+            assert!(!w.backend.session_exists(&spec.session).await.expect("exists"));
+            assert_eq!(w.backend.session_exit_info(&spec.session).await.expect("exit info"), None);
+        })
+        .await
+}
+
+/// Kill stops and removes; killing a missing or already killed session succeeds.
+pub async fn kill_is_idempotent(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let ghost = format!("{}-ghost", w.backend.prefix());
+            w.backend.kill_session(&ghost, Duration::from_secs(1)).await.expect("kill of a missing session");
+            w.backend.remove_session(&ghost).await.expect("remove of a missing session");
+            match w.backend.stop_session(&ghost, Duration::from_secs(1)).await {
+                Err(e) if e.is_not_found() => {}
+                other => panic!("stop of a missing session must be NotFound, got {other:?}"),
+            }
+            let spec = w.spec("kill");
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            w.backend.kill_session(&spec.session, Duration::from_secs(2)).await.expect("kill");
+            assert!(!w.backend.session_exists(&spec.session).await.expect("exists"));
+            w.backend.kill_session(&spec.session, Duration::from_secs(2)).await.expect("second kill");
+        })
+        .await
+}
+
+/// Stop sends SIGTERM: an agent that handles it exits 0 at once and keeps its exit
+/// info; one that ignores it is killed (137) after the grace period, not the engine's
+/// default.
+pub async fn stop_honours_the_grace_period(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let polite = w.spec("polite");
+            let mut stubborn = w.spec("stubborn");
+            stubborn.env.insert("ECHO_IGNORE_SIGTERM".into(), "1".into());
+            w.start(&polite).await;
+            w.start(&stubborn).await;
+            wait_status(w, &polite.session, SessionStatus::Running).await;
+            wait_status(w, &stubborn.session, SessionStatus::Running).await;
+
+            w.backend.stop_session(&polite.session, Duration::from_secs(10)).await.expect("stop");
+            let exit = w.backend.session_exit_info(&polite.session).await.expect("exit info");
+            assert_eq!(exit.as_ref().and_then(|e| e.exit_code), Some(0), "SIGTERM handled: {exit:?}");
+
+            let grace = Duration::from_secs(2);
+            let started = Instant::now();
+            w.backend.stop_session(&stubborn.session, grace).await.expect("stop");
+            let took = started.elapsed();
+            let exit = w.backend.session_exit_info(&stubborn.session).await.expect("exit info");
+            assert_eq!(exit.as_ref().and_then(|e| e.exit_code), Some(137), "killed after grace: {exit:?}");
+            assert_eq!(exit.as_ref().map(|e| e.oom_killed), Some(false), "a stop is not an OOM: {exit:?}");
+            assert!(
+                took >= grace - Duration::from_millis(300) && took < grace + Duration::from_secs(6),
+                "stop with a {grace:?} grace took {took:?}: the grace period was not honoured"
+            );
+            // Stopping a session that is no longer running succeeds.
+            w.backend.stop_session(&stubborn.session, grace).await.expect("second stop");
+        })
+        .await
+}
+
+/// With a health check, health reads starting before the first check passes and healthy
+/// after it.
+pub async fn health_goes_from_starting_to_healthy(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().health_checks {
+                return skip("health_goes_from_starting_to_healthy", "backend runs no health checks");
+            }
+            let mut spec = w.spec("healthy");
+            spec.health_check = fast_health_check(3000);
+            w.start(&spec).await;
+            let first = w.backend.session_health(&spec.session).await.expect("health");
+            assert_eq!(first, SessionHealth::Starting, "before the first check ran");
+            wait_health(w, &spec.session, SessionHealth::Healthy).await;
+        })
+        .await
+}
+
+/// An agent whose health check starts failing reads unhealthy.
+pub async fn health_turns_unhealthy(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().health_checks {
+                return skip("health_turns_unhealthy", "backend runs no health checks");
+            }
+            let mut spec = w.spec("unhealthy");
+            spec.health_check = fast_health_check(500);
+            spec.env.insert("ECHO_UNHEALTHY_AFTER_MS".into(), "1500".into());
+            w.start(&spec).await;
+            wait_health(w, &spec.session, SessionHealth::Healthy).await;
+            wait_health(w, &spec.session, SessionHealth::Unhealthy).await;
+        })
+        .await
+}
+
+/// Without a health check, a running session reads healthy.
+pub async fn no_health_check_reads_healthy_while_running(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let mut spec = w.spec("nocheck");
+            spec.health_check = HealthCheckSpec::Disabled;
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            assert_eq!(w.backend.session_health(&spec.session).await.expect("health"), SessionHealth::Healthy);
+        })
+        .await
+}
+
+/// An agent that outgrows its memory limit is reported OOM-killed with exit 137.
+pub async fn oom_kill_is_reported(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().oom_detection {
+                return skip("oom_kill_is_reported", "backend cannot detect OOM kills");
+            }
+            let mut spec = w.spec("oom");
+            spec.resources.memory_bytes = Some(64 * 1024 * 1024);
+            spec.env.insert("ECHO_ALLOC_MB".into(), "256".into());
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Exited).await;
+            let exit = w.backend.session_exit_info(&spec.session).await.expect("exit info").expect("exit");
+            assert!(exit.oom_killed, "expected an OOM kill: {exit:?}");
+            assert_eq!(exit.exit_code, Some(137), "{exit:?}");
+        })
+        .await
+}
+
+/// A SIGKILL from outside a memory-limited session is not reported as an OOM kill.
+pub async fn external_kill_is_not_an_oom(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let mut spec = w.spec("extkill");
+            spec.resources.memory_bytes = Some(64 * 1024 * 1024);
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            w.harness.kill_from_outside(&spec.session).await;
+            wait_status(w, &spec.session, SessionStatus::Exited).await;
+            let exit = w.backend.session_exit_info(&spec.session).await.expect("exit info").expect("exit");
+            assert_eq!(exit.exit_code, Some(137), "{exit:?}");
+            assert!(!exit.oom_killed, "a kill from outside is not an OOM: {exit:?}");
+        })
+        .await
+}
+
+/// Listings show only sessions with this prefix and this instance id; foreign
+/// containers, other instances and other prefixes are invisible.
+pub async fn list_shows_only_owned_sessions(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let prefix = w.backend.prefix().to_owned();
+            let other_instance = w.other_backend(&prefix, &format!("other-{}", w.run)).await;
+            let instance = w.backend.ownership().instance().to_owned();
+            let other_prefix = w.other_backend(&format!("op{}", w.run), &instance).await;
+
+            let ours = w.spec("ours");
+            w.start(&ours).await;
+            let theirs = w.spec_for(&other_instance, "theirs");
+            start_on(&other_instance, &theirs).await;
+            let elsewhere = w.spec_for(&other_prefix, "elsewhere");
+            start_on(&other_prefix, &elsewhere).await;
+            let foreign_name = format!("{prefix}-foreign");
+            let fixture = w.harness.start_fixture(&foreign_name, BTreeMap::new()).await;
+            w.fixtures.push(fixture);
+
+            let listed = w.backend.list_sessions().await.expect("list");
+            assert_eq!(listed, vec![ours.session.clone()], "only our own session is listed");
+            let snapshot = w.backend.snapshot().await.expect("snapshot");
+            let names: Vec<_> = snapshot.iter().map(|s| s.session.as_str()).collect();
+            assert_eq!(names, vec![ours.session.as_str()]);
+            assert_eq!(other_instance.list_sessions().await.expect("list"), vec![theirs.session.clone()]);
+            assert_eq!(other_prefix.list_sessions().await.expect("list"), vec![elsewhere.session.clone()]);
+        })
+        .await
+}
+
+/// `shutdown_all_sessions` stops and removes every owned session concurrently, and
+/// nothing of another instance.
+pub async fn shutdown_all_stops_every_owned_session(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let prefix = w.backend.prefix().to_owned();
+            let other = w.other_backend(&prefix, &format!("other-{}", w.run)).await;
+            let grace = Duration::from_secs(2);
+            let count = 4;
+            for i in 0..count {
+                let mut spec = w.spec(&format!("down{i}"));
+                spec.env.insert("ECHO_IGNORE_SIGTERM".into(), "1".into());
+                w.start(&spec).await;
+            }
+            let survivor = w.spec_for(&other, "survivor");
+            start_on(&other, &survivor).await;
+            for i in 0..count {
+                wait_status(w, &format!("{prefix}-down{i}"), SessionStatus::Running).await;
+            }
+
+            let started = Instant::now();
+            let report = w.backend.shutdown_all_sessions(grace).await.expect("shutdown");
+            let took = started.elapsed();
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert_eq!(report.stopped.len(), count);
+            assert!(w.backend.list_sessions().await.expect("list").is_empty());
+            // Serially, four sessions that ignore SIGTERM take at least 4 x 2 s.
+            assert!(took < grace * 3, "shutdown of {count} sessions took {took:?}: not concurrent");
+            assert!(other.session_exists(&survivor.session).await.expect("exists"), "another instance's session was touched");
+        })
+        .await
+}
+
+/// The snapshot agrees with the single-session calls for created, running and exited
+/// sessions.
+pub async fn snapshot_agrees_with_single_session_calls(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let created = w.spec("created");
+            w.backend.create_session(&created).await.expect("create");
+            let mut running = w.spec("running");
+            running.health_check = HealthCheckSpec::Disabled;
+            w.start(&running).await;
+            let mut exited = w.spec("exited");
+            exited.env.insert("ECHO_EXIT_AFTER_MS".into(), "100".into());
+            exited.env.insert("ECHO_EXIT_CODE".into(), "4".into());
+            w.start(&exited).await;
+            wait_status(w, &running.session, SessionStatus::Running).await;
+            wait_status(w, &exited.session, SessionStatus::Exited).await;
+
+            let snapshot = w.backend.snapshot().await.expect("snapshot");
+            assert_eq!(snapshot.len(), 3, "{snapshot:#?}");
+            for state in snapshot {
+                let single = w.backend.session_state(&state.session).await.expect("state");
+                assert_eq!(state.status, single.status, "{}", state.session);
+                assert_eq!(state.id, single.id, "{}", state.session);
+                assert_eq!(state.health, w.backend.session_health(&state.session).await.expect("health"));
+                assert!(state.created_at.is_some(), "created_at missing for {}", state.session);
+                assert_eq!(state.agent_id(), Some(format!("agent-{}-{}", state.session.rsplit('-').next().unwrap_or(""), w.run).as_str()));
+                if let Some(exit) = &state.exit {
+                    let single_exit = w.backend.session_exit_info(&state.session).await.expect("exit info");
+                    assert_eq!(Some(exit.exit_code), single_exit.map(|e| e.exit_code), "{}", state.session);
+                }
+                let expected = if state.session == created.session {
+                    SessionStatus::Created
+                } else if state.session == running.session {
+                    SessionStatus::Running
+                } else {
+                    SessionStatus::Exited
+                };
+                assert_eq!(state.status, expected, "{}", state.session);
+            }
+        })
+        .await
+}
+
+/// The event stream (where supported) reports a session's death with its exit code, and
+/// a kill from outside.
+pub async fn events_report_a_death(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().events {
+                return skip("events_report_a_death", "backend has no event stream");
+            }
+            let mut events = w.backend.subscribe_events().await.expect("subscribe").expect("events capability");
+            let mut spec = w.spec("dies");
+            spec.env.insert("ECHO_EXIT_AFTER_MS".into(), "500".into());
+            spec.env.insert("ECHO_EXIT_CODE".into(), "5".into());
+            w.start(&spec).await;
+            let patience = w.harness.patience();
+            let died = tokio::time::timeout(patience, async {
+                while let Some(event) = events.recv().await {
+                    if let BackendEvent::Died { session, exit } = event {
+                        if session == spec.session {
+                            return Some(exit);
+                        }
+                    }
+                }
+                None
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no Died event for {} within {patience:?}", spec.session))
+            .expect("the event stream ended");
+            assert_eq!(died.exit_code, Some(5), "{died:?}");
+        })
+        .await
+}
+
+/// A command run in a session returns its output and exit code.
+pub async fn send_command_runs_in_the_session(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().exec {
+                return skip("send_command_runs_in_the_session", "backend cannot run commands");
+            }
+            let spec = w.spec("exec");
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            let out = w
+                .backend
+                .send_command(&spec.session, &["/agent".into(), "--version".into()])
+                .await
+                .expect("send_command");
+            assert_eq!(out.exit_code, Some(0), "{out:?}");
+            assert!(out.output.contains("echo-agent"), "{out:?}");
+        })
+        .await
+}
+
+/// The session's output can be read back.
+pub async fn logs_return_the_agent_output(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().logs {
+                return skip("logs_return_the_agent_output", "backend has no logs");
+            }
+            let spec = w.spec("logs");
+            w.start(&spec).await;
+            let backend = w.backend.clone();
+            let session = spec.session.clone();
+            wait_for(w.harness.patience(), "the start-up line in the logs", || {
+                let (backend, session) = (backend.clone(), session.clone());
+                async move {
+                    let logs = backend.session_logs(&session, Some(50)).await.map_err(|e| e.to_string())?;
+                    if logs.contains("echo-agent started") {
+                        Ok(())
+                    } else {
+                        Err(format!("{logs:?}"))
+                    }
+                }
+            })
+            .await;
+        })
+        .await
+}
+
+/// `agent_ws_url` gives a URL for every network policy but `none`.
+pub async fn agent_channel_url_depends_on_the_network(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            for policy in [NetworkPolicy::Internet, NetworkPolicy::Host] {
+                let url = w.backend.agent_ws_url("a1", policy, 7007).unwrap_or_else(|| panic!("no URL for {policy}"));
+                assert!(url.starts_with("ws://") && url.ends_with(":7007/ws/a1"), "{policy}: {url}");
+            }
+            if w.caps().network_isolation {
+                assert!(w.backend.agent_ws_url("a1", NetworkPolicy::Isolated, 7007).is_some());
+            }
+            assert_eq!(w.backend.agent_ws_url("a1", NetworkPolicy::None, 7007), None);
+        })
+        .await
+}
+
+/// Every conformance function, by name, in a stable order.
+pub fn all() -> Vec<(&'static str, fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)> {
+    macro_rules! entries {
+        ($($name:ident),* $(,)?) => {
+            vec![$((stringify!($name), (|h| Box::pin($name(h))) as fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)),*]
+        };
+    }
+    entries![
+        create_start_exists,
+        create_conflict_never_reuses_the_old_container,
+        bad_specs_are_refused_clearly,
+        exit_code_zero_is_reported,
+        nonzero_exit_code_is_reported,
+        exit_info_is_kept_until_removed,
+        kill_is_idempotent,
+        stop_honours_the_grace_period,
+        health_goes_from_starting_to_healthy,
+        health_turns_unhealthy,
+        no_health_check_reads_healthy_while_running,
+        oom_kill_is_reported,
+        external_kill_is_not_an_oom,
+        list_shows_only_owned_sessions,
+        shutdown_all_stops_every_owned_session,
+        snapshot_agrees_with_single_session_calls,
+        events_report_a_death,
+        send_command_runs_in_the_session,
+        logs_return_the_agent_output,
+        agent_channel_url_depends_on_the_network,
+    ]
+}
+
+/// Runs every conformance function one after another.
+pub async fn run_all(h: &dyn Harness) {
+    for (name, test) in all() {
+        eprintln!("conformance: {name}");
+        test(h).await;
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance function. `$harness` is an async
+/// expression evaluated in each test that yields `Option<impl Harness>`; `None` skips the
+/// test (the expression prints why).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@each $harness;
+            create_start_exists,
+            create_conflict_never_reuses_the_old_container,
+            bad_specs_are_refused_clearly,
+            exit_code_zero_is_reported,
+            nonzero_exit_code_is_reported,
+            exit_info_is_kept_until_removed,
+            kill_is_idempotent,
+            stop_honours_the_grace_period,
+            health_goes_from_starting_to_healthy,
+            health_turns_unhealthy,
+            no_health_check_reads_healthy_while_running,
+            oom_kill_is_reported,
+            external_kill_is_not_an_oom,
+            list_shows_only_owned_sessions,
+            shutdown_all_stops_every_owned_session,
+            snapshot_agrees_with_single_session_calls,
+            events_report_a_death,
+            send_command_runs_in_the_session,
+            logs_return_the_agent_output,
+            agent_channel_url_depends_on_the_network,
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if let Some(harness) = $harness {
+                    $crate::conformance::$name(&harness).await;
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,63 @@
+//! The contract between agentd and the container engines that run its agents.
+//!
+//! `backend-core` defines *what* a backend promises, never *how* an engine keeps the
+//! promise: the [`ExecutionBackend`] trait, the data it returns ([`SessionHealth`],
+//! [`SessionExitInfo`], [`SessionState`], [`BackendEvent`]), the one error type callers
+//! branch on ([`BackendError`]), the ownership labels every backend writes and filters on
+//! ([`OwnershipLabels`]), and the session spec ([`SessionSpec`]).
+//!
+//! Architecture invariant: this crate depends on no engine, database or HTTP crate.
+//!
+//! With the `testing` feature, [`conformance`] holds the suite of async test functions that
+//! every backend crate runs against its engine.
+
+mod backend;
+mod error;
+mod events;
+mod exit;
+mod health;
+mod labels;
+mod spec;
+mod state;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport, SHUTDOWN_CONCURRENCY};
+pub use error::{BackendError, BoxError, Result};
+pub use events::{BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
+pub use exit::SessionExitInfo;
+pub use health::{ParseHealthError, SessionHealth};
+pub use labels::{
+    OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION,
+};
+pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec};
+pub use state::{SessionState, SessionStatus};
+
+/// Formats a timestamp as RFC 3339, the form every agentd interface uses.
+pub fn format_time(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
+/// Parses an engine's RFC 3339 timestamp. Engines write the zero time
+/// (`0001-01-01T00:00:00Z`) for "never"; that, an empty string and anything unparsable
+/// read as `None`.
+pub fn parse_engine_time(text: &str) -> Option<time::OffsetDateTime> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    (at.year() > 1970).then_some(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_engine_time_reads_as_never() {
+        assert_eq!(parse_engine_time("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_engine_time(""), None);
+        let at = parse_engine_time("2024-05-06T07:08:09.123456789Z").expect("valid time");
+        assert_eq!(at.year(), 2024);
+        assert_eq!(at.nanosecond(), 123_456_789);
+    }
+}

@@ -1,0 +1,300 @@
+//! What an agent container needs: the session spec.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::BackendError;
+
+/// How a session reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkPolicy {
+    /// A bridge network with a route out, and the host reachable as `host.docker.internal`.
+    #[default]
+    Internet,
+    /// No route out of the host; only the agentd agent channel on the host is reachable.
+    Isolated,
+    /// No network at all (loopback only); the agent cannot reach the agent channel.
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+impl NetworkPolicy {
+    /// The snake_case name used in config and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Internet => "internet",
+            Self::Isolated => "isolated",
+            Self::None => "none",
+            Self::Host => "host",
+        }
+    }
+
+    /// Every policy.
+    pub const ALL: [NetworkPolicy; 4] = [Self::Internet, Self::Isolated, Self::None, Self::Host];
+}
+
+impl fmt::Display for NetworkPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for NetworkPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown network policy {s:?}; expected one of: internet, isolated, none, host"))
+    }
+}
+
+/// A bind mount into the session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mount {
+    /// Absolute path on the host.
+    pub source: PathBuf,
+    /// Absolute path in the container.
+    pub target: PathBuf,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Resource limits. `None` means the engine's default (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Resources {
+    /// Memory limit in bytes (swap is limited to the same value: no swap).
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in cores (1.5 = one and a half cores).
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    pub pids_limit: Option<i64>,
+}
+
+/// A health check to run inside the session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthCheck {
+    /// The command, run directly (exec form, no shell).
+    pub command: Vec<String>,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time one check may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive failures that make the session unhealthy.
+    pub retries: u32,
+    /// Grace period after start during which failures do not count. Zero means none.
+    pub start_period: Duration,
+}
+
+/// What the spec says about health checking.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckSpec {
+    /// Use the image's HEALTHCHECK, if it has one.
+    #[default]
+    Image,
+    /// Replace the image's check with this one.
+    Override(HealthCheck),
+    /// Run no health check, even if the image has one.
+    Disabled,
+}
+
+/// Everything a backend needs to create one agent session (one container).
+///
+/// `Debug` prints environment variable names only: values may be API keys.
+#[derive(Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SessionSpec {
+    /// The session (container) name; it starts with the backend's prefix.
+    pub session: String,
+    /// The id of the agent the session runs.
+    pub agent_id: String,
+    /// A local image reference. Images are never pulled.
+    pub image: String,
+    /// The command to run instead of the image's default; `None` keeps the image's.
+    pub command: Option<Vec<String>>,
+    /// Environment variables, exactly these (the backend adds nothing but what its
+    /// documentation lists).
+    pub env: BTreeMap<String, String>,
+    /// Host directory mounted at `/workspace` and used as the working directory.
+    pub workdir: Option<PathBuf>,
+    /// Further bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Memory, CPU and process limits.
+    pub resources: Resources,
+    /// Network policy.
+    pub network: NetworkPolicy,
+    /// User (`uid`, `uid:gid` or name) to run as; `None` keeps the image's.
+    pub user: Option<String>,
+    /// Health check to use.
+    pub health_check: HealthCheckSpec,
+    /// How long `stop` waits after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+    /// Mount the root filesystem read-only (a tmpfs is mounted at `/tmp`).
+    pub read_only_rootfs: bool,
+    /// Extra labels; the ownership labels are added by the backend and win.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for SessionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionSpec")
+            .field("session", &self.session)
+            .field("agent_id", &self.agent_id)
+            .field("image", &self.image)
+            .field("command", &self.command)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("workdir", &self.workdir)
+            .field("mounts", &self.mounts)
+            .field("resources", &self.resources)
+            .field("network", &self.network)
+            .field("user", &self.user)
+            .field("health_check", &self.health_check)
+            .field("stop_grace", &self.stop_grace)
+            .field("read_only_rootfs", &self.read_only_rootfs)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+/// The smallest memory limit engines accept (Docker refuses less than 6 MiB).
+pub const MIN_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
+
+impl SessionSpec {
+    /// A spec with the given names and image and defaults everywhere else: no command
+    /// override, no env, no mounts, no limits, `internet`, the image's health check,
+    /// a 10 s stop grace period.
+    pub fn new(session: impl Into<String>, agent_id: impl Into<String>, image: impl Into<String>) -> Self {
+        Self {
+            session: session.into(),
+            agent_id: agent_id.into(),
+            image: image.into(),
+            command: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            mounts: Vec::new(),
+            resources: Resources::default(),
+            network: NetworkPolicy::Internet,
+            user: None,
+            health_check: HealthCheckSpec::Image,
+            stop_grace: Duration::from_secs(10),
+            read_only_rootfs: false,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the spec for values no engine accepts; the error names the field.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let invalid = |field, message: String| Err(BackendError::InvalidSpec { field, message });
+        let name_ok = |s: &str| {
+            let mut bytes = s.bytes();
+            matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+                && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        };
+        if !name_ok(&self.session) || self.session.len() > 128 {
+            return invalid(
+                "session",
+                format!("{:?} must start with a letter or digit and use only [A-Za-z0-9_.-], at most 128 characters", self.session),
+            );
+        }
+        if self.agent_id.is_empty() {
+            return invalid("agent_id", "must not be empty".into());
+        }
+        if self.image.trim().is_empty() || self.image.contains(char::is_whitespace) {
+            return invalid("image", format!("{:?} is not an image reference", self.image));
+        }
+        if let Some(command) = &self.command {
+            if command.is_empty() || command[0].is_empty() {
+                return invalid("command", "must name a program; omit it to use the image's entrypoint".into());
+            }
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return invalid("env", format!("{key:?} is not an environment variable name"));
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            if !dir.is_absolute() {
+                return invalid("workdir", format!("{} must be an absolute host path", dir.display()));
+            }
+        }
+        for mount in &self.mounts {
+            if !mount.source.is_absolute() || !mount.target.is_absolute() {
+                return invalid(
+                    "mounts",
+                    format!("{} -> {}: both paths must be absolute", mount.source.display(), mount.target.display()),
+                );
+            }
+        }
+        if let Some(memory) = self.resources.memory_bytes {
+            if memory < MIN_MEMORY_BYTES {
+                return invalid("resources.memory_bytes", format!("{memory} is below the 6 MiB engines accept"));
+            }
+        }
+        if let Some(cpus) = self.resources.cpus {
+            if !(cpus.is_finite() && cpus > 0.0) {
+                return invalid("resources.cpus", format!("{cpus} must be a positive number of cores"));
+            }
+        }
+        if let Some(pids) = self.resources.pids_limit {
+            if pids < 1 {
+                return invalid("resources.pids_limit", format!("{pids} must be at least 1"));
+            }
+        }
+        if let HealthCheckSpec::Override(check) = &self.health_check {
+            if check.command.is_empty() {
+                return invalid("health_check.command", "must name a program".into());
+            }
+            if check.interval < Duration::from_millis(1) || check.timeout < Duration::from_millis(1) {
+                return invalid("health_check", "interval and timeout must be at least 1 ms".into());
+            }
+            if check.retries == 0 {
+                return invalid("health_check.retries", "must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_env_values() {
+        let mut spec = SessionSpec::new("agentd-a", "id", "img:latest");
+        spec.env.insert("ANTHROPIC_API_KEY".into(), "sk-secret".into());
+        let debug = format!("{spec:?}");
+        assert!(debug.contains("ANTHROPIC_API_KEY"));
+        assert!(!debug.contains("sk-secret"), "{debug}");
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let base = SessionSpec::new("agentd-a", "id", "img:latest");
+        assert!(base.validate().is_ok());
+        let cases: Vec<(&str, Box<dyn Fn(&mut SessionSpec)>)> = vec![
+            ("session", Box::new(|s| s.session = "-bad".into())),
+            ("image", Box::new(|s| s.image = " ".into())),
+            ("command", Box::new(|s| s.command = Some(vec![]))),
+            ("env", Box::new(|s| drop(s.env.insert("A=B".into(), "x".into())))),
+            ("workdir", Box::new(|s| s.workdir = Some("relative".into()))),
+            ("resources.memory_bytes", Box::new(|s| s.resources.memory_bytes = Some(1024))),
+            ("resources.cpus", Box::new(|s| s.resources.cpus = Some(0.0))),
+            ("resources.pids_limit", Box::new(|s| s.resources.pids_limit = Some(0))),
+        ];
+        for (field, mutate) in cases {
+            let mut spec = base.clone();
+            mutate(&mut spec);
+            match spec.validate() {
+                Err(BackendError::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected InvalidSpec, got {other:?}"),
+            }
+        }
+    }
+}
