@@ -1,0 +1,631 @@
+//! The simulated engine shared by every [`crate::MockBackend`] built on it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use backend_core::{
+    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec,
+    OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
+    LABEL_SESSION,
+};
+use time::OffsetDateTime;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
+
+const NAME: &str = "mock";
+
+/// The echo-agent image, with a health check every second (like the real image).
+pub const ECHO_IMAGE: &str = "agentd-echo:latest";
+/// An image without a health check.
+pub const PLAIN_IMAGE: &str = "agentd-plain:latest";
+
+/// One call a backend made to the engine, for tests that count engine round trips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MockCall {
+    ImageExists(String),
+    Create(String),
+    Start(String),
+    Exists(String),
+    Stop(String),
+    Remove(String),
+    Exec(String),
+    Snapshot,
+    State(String),
+    Health(String),
+    ExitInfo(String),
+    Logs(String),
+    Subscribe,
+}
+
+impl MockCall {
+    /// The session the call was about, if any.
+    pub fn session(&self) -> Option<&str> {
+        match self {
+            Self::Create(s)
+            | Self::Start(s)
+            | Self::Exists(s)
+            | Self::Stop(s)
+            | Self::Remove(s)
+            | Self::Exec(s)
+            | Self::State(s)
+            | Self::Health(s)
+            | Self::ExitInfo(s)
+            | Self::Logs(s) => Some(s),
+            Self::ImageExists(_) | Self::Snapshot | Self::Subscribe => None,
+        }
+    }
+}
+
+/// The simulated echo-agent behaviour of one container, from its environment.
+#[derive(Debug, Clone, Default)]
+struct Behaviour {
+    exit_after: Option<Duration>,
+    exit_code: i64,
+    oom: bool,
+    ignore_sigterm: bool,
+    unhealthy_after: Option<Duration>,
+}
+
+impl Behaviour {
+    fn from_spec(spec: &SessionSpec) -> Self {
+        let ms = |key: &str| spec.env.get(key).and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
+        let alloc_mb = spec.env.get("ECHO_ALLOC_MB").and_then(|v| v.parse::<u64>().ok());
+        let oom = match (alloc_mb, spec.resources.memory_bytes) {
+            (Some(mb), Some(limit)) => mb * 1024 * 1024 > limit,
+            _ => false,
+        };
+        Self {
+            exit_after: ms("ECHO_EXIT_AFTER_MS"),
+            exit_code: spec.env.get("ECHO_EXIT_CODE").and_then(|v| v.parse().ok()).unwrap_or(0),
+            oom,
+            ignore_sigterm: spec.env.get("ECHO_IGNORE_SIGTERM").is_some_and(|v| v == "1"),
+            unhealthy_after: ms("ECHO_UNHEALTHY_AFTER_MS"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Container {
+    id: String,
+    labels: BTreeMap<String, String>,
+    status: SessionStatus,
+    health: SessionHealth,
+    pinned_health: Option<SessionHealth>,
+    exit: Option<SessionExitInfo>,
+    created_at: OffsetDateTime,
+    check: Option<HealthCheck>,
+    behaviour: Behaviour,
+    /// Bumped on every start and stop, so timers of an earlier run do nothing.
+    generation: u64,
+    /// Consecutive failed health checks in this run.
+    check_failures: u32,
+    logs: Vec<String>,
+}
+
+impl Container {
+    fn health(&self) -> SessionHealth {
+        if self.status != SessionStatus::Running {
+            return SessionHealth::Unknown;
+        }
+        self.pinned_health.unwrap_or(self.health)
+    }
+
+    fn state(&self, name: &str, include_exit: bool) -> SessionState {
+        SessionState {
+            session: name.to_owned(),
+            id: self.id.clone(),
+            status: self.status,
+            health: self.health(),
+            exit: if include_exit { self.exit.clone() } else { None },
+            created_at: Some(self.created_at),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    owner: OwnershipLabels,
+    tx: EventSender,
+    lagged: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    containers: BTreeMap<String, Container>,
+    images: BTreeMap<String, Option<HealthCheck>>,
+    next_id: u64,
+    fail_next: u32,
+    latency: Duration,
+    calls: Vec<MockCall>,
+    subscribers: Vec<Subscriber>,
+    capabilities: Capabilities,
+    snapshot_exit_info: bool,
+}
+
+/// The simulated container engine. Clones share state.
+#[derive(Debug, Clone)]
+pub struct MockEngine {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for MockEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MockEngine {
+    /// An engine with every capability and two images: [`ECHO_IMAGE`] (health check
+    /// every second) and [`PLAIN_IMAGE`] (none).
+    pub fn new() -> Self {
+        let echo_check = HealthCheck {
+            command: vec!["/agent".into(), "--health".into()],
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            retries: 1,
+            start_period: Duration::ZERO,
+        };
+        let state = State {
+            containers: BTreeMap::new(),
+            images: BTreeMap::from([(ECHO_IMAGE.to_owned(), Some(echo_check)), (PLAIN_IMAGE.to_owned(), None)]),
+            next_id: 1,
+            fail_next: 0,
+            latency: Duration::ZERO,
+            calls: Vec::new(),
+            subscribers: Vec::new(),
+            capabilities: Capabilities {
+                network_isolation: false,
+                ..Capabilities::ALL
+            },
+            snapshot_exit_info: true,
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock (a failed assertion in a test) must not poison
+        // every later call.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sets what backends on this engine report they can do.
+    pub fn set_capabilities(&self, capabilities: Capabilities) {
+        self.lock().capabilities = capabilities;
+    }
+
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        self.lock().capabilities
+    }
+
+    /// Whether snapshots carry exit info (like Podman) or leave it to `session_exit_info`
+    /// (like Docker, whose listing lacks it).
+    pub fn set_snapshot_exit_info(&self, included: bool) {
+        self.lock().snapshot_exit_info = included;
+    }
+
+    /// Adds a local image, optionally with a health check.
+    pub fn add_image(&self, image: &str, check: Option<HealthCheck>) {
+        self.lock().images.insert(image.to_owned(), check);
+    }
+
+    /// The next `n` backend calls fail as "engine unavailable".
+    pub fn fail_next(&self, n: u32) {
+        self.lock().fail_next = n;
+    }
+
+    /// Every backend call waits this long before it acts.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// The calls backends made, oldest first.
+    pub fn calls(&self) -> Vec<MockCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Forgets the recorded calls.
+    pub fn clear_calls(&self) {
+        self.lock().calls.clear();
+    }
+
+    /// The number of containers the engine holds, owned or not.
+    pub fn container_count(&self) -> usize {
+        self.lock().containers.len()
+    }
+
+    /// The engine id of a container, if it exists.
+    pub fn container_id(&self, name: &str) -> Option<String> {
+        self.lock().containers.get(name).map(|c| c.id.clone())
+    }
+
+    /// Makes a running session's agent exit by itself with `code`.
+    pub fn exit(&self, session: &str, code: i64) {
+        self.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
+    }
+
+    /// OOM-kills a running session.
+    pub fn oom_kill(&self, session: &str) {
+        let exit = SessionExitInfo {
+            oom_killed: true,
+            ..SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc()))
+        };
+        self.finish(session, exit);
+    }
+
+    /// Kills a running session with SIGKILL, as `docker kill` from outside would.
+    pub fn kill_from_outside(&self, session: &str) {
+        self.finish(session, SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc())));
+    }
+
+    /// Pins a session's health (it no longer follows its simulated check).
+    pub fn set_health(&self, session: &str, health: SessionHealth) {
+        let mut state = self.lock();
+        if let Some(c) = state.containers.get_mut(session) {
+            let before = c.health();
+            c.pinned_health = Some(health);
+            let after = c.health();
+            let labels = c.labels.clone();
+            if before != after {
+                state.emit(&labels, BackendEvent::HealthChanged { session: session.to_owned(), health: after });
+            }
+        }
+    }
+
+    /// Removes a session as `docker rm -f` from outside would, without a trace of how
+    /// it ended. With `announce`, subscribers get the removal event; without, the event
+    /// is lost (as a dropped event stream loses it).
+    pub fn vanish(&self, session: &str, announce: bool) {
+        let mut state = self.lock();
+        if let Some(c) = state.containers.remove(session) {
+            if announce {
+                state.emit(&c.labels, BackendEvent::Removed { session: session.to_owned() });
+            }
+        }
+    }
+
+    /// Adds a running container that no backend created (for example an unlabelled
+    /// container of another tool).
+    pub fn insert_foreign(&self, name: &str, labels: BTreeMap<String, String>) {
+        let mut state = self.lock();
+        let id = state.new_id();
+        state.containers.insert(
+            name.to_owned(),
+            Container {
+                id,
+                labels,
+                status: SessionStatus::Running,
+                health: SessionHealth::Healthy,
+                pinned_health: None,
+                exit: None,
+                created_at: OffsetDateTime::now_utc(),
+                check: None,
+                behaviour: Behaviour::default(),
+                generation: 0,
+                check_failures: 0,
+                logs: Vec::new(),
+            },
+        );
+    }
+
+    /// Sets a container's creation time (to test creation grace periods).
+    pub fn set_created_at(&self, session: &str, at: OffsetDateTime) {
+        if let Some(c) = self.lock().containers.get_mut(session) {
+            c.created_at = at;
+        }
+    }
+
+    /// Tells every subscriber that events may have been lost.
+    pub fn announce_resync(&self, reason: &str) {
+        let mut state = self.lock();
+        for sub in &mut state.subscribers {
+            let _ = sub.tx.try_send(BackendEvent::Resync { reason: reason.to_owned() });
+        }
+    }
+
+    fn finish(&self, session: &str, exit: SessionExitInfo) {
+        let mut state = self.lock();
+        state.finish(session, exit);
+    }
+
+    /// Applies the engine's latency and scripted failures, then records the call.
+    pub(crate) async fn enter(&self, call: MockCall) -> Result<(), BackendError> {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut state = self.lock();
+        state.calls.push(call);
+        if state.fail_next > 0 {
+            state.fail_next -= 1;
+            return Err(BackendError::unavailable(NAME, "scripted failure: engine unavailable"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn image_exists(&self, image: &str) -> bool {
+        self.lock().images.contains_key(image)
+    }
+
+    pub(crate) fn create(&self, spec: &SessionSpec, labels: BTreeMap<String, String>, owner: &OwnershipLabels) -> Result<String, BackendError> {
+        let mut state = self.lock();
+        let Some(image_check) = state.images.get(&spec.image).cloned() else {
+            return Err(BackendError::ImageNotFound { backend: NAME, image: spec.image.clone() });
+        };
+        if let Some(existing) = state.containers.get(&spec.session) {
+            if !owner.owns(&existing.labels) {
+                return Err(BackendError::AlreadyExists {
+                    backend: NAME,
+                    session: spec.session.clone(),
+                    detail: "a container of that name exists and is not owned by this agentd instance".into(),
+                });
+            }
+            // A stale container of ours: replace it, never reuse it.
+            state.containers.remove(&spec.session);
+        }
+        let check = match &spec.health_check {
+            HealthCheckSpec::Image => image_check,
+            HealthCheckSpec::Override(check) => Some(check.clone()),
+            HealthCheckSpec::Disabled => None,
+        };
+        let id = state.new_id();
+        state.containers.insert(
+            spec.session.clone(),
+            Container {
+                id: id.clone(),
+                labels,
+                status: SessionStatus::Created,
+                health: SessionHealth::Unknown,
+                pinned_health: None,
+                exit: None,
+                created_at: OffsetDateTime::now_utc(),
+                check,
+                behaviour: Behaviour::from_spec(spec),
+                generation: 0,
+                check_failures: 0,
+                logs: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub(crate) fn start(&self, session: &str) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let Some(c) = state.containers.get_mut(session) else {
+            return Err(not_found(session));
+        };
+        if c.status == SessionStatus::Running {
+            return Ok(());
+        }
+        c.generation += 1;
+        c.status = SessionStatus::Running;
+        c.exit = None;
+        c.pinned_health = None;
+        c.check_failures = 0;
+        c.health = if c.check.is_some() { SessionHealth::Starting } else { SessionHealth::Healthy };
+        c.logs.push("echo-agent started".into());
+        let (generation, behaviour, check, labels) = (c.generation, c.behaviour.clone(), c.check.clone(), c.labels.clone());
+        state.emit(&labels, BackendEvent::Started { session: session.to_owned() });
+        drop(state);
+        if behaviour.exit_after.is_some() || behaviour.oom || check.is_some() {
+            tokio::spawn(simulate(self.clone(), session.to_owned(), generation, behaviour, check));
+        }
+        Ok(())
+    }
+
+    /// Stops a session: SIGTERM, honoured at once unless the agent ignores it, in which
+    /// case SIGKILL follows after `grace`.
+    pub(crate) async fn stop(&self, session: &str, grace: Duration) -> Result<(), BackendError> {
+        let (ignores, generation) = {
+            let state = self.lock();
+            let Some(c) = state.containers.get(session) else {
+                return Err(not_found(session));
+            };
+            if c.status != SessionStatus::Running {
+                return Ok(());
+            }
+            (c.behaviour.ignore_sigterm, c.generation)
+        };
+        if ignores {
+            tokio::time::sleep(grace).await;
+        }
+        let mut state = self.lock();
+        let still_same_run = state
+            .containers
+            .get(session)
+            .is_some_and(|c| c.generation == generation && c.status == SessionStatus::Running);
+        if still_same_run {
+            let code = if ignores { 137 } else { 0 };
+            state.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove(&self, session: &str) {
+        let mut state = self.lock();
+        if let Some(c) = state.containers.remove(session) {
+            if c.status == SessionStatus::Running {
+                let exit = SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc()));
+                state.emit(&c.labels, BackendEvent::Died { session: session.to_owned(), exit });
+            }
+            state.emit(&c.labels, BackendEvent::Removed { session: session.to_owned() });
+        }
+    }
+
+    pub(crate) fn owned_state(&self, owner: &OwnershipLabels, session: &str) -> SessionState {
+        let state = self.lock();
+        match state.containers.get(session) {
+            Some(c) if owner.owns(&c.labels) => c.state(session, true),
+            _ => SessionState::missing(session),
+        }
+    }
+
+    pub(crate) fn snapshot(&self, owner: &OwnershipLabels) -> Vec<SessionState> {
+        let state = self.lock();
+        let include_exit = state.snapshot_exit_info;
+        state
+            .containers
+            .iter()
+            .filter(|(_, c)| owner.owns(&c.labels))
+            .map(|(name, c)| c.state(name, include_exit))
+            .collect()
+    }
+
+    pub(crate) fn logs(&self, owner: &OwnershipLabels, session: &str, tail: Option<usize>) -> Result<String, BackendError> {
+        let state = self.lock();
+        let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
+        let skip = tail.map_or(0, |t| c.logs.len().saturating_sub(t));
+        Ok(c.logs[skip..].iter().map(|l| format!("{l}\n")).collect())
+    }
+
+    pub(crate) fn is_running(&self, owner: &OwnershipLabels, session: &str) -> Result<bool, BackendError> {
+        let state = self.lock();
+        let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
+        Ok(c.status == SessionStatus::Running)
+    }
+
+    pub(crate) fn subscribe(&self, owner: &OwnershipLabels) -> EventReceiver {
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        self.lock().subscribers.push(Subscriber { owner: owner.clone(), tx, lagged: false });
+        rx
+    }
+
+    /// One tick of a running session's simulation. Returns false when the run is over.
+    fn tick(&self, session: &str, generation: u64, tick: Tick) -> bool {
+        let mut state = self.lock();
+        let Some(c) = state.containers.get_mut(session) else { return false };
+        if c.generation != generation || c.status != SessionStatus::Running {
+            return false;
+        }
+        match tick {
+            Tick::Exit(exit) => {
+                state.finish(session, exit);
+                false
+            }
+            Tick::Check { passed, counts, retries } => {
+                let before = c.health();
+                if passed {
+                    c.health = SessionHealth::Healthy;
+                    c.check_failures = 0;
+                } else if counts {
+                    c.check_failures += 1;
+                    if c.check_failures >= retries {
+                        c.health = SessionHealth::Unhealthy;
+                    }
+                }
+                let after = c.health();
+                let labels = c.labels.clone();
+                if before != after {
+                    state.emit(&labels, BackendEvent::HealthChanged { session: session.to_owned(), health: after });
+                }
+                true
+            }
+        }
+    }
+}
+
+enum Tick {
+    Exit(SessionExitInfo),
+    Check { passed: bool, counts: bool, retries: u32 },
+}
+
+/// Drives one run of a simulated echo agent: its exit, OOM kill and health checks.
+async fn simulate(engine: MockEngine, session: String, generation: u64, behaviour: Behaviour, check: Option<HealthCheck>) {
+    let started = Instant::now();
+    let end = if behaviour.oom {
+        Some((started + Duration::from_millis(50), true))
+    } else {
+        behaviour.exit_after.map(|after| (started + after, false))
+    };
+    let mut next_check = check.as_ref().map(|c| started + c.interval);
+    loop {
+        let wake = match (end, next_check) {
+            (Some((at, _)), Some(check_at)) => at.min(check_at),
+            (Some((at, _)), None) => at,
+            (None, Some(check_at)) => check_at,
+            (None, None) => return,
+        };
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        if let Some((at, oom)) = end {
+            if now >= at {
+                let finished = Some(OffsetDateTime::now_utc());
+                let exit = if oom {
+                    SessionExitInfo { oom_killed: true, ..SessionExitInfo::exited(137, finished) }
+                } else {
+                    SessionExitInfo::exited(behaviour.exit_code, finished)
+                };
+                engine.tick(&session, generation, Tick::Exit(exit));
+                return;
+            }
+        }
+        if let (Some(check), Some(at)) = (&check, next_check) {
+            if now >= at {
+                let passed = behaviour.unhealthy_after.is_none_or(|after| now < started + after);
+                let counts = now >= started + check.start_period;
+                if !engine.tick(&session, generation, Tick::Check { passed, counts, retries: check.retries }) {
+                    return;
+                }
+                next_check = Some(at + check.interval);
+            }
+        }
+    }
+}
+
+impl State {
+    fn new_id(&mut self) -> String {
+        let id = format!("mock{:012x}", self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    fn finish(&mut self, session: &str, exit: SessionExitInfo) {
+        let Some(c) = self.containers.get_mut(session) else { return };
+        if c.status != SessionStatus::Running {
+            return;
+        }
+        c.generation += 1;
+        c.status = SessionStatus::Exited;
+        c.exit = Some(exit.clone());
+        let labels = c.labels.clone();
+        if exit.oom_killed {
+            self.emit(&labels, BackendEvent::OomKilled { session: session.to_owned() });
+        }
+        self.emit(&labels, BackendEvent::Died { session: session.to_owned(), exit });
+    }
+
+    /// Sends an event to the subscribers that own the container. A subscriber whose
+    /// buffer is full loses the event and gets a `Resync` as soon as there is room.
+    fn emit(&mut self, labels: &BTreeMap<String, String>, event: BackendEvent) {
+        if labels.get(LABEL_SESSION).is_none() {
+            return;
+        }
+        self.subscribers.retain_mut(|sub| {
+            if !sub.owner.owns(labels) {
+                return !sub.tx.is_closed();
+            }
+            if sub.lagged {
+                match sub.tx.try_send(BackendEvent::Resync { reason: "events were dropped".into() }) {
+                    Ok(()) => sub.lagged = false,
+                    Err(TrySendError::Full(_)) => return true,
+                    Err(TrySendError::Closed(_)) => return false,
+                }
+            }
+            match sub.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    sub.lagged = true;
+                    true
+                }
+                Err(TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+}
+
+fn not_found(session: &str) -> BackendError {
+    BackendError::NotFound { backend: NAME, session: session.to_owned() }
+}
