@@ -1,1 +1,40 @@
+//! Supervision of agentd's agents: spawn, reconcile, restart and shutdown, generic over the
+//! execution backend, recorded in SQLite.
+//!
+//! [`AgentManager`] is the one place that decides what an agent's status is. It learns the
+//! truth from the backend (one snapshot per reconcile pass, plus the backend's event
+//! stream where it has one), writes every transition to the [`Store`] together with the
+//! run's exit information, and announces it three ways: a tracing event under the target
+//! `agentd::lifecycle`, a stored event row, and a broadcast to subscribers.
+//!
+//! Architecture invariant: this crate never names a concrete backend; it works with any
+//! `B: ExecutionBackend + ?Sized`, including `dyn ExecutionBackend`.
 
+mod backoff;
+mod channel;
+mod clock;
+mod config;
+mod error;
+mod manager;
+mod metrics;
+pub mod model;
+mod reconcile;
+mod store;
+mod supervise;
+
+pub use backoff::Backoff;
+pub use channel::{AgentChannel, NoChannel};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig};
+pub use error::{ManagerError, Result};
+pub use manager::{AgentManager, ShutdownSummary};
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use model::{
+    Agent, AgentKind, AgentSpec, AgentStatus, AgentView, Desired, EndedBy, EventKind, ExitView, LifecycleEvent,
+    NewAgent, RestartPolicy, Run, UnhealthyAction,
+};
+pub use reconcile::ReconcileReport;
+pub use store::{Store, StoreError};
+
+/// The tracing target of lifecycle events.
+pub const LIFECYCLE_TARGET: &str = "agentd::lifecycle";

@@ -131,17 +131,30 @@ struct Subscriber {
     lagged: bool,
 }
 
-#[derive(Debug)]
+type CallMatcher = Arc<dyn Fn(&MockCall) -> bool + Send + Sync>;
+
 struct State {
     containers: BTreeMap<String, Container>,
     images: BTreeMap<String, Option<HealthCheck>>,
     next_id: u64,
     fail_next: u32,
+    fail_matching: Vec<(u32, CallMatcher)>,
     latency: Duration,
     calls: Vec<MockCall>,
     subscribers: Vec<Subscriber>,
     capabilities: Capabilities,
     snapshot_exit_info: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("containers", &self.containers.len())
+            .field("fail_next", &self.fail_next)
+            .field("latency", &self.latency)
+            .field("calls", &self.calls.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The simulated container engine. Clones share state.
@@ -172,6 +185,7 @@ impl MockEngine {
             images: BTreeMap::from([(ECHO_IMAGE.to_owned(), Some(echo_check)), (PLAIN_IMAGE.to_owned(), None)]),
             next_id: 1,
             fail_next: 0,
+            fail_matching: Vec::new(),
             latency: Duration::ZERO,
             calls: Vec::new(),
             subscribers: Vec::new(),
@@ -215,6 +229,12 @@ impl MockEngine {
     /// The next `n` backend calls fail as "engine unavailable".
     pub fn fail_next(&self, n: u32) {
         self.lock().fail_next = n;
+    }
+
+    /// The next `n` backend calls that `matcher` accepts fail as "engine unavailable"
+    /// (for example only creates).
+    pub fn fail_next_matching(&self, n: u32, matcher: impl Fn(&MockCall) -> bool + Send + Sync + 'static) {
+        self.lock().fail_matching.push((n, Arc::new(matcher)));
     }
 
     /// Every backend call waits this long before it acts.
@@ -338,6 +358,12 @@ impl MockEngine {
             tokio::time::sleep(latency).await;
         }
         let mut state = self.lock();
+        let scripted = state.fail_matching.iter_mut().find(|(n, matcher)| *n > 0 && matcher(&call));
+        if let Some((n, _)) = scripted {
+            *n -= 1;
+            state.calls.push(call);
+            return Err(BackendError::unavailable(NAME, "scripted failure: engine unavailable"));
+        }
         state.calls.push(call);
         if state.fail_next > 0 {
             state.fail_next -= 1;

@@ -1,0 +1,179 @@
+//! The manager's settings.
+
+use std::time::Duration;
+
+use backend_core::NetworkPolicy;
+
+use crate::model::{AgentKind, AgentSpec, NewAgent, RestartPolicy, UnhealthyAction};
+use crate::{Backoff, ManagerError};
+
+/// Defaults for fields a [`NewAgent`] leaves unset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentDefaults {
+    pub kind: AgentKind,
+    pub image: String,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids_limit: Option<i64>,
+    pub network: NetworkPolicy,
+    pub restart: RestartPolicy,
+    pub on_unhealthy: UnhealthyAction,
+    pub stop_grace_secs: u64,
+    pub read_only_rootfs: bool,
+}
+
+impl Default for AgentDefaults {
+    fn default() -> Self {
+        Self {
+            kind: AgentKind::ClaudeCode,
+            image: "agentd-claude:latest".into(),
+            memory_mb: Some(2048),
+            cpus: Some(2.0),
+            pids_limit: Some(512),
+            network: NetworkPolicy::Internet,
+            restart: RestartPolicy::Never,
+            on_unhealthy: UnhealthyAction::Record,
+            stop_grace_secs: 10,
+            read_only_rootfs: false,
+        }
+    }
+}
+
+/// The longest stop grace period an agent may ask for.
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+
+impl AgentDefaults {
+    /// Fills the unset fields of `new` and checks every value; errors name the field.
+    pub fn resolve(&self, new: NewAgent) -> Result<AgentSpec, ManagerError> {
+        fn invalid<T>(field: &'static str, message: String) -> Result<T, ManagerError> {
+            Err(ManagerError::Invalid { field, message })
+        }
+        crate::model::validate_name(&new.name).or_else(|m| invalid("name", m))?;
+        let spec = AgentSpec {
+            kind: new.kind.unwrap_or(self.kind),
+            image: new.image.unwrap_or_else(|| self.image.clone()),
+            command: new.command,
+            env: new.env,
+            workdir: new.workdir,
+            memory_mb: new.memory_mb.or(self.memory_mb),
+            cpus: new.cpus.or(self.cpus),
+            pids_limit: new.pids_limit.or(self.pids_limit),
+            network: new.network.unwrap_or(self.network),
+            restart: new.restart.unwrap_or(self.restart),
+            on_unhealthy: new.on_unhealthy.unwrap_or(self.on_unhealthy),
+            stop_grace_secs: new.stop_grace_secs.unwrap_or(self.stop_grace_secs),
+            model: new.model,
+            prompt: new.prompt,
+            user: new.user,
+            read_only_rootfs: new.read_only_rootfs.unwrap_or(self.read_only_rootfs),
+        };
+        if spec.image.trim().is_empty() || spec.image.contains(char::is_whitespace) {
+            return invalid("image", format!("{:?} is not an image reference", spec.image));
+        }
+        if let Some(command) = &spec.command {
+            if command.is_empty() || command[0].is_empty() {
+                return invalid("command", "must name a program; leave it out to run the image's entrypoint".into());
+            }
+            if spec.kind == AgentKind::ClaudeCode {
+                return invalid("command", "kind claude-code runs the Claude Code CLI; use kind \"image\" to run a command".into());
+            }
+        }
+        for key in spec.env.keys() {
+            let ok = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return invalid("env", format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+            }
+            if key.starts_with("AGENTD_") {
+                return invalid("env", format!("{key} is reserved: agentd sets AGENTD_* variables itself"));
+            }
+        }
+        if let Some(dir) = &spec.workdir {
+            if !dir.is_absolute() {
+                return invalid("workdir", format!("{} must be an absolute path", dir.display()));
+            }
+            if !dir.is_dir() {
+                return invalid("workdir", format!("{} is not an existing directory on this host", dir.display()));
+            }
+        }
+        if let Some(mb) = spec.memory_mb {
+            if mb < 6 {
+                return invalid("memory_mb", format!("{mb} is below the 6 MB engines accept"));
+            }
+        }
+        if let Some(cpus) = spec.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                return invalid("cpus", format!("{cpus} must be a number of cores above 0"));
+            }
+        }
+        if let Some(pids) = spec.pids_limit {
+            if pids < 1 {
+                return invalid("pids_limit", format!("{pids} must be at least 1"));
+            }
+        }
+        if spec.stop_grace_secs > MAX_STOP_GRACE_SECS {
+            return invalid("stop_grace_secs", format!("{} is above the {MAX_STOP_GRACE_SECS} s maximum", spec.stop_grace_secs));
+        }
+        if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
+            return invalid("network", "kind claude-code needs the agent channel, which network \"none\" cannot reach".into());
+        }
+        Ok(spec)
+    }
+}
+
+/// When and how reconcile acts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcileConfig {
+    /// Time between periodic relists.
+    pub interval: Duration,
+    /// An orphaned session younger than this is left alone.
+    pub orphan_grace: Duration,
+    /// Report orphans without removing them.
+    pub orphan_dry_run: bool,
+    /// How long a live agent that speaks the channel may stay disconnected before it is
+    /// restarted.
+    pub reconnect_grace: Duration,
+    /// How long an agent whose `on_unhealthy` is `restart` may stay unhealthy.
+    pub unhealthy_grace: Duration,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            orphan_grace: Duration::from_secs(300),
+            orphan_dry_run: false,
+            reconnect_grace: Duration::from_secs(30),
+            unhealthy_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the manager needs to know besides its backend, store and channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagerConfig {
+    pub defaults: AgentDefaults,
+    pub reconcile: ReconcileConfig,
+    pub backoff: Backoff,
+    /// The port of the daemon's agent channel; `None` gives agents no channel URL.
+    pub channel_port: Option<u16>,
+    /// Variables copied from the daemon's environment into every agent's, when set
+    /// there and not set by the agent's own env (API keys).
+    pub forward_env: Vec<String>,
+    /// How many agents shutdown stops at once.
+    pub shutdown_concurrency: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            defaults: AgentDefaults::default(),
+            reconcile: ReconcileConfig::default(),
+            backoff: Backoff::default(),
+            channel_port: None,
+            forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
+            shutdown_concurrency: 256,
+        }
+    }
+}

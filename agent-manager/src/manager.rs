@@ -1,0 +1,659 @@
+//! The manager and its user-facing operations: spawn, stop, restart, remove, get, list.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use backend_core::{ExecutionBackend, SessionExitInfo, SessionHealth, SessionSpec};
+use futures_util::stream::{self, StreamExt};
+use time::OffsetDateTime;
+use tokio::sync::{broadcast, OwnedMutexGuard};
+use tracing::{info, warn};
+
+use crate::model::{
+    Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
+};
+use crate::{AgentChannel, Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
+
+/// What the manager remembers about a live agent between passes (not persisted).
+#[derive(Debug, Clone)]
+pub(crate) struct Runtime {
+    /// The container this process has seen running for the agent.
+    pub container: String,
+    /// When the current run started, or was adopted by this process.
+    pub since: OffsetDateTime,
+    /// When the agent was last seen connected to the channel (or disconnected from it).
+    pub last_connected: Option<OffsetDateTime>,
+    /// When the agent was first seen unhealthy in a row of unhealthy observations.
+    pub unhealthy_since: Option<OffsetDateTime>,
+}
+
+/// What [`AgentManager::shutdown_all`] did.
+#[derive(Debug, Default)]
+pub struct ShutdownSummary {
+    /// Agents stopped, with their exit recorded.
+    pub stopped: Vec<String>,
+    /// Agents left running for the next start to adopt.
+    pub left_running: Vec<String>,
+    /// Agents that could not be stopped, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Spawns, watches, restarts and stops agents on backend `B`, recording everything in a
+/// [`Store`].
+///
+/// Every operation on one agent holds that agent's lock, so a reconcile pass never acts on
+/// an agent while a spawn, stop or restart of it is in flight: the pass skips it and the
+/// next pass looks again.
+pub struct AgentManager<B: ExecutionBackend + ?Sized> {
+    pub(crate) backend: Arc<B>,
+    pub(crate) store: Store,
+    pub(crate) channel: Arc<dyn AgentChannel>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: ManagerConfig,
+    pub(crate) metrics: Metrics,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
+    /// Orphans already reported in dry-run mode, so each is reported once.
+    pub(crate) reported_orphans: Mutex<HashSet<String>>,
+    pub(crate) pass_lock: tokio::sync::Mutex<()>,
+    pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
+    events: broadcast::Sender<LifecycleEvent>,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+impl<B: ExecutionBackend + ?Sized> std::fmt::Debug for AgentManager<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentManager")
+            .field("backend", &self.backend)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
+    /// A manager of `backend`'s sessions, recording in `store`, asking `channel` who is
+    /// connected.
+    pub fn new(backend: Arc<B>, store: Store, channel: Arc<dyn AgentChannel>, config: ManagerConfig) -> Self {
+        Self {
+            backend,
+            store,
+            channel,
+            clock: Arc::new(SystemClock),
+            config,
+            metrics: Metrics::default(),
+            locks: Mutex::new(HashMap::new()),
+            runtime: Mutex::new(HashMap::new()),
+            reported_orphans: Mutex::new(HashSet::new()),
+            pass_lock: tokio::sync::Mutex::new(()),
+            next_wakeup: Mutex::new(None),
+            events: broadcast::channel(1024).0,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Replaces the clock (tests use [`crate::ManualClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// The supervision counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Live lifecycle events, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+        self.events.subscribe()
+    }
+
+    /// The current time, in the store's precision (milliseconds), so that what is kept
+    /// in memory equals what is read back.
+    pub(crate) fn now(&self) -> OffsetDateTime {
+        let now = self.clock.now();
+        now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
+    }
+
+    pub(crate) async fn lock_agent(&self, id: &str) -> OwnedMutexGuard<()> {
+        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
+        mutex.lock_owned().await
+    }
+
+    /// The agent's lock if nobody holds it.
+    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
+        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
+        mutex.try_lock_owned().ok()
+    }
+
+    fn check_accepting(&self) -> Result<()> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            Err(ManagerError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn find(&self, id_or_name: &str) -> Result<Agent> {
+        self.store
+            .find_agent(id_or_name)
+            .await?
+            .ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
+    }
+
+    /// Creates an agent and starts its container, with the agent as the container's main
+    /// process.
+    pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
+        self.check_accepting()?;
+        let spec = self.config.defaults.resolve(new.clone())?;
+        if !self.backend.image_exists(&spec.image).await? {
+            let hint = if spec.image.starts_with("agentd-echo") {
+                "build it with `cargo xtask images`".to_owned()
+            } else {
+                format!("build or load it into the {} engine first (agentd never pulls images)", self.backend.name())
+            };
+            return Err(ManagerError::ImageMissing {
+                backend: self.backend.name(),
+                image: spec.image,
+                hint,
+            });
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = self.now();
+        let mut agent = Agent {
+            session: format!("{}-{}-{}", self.backend.prefix(), new.name, &id[..8]),
+            id,
+            name: new.name,
+            kind: spec.kind,
+            status: AgentStatus::Pending,
+            desired: Desired::Running,
+            health: SessionHealth::Unknown,
+            container_id: None,
+            image: spec.image.clone(),
+            restart: spec.restart,
+            spec,
+            restarts: 0,
+            crash_streak: 0,
+            next_restart_at: None,
+            connected_once: false,
+            token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
+            reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        // The record exists before the container does, so no reconcile pass can take the
+        // new container for an orphan; the lock keeps passes off it until it runs.
+        let _guard = self.lock_agent(&agent.id).await;
+        self.store.insert_agent(&agent).await?;
+        self.record(&agent, EventKind::Spawned, None, Some(AgentStatus::Pending), format!("image {}", agent.image))
+            .await?;
+        if let Err(e) = self.launch(&mut agent, EndedBy::StartError).await {
+            if agent.container_id.is_none() {
+                // Nothing was created: forget the agent, so the name is free again.
+                self.store.delete_agent(&agent.id).await?;
+                self.record(&agent, EventKind::Removed, Some(AgentStatus::Pending), None, format!("spawn failed: {e}"))
+                    .await?;
+                return Err(e);
+            }
+            return Err(match e {
+                ManagerError::Backend(source) => ManagerError::StartFailed {
+                    agent: agent.name.clone(),
+                    source,
+                },
+                other => other,
+            });
+        }
+        self.view(agent).await
+    }
+
+    /// The session spec the agent's next run is created from.
+    pub fn session_spec_for(&self, agent: &Agent) -> Result<SessionSpec> {
+        let s = &agent.spec;
+        let mut spec = SessionSpec::new(&agent.session, &agent.id, &s.image);
+        for key in &self.config.forward_env {
+            if let Ok(value) = std::env::var(key) {
+                spec.env.insert(key.clone(), value);
+            }
+        }
+        spec.env.extend(s.env.clone());
+        spec.env.insert("AGENTD_AGENT_ID".into(), agent.id.clone());
+        spec.env.insert("AGENTD_AGENT_NAME".into(), agent.name.clone());
+        spec.env.insert("AGENTD_AGENT_TOKEN".into(), agent.token.clone());
+        let url = self
+            .config
+            .channel_port
+            .and_then(|port| self.backend.agent_ws_url(&agent.id, s.network, port));
+        if let Some(url) = &url {
+            spec.env.insert("AGENTD_WS_URL".into(), url.clone());
+        }
+        spec.command = match s.kind {
+            AgentKind::Image => s.command.clone(),
+            AgentKind::ClaudeCode => {
+                let url = url.ok_or_else(|| ManagerError::Invalid {
+                    field: "network",
+                    message: format!(
+                        "kind claude-code needs the agent channel, which network {} cannot reach from the {} backend",
+                        s.network,
+                        self.backend.name()
+                    ),
+                })?;
+                let mut command: Vec<String> = [
+                    "claude",
+                    "--sdk-url",
+                    &url,
+                    "--output-format",
+                    "stream-json",
+                    "--input-format",
+                    "stream-json",
+                    "--verbose",
+                ]
+                .map(String::from)
+                .to_vec();
+                if let Some(model) = &s.model {
+                    command.extend(["--model".to_owned(), model.clone()]);
+                }
+                Some(command)
+            }
+        };
+        spec.workdir = s.workdir.clone();
+        spec.resources.memory_bytes = s.memory_mb.map(|mb| mb * 1024 * 1024);
+        spec.resources.cpus = s.cpus;
+        spec.resources.pids_limit = s.pids_limit;
+        spec.network = s.network;
+        spec.user = s.user.clone();
+        spec.stop_grace = Duration::from_secs(s.stop_grace_secs);
+        spec.read_only_rootfs = s.read_only_rootfs;
+        spec.labels.insert("agentd.name".into(), agent.name.clone());
+        Ok(spec)
+    }
+
+    /// Creates and starts a new run of the agent and records it running. On a failed
+    /// start the run is recorded with the error and the agent is failed.
+    pub(crate) async fn launch(&self, agent: &mut Agent, failure: EndedBy) -> Result<()> {
+        let spec = self.session_spec_for(agent)?;
+        agent.container_id = None;
+        let container = self.backend.create_session(&spec).await?;
+        agent.container_id = Some(container.clone());
+        let started_at = self.now();
+        self.store.start_run(agent, started_at).await?;
+        if let Err(e) = self.backend.start_session(&agent.session).await {
+            let exit = SessionExitInfo {
+                error: Some(format!("start failed: {e}")),
+                finished_at: Some(self.now()),
+                ..SessionExitInfo::default()
+            };
+            agent.reason = exit.error.clone();
+            let detail = exit.error.clone().unwrap_or_default();
+            self.transition(agent, AgentStatus::Failed, EventKind::Failed, detail, Some((&exit, failure)))
+                .await?;
+            return Err(e.into());
+        }
+        lock(&self.runtime).insert(
+            agent.id.clone(),
+            Runtime {
+                container: container.clone(),
+                since: started_at,
+                last_connected: None,
+                unhealthy_since: None,
+            },
+        );
+        agent.reason = None;
+        agent.health = SessionHealth::Unknown;
+        let detail = format!("container {}", short(&container));
+        self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await
+    }
+
+    /// Stops the agent's container (SIGTERM, then SIGKILL after the agent's grace period),
+    /// records the run's exit, and marks the agent stopped. The container stays, with its
+    /// logs, until the agent is restarted or removed.
+    pub async fn stop(&self, id_or_name: &str) -> Result<AgentView> {
+        let agent = self.find(id_or_name).await?;
+        let _guard = self.lock_agent(&agent.id).await;
+        let mut agent = self.find(&agent.id).await?;
+        agent.desired = Desired::Stopped;
+        agent.next_restart_at = None;
+        self.stop_locked(&mut agent, EndedBy::Stop).await?;
+        self.view(agent).await
+    }
+
+    /// Stops a live agent's run on purpose and records it stopped; an agent that is not
+    /// live only has its fields saved.
+    pub(crate) async fn stop_locked(&self, agent: &mut Agent, ended_by: EndedBy) -> Result<()> {
+        if !matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
+            agent.updated_at = self.now();
+            self.store.update_agent(agent).await?;
+            return Ok(());
+        }
+        // Persist the intent first: if the daemon dies mid-stop, the next pass still
+        // reads the exit as on purpose.
+        self.store.update_agent(agent).await?;
+        let exit = self.end_run(agent).await?;
+        agent.reason = Some(match ended_by {
+            EndedBy::Shutdown => "stopped by daemon shutdown".to_owned(),
+            _ => "stopped on request".to_owned(),
+        });
+        agent.health = SessionHealth::Unknown;
+        let detail = format!("{}; {}", agent.reason.as_deref().unwrap_or_default(), exit.summary());
+        self.transition(agent, AgentStatus::Stopped, EventKind::Stopped, detail, Some((&exit, ended_by)))
+            .await
+    }
+
+    /// Stops the agent's container and reads how it ended; a missing container is an
+    /// exit with an error saying so.
+    async fn end_run(&self, agent: &Agent) -> Result<SessionExitInfo> {
+        let grace = Duration::from_secs(agent.spec.stop_grace_secs);
+        match self.backend.stop_session(&agent.session, grace).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {
+                return Ok(SessionExitInfo {
+                    error: Some("session was already gone".into()),
+                    finished_at: Some(self.now()),
+                    ..SessionExitInfo::default()
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        lock(&self.runtime).remove(&agent.id);
+        Ok(self.backend.session_exit_info(&agent.session).await?.unwrap_or_else(|| SessionExitInfo {
+            error: Some("the engine reported no exit information".into()),
+            finished_at: Some(self.now()),
+            ..SessionExitInfo::default()
+        }))
+    }
+
+    /// Stops the agent if it runs (recording the exit) and starts a new run.
+    pub async fn restart(&self, id_or_name: &str) -> Result<AgentView> {
+        self.check_accepting()?;
+        let agent = self.find(id_or_name).await?;
+        let _guard = self.lock_agent(&agent.id).await;
+        let mut agent = self.find(&agent.id).await?;
+        agent.desired = Desired::Running;
+        agent.next_restart_at = None;
+        agent.crash_streak = 0;
+        self.restart_locked(&mut agent, "restart requested").await?;
+        self.view(agent).await
+    }
+
+    /// Ends the current run (if live) and launches a new one, counting a restart.
+    pub(crate) async fn restart_locked(&self, agent: &mut Agent, why: &str) -> Result<()> {
+        if matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
+            let exit = self.end_run(agent).await?;
+            agent.reason = Some(why.to_owned());
+            let detail = format!("{why}; {}", exit.summary());
+            let status = agent.status;
+            self.transition(agent, status, EventKind::Exited, detail, Some((&exit, EndedBy::Restart)))
+                .await?;
+        }
+        self.backend.remove_session(&agent.session).await?;
+        agent.restarts += 1;
+        Metrics::add(&self.metrics.restarts);
+        let from = agent.status;
+        self.record(agent, EventKind::Restarted, Some(from), Some(from), why.to_owned()).await?;
+        self.launch(agent, EndedBy::StartError).await
+    }
+
+    /// Stops the agent (recording the exit), removes its container and deletes its record
+    /// and runs. Its events stay.
+    pub async fn remove(&self, id_or_name: &str) -> Result<()> {
+        let agent = self.find(id_or_name).await?;
+        let guard = self.lock_agent(&agent.id).await;
+        let mut agent = self.find(&agent.id).await?;
+        agent.desired = Desired::Stopped;
+        agent.next_restart_at = None;
+        self.stop_locked(&mut agent, EndedBy::Remove).await?;
+        self.backend.remove_session(&agent.session).await?;
+        self.store.delete_agent(&agent.id).await?;
+        lock(&self.runtime).remove(&agent.id);
+        self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
+            .await?;
+        drop(guard);
+        lock(&self.locks).remove(&agent.id);
+        Ok(())
+    }
+
+    /// The agent with this id or name, with its last exit.
+    pub async fn get(&self, id_or_name: &str) -> Result<AgentView> {
+        let agent = self.find(id_or_name).await?;
+        self.view(agent).await
+    }
+
+    /// The agent record itself (with its channel token), for the daemon.
+    pub async fn agent(&self, id_or_name: &str) -> Result<Agent> {
+        self.find(id_or_name).await
+    }
+
+    /// Every agent, optionally only those with `status`, with their last exits.
+    pub async fn list(&self, status: Option<AgentStatus>) -> Result<Vec<AgentView>> {
+        let agents = self.store.list_agents(status).await?;
+        let mut views = Vec::with_capacity(agents.len());
+        for agent in agents {
+            views.push(self.view(agent).await?);
+        }
+        Ok(views)
+    }
+
+    pub(crate) async fn view(&self, agent: Agent) -> Result<AgentView> {
+        let exit = self.store.last_exit(&agent.id).await?;
+        Ok(AgentView { agent, exit })
+    }
+
+    /// The agent's runs, oldest first.
+    pub async fn runs(&self, id_or_name: &str) -> Result<Vec<Run>> {
+        let agent = self.find(id_or_name).await?;
+        Ok(self.store.list_runs(&agent.id).await?)
+    }
+
+    /// The last `tail` lines of the agent's container output.
+    pub async fn logs(&self, id_or_name: &str, tail: Option<usize>) -> Result<String> {
+        let agent = self.find(id_or_name).await?;
+        match self.backend.session_logs(&agent.session, tail).await {
+            Err(e) if e.is_not_found() => Err(ManagerError::Conflict(format!(
+                "agent {} has no container (it is {}); logs are kept only while its container exists",
+                agent.name, agent.status
+            ))),
+            other => Ok(other?),
+        }
+    }
+
+    /// Stored events after id `since`, optionally of one agent.
+    pub async fn events(&self, agent: Option<&str>, since: i64, limit: i64) -> Result<Vec<LifecycleEvent>> {
+        Ok(self.store.list_events(agent, since, limit).await?)
+    }
+
+    /// Called by the daemon when an agent connects to the channel.
+    pub async fn agent_connected(&self, agent_id: &str) -> Result<()> {
+        let now = self.now();
+        if let Some(rt) = lock(&self.runtime).get_mut(agent_id) {
+            rt.last_connected = Some(now);
+        }
+        let mut agent = self.find(agent_id).await?;
+        if !agent.connected_once {
+            agent.connected_once = true;
+            agent.updated_at = now;
+            self.store.update_agent(&agent).await?;
+        }
+        self.record(&agent, EventKind::Connected, Some(agent.status), Some(agent.status), "agent channel connected".into())
+            .await
+    }
+
+    /// Called by the daemon when an agent's channel connection closes.
+    pub async fn agent_disconnected(&self, agent_id: &str) -> Result<()> {
+        let now = self.now();
+        if let Some(rt) = lock(&self.runtime).get_mut(agent_id) {
+            rt.last_connected = Some(now);
+        }
+        let Some(agent) = self.store.find_agent(agent_id).await? else {
+            return Ok(());
+        };
+        self.record(&agent, EventKind::Disconnected, Some(agent.status), Some(agent.status), "agent channel closed".into())
+            .await
+    }
+
+    /// Stops accepting work and then either stops every live agent concurrently, each
+    /// within its own grace period, recording every exit; or, with `leave_running`, leaves
+    /// them running with their records intact for the next start to adopt.
+    pub async fn shutdown_all(&self, leave_running: bool) -> Result<ShutdownSummary> {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        // Wait for a reconcile pass in flight, and keep passes out from now on.
+        let _pass = self.pass_lock.lock().await;
+        let live: Vec<Agent> = self
+            .store
+            .list_agents(None)
+            .await?
+            .into_iter()
+            .filter(|a| matches!(a.status, AgentStatus::Running | AgentStatus::Pending))
+            .collect();
+        let mut summary = ShutdownSummary::default();
+        if leave_running {
+            for agent in live {
+                let detail = "daemon shut down with leave-running; the next start adopts it".to_owned();
+                self.record(&agent, EventKind::LeftRunning, Some(agent.status), Some(agent.status), detail)
+                    .await?;
+                summary.left_running.push(agent.name);
+            }
+            return Ok(summary);
+        }
+        let outcomes: Vec<(String, Result<()>)> = stream::iter(live)
+            .map(|agent| async move {
+                let name = agent.name.clone();
+                let _guard = self.lock_agent(&agent.id).await;
+                let outcome = async {
+                    let mut agent = self.find(&agent.id).await?;
+                    if agent.restart == RestartPolicy::Always {
+                        // Like an engine's "always": it comes back when the daemon does.
+                        agent.next_restart_at = Some(self.now());
+                    } else {
+                        agent.desired = Desired::Stopped;
+                    }
+                    self.stop_locked(&mut agent, EndedBy::Shutdown).await
+                }
+                .await;
+                (name, outcome)
+            })
+            .buffer_unordered(self.config.shutdown_concurrency.max(1))
+            .collect()
+            .await;
+        for (name, outcome) in outcomes {
+            match outcome {
+                Ok(()) => summary.stopped.push(name),
+                Err(e) => {
+                    warn!(agent = %name, error = %e, "Agent could not be stopped at shutdown.");
+                    summary.failed.push((name, e.to_string()));
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Saves the agent with its new status (and, with `finish`, the end of its open run)
+    /// in one transaction, and announces the transition.
+    pub(crate) async fn transition(
+        &self,
+        agent: &mut Agent,
+        to: AgentStatus,
+        kind: EventKind,
+        detail: String,
+        finish: Option<(&SessionExitInfo, EndedBy)>,
+    ) -> Result<()> {
+        let from = agent.status;
+        agent.status = to;
+        agent.updated_at = self.now();
+        let event = self.event(agent, kind, Some(from), Some(to), detail);
+        let stored = self
+            .store
+            .transition(agent, finish.map(|(exit, by)| (exit, by, event.at)), &event)
+            .await?;
+        self.announce(stored, &agent.session, finish.map(|(e, _)| e));
+        Ok(())
+    }
+
+    /// Stores and announces an event that changes nothing about the agent.
+    pub(crate) async fn record(
+        &self,
+        agent: &Agent,
+        kind: EventKind,
+        from: Option<AgentStatus>,
+        to: Option<AgentStatus>,
+        detail: String,
+    ) -> Result<()> {
+        let event = self.event(agent, kind, from, to, detail);
+        let stored = self.store.insert_event(&event).await?;
+        self.announce(stored, &agent.session, None);
+        Ok(())
+    }
+
+    fn event(&self, agent: &Agent, kind: EventKind, from: Option<AgentStatus>, to: Option<AgentStatus>, detail: String) -> LifecycleEvent {
+        LifecycleEvent {
+            id: 0,
+            agent_id: agent.id.clone(),
+            agent_name: Some(agent.name.clone()),
+            kind,
+            from,
+            to,
+            detail,
+            at: self.now(),
+        }
+    }
+
+    /// Logs a stored event and broadcasts it to subscribers.
+    pub(crate) fn announce(&self, event: LifecycleEvent, session: &str, exit: Option<&SessionExitInfo>) {
+        log_event(&event, session, exit);
+        let _ = self.events.send(event);
+    }
+}
+
+/// Logs a lifecycle event under [`LIFECYCLE_TARGET`], fields first.
+fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInfo>) {
+    let from = event.from.map(AgentStatus::as_str);
+    let to = event.to.map(AgentStatus::as_str);
+    let exit_code = exit.and_then(|e| e.exit_code);
+    let oom_killed = exit.map(|e| e.oom_killed);
+    let agent = event.agent_name.as_deref().unwrap_or_default();
+    let message = match event.kind {
+        EventKind::Spawned => "Agent spawned.",
+        EventKind::Started => "Agent started.",
+        EventKind::Exited => "Agent exited.",
+        EventKind::Stopped => "Agent stopped.",
+        EventKind::Failed => "Agent failed.",
+        EventKind::Restarted => "Agent restarted.",
+        EventKind::RestartScheduled => "Agent restart scheduled.",
+        EventKind::HealthChanged => "Agent health changed.",
+        EventKind::Adopted => "Agent adopted.",
+        EventKind::LeftRunning => "Agent left running.",
+        EventKind::Connected => "Agent connected.",
+        EventKind::Disconnected => "Agent disconnected.",
+        EventKind::Removed => "Agent removed.",
+        EventKind::OrphanRemoved => "Orphaned session removed.",
+        EventKind::OrphanFound => "Orphaned session found.",
+    };
+    if matches!(event.kind, EventKind::Failed) {
+        warn!(target: LIFECYCLE_TARGET, agent_id = %event.agent_id, agent, session, kind = event.kind.as_str(), from, to, exit_code, oom_killed, reason = %event.detail, "{message}");
+    } else {
+        info!(target: LIFECYCLE_TARGET, agent_id = %event.agent_id, agent, session, kind = event.kind.as_str(), from, to, exit_code, oom_killed, reason = %event.detail, "{message}");
+    }
+}
+
+pub(crate) fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+

@@ -1,0 +1,454 @@
+//! Reconcile: compare what the store says with what the engine has, and act.
+//!
+//! Rules (the change request's, with the reference's mistakes fixed):
+//! - A live record whose session exited: exit 0 → stopped, non-zero or OOM → failed; a
+//!   session stopped on purpose → stopped whatever its code. The exit is written to the
+//!   run row before anything may remove the container.
+//! - A live record without a session → failed, "session disappeared".
+//! - A pending record left by a crash is resolved: a running session is adopted, a created
+//!   one is started, a missing one fails.
+//! - Engine unavailable → nothing changes; the pass reports the error and is retried.
+//! - A live agent that speaks the channel but is not connected is restarted after the
+//!   reconnect grace; health is recorded, and with `on_unhealthy = restart` acted on.
+//! - Orphans (sessions of this prefix and instance with no record) older than the
+//!   creation grace are removed, or only reported in dry-run mode.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use backend_core::{
+    ExecutionBackend, SessionExitInfo, SessionHealth, SessionState, SessionStatus, LABEL_AGENT_ID,
+};
+use time::OffsetDateTime;
+use tracing::{debug, warn};
+
+use crate::manager::{lock, short, Runtime};
+use crate::metrics::Metrics;
+use crate::model::{Agent, AgentStatus, Desired, EndedBy, EventKind, LifecycleEvent, RestartPolicy, UnhealthyAction};
+use crate::{AgentManager, ManagerError, Result};
+
+/// What one reconcile pass saw and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Agents looked at.
+    pub agents: usize,
+    /// Sessions the snapshot listed.
+    pub sessions: usize,
+    /// Agents whose status, health or run changed.
+    pub changed: usize,
+    /// Agents skipped because an operation on them was in flight.
+    pub busy: usize,
+    /// Restarts performed.
+    pub restarted: usize,
+    /// Orphans removed.
+    pub orphans_removed: usize,
+    /// Orphans found but left: younger than the grace, or dry run.
+    pub orphans_kept: usize,
+    /// Agents whose reconciliation failed (logged), to be retried next pass.
+    pub errors: usize,
+}
+
+enum Outcome {
+    Unchanged,
+    Changed,
+    Restarted,
+}
+
+impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
+    /// Runs one reconcile pass over every agent and every owned session.
+    ///
+    /// Costs one backend snapshot and one database read when nothing changed. When the
+    /// engine is unavailable the pass changes nothing and returns the error.
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let _pass = self.pass_lock.lock().await;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(ReconcileReport::default());
+        }
+        let started = Instant::now();
+        let outcome = self.reconcile_pass().await;
+        match &outcome {
+            Ok(report) => {
+                Metrics::add(&self.metrics.reconcile_passes);
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.metrics.last_pass_micros.store(micros, std::sync::atomic::Ordering::Relaxed);
+                debug!(agents = report.agents, sessions = report.sessions, changed = report.changed, micros, "Reconcile pass done.");
+            }
+            Err(e) => {
+                Metrics::add(&self.metrics.reconcile_failures);
+                if e.is_engine_unavailable() {
+                    Metrics::add(&self.metrics.engine_errors);
+                }
+                warn!(error = %e, "Reconcile pass failed; nothing was changed and it will be retried.");
+            }
+        }
+        outcome
+    }
+
+    async fn reconcile_pass(&self) -> Result<ReconcileReport> {
+        // Snapshot first, records second: a session in the snapshot whose spawn is in
+        // flight already has its record, so it is never taken for an orphan.
+        let snapshot = self.backend.snapshot().await?;
+        let agents = self.store.list_agents(None).await?;
+        let now = self.now();
+        let mut report = ReconcileReport {
+            agents: agents.len(),
+            sessions: snapshot.len(),
+            ..ReconcileReport::default()
+        };
+        let by_session: HashMap<&str, &SessionState> = snapshot.iter().map(|s| (s.session.as_str(), s)).collect();
+        let known: HashSet<String> = agents.iter().map(|a| a.session.clone()).collect();
+        let mut wakeup: Option<OffsetDateTime> = None;
+        for agent in agents {
+            let Some(_guard) = self.try_lock_agent(&agent.id) else {
+                report.busy += 1;
+                continue;
+            };
+            let observed = by_session.get(agent.session.as_str()).copied();
+            let mut agent = agent;
+            match self.reconcile_agent(&mut agent, observed, now).await {
+                Ok(Outcome::Unchanged) => {}
+                Ok(Outcome::Changed) => report.changed += 1,
+                Ok(Outcome::Restarted) => {
+                    report.changed += 1;
+                    report.restarted += 1;
+                }
+                Err(e) if e.is_engine_unavailable() => return Err(e),
+                Err(e) => {
+                    report.errors += 1;
+                    warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Could not reconcile agent; will retry.");
+                }
+            }
+            if let Some(due) = self.due_time(&agent) {
+                wakeup = Some(wakeup.map_or(due, |w| w.min(due)));
+            }
+        }
+        *lock(&self.next_wakeup) = wakeup;
+        for state in snapshot.iter().filter(|s| !known.contains(&s.session)) {
+            if self.handle_orphan(state, now).await? {
+                report.orphans_removed += 1;
+            } else {
+                report.orphans_kept += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reconciles the one session an engine event was about.
+    pub async fn reconcile_session(&self, session: &str) -> Result<()> {
+        let _pass = self.pass_lock.lock().await;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(agent) = self.store.find_agent_by_session(session).await? else {
+            return Ok(());
+        };
+        let Some(_guard) = self.try_lock_agent(&agent.id) else {
+            return Ok(());
+        };
+        let state = self.backend.session_state(session).await?;
+        let observed = (state.status != SessionStatus::Missing).then_some(&state);
+        let mut agent = agent;
+        self.reconcile_agent(&mut agent, observed, self.now()).await?;
+        if let Some(due) = self.due_time(&agent) {
+            let mut next = lock(&self.next_wakeup);
+            *next = Some(next.map_or(due, |w| w.min(due)));
+        }
+        Ok(())
+    }
+
+    /// When the manager must look at this agent again without being told: a scheduled
+    /// restart, or the end of a reconnect or unhealthy grace.
+    fn due_time(&self, agent: &Agent) -> Option<OffsetDateTime> {
+        if agent.desired.is_running() && matches!(agent.status, AgentStatus::Stopped | AgentStatus::Failed) {
+            return agent.next_restart_at;
+        }
+        if agent.status != AgentStatus::Running {
+            return None;
+        }
+        let rt = lock(&self.runtime).get(&agent.id).cloned()?;
+        let cfg = &self.config.reconcile;
+        let mut due = None::<OffsetDateTime>;
+        if agent.speaks_channel() && !self.channel.is_connected(&agent.id) {
+            due = Some(rt.last_connected.unwrap_or(rt.since).max(rt.since) + cfg.reconnect_grace);
+        }
+        if agent.spec.on_unhealthy == UnhealthyAction::Restart {
+            if let Some(since) = rt.unhealthy_since {
+                let at = since + cfg.unhealthy_grace;
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+        }
+        due
+    }
+
+    /// Applies the rules to one agent. The caller holds the agent's lock.
+    async fn reconcile_agent(&self, agent: &mut Agent, observed: Option<&SessionState>, now: OffsetDateTime) -> Result<Outcome> {
+        let status = observed.map_or(SessionStatus::Missing, |s| s.status);
+        match (agent.status, status) {
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Running) => {
+                let state = observed.ok_or_else(|| ManagerError::Conflict("running session without state".into()))?;
+                self.check_live(agent, state, now).await
+            }
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Exited) => {
+                let listed = observed.and_then(|s| s.exit.clone());
+                let exit = match listed {
+                    Some(exit) => Some(exit),
+                    None => self.backend.session_exit_info(&agent.session).await?,
+                };
+                match exit {
+                    Some(exit) => self.record_end(agent, exit, EndedBy::Itself, now).await,
+                    None => self.record_vanished(agent, now).await,
+                }
+            }
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Missing) => self.record_vanished(agent, now).await,
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Created) => {
+                if !agent.desired.is_running() {
+                    return Ok(Outcome::Unchanged);
+                }
+                // A spawn interrupted between create and start: finish it.
+                self.backend.start_session(&agent.session).await?;
+                if self.store.open_run(&agent.id).await?.is_none() {
+                    self.store.start_run(agent, now).await?;
+                }
+                self.remember_run(agent, observed.map(|s| s.id.clone()).unwrap_or_default(), now);
+                let detail = "interrupted spawn completed: container started".to_owned();
+                self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await?;
+                Ok(Outcome::Changed)
+            }
+            (AgentStatus::Stopped | AgentStatus::Failed, observed_status) => {
+                if observed_status == SessionStatus::Running && !agent.desired.is_running() {
+                    // Started from outside after a stop: converge on what the user asked.
+                    warn!(agent_id = %agent.id, agent = %agent.name, "Stopped agent's container runs again; stopping it.");
+                    let grace = Duration::from_secs(agent.spec.stop_grace_secs);
+                    self.backend.stop_session(&agent.session, grace).await?;
+                    return Ok(Outcome::Changed);
+                }
+                match agent.next_restart_at {
+                    Some(due) if agent.desired.is_running() && due <= now => self.restart_by_policy(agent).await,
+                    _ => Ok(Outcome::Unchanged),
+                }
+            }
+        }
+    }
+
+    fn remember_run(&self, agent: &Agent, container: String, since: OffsetDateTime) {
+        lock(&self.runtime).insert(
+            agent.id.clone(),
+            Runtime {
+                container,
+                since,
+                last_connected: None,
+                unhealthy_since: None,
+            },
+        );
+    }
+
+    /// A live session: adoption, health, stop convergence, channel connection.
+    async fn check_live(&self, agent: &mut Agent, state: &SessionState, now: OffsetDateTime) -> Result<Outcome> {
+        let mut outcome = Outcome::Unchanged;
+        let known = lock(&self.runtime).get(&agent.id).is_some_and(|rt| rt.container == state.id);
+        if !known {
+            // A running container this process did not start: adopt it (after a
+            // leave-running shutdown, or a crash).
+            self.remember_run(agent, state.id.clone(), now);
+            if self.store.open_run(&agent.id).await?.is_none() {
+                self.store.start_run(agent, now).await?;
+            }
+            agent.container_id = Some(state.id.clone());
+            let detail = format!("running container {} adopted; reconnect grace starts now", short(&state.id));
+            self.transition(agent, AgentStatus::Running, EventKind::Adopted, detail, None).await?;
+            outcome = Outcome::Changed;
+        }
+        if !agent.desired.is_running() {
+            // A stop that failed half-way (engine unavailable): finish it.
+            self.stop_locked(agent, EndedBy::Stop).await?;
+            return Ok(Outcome::Changed);
+        }
+        if state.health != agent.health {
+            let detail = format!("{} -> {}", agent.health, state.health);
+            agent.health = state.health;
+            let status = agent.status;
+            self.transition(agent, status, EventKind::HealthChanged, detail, None).await?;
+            outcome = Outcome::Changed;
+        }
+        let (unhealthy_since, disconnected_since) = {
+            let mut runtime = lock(&self.runtime);
+            let rt = runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
+            rt.unhealthy_since = match state.health {
+                SessionHealth::Unhealthy => Some(rt.unhealthy_since.unwrap_or(now)),
+                _ => None,
+            };
+            let connected = agent.speaks_channel() && self.channel.is_connected(&agent.id);
+            if connected {
+                rt.last_connected = Some(now);
+            }
+            let disconnected_since = (agent.speaks_channel() && !connected).then(|| rt.last_connected.unwrap_or(rt.since).max(rt.since));
+            (rt.unhealthy_since, disconnected_since)
+        };
+        let cfg = &self.config.reconcile;
+        if let Some(since) = unhealthy_since {
+            if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace {
+                let why = format!("unhealthy for {}s", (now - since).whole_seconds());
+                self.restart_locked(agent, &why).await?;
+                return Ok(Outcome::Restarted);
+            }
+        }
+        if let Some(since) = disconnected_since {
+            if now - since >= cfg.reconnect_grace {
+                let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
+                self.restart_locked(agent, &why).await?;
+                return Ok(Outcome::Restarted);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// A run ended: record it, decide the status, and schedule a restart if the policy
+    /// wants one.
+    async fn record_end(&self, agent: &mut Agent, exit: SessionExitInfo, ended_by: EndedBy, now: OffsetDateTime) -> Result<Outcome> {
+        let on_purpose = !agent.desired.is_running();
+        let (to, kind) = if on_purpose || exit.is_success() {
+            (AgentStatus::Stopped, EventKind::Stopped)
+        } else {
+            (AgentStatus::Failed, EventKind::Failed)
+        };
+        let ended_by = if on_purpose { EndedBy::Stop } else { ended_by };
+        agent.reason = Some(match (&exit.error, on_purpose) {
+            (_, true) => format!("stopped on request; {}", exit.summary()),
+            (Some(error), false) => format!("{}: {error}", exit.summary()),
+            (None, false) => exit.summary(),
+        });
+        agent.health = SessionHealth::Unknown;
+        let detail = agent.reason.clone().unwrap_or_default();
+        self.schedule_restart(agent, to == AgentStatus::Failed, now).await?;
+        self.transition(agent, to, kind, detail, Some((&exit, ended_by))).await?;
+        self.announce_schedule(agent).await?;
+        Ok(Outcome::Changed)
+    }
+
+    /// A live record whose session is gone without a trace.
+    async fn record_vanished(&self, agent: &mut Agent, now: OffsetDateTime) -> Result<Outcome> {
+        let reason = if agent.status == AgentStatus::Pending {
+            "spawn interrupted before its container was created"
+        } else {
+            "session disappeared"
+        };
+        let exit = SessionExitInfo {
+            error: Some(reason.to_owned()),
+            finished_at: Some(now),
+            ..SessionExitInfo::default()
+        };
+        agent.container_id = None;
+        lock(&self.runtime).remove(&agent.id);
+        if self.store.open_run(&agent.id).await?.is_none() {
+            // A pending record never got a run: give the failure one, so it is kept.
+            self.store.start_run(agent, now).await?;
+        }
+        self.record_end(agent, exit, EndedBy::Vanished, now).await
+    }
+
+    /// Sets `next_restart_at` by the restart policy and the crash-loop backoff.
+    async fn schedule_restart(&self, agent: &mut Agent, failed: bool, now: OffsetDateTime) -> Result<()> {
+        let wanted = agent.desired.is_running()
+            && match agent.restart {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => failed,
+                RestartPolicy::Always => true,
+            };
+        if !wanted {
+            agent.next_restart_at = None;
+            return Ok(());
+        }
+        let ran_for = match self.store.open_run(&agent.id).await? {
+            Some(run) => now - run.started_at,
+            None => time::Duration::ZERO,
+        };
+        if ran_for >= self.config.backoff.reset_after {
+            agent.crash_streak = 0;
+        }
+        agent.crash_streak += 1;
+        agent.next_restart_at = Some(now + self.config.backoff.delay(agent.crash_streak));
+        Ok(())
+    }
+
+    async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
+        if let Some(at) = agent.next_restart_at {
+            let delay = (at - agent.updated_at).whole_seconds().max(0);
+            let detail = format!(
+                "restart policy {}: restarting in {delay}s (attempt {})",
+                agent.restart, agent.crash_streak
+            );
+            self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail)
+                .await?;
+            let mut next = lock(&self.next_wakeup);
+            *next = Some(next.map_or(at, |w| w.min(at)));
+        }
+        Ok(())
+    }
+
+    /// Starts an ended agent again as its restart policy asked.
+    async fn restart_by_policy(&self, agent: &mut Agent) -> Result<Outcome> {
+        agent.next_restart_at = None;
+        let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
+        match self.restart_locked(agent, &why).await {
+            Ok(()) => Ok(Outcome::Restarted),
+            Err(e) if e.is_engine_unavailable() => Err(e),
+            Err(e) => {
+                // The new run could not start: count it as another crash.
+                warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Restart failed.");
+                let now = self.now();
+                agent.desired = Desired::Running;
+                self.schedule_restart(agent, true, now).await?;
+                agent.updated_at = now;
+                self.store.update_agent(agent).await?;
+                self.announce_schedule(agent).await?;
+                Ok(Outcome::Changed)
+            }
+        }
+    }
+
+    /// Removes an orphan older than the grace (or reports it in dry-run mode). Returns
+    /// whether it was removed.
+    async fn handle_orphan(&self, state: &SessionState, now: OffsetDateTime) -> Result<bool> {
+        let cfg = &self.config.reconcile;
+        let age = state.created_at.map_or(time::Duration::ZERO, |c| now - c);
+        if age < cfg.orphan_grace {
+            debug!(session = %state.session, age_secs = age.whole_seconds(), "Orphan younger than the grace; left alone.");
+            return Ok(false);
+        }
+        let agent_id = state.labels.get(LABEL_AGENT_ID).cloned().unwrap_or_else(|| state.session.clone());
+        let event = |kind, detail: String| LifecycleEvent {
+            id: 0,
+            agent_id: agent_id.clone(),
+            agent_name: None,
+            kind,
+            from: None,
+            to: None,
+            detail,
+            at: now,
+        };
+        if cfg.orphan_dry_run {
+            if lock(&self.reported_orphans).insert(state.session.clone()) {
+                let detail = format!(
+                    "session {} ({}, {}s old) has no record; dry run, not removed",
+                    state.session,
+                    state.status,
+                    age.whole_seconds()
+                );
+                let stored = self.store.insert_event(&event(EventKind::OrphanFound, detail)).await?;
+                self.announce(stored, &state.session, None);
+            }
+            return Ok(false);
+        }
+        self.backend.remove_session(&state.session).await?;
+        Metrics::add(&self.metrics.orphans_removed);
+        let detail = format!("session {} ({}, {}s old) had no record; removed", state.session, state.status, age.whole_seconds());
+        let stored = self.store.insert_event(&event(EventKind::OrphanRemoved, detail)).await?;
+        self.announce(stored, &state.session, None);
+        Ok(true)
+    }
+
+    /// The next time a pass must run for a scheduled restart or a grace period to end.
+    pub fn next_wakeup(&self) -> Option<OffsetDateTime> {
+        *lock(&self.next_wakeup)
+    }
+}

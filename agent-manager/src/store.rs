@@ -1,0 +1,386 @@
+//! The SQLite store: agents, runs and lifecycle events, in one file that survives
+//! restarts.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use backend_core::{SessionExitInfo, SessionHealth};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use time::OffsetDateTime;
+
+use crate::model::{
+    Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, Run,
+};
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or a query failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// The schema could not be migrated.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back.
+    #[error("corrupt database row: {0}")]
+    Corrupt(String),
+    /// An agent with this name exists already.
+    #[error("an agent named {0:?} already exists")]
+    NameTaken(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Agents, runs and events in SQLite (WAL mode, foreign keys on).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+pub(crate) fn millis(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T> {
+    text.parse().map_err(StoreError::Corrupt)
+}
+
+const AGENT_COLUMNS: &str = "id, name, kind, status, desired, health, session, container_id, image, spec, \
+     restart_policy, restarts, crash_streak, next_restart_at, connected_once, token, reason, created_at, updated_at";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Sqlx(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        Self::migrated(pool).await
+    }
+
+    /// A private in-memory database, for tests.
+    pub async fn in_memory() -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        // One connection that never expires: an in-memory database lives as long as it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Self::migrated(pool).await
+    }
+
+    async fn migrated(pool: SqlitePool) -> Result<Self> {
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Closes the pool, flushing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The id of this daemon instance, generated and stored on first use.
+    pub async fn instance_id(&self) -> Result<String> {
+        let candidate = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance_id', ?)")
+            .bind(&candidate)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM meta WHERE key = 'instance_id'").fetch_one(&self.pool).await?;
+        Ok(row.try_get("value")?)
+    }
+
+    /// Inserts a new agent; a taken name is [`StoreError::NameTaken`].
+    pub async fn insert_agent(&self, agent: &Agent) -> Result<()> {
+        let spec = serde_json::to_string(&agent.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let outcome = sqlx::query(
+            "INSERT INTO agents (id, name, kind, status, desired, health, session, container_id, image, spec, \
+             restart_policy, restarts, crash_streak, next_restart_at, connected_once, token, reason, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&agent.id)
+        .bind(&agent.name)
+        .bind(agent.kind.as_str())
+        .bind(agent.status.as_str())
+        .bind(agent.desired.as_str())
+        .bind(agent.health.as_str())
+        .bind(&agent.session)
+        .bind(&agent.container_id)
+        .bind(&agent.image)
+        .bind(spec)
+        .bind(agent.restart.as_str())
+        .bind(agent.restarts)
+        .bind(agent.crash_streak)
+        .bind(agent.next_restart_at.map(millis))
+        .bind(agent.connected_once)
+        .bind(&agent.token)
+        .bind(&agent.reason)
+        .bind(millis(agent.created_at))
+        .bind(millis(agent.updated_at))
+        .execute(&self.pool)
+        .await;
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::NameTaken(agent.name.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes an agent's mutable fields (status, health, container, counters, reason).
+    pub async fn update_agent(&self, agent: &Agent) -> Result<()> {
+        update_agent_query(agent).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The agent with this id, or else this name.
+    pub async fn find_agent(&self, id_or_name: &str) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
+        let row = sqlx::query(&sql).bind(id_or_name).fetch_optional(&self.pool).await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    /// The agent whose session (container name) this is.
+    pub async fn find_agent_by_session(&self, session: &str) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE session = ?");
+        let row = sqlx::query(&sql).bind(session).fetch_optional(&self.pool).await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    /// Every agent, optionally only those with `status`, oldest first.
+    pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(status.map(AgentStatus::as_str))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    /// Deletes an agent and its runs (its events stay).
+    pub async fn delete_agent(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records the start of a run and returns its id.
+    pub async fn start_run(&self, agent: &Agent, started_at: OffsetDateTime) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO runs (agent_id, session, container_id, started_at) VALUES (?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&agent.id)
+        .bind(&agent.session)
+        .bind(&agent.container_id)
+        .bind(millis(started_at))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    /// The run of this agent that has not finished, if any.
+    pub async fn open_run(&self, agent_id: &str) -> Result<Option<Run>> {
+        let row = sqlx::query("SELECT * FROM runs WHERE agent_id = ? AND finished_at IS NULL ORDER BY id DESC LIMIT 1")
+            .bind(agent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    /// The agent's runs, oldest first.
+    pub async fn list_runs(&self, agent_id: &str) -> Result<Vec<Run>> {
+        let rows = sqlx::query("SELECT * FROM runs WHERE agent_id = ? ORDER BY id")
+            .bind(agent_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// The agent's last finished run's exit.
+    pub async fn last_exit(&self, agent_id: &str) -> Result<Option<ExitView>> {
+        let row = sqlx::query(
+            "SELECT * FROM runs WHERE agent_id = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(run_from_row).transpose()?.and_then(|r| r.exit))
+    }
+
+    /// Applies one transition atomically: the agent's new fields, the end of its open run
+    /// (if `finish` is given), and the event. Returns the stored event.
+    pub async fn transition(
+        &self,
+        agent: &Agent,
+        finish: Option<(&SessionExitInfo, EndedBy, OffsetDateTime)>,
+        event: &LifecycleEvent,
+    ) -> Result<LifecycleEvent> {
+        let mut tx = self.pool.begin().await?;
+        update_agent_query(agent).execute(&mut *tx).await?;
+        if let Some((exit, ended_by, finished_at)) = finish {
+            sqlx::query(
+                "UPDATE runs SET finished_at = ?, exit_code = ?, oom_killed = ?, signal = ?, error = ?, ended_by = ? \
+                 WHERE agent_id = ? AND finished_at IS NULL",
+            )
+            .bind(millis(exit.finished_at.unwrap_or(finished_at)))
+            .bind(exit.exit_code)
+            .bind(exit.oom_killed)
+            .bind(exit.signal)
+            .bind(&exit.error)
+            .bind(ended_by.as_str())
+            .bind(&agent.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let stored = insert_event_query(event).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(LifecycleEvent {
+            id: stored.try_get("id")?,
+            ..event.clone()
+        })
+    }
+
+    /// Stores an event that changes no agent and returns it with its id.
+    pub async fn insert_event(&self, event: &LifecycleEvent) -> Result<LifecycleEvent> {
+        let stored = insert_event_query(event).fetch_one(&self.pool).await?;
+        Ok(LifecycleEvent {
+            id: stored.try_get("id")?,
+            ..event.clone()
+        })
+    }
+
+    /// Events after id `since`, optionally of one agent (id or name), oldest first, at
+    /// most `limit`.
+    pub async fn list_events(&self, agent: Option<&str>, since: i64, limit: i64) -> Result<Vec<LifecycleEvent>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE id > ?1 AND (?2 IS NULL OR agent_id = ?2 OR agent_name = ?2) ORDER BY id LIMIT ?3",
+        )
+        .bind(since)
+        .bind(agent)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
+
+fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
+    sqlx::query(
+        "UPDATE agents SET status = ?, desired = ?, health = ?, container_id = ?, restarts = ?, crash_streak = ?, \
+         next_restart_at = ?, connected_once = ?, reason = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(agent.status.as_str())
+    .bind(agent.desired.as_str())
+    .bind(agent.health.as_str())
+    .bind(&agent.container_id)
+    .bind(agent.restarts)
+    .bind(agent.crash_streak)
+    .bind(agent.next_restart_at.map(millis))
+    .bind(agent.connected_once)
+    .bind(&agent.reason)
+    .bind(millis(agent.updated_at))
+    .bind(&agent.id)
+}
+
+fn insert_event_query(event: &LifecycleEvent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO events (agent_id, agent_name, kind, from_status, to_status, detail, at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(&event.agent_id)
+    .bind(&event.agent_name)
+    .bind(event.kind.as_str())
+    .bind(event.from.map(AgentStatus::as_str))
+    .bind(event.to.map(AgentStatus::as_str))
+    .bind(&event.detail)
+    .bind(millis(event.at))
+}
+
+fn agent_from_row(row: &SqliteRow) -> Result<Agent> {
+    let spec: String = row.try_get("spec")?;
+    let health: String = row.try_get("health")?;
+    Ok(Agent {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        kind: parse(&row.try_get::<String, _>("kind")?)?,
+        status: parse(&row.try_get::<String, _>("status")?)?,
+        desired: parse(&row.try_get::<String, _>("desired")?)?,
+        health: health.parse::<SessionHealth>().map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        session: row.try_get("session")?,
+        container_id: row.try_get("container_id")?,
+        image: row.try_get("image")?,
+        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(format!("agent spec: {e}")))?,
+        restart: parse(&row.try_get::<String, _>("restart_policy")?)?,
+        restarts: row.try_get("restarts")?,
+        crash_streak: row.try_get("crash_streak")?,
+        next_restart_at: row.try_get::<Option<i64>, _>("next_restart_at")?.map(from_millis),
+        connected_once: row.try_get("connected_once")?,
+        token: row.try_get("token")?,
+        reason: row.try_get("reason")?,
+        created_at: from_millis(row.try_get("created_at")?),
+        updated_at: from_millis(row.try_get("updated_at")?),
+    })
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<Run> {
+    let finished_at = row.try_get::<Option<i64>, _>("finished_at")?.map(from_millis);
+    let ended_by = row.try_get::<Option<String>, _>("ended_by")?.map(|s| parse::<EndedBy>(&s)).transpose()?;
+    let exit = match finished_at {
+        Some(at) => Some(ExitView {
+            code: row.try_get("exit_code")?,
+            oom_killed: row.try_get("oom_killed")?,
+            signal: row.try_get("signal")?,
+            error: row.try_get("error")?,
+            finished_at: Some(at),
+        }),
+        None => None,
+    };
+    Ok(Run {
+        id: row.try_get("id")?,
+        agent_id: row.try_get("agent_id")?,
+        session: row.try_get("session")?,
+        container_id: row.try_get("container_id")?,
+        started_at: from_millis(row.try_get("started_at")?),
+        finished_at,
+        exit,
+        ended_by,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<LifecycleEvent> {
+    let status = |col: &str| -> Result<Option<AgentStatus>> {
+        row.try_get::<Option<String>, _>(col)?.map(|s| parse(&s)).transpose()
+    };
+    Ok(LifecycleEvent {
+        id: row.try_get("id")?,
+        agent_id: row.try_get("agent_id")?,
+        agent_name: row.try_get("agent_name")?,
+        kind: parse::<EventKind>(&row.try_get::<String, _>("kind")?)?,
+        from: status("from_status")?,
+        to: status("to_status")?,
+        detail: row.try_get("detail")?,
+        at: from_millis(row.try_get("at")?),
+    })
+}
+
+impl Desired {
+    /// Whether the agent should run.
+    pub fn is_running(self) -> bool {
+        self == Desired::Running
+    }
+}

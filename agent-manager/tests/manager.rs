@@ -1,0 +1,614 @@
+//! The manager's rules, on the mock engine.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agent_manager::{
+    AgentKind, AgentStatus, EndedBy, EventKind, ManagerError, ManualClock, NewAgent, RestartPolicy, Store,
+    UnhealthyAction,
+};
+use backend_core::{ExecutionBackend, OwnershipLabels, SessionHealth, SessionSpec};
+use backend_mock::{MockBackend, MockCall, MockEngine, PLAIN_IMAGE};
+use common::{eventually, test_config, Fixture};
+
+/// How a run ended, scripted on the engine.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Exit(i64),
+    Oom,
+    KilledFromOutside,
+    Vanished,
+}
+
+struct Expect {
+    status: AgentStatus,
+    code: Option<i64>,
+    oom: bool,
+    signal: Option<i32>,
+    error: Option<&'static str>,
+}
+
+#[tokio::test]
+async fn ended_runs_are_classified_by_how_they_ended() {
+    let cases = [
+        (Ending::Exit(0), Expect { status: AgentStatus::Stopped, code: Some(0), oom: false, signal: None, error: None }),
+        (Ending::Exit(2), Expect { status: AgentStatus::Failed, code: Some(2), oom: false, signal: None, error: None }),
+        (Ending::Oom, Expect { status: AgentStatus::Failed, code: Some(137), oom: true, signal: Some(9), error: None }),
+        (
+            Ending::KilledFromOutside,
+            Expect { status: AgentStatus::Failed, code: Some(137), oom: false, signal: Some(9), error: None },
+        ),
+        (
+            Ending::Vanished,
+            Expect { status: AgentStatus::Failed, code: None, oom: false, signal: None, error: Some("session disappeared") },
+        ),
+    ];
+    // Docker's listing carries no exit info (the manager must ask for it before anything
+    // removes the container); the mock can behave either way.
+    for snapshot_has_exit in [true, false] {
+        for (ending, expect) in &cases {
+            let fx = Fixture::new().await;
+            fx.engine.set_snapshot_exit_info(snapshot_has_exit);
+            let agent = fx.spawn("worker").await.agent;
+            assert_eq!(agent.status, AgentStatus::Running);
+            match ending {
+                Ending::Exit(code) => fx.engine.exit(&agent.session, *code),
+                Ending::Oom => fx.engine.oom_kill(&agent.session),
+                Ending::KilledFromOutside => fx.engine.kill_from_outside(&agent.session),
+                Ending::Vanished => fx.engine.vanish(&agent.session, false),
+            }
+            let report = fx.reconcile().await;
+            assert_eq!(report.changed, 1, "{ending:?}");
+            let view = fx.get("worker").await;
+            let case = format!("{ending:?} (snapshot carries exit: {snapshot_has_exit})");
+            assert_eq!(view.agent.status, expect.status, "{case}");
+            let exit = view.exit.unwrap_or_else(|| panic!("{case}: no exit recorded"));
+            assert_eq!(exit.code, expect.code, "{case}");
+            assert_eq!(exit.oom_killed, expect.oom, "{case}");
+            assert_eq!(exit.signal, expect.signal, "{case}");
+            assert_eq!(exit.error.as_deref(), expect.error, "{case}");
+            assert!(exit.finished_at.is_some(), "{case}");
+            let runs = fx.manager.runs("worker").await.expect("runs");
+            assert_eq!(runs.len(), 1, "{case}");
+            let ended_by = if matches!(ending, Ending::Vanished) { EndedBy::Vanished } else { EndedBy::Itself };
+            assert_eq!(runs[0].ended_by, Some(ended_by), "{case}");
+            if matches!(ending, Ending::Vanished) {
+                assert_eq!(view.agent.reason.as_deref(), Some("exit code unknown: session disappeared"), "{case}");
+            }
+            // The container of an ended run is kept (logs stay readable) until restart or removal.
+            if !matches!(ending, Ending::Vanished) {
+                assert!(fx.engine.container_id(&agent.session).is_some(), "{case}: container was removed");
+            }
+            // A second pass changes nothing.
+            assert_eq!(fx.reconcile().await.changed, 0, "{case}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn engine_unavailable_for_three_passes_changes_nothing() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn("steady").await.agent;
+    fx.engine.exit(&agent.session, 3);
+    fx.engine.fail_next(3);
+    for pass in 1..=3 {
+        let err = fx.manager.reconcile().await.expect_err("the engine is down");
+        assert!(err.is_engine_unavailable(), "pass {pass}: {err}");
+        let now = fx.get("steady").await;
+        assert_eq!(now.agent.status, AgentStatus::Running, "pass {pass}: an unreachable engine is not a dead agent");
+        assert_eq!(now.exit, None);
+    }
+    assert_eq!(fx.manager.metrics().snapshot().engine_errors, 3);
+    fx.reconcile().await;
+    let view = fx.get("steady").await;
+    assert_eq!(view.agent.status, AgentStatus::Failed);
+    assert_eq!(view.exit.and_then(|e| e.code), Some(3), "the real exit is recorded once the engine answers");
+}
+
+#[tokio::test]
+async fn stopping_on_purpose_reads_stopped_whatever_the_exit_code() {
+    let fx = Fixture::new().await;
+    let mut new = NewAgent { name: "stubborn".into(), ..NewAgent::default() };
+    new.env.insert("ECHO_IGNORE_SIGTERM".into(), "1".into());
+    fx.spawn_with(new).await;
+    let view = fx.manager.stop("stubborn").await.expect("stop");
+    assert_eq!(view.agent.status, AgentStatus::Stopped);
+    let exit = view.exit.expect("exit recorded");
+    assert_eq!(exit.code, Some(137), "SIGKILL after the grace period");
+    assert_eq!(view.agent.reason.as_deref(), Some("stopped on request"));
+    let runs = fx.manager.runs("stubborn").await.expect("runs");
+    assert_eq!(runs[0].ended_by, Some(EndedBy::Stop));
+    assert_eq!(fx.reconcile().await.changed, 0, "a stopped agent stays stopped");
+    // Stop is idempotent.
+    assert_eq!(fx.manager.stop("stubborn").await.expect("second stop").agent.status, AgentStatus::Stopped);
+}
+
+#[tokio::test]
+async fn remove_deletes_container_and_record_but_keeps_events() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn("doomed").await.agent;
+    fx.manager.remove("doomed").await.expect("remove");
+    assert!(matches!(fx.manager.get("doomed").await, Err(ManagerError::AgentNotFound(_))));
+    assert_eq!(fx.engine.container_id(&agent.session), None);
+    let events = fx.manager.events(Some(&agent.id), 0, 100).await.expect("events");
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Spawned, EventKind::Started, EventKind::Stopped, EventKind::Removed]);
+    assert!(matches!(fx.manager.remove("doomed").await, Err(ManagerError::AgentNotFound(_))));
+}
+
+#[tokio::test]
+async fn restart_records_the_old_run_and_starts_a_new_container() {
+    let fx = Fixture::new().await;
+    let before = fx.spawn("again").await.agent;
+    let after = fx.manager.restart("again").await.expect("restart").agent;
+    assert_eq!(after.status, AgentStatus::Running);
+    assert_eq!(after.restarts, 1);
+    assert_ne!(after.container_id, before.container_id, "a restart never reuses the old container");
+    let runs = fx.manager.runs("again").await.expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].ended_by, Some(EndedBy::Restart));
+    assert_eq!(runs[0].exit.as_ref().and_then(|e| e.code), Some(0));
+    assert!(runs[1].exit.is_none(), "the new run is open");
+}
+
+#[tokio::test]
+async fn spawn_refuses_bad_requests_clearly() {
+    let fx = Fixture::new().await;
+    match fx.manager.spawn(NewAgent { name: "Bad_Name".into(), ..NewAgent::default() }).await {
+        Err(ManagerError::Invalid { field: "name", message }) => assert!(message.contains("a-z"), "{message}"),
+        other => panic!("expected an invalid name, got {other:?}"),
+    }
+    let missing = NewAgent { name: "noimg".into(), image: Some("nowhere:1".into()), ..NewAgent::default() };
+    match fx.manager.spawn(missing).await {
+        Err(e @ ManagerError::ImageMissing { .. }) => assert!(e.to_string().contains("nowhere:1"), "{e}"),
+        other => panic!("expected ImageMissing, got {other:?}"),
+    }
+    let echo = NewAgent { name: "echo".into(), image: Some("agentd-echo:missing".into()), ..NewAgent::default() };
+    let err = fx.manager.spawn(echo).await.expect_err("missing echo image");
+    assert!(err.to_string().contains("cargo xtask images"), "{err}");
+    let mut reserved = NewAgent { name: "env".into(), ..NewAgent::default() };
+    reserved.env.insert("AGENTD_AGENT_TOKEN".into(), "x".into());
+    assert!(matches!(fx.manager.spawn(reserved).await, Err(ManagerError::Invalid { field: "env", .. })));
+    let tiny = NewAgent { name: "tiny".into(), memory_mb: Some(1), ..NewAgent::default() };
+    assert!(matches!(fx.manager.spawn(tiny).await, Err(ManagerError::Invalid { field: "memory_mb", .. })));
+
+    fx.spawn("taken").await;
+    assert!(matches!(fx.manager.spawn(NewAgent { name: "taken".into(), ..NewAgent::default() }).await, Err(ManagerError::NameTaken(_))));
+}
+
+#[tokio::test]
+async fn a_failed_create_leaves_no_record_behind() {
+    let fx = Fixture::new().await;
+    // The engine goes away between the image check and create.
+    fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Create(_)));
+    let err = fx.manager.spawn(NewAgent { name: "flaky".into(), ..NewAgent::default() }).await.expect_err("engine down");
+    assert!(err.is_engine_unavailable(), "{err}");
+    assert!(matches!(fx.manager.get("flaky").await, Err(ManagerError::AgentNotFound(_))), "no half-made record");
+    assert_eq!(fx.engine.container_count(), 0);
+    // The name is free again.
+    fx.spawn("flaky").await;
+}
+
+#[tokio::test]
+async fn a_failed_start_is_recorded_as_a_failed_run() {
+    let fx = Fixture::new().await;
+    fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Start(_)));
+    let err = fx.manager.spawn(NewAgent { name: "nostart".into(), ..NewAgent::default() }).await.expect_err("start fails");
+    assert!(matches!(err, ManagerError::StartFailed { .. }), "{err}");
+    let view = fx.get("nostart").await;
+    assert_eq!(view.agent.status, AgentStatus::Failed);
+    let exit = view.exit.expect("the failed start is a finished run");
+    assert!(exit.error.as_deref().unwrap_or_default().starts_with("start failed"), "{exit:?}");
+    let runs = fx.manager.runs("nostart").await.expect("runs");
+    assert_eq!(runs[0].ended_by, Some(EndedBy::StartError));
+}
+
+#[tokio::test]
+async fn orphans_are_removed_only_when_ours_and_old_enough() {
+    struct Case {
+        what: &'static str,
+        other_instance: bool,
+        age: Duration,
+        dry_run: bool,
+        removed: bool,
+    }
+    let cases = [
+        Case { what: "ours, older than the grace", other_instance: false, age: Duration::from_secs(301), dry_run: false, removed: true },
+        Case { what: "ours, younger than the grace", other_instance: false, age: Duration::from_secs(299), dry_run: false, removed: false },
+        Case { what: "another instance's", other_instance: true, age: Duration::from_secs(3600), dry_run: false, removed: false },
+        Case { what: "ours, dry run", other_instance: false, age: Duration::from_secs(3600), dry_run: true, removed: false },
+    ];
+    for case in cases {
+        let mut config = test_config();
+        config.reconcile.orphan_dry_run = case.dry_run;
+        let fx = Fixture::with_config(config).await;
+        fx.spawn("kept").await;
+        let owner = if case.other_instance {
+            OwnershipLabels::new("agentd", "someone-else").expect("labels")
+        } else {
+            fx.owner.clone()
+        };
+        let stray = MockBackend::new(fx.engine.clone(), owner);
+        let spec = SessionSpec::new("agentd-stray", "stray-id", PLAIN_IMAGE);
+        stray.create_session(&spec).await.expect("create orphan");
+        stray.start_session("agentd-stray").await.expect("start orphan");
+        fx.engine.insert_foreign("agentd-foreign", BTreeMap::new());
+        fx.clock.advance(case.age);
+        for _ in 0..2 {
+            fx.reconcile().await;
+        }
+        let present = fx.engine.container_id("agentd-stray").is_some();
+        assert_eq!(!present, case.removed, "{}", case.what);
+        assert!(fx.engine.container_id("agentd-foreign").is_some(), "{}: an unlabelled container was touched", case.what);
+        assert_eq!(fx.status("kept").await, AgentStatus::Running, "{}", case.what);
+        let events = fx.manager.events(None, 0, 1000).await.expect("events");
+        let count = |kind| events.iter().filter(|e| e.kind == kind).count();
+        assert_eq!(count(EventKind::OrphanRemoved), usize::from(case.removed), "{}", case.what);
+        let found = usize::from(case.dry_run);
+        assert_eq!(count(EventKind::OrphanFound), found, "{}: dry run reports each orphan once", case.what);
+    }
+}
+
+#[tokio::test]
+async fn reconcile_never_takes_a_spawn_in_flight_for_an_orphan() {
+    let mut config = test_config();
+    config.reconcile.orphan_grace = Duration::ZERO;
+    let fx = Fixture::with_config(config).await;
+    fx.engine.set_latency(Duration::from_millis(5));
+    let spawns = {
+        let manager = fx.manager.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                manager.spawn(NewAgent { name: format!("race{i}"), ..NewAgent::default() }).await.expect("spawn");
+            }
+        })
+    };
+    let passes = {
+        let manager = fx.manager.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                manager.reconcile().await.expect("pass");
+            }
+        })
+    };
+    spawns.await.expect("spawns");
+    passes.await.expect("passes");
+    fx.reconcile().await;
+    let agents = fx.manager.list(None).await.expect("list");
+    assert_eq!(agents.len(), 20);
+    assert!(agents.iter().all(|a| a.agent.status == AgentStatus::Running), "{agents:?}");
+    assert!(!fx.engine.calls().iter().any(|c| matches!(c, MockCall::Remove(_))), "a spawned session was removed");
+}
+
+#[tokio::test]
+async fn leave_running_shutdown_then_a_new_manager_adopts_everything() {
+    let path = std::env::temp_dir().join(format!("agentd-adopt-{}.db", uuid_like()));
+    let engine = MockEngine::new();
+    let clock = ManualClock::new();
+    let (ids, names) = {
+        let store = Store::open(&path).await.expect("open store");
+        let fx = Fixture::on(engine.clone(), store.clone(), test_config(), clock.clone()).await;
+        fx.spawn_many(3).await;
+        let agents = fx.manager.list(None).await.expect("list");
+        let summary = fx.manager.shutdown_all(true).await.expect("shutdown");
+        assert_eq!(summary.left_running.len(), 3);
+        assert!(summary.stopped.is_empty());
+        store.close().await;
+        (
+            agents.iter().map(|a| a.agent.container_id.clone()).collect::<Vec<_>>(),
+            agents.iter().map(|a| a.agent.name.clone()).collect::<Vec<_>>(),
+        )
+    };
+    engine.clear_calls();
+    let store = Store::open(&path).await.expect("reopen store");
+    let fx = Fixture::on(engine.clone(), store, test_config(), clock).await;
+    let report = fx.reconcile().await;
+    assert_eq!(report.orphans_removed, 0);
+    let calls = engine.calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, MockCall::Remove(_) | MockCall::Stop(_) | MockCall::Create(_) | MockCall::Start(_))),
+        "adoption must not touch the containers: {calls:?}"
+    );
+    for (name, id) in names.iter().zip(&ids) {
+        let view = fx.get(name).await;
+        assert_eq!(view.agent.status, AgentStatus::Running, "{name}");
+        assert_eq!(&view.agent.container_id, id, "{name}: same container");
+    }
+    let adopted = fx.manager.events(None, 0, 1000).await.expect("events").into_iter().filter(|e| e.kind == EventKind::Adopted).count();
+    assert_eq!(adopted, 3);
+    fx.store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+fn uuid_like() -> String {
+    format!("{}-{:?}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos())
+}
+
+#[tokio::test]
+async fn shutdown_stops_every_agent_concurrently_and_records_the_exits() {
+    let fx = Fixture::new().await;
+    for i in 0..10 {
+        let mut new = NewAgent { name: format!("s{i}"), stop_grace_secs: Some(1), ..NewAgent::default() };
+        new.env.insert("ECHO_IGNORE_SIGTERM".into(), "1".into());
+        fx.spawn_with(new).await;
+    }
+    let started = std::time::Instant::now();
+    let summary = fx.manager.shutdown_all(false).await.expect("shutdown");
+    let took = started.elapsed();
+    assert_eq!(summary.stopped.len(), 10, "{summary:?}");
+    assert!(summary.failed.is_empty(), "{summary:?}");
+    // One after another this takes 10 x 1 s.
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}: agents were not stopped concurrently");
+    for view in fx.manager.list(None).await.expect("list") {
+        assert_eq!(view.agent.status, AgentStatus::Stopped, "{}", view.agent.name);
+        assert_eq!(view.exit.as_ref().and_then(|e| e.code), Some(137), "{}", view.agent.name);
+        let runs = fx.manager.runs(&view.agent.name).await.expect("runs");
+        assert_eq!(runs[0].ended_by, Some(EndedBy::Shutdown));
+    }
+    assert!(matches!(fx.manager.spawn(NewAgent { name: "late".into(), ..NewAgent::default() }).await, Err(ManagerError::ShuttingDown)));
+}
+
+#[tokio::test]
+async fn restart_always_brings_agents_back_after_a_daemon_shutdown() {
+    let engine = MockEngine::new();
+    let store = Store::in_memory().await.expect("store");
+    let clock = ManualClock::new();
+    {
+        let fx = Fixture::on(engine.clone(), store.clone(), test_config(), clock.clone()).await;
+        fx.spawn_with(NewAgent { name: "always".into(), restart: Some(RestartPolicy::Always), ..NewAgent::default() }).await;
+        fx.spawn_with(NewAgent { name: "never".into(), ..NewAgent::default() }).await;
+        fx.manager.shutdown_all(false).await.expect("shutdown");
+    }
+    let fx = Fixture::on(engine, store, test_config(), clock).await;
+    fx.reconcile().await;
+    assert_eq!(fx.status("always").await, AgentStatus::Running);
+    assert_eq!(fx.status("never").await, AgentStatus::Stopped);
+}
+
+#[tokio::test]
+async fn crash_loop_backoff_doubles_from_10s_to_a_300s_cap_and_resets_after_10_minutes() {
+    let fx = Fixture::new().await;
+    fx.spawn_with(NewAgent { name: "crashy".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() }).await;
+    let mut delays = Vec::new();
+    for attempt in 1..=8u32 {
+        let agent = fx.get("crashy").await.agent;
+        assert_eq!(agent.status, AgentStatus::Running, "attempt {attempt}");
+        fx.engine.exit(&agent.session, 1);
+        fx.reconcile().await;
+        let failed = fx.get("crashy").await.agent;
+        assert_eq!(failed.status, AgentStatus::Failed);
+        let due = failed.next_restart_at.expect("restart scheduled");
+        let delay = (due - fx.manager_now()).whole_seconds();
+        delays.push(delay);
+        assert_eq!(fx.manager.next_wakeup(), Some(due), "the supervisor must wake for the restart");
+        // One second early: nothing happens.
+        fx.clock.advance(Duration::from_secs(delay as u64 - 1));
+        fx.reconcile().await;
+        assert_eq!(fx.status("crashy").await, AgentStatus::Failed, "attempt {attempt}: restarted early");
+        fx.clock.advance(Duration::from_secs(1));
+        fx.reconcile().await;
+        let restarted = fx.get("crashy").await.agent;
+        assert_eq!(restarted.status, AgentStatus::Running, "attempt {attempt}: not restarted when due");
+        assert_eq!(restarted.restarts, attempt);
+    }
+    assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300, 300]);
+    // Ten minutes of running clears the streak.
+    fx.clock.advance(Duration::from_secs(600));
+    let agent = fx.get("crashy").await.agent;
+    fx.engine.exit(&agent.session, 1);
+    fx.reconcile().await;
+    let due = fx.get("crashy").await.agent.next_restart_at.expect("scheduled");
+    assert_eq!((due - fx.manager_now()).whole_seconds(), 10);
+    // Exit 0 under on-failure is not restarted.
+    fx.clock.advance(Duration::from_secs(10));
+    fx.reconcile().await;
+    let agent = fx.get("crashy").await.agent;
+    fx.engine.exit(&agent.session, 0);
+    fx.reconcile().await;
+    let done = fx.get("crashy").await.agent;
+    assert_eq!(done.status, AgentStatus::Stopped);
+    assert_eq!(done.next_restart_at, None);
+}
+
+trait Now {
+    fn manager_now(&self) -> time::OffsetDateTime;
+}
+
+impl Now for Fixture {
+    fn manager_now(&self) -> time::OffsetDateTime {
+        use agent_manager::Clock;
+        self.clock.now()
+    }
+}
+
+#[tokio::test]
+async fn a_live_agent_that_does_not_reconnect_is_restarted_after_the_grace() {
+    let mut config = test_config();
+    config.channel_port = Some(7006);
+    let fx = Fixture::with_config(config).await;
+    let talker = fx
+        .spawn_with(NewAgent { name: "talker".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
+        .await
+        .agent;
+    let silent = fx.spawn("silent").await.agent;
+    assert!(talker.speaks_channel() && !silent.speaks_channel());
+
+    fx.clock.advance(Duration::from_secs(29));
+    fx.reconcile().await;
+    assert_eq!(fx.get("talker").await.agent.restarts, 0, "restarted inside the grace");
+    fx.clock.advance(Duration::from_secs(2));
+    let report = fx.reconcile().await;
+    assert_eq!(report.restarted, 1);
+    let after = fx.get("talker").await.agent;
+    assert_eq!(after.restarts, 1);
+    assert_eq!(after.status, AgentStatus::Running);
+    assert_ne!(after.container_id, talker.container_id);
+    assert_eq!(fx.get("silent").await.agent.restarts, 0, "an agent that never spoke the channel is not restarted for silence");
+
+    // Connected agents are left alone however long they run.
+    fx.channel.connect(&talker.id);
+    fx.manager.agent_connected(&talker.id).await.expect("connected");
+    fx.clock.advance(Duration::from_secs(300));
+    fx.reconcile().await;
+    assert_eq!(fx.get("talker").await.agent.restarts, 1);
+    // A disconnect starts the grace again.
+    fx.channel.disconnect(&talker.id);
+    fx.manager.agent_disconnected(&talker.id).await.expect("disconnected");
+    fx.clock.advance(Duration::from_secs(20));
+    fx.reconcile().await;
+    assert_eq!(fx.get("talker").await.agent.restarts, 1);
+    fx.clock.advance(Duration::from_secs(11));
+    fx.reconcile().await;
+    assert_eq!(fx.get("talker").await.agent.restarts, 2);
+}
+
+#[tokio::test]
+async fn the_claude_code_command_points_at_the_agent_channel() {
+    let mut config = test_config();
+    config.channel_port = Some(7006);
+    let fx = Fixture::with_config(config).await;
+    let new = NewAgent {
+        name: "claude".into(),
+        kind: Some(AgentKind::ClaudeCode),
+        model: Some("opus".into()),
+        ..NewAgent::default()
+    };
+    let agent = fx.spawn_with(new).await.agent;
+    let spec = fx.manager.backend().snapshot().await.expect("snapshot");
+    assert_eq!(spec.len(), 1);
+    let session_spec = fx.manager_spec(&agent.name).await;
+    let command = session_spec.command.expect("command");
+    let url = format!("ws://127.0.0.1:7006/ws/{}", agent.id);
+    assert_eq!(
+        command,
+        ["claude", "--sdk-url", &url, "--output-format", "stream-json", "--input-format", "stream-json", "--verbose", "--model", "opus"]
+    );
+    assert_eq!(session_spec.env.get("AGENTD_WS_URL"), Some(&url));
+    assert_eq!(session_spec.env.get("AGENTD_AGENT_TOKEN"), Some(&agent.token));
+}
+
+impl Fixture {
+    async fn manager_spec(&self, name: &str) -> SessionSpec {
+        let agent = self.manager.agent(name).await.expect("agent");
+        self.manager.session_spec_for(&agent).expect("spec")
+    }
+}
+
+#[tokio::test]
+async fn health_is_recorded_and_sustained_unhealth_restarts_when_asked() {
+    let fx = Fixture::new().await;
+    let watched = fx.spawn("watched").await.agent;
+    let medic = fx
+        .spawn_with(NewAgent { name: "medic".into(), on_unhealthy: Some(UnhealthyAction::Restart), ..NewAgent::default() })
+        .await
+        .agent;
+    fx.reconcile().await;
+    assert_eq!(fx.get("watched").await.agent.health, SessionHealth::Healthy);
+    fx.engine.set_health(&watched.session, SessionHealth::Unhealthy);
+    fx.engine.set_health(&medic.session, SessionHealth::Unhealthy);
+    fx.reconcile().await;
+    assert_eq!(fx.get("watched").await.agent.health, SessionHealth::Unhealthy);
+    let events = fx.manager.events(Some("watched"), 0, 100).await.expect("events");
+    let health_event = events.iter().rev().find(|e| e.kind == EventKind::HealthChanged).expect("health event");
+    assert_eq!(health_event.detail, "healthy -> unhealthy");
+    fx.clock.advance(Duration::from_secs(31));
+    fx.reconcile().await;
+    assert_eq!(fx.get("watched").await.agent.restarts, 0, "on_unhealthy = record only records");
+    let medic_now = fx.get("medic").await.agent;
+    assert_eq!(medic_now.restarts, 1, "on_unhealthy = restart restarts after the grace");
+    assert_eq!(medic_now.status, AgentStatus::Running);
+}
+
+#[tokio::test]
+async fn pending_records_left_by_a_crash_are_resolved() {
+    let fx = Fixture::new().await;
+    // Three spawns interrupted at different points, as a crash would leave them.
+    for name in ["created", "started", "nothing"] {
+        fx.spawn(name).await;
+    }
+    for name in ["created", "started", "nothing"] {
+        let mut agent = fx.manager.agent(name).await.expect("agent");
+        agent.status = AgentStatus::Pending;
+        fx.store.update_agent(&agent).await.expect("update");
+        let backend = fx.manager.backend();
+        match name {
+            "created" => {
+                backend.remove_session(&agent.session).await.expect("remove");
+                let spec = fx.manager.session_spec_for(&agent).expect("spec");
+                backend.create_session(&spec).await.expect("create");
+            }
+            "nothing" => backend.remove_session(&agent.session).await.expect("remove"),
+            _ => {}
+        }
+    }
+    // A new manager (this one's memory of running containers would otherwise count).
+    let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
+    fx2.reconcile().await;
+    assert_eq!(fx2.status("created").await, AgentStatus::Running);
+    assert_eq!(fx2.status("started").await, AgentStatus::Running);
+    let nothing = fx2.get("nothing").await;
+    assert_eq!(nothing.agent.status, AgentStatus::Failed);
+    assert!(nothing.agent.reason.as_deref().unwrap_or_default().contains("spawn interrupted"), "{:?}", nothing.agent.reason);
+}
+
+#[tokio::test]
+async fn every_transition_is_stored_and_broadcast() {
+    let fx = Fixture::new().await;
+    let mut live = fx.manager.subscribe();
+    let agent = fx.spawn("told").await.agent;
+    fx.engine.exit(&agent.session, 4);
+    fx.reconcile().await;
+    let stored = fx.manager.events(Some("told"), 0, 100).await.expect("events");
+    let mut broadcast = Vec::new();
+    while let Ok(event) = live.try_recv() {
+        broadcast.push(event);
+    }
+    assert_eq!(stored, broadcast, "the broadcast carries exactly the stored events");
+    let kinds: Vec<EventKind> = stored.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Spawned, EventKind::Started, EventKind::Failed]);
+    let failed = stored.last().expect("event");
+    assert_eq!((failed.from, failed.to), (Some(AgentStatus::Running), Some(AgentStatus::Failed)));
+    assert_eq!(failed.detail, "exit 4");
+}
+
+#[tokio::test]
+async fn an_unchanged_pass_costs_one_snapshot_and_no_per_agent_calls() {
+    let fx = Fixture::new().await;
+    fx.spawn_many(10_000).await;
+    fx.reconcile().await;
+    fx.engine.clear_calls();
+    let report = fx.reconcile().await;
+    assert_eq!(report.agents, 10_000);
+    assert_eq!(report.changed, 0);
+    assert_eq!(fx.engine.calls(), [MockCall::Snapshot], "one snapshot, nothing per agent");
+}
+
+#[tokio::test]
+async fn the_supervisor_learns_of_a_kill_from_events_without_a_relist() {
+    let mut config = test_config();
+    config.reconcile.interval = Duration::from_secs(3600);
+    let fx = Fixture::with_config(config).await;
+    let agent = fx.spawn("victim").await.agent;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(fx.manager.clone().supervise(stop_rx));
+    eventually("the supervisor to subscribe", || async { fx.engine.calls().contains(&MockCall::Subscribe) }).await;
+    let passes = fx.manager.metrics().snapshot().reconcile_passes;
+    fx.engine.kill_from_outside(&agent.session);
+    eventually("the kill to be recorded", || async { fx.status("victim").await == AgentStatus::Failed }).await;
+    assert_eq!(fx.manager.metrics().snapshot().reconcile_passes, passes, "it was the event, not a relist");
+    assert_eq!(fx.get("victim").await.exit.and_then(|e| e.code), Some(137));
+
+    // Events may be lost: a resync makes the supervisor relist.
+    let other = fx.spawn("quiet").await.agent;
+    fx.engine.vanish(&other.session, false);
+    fx.engine.announce_resync("test");
+    eventually("the relist after a resync", || async { fx.status("quiet").await == AgentStatus::Failed }).await;
+    assert!(fx.manager.metrics().snapshot().relists_after_resync >= 1);
+
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("supervisor stops").expect("join");
+}
