@@ -19,6 +19,8 @@ mod manager;
 mod metrics;
 pub mod model;
 mod reconcile;
+#[cfg(feature = "testing")]
+pub mod scenarios;
 mod store;
 mod supervise;
 

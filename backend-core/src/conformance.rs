@@ -52,6 +52,24 @@ pub trait Harness: Send + Sync {
     /// Kills the session's main process with SIGKILL from outside the backend (as
     /// `docker kill` would).
     async fn kill_from_outside(&self, session: &str);
+
+    /// Removes the session's container forcibly from outside the backend (as
+    /// `docker rm -f` would).
+    async fn remove_from_outside(&self, session: &str);
+}
+
+/// Whether tests must have their engine: under `cargo xtask ci`, or whenever `CI` is set.
+pub fn engines_required() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Skips an engine test with a printed reason, or fails it when engines are required.
+pub fn skip_or_fail<T>(engine: &str, why: impl std::fmt::Display) -> Option<T> {
+    if engines_required() {
+        panic!("{engine} is required (CI is set) but unusable: {why}");
+    }
+    eprintln!("SKIPPED: {engine} tests need a running {engine} engine: {why}");
+    None
 }
 
 /// One test's world: a unique ownership, its backend, and cleanup.

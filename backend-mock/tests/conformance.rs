@@ -34,6 +34,10 @@ impl Harness for MockHarness {
     async fn kill_from_outside(&self, session: &str) {
         self.engine.kill_from_outside(session);
     }
+
+    async fn remove_from_outside(&self, session: &str) {
+        self.engine.vanish(session, true);
+    }
 }
 
 fn harness() -> Option<MockHarness> {

@@ -1,0 +1,465 @@
+//! The Docker implementation of the backend contract.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backend_core::{
+    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels, Result,
+    SessionExitInfo, SessionHealth, SessionSpec, SessionState, EVENT_BUFFER, LABEL_PREFIX,
+};
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{ExecConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListNetworksOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tracing::{debug, info};
+
+use crate::convert::{self, grace_secs};
+use crate::error::{map_err, Subject, NAME};
+use crate::{events, DockerConfig};
+
+/// The oldest engine API this backend supports: 1.41 (Docker 20.10) brought
+/// `host-gateway`, which the `internet` policy relies on.
+const MIN_API: (u32, u32) = (1, 41);
+
+/// An [`ExecutionBackend`] on Docker Engine.
+#[derive(Debug, Clone)]
+pub struct DockerBackend {
+    docker: Docker,
+    owner: OwnershipLabels,
+    config: DockerConfig,
+    /// The id of the internal network for `isolated` sessions.
+    isolated_network: String,
+    /// Host addresses on the engine's networks where sessions reach the daemon: the
+    /// default bridge's gateway, the isolated network's gateway.
+    bridge_gateway: Option<IpAddr>,
+    isolated_gateway: Option<IpAddr>,
+}
+
+/// The address of this host on a network: its IPAM gateway, or else (the default bridge
+/// lists only its subnet) the subnet's first address, as Docker assigns it. A candidate
+/// counts only if it is an address of this host, which is checked by binding to it; with
+/// a remote engine there is none, and agents get no channel URL.
+fn host_gateway(configs: Vec<bollard::models::IpamConfig>) -> Option<IpAddr> {
+    let candidates = configs.into_iter().flat_map(|c| {
+        let gateway = c.gateway.and_then(|g| g.parse::<IpAddr>().ok());
+        let first = c.subnet.and_then(|s| {
+            let (net, _) = s.split_once('/')?;
+            let net: std::net::Ipv4Addr = net.parse().ok()?;
+            Some(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(net) + 1)))
+        });
+        gateway.into_iter().chain(first)
+    });
+    candidates
+        .filter(IpAddr::is_ipv4)
+        .find(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
+}
+
+fn parse_api(version: &str) -> Option<(u32, u32)> {
+    let (major, minor) = version.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+impl DockerBackend {
+    /// Connects to the engine, checks its API version, and prepares the networks. Fails
+    /// with [`BackendError::Unavailable`] naming the address when the engine does not
+    /// answer, and with [`BackendError::Unsupported`] when it is too old.
+    pub async fn connect(config: DockerConfig, owner: OwnershipLabels) -> Result<Self> {
+        let address = config.address();
+        let unavailable = |message: String| BackendError::Unavailable {
+            backend: NAME,
+            message,
+            source: None,
+        };
+        let docker = Docker::connect_with_host(&address).map_err(|e| {
+            unavailable(format!("cannot use Docker address {address}: {e}; set [docker] socket or DOCKER_HOST"))
+        })?;
+        let docker = docker.with_timeout(config.request_timeout);
+        let docker = docker.negotiate_version().await.map_err(|e| {
+            unavailable(format!(
+                "Docker Engine does not answer at {address}: {e}. Start it (for example `dockerd`), or point \
+                 [docker] socket / DOCKER_HOST at it"
+            ))
+        })?;
+        let version = docker.version().await.map_err(|e| map_err(e, Subject::Other))?;
+        let api = version.api_version.clone().unwrap_or_default();
+        match parse_api(&api) {
+            Some(found) if found >= MIN_API => {}
+            _ => {
+                return Err(BackendError::Engine {
+                    backend: NAME,
+                    message: format!(
+                        "Docker Engine at {address} speaks API {api:?} (engine {}); agentd needs API {}.{} (Docker 20.10) or newer",
+                        version.version.unwrap_or_default(),
+                        MIN_API.0,
+                        MIN_API.1
+                    ),
+                    source: None,
+                })
+            }
+        }
+        info!(address = %address, api = %api, engine = %version.version.unwrap_or_default(), "Connected to Docker Engine.");
+        let mut backend = Self {
+            isolated_network: config.isolated_network.clone(),
+            docker,
+            owner,
+            config,
+            bridge_gateway: None,
+            isolated_gateway: None,
+        };
+        backend.bridge_gateway = backend.network_gateway("bridge").await?;
+        let (network, gateway) = backend.ensure_isolated_network().await?;
+        backend.isolated_network = network;
+        backend.isolated_gateway = gateway;
+        Ok(backend)
+    }
+
+    /// The bollard client, for tests and fixtures.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn network_gateway(&self, network: &str) -> Result<Option<IpAddr>> {
+        let inspect = self
+            .docker
+            .inspect_network(network, None::<InspectNetworkOptions>)
+            .await
+            .map_err(|e| map_err(e, Subject::Other))?;
+        Ok(host_gateway(inspect.ipam.and_then(|ipam| ipam.config).unwrap_or_default()))
+    }
+
+    /// The internal network for isolated sessions: its id and host-side gateway. Docker
+    /// allows several networks of one name (concurrent creates race); every agentd picks
+    /// the oldest, so all converge on one.
+    async fn find_isolated_network(&self) -> Result<Option<(String, Option<IpAddr>)>> {
+        let name = &self.config.isolated_network;
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("name".to_owned(), vec![name.clone()])])),
+        };
+        let mut networks: Vec<_> = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| map_err(e, Subject::Other))?
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name.as_str()))
+            .collect();
+        networks.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(networks.into_iter().next().map(|n| {
+            let gateway = host_gateway(n.ipam.and_then(|ipam| ipam.config).unwrap_or_default());
+            (n.id.unwrap_or_default(), gateway)
+        }))
+    }
+
+    /// Creates the internal network for isolated sessions unless it exists. An internal
+    /// network has no route out of the host; its gateway address is the host side, where
+    /// the daemon serves the agent channel.
+    async fn ensure_isolated_network(&self) -> Result<(String, Option<IpAddr>)> {
+        static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = CREATING.lock().await;
+        if let Some(found) = self.find_isolated_network().await? {
+            return Ok(found);
+        }
+        let request = NetworkCreateRequest {
+            name: self.config.isolated_network.clone(),
+            driver: Some("bridge".into()),
+            internal: Some(true),
+            labels: Some(HashMap::from([(LABEL_PREFIX.to_owned(), self.owner.prefix().to_owned())])),
+            ..NetworkCreateRequest::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => info!(network = %self.config.isolated_network, "Created the internal network for isolated agents."),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
+            Err(e) => return Err(map_err(e, Subject::Other)),
+        }
+        self.find_isolated_network().await?.ok_or_else(|| {
+            BackendError::engine(NAME, format!("network {} vanished right after it was created", self.config.isolated_network))
+        })
+    }
+
+    async fn inspect(&self, session: &str) -> Result<Option<bollard::models::ContainerInspectResponse>> {
+        match self.docker.inspect_container(session, None::<InspectContainerOptions>).await {
+            Ok(inspect) => {
+                let labels = inspect
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                // A container of this name that is not ours is, for us, not there.
+                Ok(self.owner.owns(&labels).then_some(inspect))
+            }
+            Err(e) => match map_err(e, Subject::Session(session)) {
+                e if e.is_not_found() => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn list(&self, extra: Option<(&str, &str)>) -> Result<Vec<bollard::models::ContainerSummary>> {
+        let mut filters = HashMap::from([("label".to_owned(), self.owner.label_filters())]);
+        if let Some((key, value)) = extra {
+            filters.insert(key.to_owned(), vec![value.to_owned()]);
+        }
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..ListContainersOptions::default()
+        };
+        self.docker.list_containers(Some(options)).await.map_err(|e| map_err(e, Subject::Other))
+    }
+
+    fn not_found(session: &str) -> BackendError {
+        BackendError::NotFound {
+            backend: NAME,
+            session: session.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl ExecutionBackend for DockerBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn ownership(&self) -> &OwnershipLabels {
+        &self.owner
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String> {
+        let host = match network {
+            NetworkPolicy::Internet => self.bridge_gateway?.to_string(),
+            NetworkPolicy::Isolated => self.isolated_gateway?.to_string(),
+            NetworkPolicy::Host => "127.0.0.1".to_owned(),
+            NetworkPolicy::None => return None,
+        };
+        Some(format!("ws://{host}:{port}/ws/{agent_id}"))
+    }
+
+    async fn agent_channel_addresses(&self) -> Result<Vec<IpAddr>> {
+        Ok(self.bridge_gateway.into_iter().chain(self.isolated_gateway).collect())
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) => match map_err(e, Subject::Image(image)) {
+                BackendError::ImageNotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
+        spec.validate()?;
+        if !spec.session.starts_with(self.owner.prefix()) {
+            return Err(BackendError::InvalidSpec {
+                field: "session",
+                message: format!("{:?} must start with the prefix {:?}", spec.session, self.owner.prefix()),
+            });
+        }
+        let plan = convert::network_plan(spec.network, &self.isolated_network);
+        let body = convert::create_body(spec, &self.owner, plan);
+        let options = CreateContainerOptions {
+            name: Some(spec.session.clone()),
+            platform: String::new(),
+        };
+        let created = match self.docker.create_container(Some(options.clone()), body.clone()).await {
+            Ok(created) => created,
+            Err(e) => match map_err(e, Subject::Session(&spec.session)) {
+                BackendError::AlreadyExists { detail, .. } => {
+                    // Never reuse a container built from old config: a stale one of ours is
+                    // replaced; anyone else's is left alone and the create fails.
+                    if self.inspect(&spec.session).await?.is_none() {
+                        return Err(BackendError::AlreadyExists {
+                            backend: NAME,
+                            session: spec.session.clone(),
+                            detail: format!("{detail}; it is not owned by this agentd instance, so it is left alone"),
+                        });
+                    }
+                    info!(session = %spec.session, "Replacing a stale container of the same session.");
+                    self.remove_session(&spec.session).await?;
+                    self.docker
+                        .create_container(Some(options), body)
+                        .await
+                        .map_err(|e| map_err(e, Subject::Session(&spec.session)))?
+                }
+                other => return Err(other),
+            },
+        };
+        debug!(session = %spec.session, id = %created.id, "Container created.");
+        Ok(created.id)
+    }
+
+    async fn start_session(&self, session: &str) -> Result<()> {
+        if self.inspect(session).await?.is_none() {
+            return Err(Self::not_found(session));
+        }
+        self.docker
+            .start_container(session, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| map_err(e, Subject::Session(session)))
+    }
+
+    async fn session_exists(&self, session: &str) -> Result<bool> {
+        Ok(self.inspect(session).await?.is_some())
+    }
+
+    async fn stop_session(&self, session: &str, grace: Duration) -> Result<()> {
+        if self.inspect(session).await?.is_none() {
+            return Err(Self::not_found(session));
+        }
+        let secs = grace_secs(grace);
+        let options = StopContainerOptions {
+            t: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
+            signal: None,
+        };
+        // The call lasts as long as the grace period: give it that much more time.
+        let docker = self.docker.clone().with_timeout(self.config.request_timeout + grace);
+        match docker.stop_container(session, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(map_err(e, Subject::Session(session))),
+        }
+    }
+
+    async fn remove_session(&self, session: &str) -> Result<()> {
+        if self.inspect(session).await?.is_none() {
+            return Ok(());
+        }
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        match self.docker.remove_container(session, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) => match map_err(e, Subject::Session(session)) {
+                e if e.is_not_found() => Ok(()),
+                // Removal already in progress (two removers at once).
+                BackendError::AlreadyExists { .. } => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn send_command(&self, session: &str, command: &[String]) -> Result<CommandOutput> {
+        if self.inspect(session).await?.is_none() {
+            return Err(Self::not_found(session));
+        }
+        let exec = self
+            .docker
+            .create_exec(
+                session,
+                ExecConfig {
+                    cmd: Some(command.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..ExecConfig::default()
+                },
+            )
+            .await
+            .map_err(|e| map_err(e, Subject::Session(session)))?;
+        let mut output = String::new();
+        match self
+            .docker
+            .start_exec(&exec.id, None::<StartExecOptions>)
+            .await
+            .map_err(|e| map_err(e, Subject::Session(session)))?
+        {
+            StartExecResults::Attached { output: mut stream, .. } => {
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| map_err(e, Subject::Session(session)))?;
+                    output.push_str(&chunk.to_string());
+                }
+            }
+            StartExecResults::Detached => {}
+        }
+        let inspect = self.docker.inspect_exec(&exec.id).await.map_err(|e| map_err(e, Subject::Other))?;
+        Ok(CommandOutput {
+            exit_code: inspect.exit_code,
+            output,
+        })
+    }
+
+    async fn snapshot(&self) -> Result<Vec<SessionState>> {
+        // Docker 20.10's listing has no health; two filtered listings give it exactly,
+        // without parsing the human-readable status.
+        let (all, unhealthy, starting) = tokio::try_join!(
+            self.list(None),
+            self.list(Some(("health", "unhealthy"))),
+            self.list(Some(("health", "starting"))),
+        )?;
+        let ids = |list: Vec<bollard::models::ContainerSummary>| -> HashSet<String> {
+            list.into_iter().filter_map(|c| c.id).collect()
+        };
+        let (unhealthy, starting) = (ids(unhealthy), ids(starting));
+        Ok(all
+            .iter()
+            .filter_map(|summary| {
+                let id = summary.id.as_deref().unwrap_or_default();
+                let health = if unhealthy.contains(id) {
+                    SessionHealth::Unhealthy
+                } else if starting.contains(id) {
+                    SessionHealth::Starting
+                } else {
+                    SessionHealth::Healthy
+                };
+                convert::state_of_summary(summary, health)
+            })
+            .filter(|s| self.owner.owns(&s.labels))
+            .collect())
+    }
+
+    async fn session_state(&self, session: &str) -> Result<SessionState> {
+        Ok(match self.inspect(session).await? {
+            Some(inspect) => convert::state_of(session, &inspect),
+            None => SessionState::missing(session),
+        })
+    }
+
+    async fn session_health(&self, session: &str) -> Result<SessionHealth> {
+        Ok(self.session_state(session).await?.health)
+    }
+
+    async fn session_exit_info(&self, session: &str) -> Result<Option<SessionExitInfo>> {
+        Ok(self.session_state(session).await?.exit)
+    }
+
+    async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
+        if self.inspect(session).await?.is_none() {
+            return Err(Self::not_found(session));
+        }
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: tail.map_or_else(|| "all".to_owned(), |t| t.to_string()),
+            ..LogsOptions::default()
+        };
+        let mut stream = self.docker.logs(session, Some(options));
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| map_err(e, Subject::Session(session)))?;
+            text.push_str(&chunk.to_string());
+        }
+        Ok(text)
+    }
+
+    async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
+        // Fail now, not in the background, when the engine is down.
+        self.docker.ping().await.map_err(|e| map_err(e, Subject::Other))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(events::pump(self.docker.clone(), self.owner.clone(), tx));
+        Ok(Some(rx))
+    }
+}
