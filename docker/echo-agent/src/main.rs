@@ -102,6 +102,10 @@ fn run() {
         std::hint::black_box(block)
     });
 
+    if let Some(port) = env_u64("ECHO_LISTEN_PORT") {
+        std::thread::spawn(move || listen(port));
+    }
+
     if let Ok(url) = std::env::var("AGENTD_WS_URL") {
         let token = std::env::var("AGENTD_AGENT_TOKEN").unwrap_or_default();
         std::thread::spawn(move || channel_loop(&url, &token));
@@ -119,6 +123,24 @@ fn run() {
             std::process::exit(exit_code);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Accepts TCP connections on `port` and logs each (network tests use it as a target).
+fn listen(port: u64) {
+    let Ok(port) = u16::try_from(port) else {
+        say(&format!("ECHO_LISTEN_PORT {port} is not a port"));
+        return;
+    };
+    match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(listener) => {
+            say(&format!("listening on port {port}"));
+            for stream in listener.incoming().flatten() {
+                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                say(&format!("accepted connection from {peer}"));
+            }
+        }
+        Err(e) => say(&format!("cannot listen on port {port}: {e}")),
     }
 }
 
@@ -148,7 +170,13 @@ fn connect(url: &str, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let uri = request.uri();
     let host = uri.host().ok_or("URL has no host")?.trim_matches(['[', ']']).to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host.as_str(), port)).map_err(|e| e.to_string())?;
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("the host name resolves to no address")?;
+    // A network that drops packets silently must not stall the agent for minutes.
+    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     let (socket, _) = tungstenite::client(request, stream).map_err(|e| e.to_string())?;
     Ok(socket)
 }
