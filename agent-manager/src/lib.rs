@@ -27,7 +27,7 @@ mod supervise;
 pub use backoff::Backoff;
 pub use channel::{AgentChannel, NoChannel};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig};
+pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, MAX_STOP_GRACE_SECS};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{Metrics, MetricsSnapshot};

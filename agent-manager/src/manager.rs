@@ -492,7 +492,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             agent.updated_at = now;
             self.store.update_agent(&agent).await?;
         }
-        self.record(&agent, EventKind::Connected, Some(agent.status), Some(agent.status), "agent channel connected".into())
+        self.record(&agent, EventKind::Connected, None, None, "agent channel connected".into())
             .await
     }
 
@@ -505,7 +505,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let Some(agent) = self.store.find_agent(agent_id).await? else {
             return Ok(());
         };
-        self.record(&agent, EventKind::Disconnected, Some(agent.status), Some(agent.status), "agent channel closed".into())
+        self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into())
             .await
     }
 

@@ -1,1 +1,302 @@
-fn main() {}
+//! The `agentd` binary: the daemon (`agentd serve`) and its command-line client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentd::client::{self, Client};
+use agentd::config::{self, Sources};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about = "Runs AI coding agents in containers and knows the truth about them.")]
+struct Cli {
+    /// The daemon's API (default: http://<server.listen>).
+    #[arg(long, env = "AGENTD_URL", global = true)]
+    url: Option<String>,
+    /// The API bearer token (default: server.token from the configuration).
+    #[arg(long, env = "AGENTD_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// A configuration file, layered over /etc/agentd/agentd.toml and
+    /// $XDG_CONFIG_HOME/agentd/agentd.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve,
+    /// Create and start an agent.
+    Spawn(SpawnArgs),
+    /// List agents.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only agents with this status.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show an agent with its runs, as JSON.
+    Inspect { name: String },
+    /// Print an agent's container output.
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Stop an agent (its record and exit stay).
+    Stop { name: String },
+    /// Restart an agent.
+    Restart { name: String },
+    /// Stop and remove an agent and its container.
+    Rm { name: String },
+    /// Print lifecycle events.
+    Events {
+        /// Keep printing new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this agent's events.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Send a message to a connected agent.
+    Send { name: String, text: String },
+    /// Validate or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration; exit 2 with the problems if it is invalid.
+    Check,
+    /// Print the effective configuration with each value's source (secrets redacted).
+    Show,
+}
+
+#[derive(Debug, Args)]
+struct SpawnArgs {
+    name: String,
+    /// claude-code or image.
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    image: Option<String>,
+    /// Environment variable for the agent (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// internet, isolated, none or host.
+    #[arg(long)]
+    network: Option<String>,
+    /// never, on-failure or always.
+    #[arg(long)]
+    restart: Option<String>,
+    /// Host directory mounted at /workspace.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    #[arg(long)]
+    model: Option<String>,
+    /// First message sent once the agent connects.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Command to run instead of the image's entrypoint (kind image), after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
+    let sources = Sources::standard(cli.config.clone());
+    match cli.command {
+        Command::Serve => {
+            let config = match config::load(&sources) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprint!("agentd: {e}");
+                    return 2;
+                }
+            };
+            agentd::daemon::init_logging(&config);
+            match agentd::daemon::serve(config).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "agentd failed.");
+                    eprintln!("agentd: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check) => match config::load(&sources) {
+            Ok(_) => {
+                println!("configuration is valid ({})", config::describe(cli.config.as_deref()));
+                0
+            }
+            Err(e) => {
+                eprint!("agentd: {e}");
+                2
+            }
+        },
+        Command::Config(ConfigCommand::Show) => match config::show(&sources) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => {
+                eprint!("agentd: {e}");
+                2
+            }
+        },
+        command => match client_command(cli.url, cli.token, &sources, command).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("agentd: {e:#}");
+                1
+            }
+        },
+    }
+}
+
+async fn client_command(url: Option<String>, token: Option<String>, sources: &Sources, command: Command) -> Result<()> {
+    // The client reads the configuration only for the address and token; a broken file
+    // must not stop it from talking to a daemon named on the command line.
+    let config = config::load(sources).ok();
+    let url = url.unwrap_or_else(|| {
+        let listen = config.as_ref().map_or_else(|| "127.0.0.1:7006".to_owned(), |c| c.server.listen.to_string());
+        format!("http://{listen}")
+    });
+    let token = token.or_else(|| config.as_ref().and_then(|c| c.token()));
+    let client = Client::new(&url, token)?;
+    let agent_path = |name: &str| format!("/v1/agents/{}", client::encode(name));
+    match command {
+        Command::Spawn(args) => {
+            let mut env = serde_json::Map::new();
+            for pair in &args.env {
+                let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected K=V"))?;
+                env.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            let mut body = json!({ "name": args.name, "env": env });
+            let fields: [(&str, Option<Value>); 10] = [
+                ("kind", args.kind.map(Value::from)),
+                ("image", args.image.map(Value::from)),
+                ("memory_mb", args.memory_mb.map(Value::from)),
+                ("cpus", args.cpus.map(Value::from)),
+                ("network", args.network.map(Value::from)),
+                ("restart", args.restart.map(Value::from)),
+                ("workdir", args.workdir.map(|p| Value::from(p.display().to_string()))),
+                ("model", args.model.map(Value::from)),
+                ("prompt", args.prompt.map(Value::from)),
+                ("command", (!args.command.is_empty()).then(|| Value::from(args.command.clone()))),
+            ];
+            for (key, value) in fields {
+                if let Some(value) = value {
+                    body[key] = value;
+                }
+            }
+            let agent = client.call(Method::POST, "/v1/agents", Some(body)).await?;
+            println!(
+                "{} {} ({}, session {})",
+                agent["name"].as_str().unwrap_or("-"),
+                agent["status"].as_str().unwrap_or("-"),
+                agent["id"].as_str().unwrap_or("-"),
+                agent["session"].as_str().unwrap_or("-")
+            );
+        }
+        Command::Ls { json, status } => {
+            let path = match status {
+                Some(s) => format!("/v1/agents?status={}", client::encode(&s)),
+                None => "/v1/agents".to_owned(),
+            };
+            let agents = client.get_json(&path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else {
+                print!("{}", client::agents_table(agents.as_array().map(Vec::as_slice).unwrap_or_default()));
+            }
+        }
+        Command::Inspect { name } => {
+            let mut agent = client.get_json(&agent_path(&name)).await?;
+            agent["runs"] = client.get_json(&format!("{}/runs", agent_path(&name))).await?;
+            println!("{}", serde_json::to_string_pretty(&agent)?);
+        }
+        Command::Logs { name, follow, tail } => {
+            let path = match tail {
+                Some(n) => format!("{}/logs?tail={n}", agent_path(&name)),
+                None => format!("{}/logs", agent_path(&name)),
+            };
+            let text = client.get_text(&path).await?;
+            print!("{text}");
+            if follow {
+                let mut seen = client.get_text(&format!("{}/logs", agent_path(&name))).await?.len();
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let all = client.get_text(&format!("{}/logs", agent_path(&name))).await?;
+                    if all.len() > seen {
+                        print!("{}", &all[seen..]);
+                    }
+                    seen = all.len();
+                }
+            }
+        }
+        Command::Stop { name } => {
+            let agent = client.call(Method::POST, &format!("{}/stop", agent_path(&name)), None).await?;
+            println!("{} {} (exit {})", name, agent["status"].as_str().unwrap_or("-"), client::exit_column(&agent));
+        }
+        Command::Restart { name } => {
+            let agent = client.call(Method::POST, &format!("{}/restart", agent_path(&name)), None).await?;
+            println!("{} {} (restarts {})", name, agent["status"].as_str().unwrap_or("-"), agent["restarts"]);
+        }
+        Command::Rm { name } => {
+            client.call(Method::DELETE, &agent_path(&name), None).await?;
+            println!("{name} removed");
+        }
+        Command::Events { follow, agent } => {
+            let filter = agent.as_deref().map(|a| format!("agent={}", client::encode(a)));
+            let path = match &filter {
+                Some(f) => format!("/v1/events?{f}"),
+                None => "/v1/events".to_owned(),
+            };
+            for event in client.get_json(&path).await?.as_array().cloned().unwrap_or_default() {
+                println!("{}", client::event_line(&event));
+            }
+            if follow {
+                let path = match &filter {
+                    Some(f) => format!("/v1/events/stream?{f}"),
+                    None => "/v1/events/stream".to_owned(),
+                };
+                client.follow_events(&path, |event| println!("{}", client::event_line(&event))).await?;
+            }
+        }
+        Command::Send { name, text } => {
+            client.call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text }))).await?;
+            println!("message queued for {name}");
+        }
+        Command::Serve | Command::Config(_) => bail!("not a client command"),
+    }
+    Ok(())
+}

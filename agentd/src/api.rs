@@ -1,0 +1,459 @@
+//! The HTTP API, the agent channel endpoint, health and metrics.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_manager::{AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, ManagerError, NewAgent};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use backend_core::{BackendError, ExecutionBackend};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::channel::{user_message, ChannelRegistry, SendError};
+
+/// Everything the handlers share.
+pub struct App {
+    pub manager: Arc<AgentManager<dyn ExecutionBackend>>,
+    pub channel: Arc<ChannelRegistry>,
+    /// The API bearer token; `None` disables auth.
+    pub token: Option<String>,
+    pub instance: String,
+    /// Turns true when the daemon shuts down: streams and channels end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+type AppState = Arc<App>;
+
+/// The full API: `/v1/*`, `/healthz`, `/metrics` and the agent channel `/ws/{agent_id}`.
+pub fn router(app: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/agents", post(spawn).get(list))
+        .route("/v1/agents/{id}", get(get_agent).delete(remove))
+        .route("/v1/agents/{id}/stop", post(stop))
+        .route("/v1/agents/{id}/restart", post(restart))
+        .route("/v1/agents/{id}/runs", get(runs))
+        .route("/v1/agents/{id}/logs", get(logs))
+        .route("/v1/agents/{id}/messages", post(send_message).get(transcript))
+        .route("/v1/events", get(events))
+        .route("/v1/events/stream", get(event_stream))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(healthz))
+        .route("/ws/{agent_id}", get(agent_socket))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
+        .with_state(app)
+}
+
+/// Only the agent channel, for the addresses agent containers reach.
+pub fn channel_router(app: AppState) -> Router {
+    Router::new()
+        .route("/ws/{agent_id}", get(agent_socket))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "this address serves only the agent channel".into()) })
+        .with_state(app)
+}
+
+/// An error response: `{"error": "..."}` with a status.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let status = match &e {
+            ManagerError::AgentNotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::NameTaken(_) | ManagerError::Conflict(_) => StatusCode::CONFLICT,
+            ManagerError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ManagerError::ImageMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            e if e.is_engine_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ManagerError::Backend(BackendError::InvalidSpec { .. }) => StatusCode::BAD_REQUEST,
+            ManagerError::Backend(BackendError::ImageNotFound { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::Backend(BackendError::AlreadyExists { .. }) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            warn!(error = %e, "Request failed.");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad_json(rejection: JsonRejection) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", rejection.body_text()))
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+async fn require_token(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &app.token {
+        match bearer(request.headers()) {
+            Some(given) if same_secret(given, expected) => {}
+            _ => {
+                return ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token: send Authorization: Bearer <server.token>".into(),
+                )
+                .into_response()
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AgentJson {
+    pub id: String,
+    pub name: String,
+    pub kind: agent_manager::AgentKind,
+    pub status: AgentStatus,
+    pub health: backend_core::SessionHealth,
+    pub connected: bool,
+    pub session: String,
+    pub image: String,
+    pub network: backend_core::NetworkPolicy,
+    pub restart: agent_manager::RestartPolicy,
+    pub restarts: u32,
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_restart_at: Option<OffsetDateTime>,
+    pub exit: Option<ExitView>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+fn agent_json(app: &App, view: AgentView) -> AgentJson {
+    use agent_manager::AgentChannel;
+    let a = view.agent;
+    AgentJson {
+        connected: app.channel.is_connected(&a.id),
+        id: a.id,
+        name: a.name,
+        kind: a.kind,
+        status: a.status,
+        health: a.health,
+        session: a.session,
+        image: a.image,
+        network: a.spec.network,
+        restart: a.restart,
+        restarts: a.restarts,
+        reason: a.reason,
+        next_restart_at: a.next_restart_at,
+        exit: view.exit,
+        created_at: a.created_at,
+        updated_at: a.updated_at,
+    }
+}
+
+async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(new) = body.map_err(bad_json)?;
+    let view = app.manager.spawn(new).await?;
+    Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+}
+
+async fn list(State(app): State<AppState>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Vec<AgentJson>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let status = query
+        .status
+        .map(|s| s.parse::<AgentStatus>())
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("status: {e}")))?;
+    let views = app.manager.list(status).await?;
+    Ok(Json(views.into_iter().map(|v| agent_json(&app, v)).collect()))
+}
+
+async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
+    let view = app.manager.get(&id).await?;
+    Ok(Json(agent_json(&app, view)))
+}
+
+async fn stop(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
+    let view = app.manager.stop(&id).await?;
+    Ok(Json(agent_json(&app, view)))
+}
+
+async fn restart(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
+    let view = app.manager.restart(&id).await?;
+    Ok(Json(agent_json(&app, view)))
+}
+
+async fn remove(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let agent = app.manager.agent(&id).await?;
+    app.manager.remove(&id).await?;
+    app.channel.forget(&agent.id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn runs(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<agent_manager::Run>>, ApiError> {
+    Ok(Json(app.manager.runs(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    tail: Option<usize>,
+}
+
+async fn logs(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let text = app.manager.logs(&id, query.tail).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    text: String,
+}
+
+async fn send_message(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<MessageBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    let agent = app.manager.agent(&id).await?;
+    app.channel.send(&agent.id, user_message(&body.text)).map_err(|e| match e {
+        SendError::NotConnected(_) => ApiError(
+            StatusCode::CONFLICT,
+            format!("agent {} is not connected to the agent channel (it is {})", agent.name, agent.status),
+        ),
+        SendError::Full(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": true }))).into_response())
+}
+
+async fn transcript(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let agent = app.manager.agent(&id).await?;
+    Ok(Json(app.channel.transcript(&agent.id)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    agent: Option<String>,
+    since: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct EventJson {
+    id: i64,
+    agent_id: String,
+    agent: Option<String>,
+    kind: agent_manager::EventKind,
+    from: Option<AgentStatus>,
+    to: Option<AgentStatus>,
+    detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    at: OffsetDateTime,
+}
+
+impl From<LifecycleEvent> for EventJson {
+    fn from(e: LifecycleEvent) -> Self {
+        Self {
+            id: e.id,
+            agent_id: e.agent_id,
+            agent: e.agent_name,
+            kind: e.kind,
+            from: e.from,
+            to: e.to,
+            detail: e.detail,
+            at: e.at,
+        }
+    }
+}
+
+async fn events(
+    State(app): State<AppState>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<EventJson>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit).await?;
+    Ok(Json(events.into_iter().map(EventJson::from).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    agent: Option<String>,
+}
+
+async fn event_stream(
+    State(app): State<AppState>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut events = app.manager.subscribe();
+    let mut shutdown = app.shutdown.clone();
+    let stream = async_stream(move |tx| async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        let wanted = q.agent.as_deref().is_none_or(|a| a == event.agent_id || event.agent_name.as_deref() == Some(a));
+                        if !wanted { continue; }
+                        let json = serde_json::to_string(&EventJson::from(event)).unwrap_or_default();
+                        if tx.send(Event::default().event("lifecycle").data(json)).await.is_err() { break; }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let note = Event::default().event("lagged").data(format!("{n} events were dropped; fetch /v1/events to catch up"));
+                        if tx.send(note).await.is_err() { break; }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream fed by a task through a channel.
+fn async_stream<T, F, Fut>(body: F) -> impl Stream<Item = T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(body(tx));
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "backend": app.manager.backend().name(),
+        "instance": app.instance,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let agents = app.manager.list(None).await?;
+    let text = crate::metrics::render(&agents, &app.manager.metrics().snapshot(), app.channel.connected_count());
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct SocketQuery {
+    token: Option<String>,
+}
+
+/// `GET /ws/{agent_id}`: the agent's channel. The agent presents its own secret as a
+/// bearer token (or `?token=`); anything else is refused with 401.
+async fn agent_socket(
+    State(app): State<AppState>,
+    Path(agent_id): Path<String>,
+    Query(query): Query<SocketQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let given = bearer(&headers).map(str::to_owned).or(query.token);
+    let agent = match app.manager.agent(&agent_id).await {
+        Ok(agent) if agent.id == agent_id => agent,
+        _ => return ApiError(StatusCode::UNAUTHORIZED, "unknown agent or wrong agent token".into()).into_response(),
+    };
+    if !given.is_some_and(|g| same_secret(&g, &agent.token)) {
+        warn!(agent_id = %agent.id, "Agent channel connection refused: wrong or missing token.");
+        return ApiError(StatusCode::UNAUTHORIZED, "unknown agent or wrong agent token".into()).into_response();
+    }
+    upgrade.on_upgrade(move |socket| serve_agent(app, agent, socket))
+}
+
+async fn serve_agent(app: AppState, agent: agent_manager::Agent, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (connection, mut outbox) = app.channel.register(&agent.id);
+    let first_connection = !agent.connected_once;
+    if let Err(e) = app.manager.agent_connected(&agent.id).await {
+        warn!(agent_id = %agent.id, error = %e, "Could not record the agent's connection.");
+    }
+    info!(agent_id = %agent.id, agent = %agent.name, first_connection, "Agent connected to the channel.");
+    if first_connection {
+        if let Some(prompt) = &agent.spec.prompt {
+            if let Err(e) = app.channel.send(&agent.id, user_message(prompt)) {
+                warn!(agent_id = %agent.id, error = %e, "Could not queue the initial prompt.");
+            }
+        }
+    }
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+            outgoing = outbox.recv() => match outgoing {
+                Some(text) => {
+                    if sink.send(Message::text(text)).await.is_err() { break; }
+                }
+                None => break,
+            },
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    debug!(agent_id = %agent.id, bytes = text.len(), "Message from agent.");
+                    app.channel.record(&agent.id, "from_agent", text.to_string());
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    if app.channel.unregister(&agent.id, connection) {
+        if let Err(e) = app.manager.agent_disconnected(&agent.id).await {
+            debug!(agent_id = %agent.id, error = %e, "Could not record the disconnection.");
+        }
+        info!(agent_id = %agent.id, agent = %agent.name, "Agent disconnected from the channel.");
+    }
+}

@@ -1,0 +1,234 @@
+//! The command-line client: talks to a running daemon over the HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// A connection to the daemon's API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for the API at `base` (`http://127.0.0.1:7006`).
+    pub fn new(base: &str, token: Option<String>) -> Result<Self> {
+        let base = if base.contains("://") { base.to_owned() } else { format!("http://{base}") };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "agentd is not running at {} ({e}).\nStart it with `agentd serve` (or `cargo run --release -p agentd -- serve`), \
+                     or point --url / AGENTD_URL at a running daemon",
+                    self.base
+                )
+            } else {
+                anyhow!("request to {} failed: {e}", self.base)
+            }
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or(body);
+        if status == StatusCode::UNAUTHORIZED {
+            bail!("{message} (set --token or AGENTD_TOKEN)");
+        }
+        bail!("{message} (HTTP {})", status.as_u16())
+    }
+
+    /// GETs JSON.
+    pub async fn get_json(&self, path: &str) -> Result<Value> {
+        Ok(self.send(self.request(Method::GET, path)).await?.json().await?)
+    }
+
+    /// Sends JSON with `method` and returns the JSON answer (or null for no content).
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = self.send(request).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        Ok(response.json().await?)
+    }
+
+    /// GETs text.
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        Ok(self.send(self.request(Method::GET, path)).await?.text().await?)
+    }
+
+    /// Follows the server-sent event stream, calling `each` with every event's data.
+    pub async fn follow_events(&self, path: &str, mut each: impl FnMut(Value)) -> Result<()> {
+        let response = self.send(self.request(Method::GET, path)).await?;
+        let mut stream = response.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(chunk) = stream.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk.context("reading the event stream")?));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let data: Vec<&str> = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                if !data.is_empty() && frame.lines().any(|l| l == "event: lifecycle") {
+                    if let Ok(value) = serde_json::from_str(&data.join("\n")) {
+                        each(value);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+/// A short age: `45s`, `12m`, `3h`, `2d`.
+pub fn age(since: &str) -> String {
+    let Ok(at) = OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339) else {
+        return "-".into();
+    };
+    let secs = (OffsetDateTime::now_utc() - at).whole_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The EXIT column: `-`, `0`, `3`, `oom(137)`, or the error.
+pub fn exit_column(agent: &Value) -> String {
+    let Some(exit) = agent.get("exit").filter(|e| !e.is_null()) else {
+        return "-".into();
+    };
+    let code = exit.get("code").and_then(Value::as_i64);
+    if exit.get("oom_killed").and_then(Value::as_bool) == Some(true) {
+        return format!("oom({})", code.map_or("?".into(), |c| c.to_string()));
+    }
+    match code {
+        Some(code) => code.to_string(),
+        None => exit.get("error").and_then(Value::as_str).unwrap_or("?").to_owned(),
+    }
+}
+
+/// The `ls` table.
+pub fn agents_table(agents: &[Value]) -> String {
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "STATUS".to_owned(),
+        "HEALTH".to_owned(),
+        "RESTARTS".to_owned(),
+        "EXIT".to_owned(),
+        "AGE".to_owned(),
+    ]];
+    for a in agents {
+        rows.push([
+            text(a, "name").to_owned(),
+            text(a, "status").to_owned(),
+            text(a, "health").to_owned(),
+            a.get("restarts").and_then(Value::as_u64).unwrap_or(0).to_string(),
+            exit_column(a),
+            age(text(a, "created_at")),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// One event as a line.
+pub fn event_line(e: &Value) -> String {
+    let from = e.get("from").and_then(Value::as_str);
+    let to = e.get("to").and_then(Value::as_str);
+    let change = match (from, to) {
+        (Some(f), Some(t)) if f != t => format!("{f} -> {t}"),
+        (_, Some(t)) => t.to_owned(),
+        _ => "-".to_owned(),
+    };
+    format!(
+        "{}  {:<20}  {:<18}  {:<20}  {}",
+        text(e, "at"),
+        e.get("agent").and_then(Value::as_str).unwrap_or_else(|| text(e, "agent_id")),
+        text(e, "kind"),
+        change,
+        text(e, "detail")
+    )
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_column_says_how_it_ended() {
+        assert_eq!(exit_column(&serde_json::json!({"exit": null})), "-");
+        assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 3, "oom_killed": false}})), "3");
+        assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 137, "oom_killed": true}})), "oom(137)");
+        assert_eq!(
+            exit_column(&serde_json::json!({"exit": {"code": null, "oom_killed": false, "error": "session disappeared"}})),
+            "session disappeared"
+        );
+    }
+
+    #[test]
+    fn the_table_aligns_columns() {
+        let table = agents_table(&[serde_json::json!({"name": "a", "status": "running", "health": "healthy", "restarts": 0, "exit": null, "created_at": "x"})]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "NAME  STATUS   HEALTH   RESTARTS  EXIT  AGE");
+        assert_eq!(lines[1], "a     running  healthy  0         -     -");
+    }
+
+    #[test]
+    fn encoding_keeps_safe_characters() {
+        assert_eq!(encode("a-b_c.d"), "a-b_c.d");
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+}

@@ -1,0 +1,247 @@
+//! `agentd serve`: wiring the store, the backend, the manager and the servers, and the
+//! graceful shutdown.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_manager::{AgentManager, ShutdownSummary, Store};
+use anyhow::{bail, Context, Result};
+use backend_core::{BackendError, ExecutionBackend, OwnershipLabels};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::api::{channel_router, router, App};
+use crate::channel::ChannelRegistry;
+use crate::config::{BackendChoice, Config, LogFormat};
+
+/// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::EnvFilter>().ok())
+        .or_else(|| config.log.level.parse().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let outcome = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    if let Err(e) = outcome {
+        eprintln!("agentd: logging was already set up: {e}");
+    }
+}
+
+/// Connects the configured backend.
+pub async fn connect_backend(config: &Config, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
+    let docker = || async {
+        let cfg = backend_docker::DockerConfig {
+            socket: config.docker.socket.clone(),
+            ..backend_docker::DockerConfig::default()
+        };
+        backend_docker::DockerBackend::connect(cfg, owner.clone())
+            .await
+            .map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
+    };
+    let podman = || async {
+        // PODMAN-WIRING: replaced once backend-podman lands.
+        let _ = &config.podman.socket;
+        Err::<Arc<dyn ExecutionBackend>, _>(BackendError::unavailable("podman", "the podman backend is not wired yet"))
+    };
+    match config.backend {
+        BackendChoice::Docker => docker().await.context("backend = \"docker\""),
+        BackendChoice::Podman => podman().await.context("backend = \"podman\""),
+        BackendChoice::Mock => {
+            warn!("Using the in-memory mock backend: nothing really runs.");
+            Ok(Arc::new(backend_mock::MockBackend::new(backend_mock::MockEngine::new(), owner)))
+        }
+        BackendChoice::Auto => match docker().await {
+            Ok(backend) => Ok(backend),
+            Err(docker_error @ BackendError::Unavailable { .. }) => match podman().await {
+                Ok(backend) => Ok(backend),
+                Err(podman_error) => bail!(
+                    "backend = \"auto\" found no container engine:\n  docker: {docker_error}\n  podman: {podman_error}\n\
+                     Start one, or set backend = \"mock\" to try the API without containers"
+                ),
+            },
+            Err(other) => Err(other).context("backend = \"auto\": Docker answered but cannot be used"),
+        },
+    }
+}
+
+/// A daemon whose servers are bound and whose supervisor is not started yet.
+pub struct Daemon {
+    app: Arc<App>,
+    api: TcpListener,
+    channels: Vec<TcpListener>,
+    shutdown: watch::Sender<bool>,
+    leave_running: bool,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").field("api", &self.api.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Binds the API on `server.listen` and the agent channel on the backend's channel
+    /// addresses, and builds the manager.
+    pub async fn bind(config: &Config, backend: Arc<dyn ExecutionBackend>, store: Store, instance: String) -> Result<Self> {
+        let listen = config.server.listen;
+        let api = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
+        let api_addr = api.local_addr()?;
+        let channel_port = config.server.channel_port.unwrap_or(api_addr.port());
+        let mut channels = Vec::new();
+        for ip in backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")? {
+            if covers(api_addr, ip, channel_port) {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, channel_port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => channels.push(listener),
+                Err(e) => warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect."),
+            }
+        }
+        if channel_port != api_addr.port() && !covers(api_addr, api_addr.ip(), channel_port) {
+            let addr = SocketAddr::new(api_addr.ip(), channel_port);
+            channels.push(TcpListener::bind(addr).await.with_context(|| format!("cannot serve the agent channel on {addr}"))?);
+        }
+        let registry = Arc::new(ChannelRegistry::default());
+        let manager = Arc::new(AgentManager::new(
+            backend,
+            store,
+            registry.clone(),
+            config.manager_config(Some(channel_port)),
+        ));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let app = Arc::new(App {
+            manager,
+            channel: registry,
+            token: config.token(),
+            instance,
+            shutdown: shutdown_rx,
+        });
+        Ok(Self {
+            app,
+            api,
+            channels,
+            shutdown,
+            leave_running: config.shutdown.leave_running,
+        })
+    }
+
+    /// The bound API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> Arc<AgentManager<dyn ExecutionBackend>> {
+        self.app.manager.clone()
+    }
+
+    /// Serves and supervises until `stop` completes, then shuts down: stops accepting
+    /// requests, ends channels and streams, and stops every agent in parallel (or leaves
+    /// them running for the next start to adopt).
+    pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
+        let Daemon { app, api, channels, shutdown, leave_running } = self;
+        let mut servers = JoinSet::new();
+        let api_addr = api.local_addr()?;
+        info!(address = %api_addr, "Serving the API.");
+        let mut shutdown_rx = shutdown.subscribe();
+        let api_server = axum::serve(api, router(app.clone())).with_graceful_shutdown(async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        });
+        servers.spawn(async move { api_server.await });
+        for listener in channels {
+            info!(address = %listener.local_addr()?, "Serving the agent channel.");
+            let mut shutdown_rx = shutdown.subscribe();
+            let server = axum::serve(listener, channel_router(app.clone())).with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            });
+            servers.spawn(async move { server.await });
+        }
+        let (stop_supervisor, supervisor_rx) = watch::channel(false);
+        let supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
+        info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
+
+        stop.await;
+        info!(leave_running, "Shutting down: no new requests; stopping the supervisor.");
+        let _ = shutdown.send(true);
+        let _ = stop_supervisor.send(true);
+        if tokio::time::timeout(Duration::from_secs(30), supervisor).await.is_err() {
+            warn!("The supervisor did not stop within 30 s; shutting down anyway.");
+        }
+        let summary = app.manager.shutdown_all(leave_running).await?;
+        info!(
+            stopped = summary.stopped.len(),
+            left_running = summary.left_running.len(),
+            failed = summary.failed.len(),
+            "Agents handled."
+        );
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(outcome) = servers.join_next().await {
+                if let Ok(Err(e)) = outcome {
+                    error!(error = %e, "A server ended with an error.");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!("Servers did not drain within 5 s; closing them.");
+            servers.abort_all();
+        }
+        app.manager.store().close().await;
+        Ok(summary)
+    }
+}
+
+/// Whether a listener on `api` already accepts connections to `ip:port`.
+fn covers(api: SocketAddr, ip: IpAddr, port: u16) -> bool {
+    api.port() == port && (api.ip() == ip || api.ip().is_unspecified())
+}
+
+/// Waits for SIGTERM or SIGINT; a second one exits at once.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("Cannot install signal handlers; stop agentd with SIGKILL.");
+        return std::future::pending().await;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = which, "Signal received; shutting down gracefully (a second signal exits at once).");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("agentd: second signal: exiting now without waiting for agents");
+        std::process::exit(130);
+    });
+}
+
+/// `agentd serve`.
+pub async fn serve(config: Config) -> Result<()> {
+    let path = config.store_path();
+    let store = Store::open(&path).await.with_context(|| format!("opening the database {}", path.display()))?;
+    let instance = match &config.instance_id {
+        Some(id) => id.clone(),
+        None => store.instance_id().await.context("reading the instance id")?,
+    };
+    info!(database = %path.display(), instance = %instance, "Store opened.");
+    let owner = OwnershipLabels::new(config.agents.prefix.clone(), instance.clone())?;
+    let backend = connect_backend(&config, owner).await?;
+    let daemon = Daemon::bind(&config, backend, store, instance).await?;
+    daemon.run(shutdown_signal()).await?;
+    info!("agentd stopped.");
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Prometheus text exposition of the daemon's state and counters.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use agent_manager::{AgentStatus, AgentView, MetricsSnapshot};
+use backend_core::SessionHealth;
+
+/// Renders `/metrics`.
+pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> String {
+    let mut out = String::new();
+    let mut by_status: BTreeMap<&str, u64> = AgentStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    let mut by_health: BTreeMap<&str, u64> = SessionHealth::ALL.iter().map(|h| (h.as_str(), 0)).collect();
+    for view in agents {
+        *by_status.entry(view.agent.status.as_str()).or_default() += 1;
+        if view.agent.status == AgentStatus::Running {
+            *by_health.entry(view.agent.health.as_str()).or_default() += 1;
+        }
+    }
+    let _ = writeln!(out, "# HELP agentd_agents Agents by status.\n# TYPE agentd_agents gauge");
+    for (status, n) in by_status {
+        let _ = writeln!(out, "agentd_agents{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP agentd_running_agents_health Running agents by health.\n# TYPE agentd_running_agents_health gauge");
+    for (health, n) in by_health {
+        let _ = writeln!(out, "agentd_running_agents_health{{health=\"{health}\"}} {n}");
+    }
+    let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    gauge(&mut out, "agentd_connected_agents", "Agents connected to the agent channel.", "gauge", connected as f64);
+    gauge(&mut out, "agentd_reconcile_passes_total", "Completed reconcile passes.", "counter", m.reconcile_passes as f64);
+    gauge(&mut out, "agentd_reconcile_failures_total", "Reconcile passes that could not complete.", "counter", m.reconcile_failures as f64);
+    gauge(
+        &mut out,
+        "agentd_reconcile_pass_duration_seconds",
+        "Duration of the last completed reconcile pass.",
+        "gauge",
+        m.last_pass_micros as f64 / 1e6,
+    );
+    gauge(&mut out, "agentd_engine_errors_total", "Engine calls that failed because the engine was unavailable.", "counter", m.engine_errors as f64);
+    gauge(&mut out, "agentd_restarts_total", "Agent restarts, by users and restart policies.", "counter", m.restarts as f64);
+    gauge(
+        &mut out,
+        "agentd_relists_after_dropped_events_total",
+        "Full relists because backend events may have been lost.",
+        "counter",
+        m.relists_after_resync as f64,
+    );
+    gauge(&mut out, "agentd_orphans_removed_total", "Orphaned sessions removed.", "counter", m.orphans_removed as f64);
+    gauge(&mut out, "agentd_backend_events_total", "Backend events received.", "counter", m.events_received as f64);
+    out
+}
