@@ -282,7 +282,9 @@ fn from_figment(figment: &Figment, error: figment::Error) -> ConfigError {
         .map(|e| {
             let mut path = e.path.clone();
             if let figment::error::Kind::UnknownField(field, _) = &e.kind {
-                path.push(field.clone());
+                if path.last() != Some(field) {
+                    path.push(field.clone());
+                }
             }
             let key = path.join(".");
             let source = source_of(figment, e.metadata.as_ref(), &key);

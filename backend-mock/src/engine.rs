@@ -101,6 +101,8 @@ struct Container {
     /// Consecutive failed health checks in this run.
     check_failures: u32,
     logs: Vec<String>,
+    /// The environment the container was created with.
+    env: BTreeMap<String, String>,
 }
 
 impl Container {
@@ -262,6 +264,11 @@ impl MockEngine {
         self.lock().containers.get(name).map(|c| c.id.clone())
     }
 
+    /// The environment a container was created with (what its agent sees).
+    pub fn container_env(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.lock().containers.get(name).map(|c| c.env.clone())
+    }
+
     /// Makes a running session's agent exit by itself with `code`.
     pub fn exit(&self, session: &str, code: i64) {
         self.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
@@ -327,6 +334,7 @@ impl MockEngine {
                 generation: 0,
                 check_failures: 0,
                 logs: Vec::new(),
+                env: BTreeMap::new(),
             },
         );
     }
@@ -413,6 +421,7 @@ impl MockEngine {
                 generation: 0,
                 check_failures: 0,
                 logs: Vec::new(),
+                env: spec.env.clone(),
             },
         );
         Ok(id)

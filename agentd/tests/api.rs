@@ -1,0 +1,382 @@
+//! The HTTP API and the agent channel, in process, on the mock backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_manager::Store;
+use agentd::config::Config;
+use agentd::daemon::Daemon;
+use backend_core::{ExecutionBackend, OwnershipLabels};
+use backend_mock::{MockBackend, MockEngine};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct TestDaemon {
+    base: String,
+    engine: MockEngine,
+    http: reqwest::Client,
+    token: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
+}
+
+impl TestDaemon {
+    async fn start(token: Option<&str>) -> Self {
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.token = token.map(str::to_owned);
+        config.agents.kind = agent_manager::AgentKind::Image;
+        config.agents.image = backend_mock::ECHO_IMAGE.into();
+        let engine = MockEngine::new();
+        let store = Store::in_memory().await.expect("store");
+        let instance = store.instance_id().await.expect("instance");
+        let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
+        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
+        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
+        let base = format!("http://{}", daemon.api_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            engine,
+            http: reqwest::Client::new(),
+            token: token.map(str::to_owned),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut r = self.req(method, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let response = r.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn spawn(&self, name: &str) -> Value {
+        let (status, agent) = self.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": name }))).await;
+        assert_eq!(status, StatusCode::CREATED, "{agent}");
+        agent
+    }
+
+    async fn stop(mut self) -> agent_manager::ShutdownSummary {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("daemon stops")
+            .expect("join")
+            .expect("clean shutdown")
+    }
+}
+
+fn error_text(body: &Value) -> &str {
+    body.get("error").and_then(Value::as_str).unwrap_or_else(|| panic!("no error field in {body}"))
+}
+
+#[tokio::test]
+async fn agents_can_be_spawned_listed_inspected_stopped_restarted_and_removed() {
+    let d = TestDaemon::start(None).await;
+    let agent = d.spawn("alpha").await;
+    for field in ["id", "name", "kind", "status", "health", "connected", "session", "image", "restart", "restarts", "exit", "created_at", "updated_at"] {
+        assert!(agent.get(field).is_some(), "agent JSON lacks {field}: {agent}");
+    }
+    assert_eq!(agent["status"], "running");
+    assert_eq!(agent["kind"], "image");
+    assert_eq!(agent["connected"], false);
+    assert_eq!(agent["exit"], Value::Null);
+    let id = agent["id"].as_str().expect("id").to_owned();
+
+    let (status, list) = d.call(reqwest::Method::GET, "/v1/agents", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    let (_, running) = d.call(reqwest::Method::GET, "/v1/agents?status=running", None).await;
+    assert_eq!(running.as_array().map(Vec::len), Some(1));
+    let (_, stopped) = d.call(reqwest::Method::GET, "/v1/agents?status=stopped", None).await;
+    assert_eq!(stopped.as_array().map(Vec::len), Some(0));
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents?status=sleeping", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_text(&body).contains("expected one of"), "{body}");
+
+    let (status, by_id) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(by_id["name"], "alpha");
+
+    let (status, logs) = d.call(reqwest::Method::GET, "/v1/agents/alpha/logs?tail=10", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(logs.as_str().unwrap_or_default().contains("echo-agent started"), "{logs}");
+
+    let (status, stopped) = d.call(reqwest::Method::POST, "/v1/agents/alpha/stop", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stopped["status"], "stopped");
+    assert_eq!(stopped["exit"]["code"], 0);
+
+    let (status, restarted) = d.call(reqwest::Method::POST, "/v1/agents/alpha/restart", None).await;
+    assert_eq!(status, StatusCode::OK, "{restarted}");
+    assert_eq!(restarted["status"], "running");
+    assert_eq!(restarted["restarts"], 1);
+
+    let (status, runs) = d.call(reqwest::Method::GET, "/v1/agents/alpha/runs", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["ended_by"], "stop");
+    assert_eq!(runs[0]["exit"]["code"], 0);
+
+    let response = d.req(reqwest::Method::DELETE, "/v1/agents/alpha").send().await.expect("delete");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/alpha", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_text(&body).contains("alpha"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_with_the_right_status() {
+    let d = TestDaemon::start(None).await;
+    let post = |body: Value| d.call(reqwest::Method::POST, "/v1/agents", Some(body));
+
+    let (status, body) = post(json!({ "name": "Not Valid" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_text(&body).contains("name"), "{body}");
+
+    let (status, body) = post(json!({ "name": "x", "colour": "blue" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_text(&body).contains("colour"), "{body}");
+
+    let response = d
+        .req(reqwest::Method::POST, "/v1/agents")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let (status, body) = post(json!({ "name": "x", "restart": "sometimes" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_text(&body).contains("never, on-failure, always"), "{body}");
+
+    let (status, body) = post(json!({ "name": "noimg", "image": "nowhere:1" })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(error_text(&body).contains("nowhere:1"), "{body}");
+
+    d.spawn("taken").await;
+    let (status, body) = post(json!({ "name": "taken" })).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(error_text(&body).contains("taken"), "{body}");
+
+    d.engine.fail_next(1);
+    let (status, body) = post(json!({ "name": "unlucky" })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error_text(&body).contains("unavailable"), "{body}");
+
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents/ghost/stop", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_text(&body).contains("ghost"), "{body}");
+
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents/taken/messages", Some(json!({ "text": "hi" }))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(error_text(&body).contains("not connected"), "{body}");
+
+    let (status, _) = d.call(reqwest::Method::GET, "/v2/nothing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_token_the_api_and_metrics_require_it_and_healthz_does_not() {
+    let d = TestDaemon::start(Some(TOKEN)).await;
+    let anonymous = reqwest::Client::new();
+    for path in ["/v1/agents", "/v1/events", "/metrics"] {
+        let r = anonymous.get(format!("{}{path}", d.base)).send().await.expect("send");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert!(error_text(&body).contains("bearer token"), "{body}");
+        let r = anonymous.get(format!("{}{path}", d.base)).bearer_auth("wrong-token-0123456789").send().await.expect("send");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path} with a wrong token");
+    }
+    let (status, _) = d.call(reqwest::Method::GET, "/v1/agents", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let health: Value = anonymous.get(format!("{}/healthz", d.base)).send().await.expect("send").json().await.expect("json");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["backend"], "mock");
+    assert!(health["instance"].as_str().is_some_and(|i| !i.is_empty()));
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_agents_by_status_and_health() {
+    let d = TestDaemon::start(None).await;
+    d.spawn("m1").await;
+    d.spawn("m2").await;
+    d.call(reqwest::Method::POST, "/v1/agents/m2/stop", None).await;
+    let text = d.req(reqwest::Method::GET, "/metrics").send().await.expect("send").text().await.expect("text");
+    for line in [
+        "agentd_agents{status=\"running\"} 1",
+        "agentd_agents{status=\"stopped\"} 1",
+        "agentd_agents{status=\"failed\"} 0",
+        "agentd_reconcile_pass_duration_seconds",
+        "agentd_engine_errors_total",
+        "agentd_restarts_total 0",
+        "agentd_relists_after_dropped_events_total",
+        "agentd_running_agents_health{health=",
+    ] {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn events_are_listed_filtered_and_streamed() {
+    let d = TestDaemon::start(None).await;
+    let stream = d.req(reqwest::Method::GET, "/v1/events/stream?agent=streamed").send().await.expect("stream");
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    d.spawn("quiet").await;
+    d.spawn("streamed").await;
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+            if seen.contains("\"kind\":\"started\"") {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no started event streamed; got {seen:?}"));
+    assert!(seen.contains("event: lifecycle"), "{seen}");
+    assert!(!seen.contains("\"agent\":\"quiet\""), "the filter let another agent through: {seen}");
+
+    let (status, events) = d.call(reqwest::Method::GET, "/v1/events?agent=streamed", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events.as_array().expect("events").clone();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["spawned", "started"]);
+    for field in ["id", "agent_id", "kind", "from", "to", "detail", "at"] {
+        assert!(events[1].get(field).is_some(), "event lacks {field}");
+    }
+    let first = events[0]["id"].as_i64().expect("id");
+    let (_, later) = d.call(reqwest::Method::GET, &format!("/v1/events?agent=streamed&since={first}"), None).await;
+    assert_eq!(later.as_array().map(Vec::len), Some(1));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_channel_needs_the_agent_secret_and_relays_messages_both_ways() {
+    let d = TestDaemon::start(Some(TOKEN)).await;
+    let (status, agent) = d
+        .call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "talker", "prompt": "start here" })))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let id = agent["id"].as_str().expect("id").to_owned();
+    let ws_url = format!("{}/ws/{id}", d.base.replace("http://", "ws://"));
+
+    // No secret, a wrong one, or the API token: refused.
+    for token in [None, Some("wrong"), Some(TOKEN)] {
+        let mut request = ws_url.clone().into_client_request().expect("request");
+        if let Some(t) = token {
+            request.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
+        }
+        let refused = tokio_tungstenite::connect_async(request).await;
+        assert!(refused.is_err(), "connection with token {token:?} was accepted");
+    }
+
+    assert_eq!(d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await.1["connected"], false);
+    let secret = agent_token(&d, &id).await;
+    let mut request = ws_url.clone().into_client_request().expect("request");
+    request.headers_mut().insert("authorization", format!("Bearer {secret}").parse().expect("header"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("the agent's own secret is accepted");
+
+    // The prompt arrives first, then what the API posts.
+    let first = next_text(&mut socket).await;
+    assert!(first.contains("start here") && first.contains("\"type\":\"user\""), "{first}");
+    let (status, _) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    wait_connected(&d, &id, true).await;
+    let (status, _) = d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let relayed = next_text(&mut socket).await;
+    assert!(relayed.contains("hello"), "{relayed}");
+
+    socket.send(Message::text("{\"type\":\"assistant\",\"text\":\"hi back\"}")).await.expect("send");
+    let mut transcript = Value::Null;
+    for _ in 0..100 {
+        transcript = d.call(reqwest::Method::GET, "/v1/agents/talker/messages", None).await.1;
+        if transcript.to_string().contains("hi back") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(transcript.to_string().contains("hi back"), "{transcript}");
+    socket.close(None).await.expect("close");
+    wait_connected(&d, &id, false).await;
+    let (_, events) = d.call(reqwest::Method::GET, "/v1/events?agent=talker", None).await;
+    let kinds: Vec<&str> = events.as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"connected") && kinds.contains(&"disconnected"), "{kinds:?}");
+    d.stop().await;
+}
+
+/// The agent's secret and channel URL, read from its container's environment as the
+/// agent reads them. The API never shows the secret.
+async fn agent_token(d: &TestDaemon, id: &str) -> String {
+    let (_, agent) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
+    assert!(agent.get("token").is_none(), "the API must not expose the agent secret");
+    let session = agent["session"].as_str().expect("session");
+    let env = d.engine.container_env(session).expect("container env");
+    let url = env.get("AGENTD_WS_URL").expect("AGENTD_WS_URL");
+    assert!(url.ends_with(&format!("/ws/{id}")), "{url}");
+    env.get("AGENTD_AGENT_TOKEN").cloned().expect("AGENTD_AGENT_TOKEN")
+}
+
+async fn next_text<S>(socket: &mut S) -> String
+where
+    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let message = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(_)) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a message within 10 s");
+    message
+}
+
+async fn wait_connected(d: &TestDaemon, id: &str, want: bool) {
+    for _ in 0..200 {
+        let (_, agent) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
+        if agent["connected"] == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("agent {id} connected never became {want}");
+}
