@@ -1,0 +1,456 @@
+//! End to end: the real `agentd` binary on a real engine, driven over HTTP and the CLI.
+//!
+//! Every test runs against Docker and against Podman (`docker_*` / `podman_*`), each with
+//! its own prefix, instance id, port and database, and removes its containers at the end
+//! (also when it fails).
+#![allow(unsafe_code)] // kill(2) to send SIGTERM to the daemon
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use backend_core::conformance::skip_or_fail;
+use backend_core::{ExecutionBackend, OwnershipLabels};
+use serde_json::{json, Value};
+
+const IMAGE: &str = "agentd-echo:latest";
+const PATIENCE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Docker,
+    Podman,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+
+    /// Whether the engine and the echo image are there (skip or fail otherwise).
+    fn available(self) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(self.probe())
+    }
+
+    async fn probe(self) -> bool {
+        let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
+        let backend: Result<Box<dyn ExecutionBackend>, _> = match self {
+            Engine::Docker => backend_docker::DockerBackend::connect(Default::default(), owner)
+                .await
+                .map(|b| Box::new(b) as Box<dyn ExecutionBackend>),
+            Engine::Podman => Err(backend_core::BackendError::unavailable("podman", "PODMAN-E2E not wired yet")),
+        };
+        let label = match self {
+            Engine::Docker => "Docker",
+            Engine::Podman => "Podman",
+        };
+        match backend {
+            Err(e) => skip_or_fail::<()>(label, e).is_some(),
+            Ok(b) => match b.image_exists(IMAGE).await {
+                Ok(true) => true,
+                Ok(false) => skip_or_fail::<()>(label, format!("image {IMAGE} is missing; run `cargo xtask images`")).is_some(),
+                Err(e) => skip_or_fail::<()>(label, e).is_some(),
+            },
+        }
+    }
+
+    /// The engine's CLI, for interference from outside and cleanup.
+    fn cli(self) -> Command {
+        let mut cmd = Command::new(self.name());
+        if self == Engine::Podman {
+            if let Ok(url) = std::env::var("CONTAINER_HOST") {
+                cmd.args(["--url", &url]);
+            } else {
+                cmd.args(["--url", "unix:///run/podman/podman.sock"]);
+            }
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(self, args: &[&str]) -> Output {
+        let out = self.cli().args(args).output().unwrap_or_else(|e| panic!("{} {args:?}: {e}", self.name()));
+        assert!(out.status.success(), "{} {args:?} failed: {}", self.name(), String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    fn inspect(self, container: &str, format: &str) -> String {
+        let out = self.run(&["inspect", "--format", format, container]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{tag}{:x}", (nanos as u64) ^ u64::from(std::process::id()) << 32)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// One daemon configuration: engine, prefix, instance, port, database.
+struct Setup {
+    engine: Engine,
+    prefix: String,
+    instance: String,
+    port: u16,
+    db: PathBuf,
+    env: BTreeMap<String, String>,
+}
+
+impl Setup {
+    fn new(engine: Engine, tag: &str) -> Self {
+        let id = unique(tag);
+        let db = std::env::temp_dir().join(format!("agentd-e2e-{id}.db"));
+        let port = free_port();
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("AGENTD_BACKEND", engine.name().to_owned()),
+            ("AGENTD_INSTANCE_ID", format!("i-{id}")),
+            ("AGENTD_STORE__PATH", db.display().to_string()),
+            ("AGENTD_SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            ("AGENTD_AGENTS__PREFIX", format!("e2e{id}")),
+            ("AGENTD_AGENTS__KIND", "image".to_owned()),
+            ("AGENTD_AGENTS__IMAGE", IMAGE.to_owned()),
+            ("AGENTD_AGENTS__STOP_GRACE_SECS", "3".to_owned()),
+            // A relist only at start: anything detected later came from engine events.
+            ("AGENTD_RECONCILE__INTERVAL_SECS", "3600".to_owned()),
+            ("AGENTD_RECONCILE__ORPHAN_GRACE_SECS", "0".to_owned()),
+            ("AGENTD_LOG__FORMAT", "json".to_owned()),
+            ("AGENTD_LOG__LEVEL", "info".to_owned()),
+        ] {
+            env.insert(k.to_owned(), v);
+        }
+        Self {
+            engine,
+            prefix: format!("e2e{id}"),
+            instance: format!("i-{id}"),
+            port,
+            db,
+            env,
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &str) {
+        self.env.insert(key.to_owned(), value.to_owned());
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
+        cmd.args(args).env("XDG_CONFIG_HOME", std::env::temp_dir().join("agentd-e2e-no-config"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AGENTD_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(&self.env).env("AGENTD_URL", self.base()).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts `agentd serve` and waits until `/healthz` answers.
+    fn start(&self) -> Daemon {
+        let log = std::env::temp_dir().join(format!("{}.log", self.db.display()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = self
+            .command(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start agentd serve");
+        let daemon = Daemon { child, log, base: self.base() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = http("GET", &format!("{}/healthz", daemon.base), None) {
+                assert_eq!(body["status"], "ok");
+                return daemon;
+            }
+            assert!(Instant::now() < deadline, "agentd did not answer within 30 s; log:\n{}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs a CLI command and returns its stdout; panics with stderr if it fails.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("run agentd");
+        assert!(out.status.success(), "agentd {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn agent(&self, name: &str) -> Value {
+        http("GET", &format!("{}/v1/agents/{name}", self.base()), None).unwrap_or_else(|e| panic!("GET agent {name}: {e}"))
+    }
+
+    /// Waits until `check` holds for the agent's JSON.
+    fn wait_agent(&self, daemon: &Daemon, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let agent = self.agent(name);
+            if check(&agent) {
+                return agent;
+            }
+            assert!(Instant::now() < deadline, "agent {name} never became {what}: {agent}\nlog:\n{}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Remove every container of this test's prefix, whatever happened.
+        let filter = format!("label=agentd.prefix={}", self.prefix);
+        if let Ok(out) = self.engine.cli().args(["ps", "-aq", "--filter", &filter]).output() {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+            if !ids.is_empty() {
+                let _ = self.engine.cli().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+        for suffix in ["", "-wal", "-shm", ".log"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+    }
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    base: String,
+}
+
+impl Daemon {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns how long that took.
+    fn terminate(mut self) -> Duration {
+        let started = Instant::now();
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: sending a signal to our own child process.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "kill(SIGTERM) failed");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "agentd exited with {status}; log:\n{}", self.log_text());
+                return started.elapsed();
+            }
+            assert!(Instant::now() < deadline, "agentd did not exit within 120 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking HTTP call with curl-free std networking: JSON in, JSON out.
+fn http(method: &str, url: &str, body: Option<Value>) -> Result<Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut request = client.request(method.parse().map_err(|_| "method")?, url).timeout(Duration::from_secs(30));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{status}: {text}"));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    })
+}
+
+fn exit_code(agent: &Value) -> Option<i64> {
+    agent["exit"]["code"].as_i64()
+}
+
+/// Exit 0 → stopped; exit 3 → failed with 3; OOM → failed, OOM-killed; a kill from outside
+/// → failed; all learned from engine events (the periodic relist is an hour away).
+fn lifecycle_is_tracked_from_events(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let setup = Setup::new(engine, "life");
+    let daemon = setup.start();
+    setup.cli(&["spawn", "zero", "--env", "ECHO_EXIT_AFTER_MS=1500"]);
+    setup.cli(&["spawn", "three", "--env", "ECHO_EXIT_AFTER_MS=1500", "--env", "ECHO_EXIT_CODE=3"]);
+    setup.cli(&["spawn", "hog", "--memory-mb", "64", "--env", "ECHO_ALLOC_MB=256"]);
+    let victim = setup.cli(&["spawn", "victim"]);
+    assert!(victim.contains("victim running"), "{victim}");
+
+    let zero = setup.wait_agent(&daemon, "zero", "stopped", |a| a["status"] == "stopped");
+    assert_eq!(exit_code(&zero), Some(0), "{zero}");
+    let three = setup.wait_agent(&daemon, "three", "failed", |a| a["status"] == "failed");
+    assert_eq!(exit_code(&three), Some(3), "{three}");
+    let hog = setup.wait_agent(&daemon, "hog", "failed", |a| a["status"] == "failed");
+    assert_eq!(hog["exit"]["oom_killed"], true, "{hog}");
+    assert_eq!(exit_code(&hog), Some(137), "{hog}");
+
+    let session = setup.agent("victim")["session"].as_str().expect("session").to_owned();
+    setup.wait_agent(&daemon, "victim", "healthy", |a| a["health"] == "healthy");
+    engine.run(&["kill", "--signal", "KILL", &session]);
+    let victim = setup.wait_agent(&daemon, "victim", "failed", |a| a["status"] == "failed");
+    assert_eq!(exit_code(&victim), Some(137), "{victim}");
+    assert_eq!(victim["exit"]["oom_killed"], false, "{victim}");
+
+    let metrics = reqwest_text(&format!("{}/metrics", setup.base()));
+    assert!(metrics.contains("agentd_reconcile_passes_total 1\n"), "only the start-up pass may have run:\n{metrics}");
+    let table = setup.cli(&["ls"]);
+    for row in ["zero", "three", "hog", "victim"] {
+        assert!(table.contains(row), "{table}");
+    }
+    assert!(table.contains("oom(137)"), "{table}");
+    let events = setup.cli(&["events", "--agent", "three"]);
+    assert!(events.contains("failed") && events.contains("exit 3"), "{events}");
+    daemon.terminate();
+}
+
+fn reqwest_text(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async { reqwest::get(url).await.expect("get").text().await.expect("text") })
+}
+
+/// At start-up, an orphan of this instance is removed; another instance's container and a
+/// foreign one are left alone.
+fn orphans_are_cleaned_up_at_start(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let setup = Setup::new(engine, "orph");
+    let label = |k: &str, v: &str| format!("--label={k}={v}");
+    let orphan = format!("{}-orphan", setup.prefix);
+    let theirs = format!("{}-theirs", setup.prefix);
+    let foreign = format!("{}-foreign", setup.prefix);
+    let image = if engine == Engine::Podman { format!("localhost/{IMAGE}") } else { IMAGE.to_owned() };
+    for (name, instance) in [(&orphan, setup.instance.as_str()), (&theirs, "another-instance")] {
+        engine.run(&[
+            "run", "-d", "--name", name,
+            &label("agentd.prefix", &setup.prefix),
+            &label("agentd.instance", instance),
+            &label("agentd.session", name),
+            &label("agentd.agent-id", "nobody"),
+            &image,
+        ]);
+    }
+    engine.run(&["run", "-d", "--name", &foreign, &label("agentd.prefix", &setup.prefix), &image]);
+    let daemon = setup.start();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = engine.cli().args(["inspect", &orphan]).output().expect("inspect");
+        if !out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orphan was not removed; log:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(engine.inspect(&theirs, "{{.State.Running}}"), "true", "another instance's container was touched");
+    assert_eq!(engine.inspect(&foreign, "{{.State.Running}}"), "true", "a foreign container was touched");
+    let events = setup.cli(&["events"]);
+    assert!(events.contains("orphan_removed") && events.contains(&orphan), "{events}");
+    daemon.terminate();
+}
+
+/// SIGTERM without leave-running stops every agent in parallel: ten agents that ignore
+/// SIGTERM, with a 3 s grace each, are all stopped (and recorded) well within 10 × 3 s.
+fn sigterm_stops_all_agents_in_parallel(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let setup = Setup::new(engine, "term");
+    let daemon = setup.start();
+    for i in 0..10 {
+        let name = format!("stubborn{i}");
+        http(
+            "POST",
+            &format!("{}/v1/agents", setup.base()),
+            Some(json!({ "name": name, "env": { "ECHO_IGNORE_SIGTERM": "1" }, "stop_grace_secs": 3 })),
+        )
+        .expect("spawn");
+    }
+    let took = daemon.terminate();
+    eprintln!("{}: SIGTERM with 10 agents (3 s grace each) took {took:?}", engine.name());
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}: agents were not stopped in parallel");
+    let filter = format!("label=agentd.prefix={}", setup.prefix);
+    let out = engine.run(&["ps", "-q", "--filter", &filter]);
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "containers still running after shutdown");
+    // The next start shows every exit recorded, on purpose: stopped, 137 after the grace.
+    let daemon = setup.start();
+    for i in 0..10 {
+        let agent = setup.agent(&format!("stubborn{i}"));
+        assert_eq!(agent["status"], "stopped", "{agent}");
+        assert_eq!(exit_code(&agent), Some(137), "{agent}");
+    }
+    daemon.terminate();
+}
+
+/// SIGTERM with leave-running, then a new daemon: the same containers are adopted, stay
+/// running and reconnect, with no restart.
+fn leave_running_then_restart_adopts_the_same_containers(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let mut setup = Setup::new(engine, "adopt");
+    setup.set("AGENTD_SHUTDOWN_LEAVE_RUNNING", "true");
+    let daemon = setup.start();
+    setup.cli(&["spawn", "keeper"]);
+    let before = setup.wait_agent(&daemon, "keeper", "connected", |a| a["connected"] == true);
+    let container = engine.inspect(before["session"].as_str().expect("session"), "{{.Id}}");
+    daemon.terminate();
+    assert_eq!(engine.inspect(&container, "{{.State.Running}}"), "true", "leave-running stopped the container");
+
+    let daemon = setup.start();
+    let after = setup.wait_agent(&daemon, "keeper", "reconnected", |a| a["connected"] == true);
+    assert_eq!(after["status"], "running");
+    assert_eq!(after["restarts"], 0, "{after}");
+    assert_eq!(engine.inspect(after["session"].as_str().expect("session"), "{{.Id}}"), container, "not the same container");
+    let events = setup.cli(&["events", "--agent", "keeper"]);
+    assert!(events.contains("left_running") && events.contains("adopted"), "{events}");
+    let out = setup.cli(&["send", "keeper", "still there?"]);
+    assert!(out.contains("queued"), "{out}");
+    let deadline = Instant::now() + PATIENCE;
+    while !setup.cli(&["logs", "keeper"]).contains("received: still there?") {
+        assert!(Instant::now() < deadline, "the adopted agent did not get the message");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Clean up: this time stop everything.
+    setup.cli(&["rm", "keeper"]);
+    daemon.terminate();
+}
+
+macro_rules! per_engine {
+    ($($scenario:ident),* $(,)?) => {
+        mod docker {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(super::Engine::Docker)
+                }
+            )*
+        }
+        // PODMAN-E2E: the podman module is generated once backend-podman lands.
+    };
+}
+
+per_engine!(
+    lifecycle_is_tracked_from_events,
+    orphans_are_cleaned_up_at_start,
+    sigterm_stops_all_agents_in_parallel,
+    leave_running_then_restart_adopts_the_same_containers,
+);
