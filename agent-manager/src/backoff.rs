@@ -15,11 +15,7 @@ pub struct Backoff {
 impl Default for Backoff {
     /// 10 s doubling to 5 min, reset after 10 min of running.
     fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(10),
-            max: Duration::from_secs(300),
-            reset_after: Duration::from_secs(600),
-        }
+        Self { initial: Duration::from_secs(10), max: Duration::from_secs(300), reset_after: Duration::from_secs(600) }
     }
 }
 

@@ -35,9 +35,7 @@ impl ManualClock {
     pub fn new() -> Self {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
-        Self {
-            now: Arc::new(Mutex::new(now)),
-        }
+        Self { now: Arc::new(Mutex::new(now)) }
     }
 
     /// Moves the clock forward.

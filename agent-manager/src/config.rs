@@ -75,7 +75,10 @@ impl AgentDefaults {
                 return invalid("command", "must name a program; leave it out to run the image's entrypoint".into());
             }
             if spec.kind == AgentKind::ClaudeCode {
-                return invalid("command", "kind claude-code runs the Claude Code CLI; use kind \"image\" to run a command".into());
+                return invalid(
+                    "command",
+                    "kind claude-code runs the Claude Code CLI; use kind \"image\" to run a command".into(),
+                );
             }
         }
         for key in spec.env.keys() {
@@ -113,10 +116,16 @@ impl AgentDefaults {
             }
         }
         if spec.stop_grace_secs > MAX_STOP_GRACE_SECS {
-            return invalid("stop_grace_secs", format!("{} is above the {MAX_STOP_GRACE_SECS} s maximum", spec.stop_grace_secs));
+            return invalid(
+                "stop_grace_secs",
+                format!("{} is above the {MAX_STOP_GRACE_SECS} s maximum", spec.stop_grace_secs),
+            );
         }
         if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
-            return invalid("network", "kind claude-code needs the agent channel, which network \"none\" cannot reach".into());
+            return invalid(
+                "network",
+                "kind claude-code needs the agent channel, which network \"none\" cannot reach".into(),
+            );
         }
         Ok(spec)
     }

@@ -25,11 +25,7 @@ pub enum ManagerError {
 
     /// The image is not present in the engine.
     #[error("image {image:?} is not present in the {backend} engine; {hint}")]
-    ImageMissing {
-        backend: &'static str,
-        image: String,
-        hint: String,
-    },
+    ImageMissing { backend: &'static str, image: String, hint: String },
 
     /// The operation does not apply to the agent in its current state.
     #[error("{0}")]

@@ -155,10 +155,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     }
 
     async fn find(&self, id_or_name: &str) -> Result<Agent> {
-        self.store
-            .find_agent(id_or_name)
-            .await?
-            .ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
+        self.store.find_agent(id_or_name).await?.ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
     }
 
     /// Creates an agent and starts its container, with the agent as the container's main
@@ -172,11 +169,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             } else {
                 format!("build or load it into the {} engine first (agentd never pulls images)", self.backend.name())
             };
-            return Err(ManagerError::ImageMissing {
-                backend: self.backend.name(),
-                image: spec.image,
-                hint,
-            });
+            return Err(ManagerError::ImageMissing { backend: self.backend.name(), image: spec.image, hint });
         }
         let id = uuid::Uuid::new_v4().to_string();
         let now = self.now();
@@ -216,10 +209,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 return Err(e);
             }
             return Err(match e {
-                ManagerError::Backend(source) => ManagerError::StartFailed {
-                    agent: agent.name.clone(),
-                    source,
-                },
+                ManagerError::Backend(source) => ManagerError::StartFailed { agent: agent.name.clone(), source },
                 other => other,
             });
         }
@@ -239,10 +229,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         spec.env.insert("AGENTD_AGENT_ID".into(), agent.id.clone());
         spec.env.insert("AGENTD_AGENT_NAME".into(), agent.name.clone());
         spec.env.insert("AGENTD_AGENT_TOKEN".into(), agent.token.clone());
-        let url = self
-            .config
-            .channel_port
-            .and_then(|port| self.backend.agent_ws_url(&agent.id, s.network, port));
+        let url = self.config.channel_port.and_then(|port| self.backend.agent_ws_url(&agent.id, s.network, port));
         if let Some(url) = &url {
             spec.env.insert("AGENTD_WS_URL".into(), url.clone());
         }
@@ -304,18 +291,12 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             };
             agent.reason = exit.error.clone();
             let detail = exit.error.clone().unwrap_or_default();
-            self.transition(agent, AgentStatus::Failed, EventKind::Failed, detail, Some((&exit, failure)))
-                .await?;
+            self.transition(agent, AgentStatus::Failed, EventKind::Failed, detail, Some((&exit, failure))).await?;
             return Err(e.into());
         }
         lock(&self.runtime).insert(
             agent.id.clone(),
-            Runtime {
-                container: container.clone(),
-                since: started_at,
-                last_connected: None,
-                unhealthy_since: None,
-            },
+            Runtime { container: container.clone(), since: started_at, last_connected: None, unhealthy_since: None },
         );
         agent.reason = None;
         agent.health = SessionHealth::Unknown;
@@ -354,8 +335,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         });
         agent.health = SessionHealth::Unknown;
         let detail = format!("{}; {}", agent.reason.as_deref().unwrap_or_default(), exit.summary());
-        self.transition(agent, AgentStatus::Stopped, EventKind::Stopped, detail, Some((&exit, ended_by)))
-            .await
+        self.transition(agent, AgentStatus::Stopped, EventKind::Stopped, detail, Some((&exit, ended_by))).await
     }
 
     /// Stops the agent's container and reads how it ended; a missing container is an
@@ -401,8 +381,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             agent.reason = Some(why.to_owned());
             let detail = format!("{why}; {}", exit.summary());
             let status = agent.status;
-            self.transition(agent, status, EventKind::Exited, detail, Some((&exit, EndedBy::Restart)))
-                .await?;
+            self.transition(agent, status, EventKind::Exited, detail, Some((&exit, EndedBy::Restart))).await?;
         }
         self.backend.remove_session(&agent.session).await?;
         agent.restarts += 1;
@@ -492,8 +471,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             agent.updated_at = now;
             self.store.update_agent(&agent).await?;
         }
-        self.record(&agent, EventKind::Connected, None, None, "agent channel connected".into())
-            .await
+        self.record(&agent, EventKind::Connected, None, None, "agent channel connected".into()).await
     }
 
     /// Called by the daemon when an agent's channel connection closes.
@@ -505,8 +483,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let Some(agent) = self.store.find_agent(agent_id).await? else {
             return Ok(());
         };
-        self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into())
-            .await
+        self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into()).await
     }
 
     /// Stops accepting work and then either stops every live agent concurrently, each
@@ -527,8 +504,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         if leave_running {
             for agent in live {
                 let detail = "daemon shut down with leave-running; the next start adopts it".to_owned();
-                self.record(&agent, EventKind::LeftRunning, Some(agent.status), Some(agent.status), detail)
-                    .await?;
+                self.record(&agent, EventKind::LeftRunning, Some(agent.status), Some(agent.status), detail).await?;
                 summary.left_running.push(agent.name);
             }
             return Ok(summary);
@@ -579,10 +555,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         agent.status = to;
         agent.updated_at = self.now();
         let event = self.event(agent, kind, Some(from), Some(to), detail);
-        let stored = self
-            .store
-            .transition(agent, finish.map(|(exit, by)| (exit, by, event.at)), &event)
-            .await?;
+        let stored = self.store.transition(agent, finish.map(|(exit, by)| (exit, by, event.at)), &event).await?;
         self.announce(stored, &agent.session, finish.map(|(e, _)| e));
         Ok(())
     }
@@ -602,7 +575,14 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         Ok(())
     }
 
-    fn event(&self, agent: &Agent, kind: EventKind, from: Option<AgentStatus>, to: Option<AgentStatus>, detail: String) -> LifecycleEvent {
+    fn event(
+        &self,
+        agent: &Agent,
+        kind: EventKind,
+        from: Option<AgentStatus>,
+        to: Option<AgentStatus>,
+        detail: String,
+    ) -> LifecycleEvent {
         LifecycleEvent {
             id: 0,
             agent_id: agent.id.clone(),
@@ -656,4 +636,3 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
 pub(crate) fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
-

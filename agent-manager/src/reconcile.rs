@@ -16,9 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use backend_core::{
-    ExecutionBackend, SessionExitInfo, SessionHealth, SessionState, SessionStatus, LABEL_AGENT_ID,
-};
+use backend_core::{ExecutionBackend, SessionExitInfo, SessionHealth, SessionState, SessionStatus, LABEL_AGENT_ID};
 use time::OffsetDateTime;
 use tracing::{debug, warn};
 
@@ -71,7 +69,13 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 Metrics::add(&self.metrics.reconcile_passes);
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.metrics.last_pass_micros.store(micros, std::sync::atomic::Ordering::Relaxed);
-                debug!(agents = report.agents, sessions = report.sessions, changed = report.changed, micros, "Reconcile pass done.");
+                debug!(
+                    agents = report.agents,
+                    sessions = report.sessions,
+                    changed = report.changed,
+                    micros,
+                    "Reconcile pass done."
+                );
             }
             Err(e) => {
                 Metrics::add(&self.metrics.reconcile_failures);
@@ -90,11 +94,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let snapshot = self.backend.snapshot().await?;
         let agents = self.store.list_agents(None).await?;
         let now = self.now();
-        let mut report = ReconcileReport {
-            agents: agents.len(),
-            sessions: snapshot.len(),
-            ..ReconcileReport::default()
-        };
+        let mut report =
+            ReconcileReport { agents: agents.len(), sessions: snapshot.len(), ..ReconcileReport::default() };
         let by_session: HashMap<&str, &SessionState> = snapshot.iter().map(|s| (s.session.as_str(), s)).collect();
         let known: HashSet<String> = agents.iter().map(|a| a.session.clone()).collect();
         let mut wakeup: Option<OffsetDateTime> = None;
@@ -181,7 +182,12 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     }
 
     /// Applies the rules to one agent. The caller holds the agent's lock.
-    async fn reconcile_agent(&self, agent: &mut Agent, observed: Option<&SessionState>, now: OffsetDateTime) -> Result<Outcome> {
+    async fn reconcile_agent(
+        &self,
+        agent: &mut Agent,
+        observed: Option<&SessionState>,
+        now: OffsetDateTime,
+    ) -> Result<Outcome> {
         let status = observed.map_or(SessionStatus::Missing, |s| s.status);
         match (agent.status, status) {
             (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Running) => {
@@ -199,7 +205,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                     None => self.record_vanished(agent, now).await,
                 }
             }
-            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Missing) => self.record_vanished(agent, now).await,
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Missing) => {
+                self.record_vanished(agent, now).await
+            }
             (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Created) => {
                 if !agent.desired.is_running() {
                     return Ok(Outcome::Unchanged);
@@ -231,15 +239,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     }
 
     fn remember_run(&self, agent: &Agent, container: String, since: OffsetDateTime) {
-        lock(&self.runtime).insert(
-            agent.id.clone(),
-            Runtime {
-                container,
-                since,
-                last_connected: None,
-                unhealthy_since: None,
-            },
-        );
+        lock(&self.runtime)
+            .insert(agent.id.clone(), Runtime { container, since, last_connected: None, unhealthy_since: None });
     }
 
     /// A live session: adoption, health, stop convergence, channel connection.
@@ -272,7 +273,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         }
         let (unhealthy_since, disconnected_since) = {
             let mut runtime = lock(&self.runtime);
-            let rt = runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
+            let rt =
+                runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
             rt.unhealthy_since = match state.health {
                 SessionHealth::Unhealthy => Some(rt.unhealthy_since.unwrap_or(now)),
                 _ => None,
@@ -281,7 +283,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             if connected {
                 rt.last_connected = Some(now);
             }
-            let disconnected_since = (agent.speaks_channel() && !connected).then(|| rt.last_connected.unwrap_or(rt.since).max(rt.since));
+            let disconnected_since =
+                (agent.speaks_channel() && !connected).then(|| rt.last_connected.unwrap_or(rt.since).max(rt.since));
             (rt.unhealthy_since, disconnected_since)
         };
         let cfg = &self.config.reconcile;
@@ -304,7 +307,13 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     /// A run ended: record it, decide the status, and schedule a restart if the policy
     /// wants one.
-    async fn record_end(&self, agent: &mut Agent, exit: SessionExitInfo, ended_by: EndedBy, now: OffsetDateTime) -> Result<Outcome> {
+    async fn record_end(
+        &self,
+        agent: &mut Agent,
+        exit: SessionExitInfo,
+        ended_by: EndedBy,
+        now: OffsetDateTime,
+    ) -> Result<Outcome> {
         let on_purpose = !agent.desired.is_running();
         let (to, kind) = if on_purpose || exit.is_success() {
             (AgentStatus::Stopped, EventKind::Stopped)
@@ -332,11 +341,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         } else {
             "session disappeared"
         };
-        let exit = SessionExitInfo {
-            error: Some(reason.to_owned()),
-            finished_at: Some(now),
-            ..SessionExitInfo::default()
-        };
+        let exit =
+            SessionExitInfo { error: Some(reason.to_owned()), finished_at: Some(now), ..SessionExitInfo::default() };
         agent.container_id = None;
         lock(&self.runtime).remove(&agent.id);
         if self.store.open_run(&agent.id).await?.is_none() {
@@ -373,12 +379,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
         if let Some(at) = agent.next_restart_at {
             let delay = (at - agent.updated_at).whole_seconds().max(0);
-            let detail = format!(
-                "restart policy {}: restarting in {delay}s (attempt {})",
-                agent.restart, agent.crash_streak
-            );
-            self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail)
-                .await?;
+            let detail =
+                format!("restart policy {}: restarting in {delay}s (attempt {})", agent.restart, agent.crash_streak);
+            self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail).await?;
             let mut next = lock(&self.next_wakeup);
             *next = Some(next.map_or(at, |w| w.min(at)));
         }
@@ -441,7 +444,12 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         }
         self.backend.remove_session(&state.session).await?;
         Metrics::add(&self.metrics.orphans_removed);
-        let detail = format!("session {} ({}, {}s old) had no record; removed", state.session, state.status, age.whole_seconds());
+        let detail = format!(
+            "session {} ({}, {}s old) had no record; removed",
+            state.session,
+            state.status,
+            age.whole_seconds()
+        );
         let stored = self.store.insert_event(&event(EventKind::OrphanRemoved, detail)).await?;
         self.announce(stored, &state.session, None);
         Ok(true)

@@ -51,25 +51,21 @@ impl<'h> Scene<'h> {
         let owner = OwnershipLabels::new(format!("ms{run}"), format!("inst-{run}")).expect("labels");
         let store = Store::in_memory().await.expect("store");
         let manager = Self::manager_on(harness, &owner, store.clone(), config).await;
-        Scene {
-            harness,
-            owner,
-            store,
-            manager,
-            fixtures: Vec::new(),
-        }
+        Scene { harness, owner, store, manager, fixtures: Vec::new() }
     }
 
-    async fn manager_on(harness: &dyn Harness, owner: &OwnershipLabels, store: Store, config: ManagerConfig) -> Arc<Manager> {
+    async fn manager_on(
+        harness: &dyn Harness,
+        owner: &OwnershipLabels,
+        store: Store,
+        config: ManagerConfig,
+    ) -> Arc<Manager> {
         let backend = harness.backend(owner.clone()).await;
         Arc::new(AgentManager::new(backend, store, Arc::new(NoChannel), config))
     }
 
     async fn spawn(&self, name: &str, env: &[(&str, &str)]) -> AgentView {
-        let mut new = NewAgent {
-            name: name.into(),
-            ..NewAgent::default()
-        };
+        let mut new = NewAgent { name: name.into(), ..NewAgent::default() };
         for (k, v) in env {
             new.env.insert((*k).into(), (*v).into());
         }
@@ -128,15 +124,18 @@ impl<'h> Scene<'h> {
     }
 }
 
-async fn ends_as(h: &dyn Harness, env: &[(&str, &str)], memory_mb: Option<u64>, status: AgentStatus, code: i64, oom: bool) {
+async fn ends_as(
+    h: &dyn Harness,
+    env: &[(&str, &str)],
+    memory_mb: Option<u64>,
+    status: AgentStatus,
+    code: i64,
+    oom: bool,
+) {
     Scene::new(h, config(h))
         .await
         .run(async |s| {
-            let mut new = NewAgent {
-                name: "ender".into(),
-                memory_mb,
-                ..NewAgent::default()
-            };
+            let mut new = NewAgent { name: "ender".into(), memory_mb, ..NewAgent::default() };
             for (k, v) in env {
                 new.env.insert((*k).into(), (*v).into());
             }
@@ -173,7 +172,10 @@ pub async fn kill_from_outside_reads_failed(h: &dyn Harness) {
     Scene::new(h, config(h))
         .await
         .run(async |s| {
-            let agent = s.spawn_with(NewAgent { name: "victim".into(), memory_mb: Some(64), ..NewAgent::default() }).await.agent;
+            let agent = s
+                .spawn_with(NewAgent { name: "victim".into(), memory_mb: Some(64), ..NewAgent::default() })
+                .await
+                .agent;
             s.harness.kill_from_outside(&agent.session).await;
             let view = s.until_status("victim", AgentStatus::Failed).await;
             let exit = view.exit.expect("exit");
@@ -222,7 +224,10 @@ pub async fn unhealthy_agent_is_recorded_unhealthy(h: &dyn Harness) {
             })
             .await;
             let events = s.manager.events(Some("sickly"), 0, 100).await.expect("events");
-            assert!(events.iter().any(|e| e.kind == EventKind::HealthChanged && e.detail.ends_with("-> unhealthy")), "{events:#?}");
+            assert!(
+                events.iter().any(|e| e.kind == EventKind::HealthChanged && e.detail.ends_with("-> unhealthy")),
+                "{events:#?}"
+            );
             assert_eq!(s.manager.get("sickly").await.expect("get").agent.status, AgentStatus::Running);
         })
         .await
@@ -259,7 +264,8 @@ pub async fn orphans_of_this_instance_only_are_removed(h: &dyn Harness) {
             assert_eq!(report.orphans_removed, 1, "{report:?}");
             let backend = s.manager.backend();
             assert!(!backend.session_exists(&ours).await.expect("exists"), "our orphan was not removed");
-            let other = s.harness.backend(OwnershipLabels::new(prefix.clone(), "another-instance").expect("labels")).await;
+            let other =
+                s.harness.backend(OwnershipLabels::new(prefix.clone(), "another-instance").expect("labels")).await;
             assert!(other.session_exists(&theirs).await.expect("exists"), "another instance's container was removed");
             assert!(backend.session_exists(&kept.session).await.expect("exists"));
             let events = s.manager.events(None, 0, 100).await.expect("events");
@@ -296,7 +302,13 @@ pub async fn leave_running_shutdown_is_adopted_by_the_next_manager(h: &dyn Harne
                 let state = next.backend().session_state(&before.session).await.expect("state");
                 assert_eq!(Some(state.id), before.container_id, "{}", before.name);
             }
-            let adopted = next.events(None, 0, 1000).await.expect("events").iter().filter(|e| e.kind == EventKind::Adopted).count();
+            let adopted = next
+                .events(None, 0, 1000)
+                .await
+                .expect("events")
+                .iter()
+                .filter(|e| e.kind == EventKind::Adopted)
+                .count();
             assert_eq!(adopted, 2);
             s.manager = next;
         })
@@ -324,7 +336,11 @@ pub async fn kill_is_detected_from_events_without_a_relist(h: &dyn Harness) {
                 let manager = manager.clone();
                 async move {
                     let passes = manager.metrics().snapshot().reconcile_passes;
-                    if passes >= 1 { Ok(()) } else { Err("no pass yet".to_owned()) }
+                    if passes >= 1 {
+                        Ok(())
+                    } else {
+                        Err("no pass yet".to_owned())
+                    }
                 }
             })
             .await;
@@ -337,7 +353,11 @@ pub async fn kill_is_detected_from_events_without_a_relist(h: &dyn Harness) {
                 let manager = manager.clone();
                 async move {
                     let view = manager.get("watched").await.map_err(|e| e.to_string())?;
-                    if view.agent.status == AgentStatus::Failed { Ok(()) } else { Err(format!("{:?}", view.agent)) }
+                    if view.agent.status == AgentStatus::Failed {
+                        Ok(())
+                    } else {
+                        Err(format!("{:?}", view.agent))
+                    }
                 }
             })
             .await;

@@ -10,9 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use time::OffsetDateTime;
 
-use crate::model::{
-    Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, Run,
-};
+use crate::model::{Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, Run};
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +147,8 @@ impl Store {
 
     /// The agent with this id, or else this name.
     pub async fn find_agent(&self, id_or_name: &str) -> Result<Option<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
+        let sql =
+            format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
         let row = sqlx::query(&sql).bind(id_or_name).fetch_optional(&self.pool).await?;
         row.as_ref().map(agent_from_row).transpose()
     }
@@ -163,13 +162,8 @@ impl Store {
 
     /// Every agent, optionally only those with `status`, oldest first.
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        let sql = format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at, id"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(status.map(AgentStatus::as_str))
-            .fetch_all(&self.pool)
-            .await?;
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at, id");
+        let rows = sqlx::query(&sql).bind(status.map(AgentStatus::as_str)).fetch_all(&self.pool).await?;
         rows.iter().map(agent_from_row).collect()
     }
 
@@ -213,12 +207,11 @@ impl Store {
 
     /// The agent's last finished run's exit.
     pub async fn last_exit(&self, agent_id: &str) -> Result<Option<ExitView>> {
-        let row = sqlx::query(
-            "SELECT * FROM runs WHERE agent_id = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
-        )
-        .bind(agent_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT * FROM runs WHERE agent_id = ? AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1")
+                .bind(agent_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.as_ref().map(run_from_row).transpose()?.and_then(|r| r.exit))
     }
 
@@ -249,19 +242,13 @@ impl Store {
         }
         let stored = insert_event_query(event).fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        Ok(LifecycleEvent {
-            id: stored.try_get("id")?,
-            ..event.clone()
-        })
+        Ok(LifecycleEvent { id: stored.try_get("id")?, ..event.clone() })
     }
 
     /// Stores an event that changes no agent and returns it with its id.
     pub async fn insert_event(&self, event: &LifecycleEvent) -> Result<LifecycleEvent> {
         let stored = insert_event_query(event).fetch_one(&self.pool).await?;
-        Ok(LifecycleEvent {
-            id: stored.try_get("id")?,
-            ..event.clone()
-        })
+        Ok(LifecycleEvent { id: stored.try_get("id")?, ..event.clone() })
     }
 
     /// Events after id `since`, optionally of one agent (id or name), oldest first, at
@@ -297,7 +284,9 @@ fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sql
     .bind(&agent.id)
 }
 
-fn insert_event_query(event: &LifecycleEvent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
+fn insert_event_query(
+    event: &LifecycleEvent,
+) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
     sqlx::query(
         "INSERT INTO events (agent_id, agent_name, kind, from_status, to_status, detail, at) \
          VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",

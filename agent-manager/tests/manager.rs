@@ -33,7 +33,10 @@ struct Expect {
 #[tokio::test]
 async fn ended_runs_are_classified_by_how_they_ended() {
     let cases = [
-        (Ending::Exit(0), Expect { status: AgentStatus::Stopped, code: Some(0), oom: false, signal: None, error: None }),
+        (
+            Ending::Exit(0),
+            Expect { status: AgentStatus::Stopped, code: Some(0), oom: false, signal: None, error: None },
+        ),
         (Ending::Exit(2), Expect { status: AgentStatus::Failed, code: Some(2), oom: false, signal: None, error: None }),
         (Ending::Oom, Expect { status: AgentStatus::Failed, code: Some(137), oom: true, signal: Some(9), error: None }),
         (
@@ -42,7 +45,13 @@ async fn ended_runs_are_classified_by_how_they_ended() {
         ),
         (
             Ending::Vanished,
-            Expect { status: AgentStatus::Failed, code: None, oom: false, signal: None, error: Some("session disappeared") },
+            Expect {
+                status: AgentStatus::Failed,
+                code: None,
+                oom: false,
+                signal: None,
+                error: Some("session disappeared"),
+            },
         ),
     ];
     // Docker's listing carries no exit info (the manager must ask for it before anything
@@ -175,7 +184,10 @@ async fn spawn_refuses_bad_requests_clearly() {
     assert!(matches!(fx.manager.spawn(tiny).await, Err(ManagerError::Invalid { field: "memory_mb", .. })));
 
     fx.spawn("taken").await;
-    assert!(matches!(fx.manager.spawn(NewAgent { name: "taken".into(), ..NewAgent::default() }).await, Err(ManagerError::NameTaken(_))));
+    assert!(matches!(
+        fx.manager.spawn(NewAgent { name: "taken".into(), ..NewAgent::default() }).await,
+        Err(ManagerError::NameTaken(_))
+    ));
 }
 
 #[tokio::test]
@@ -183,7 +195,8 @@ async fn a_failed_create_leaves_no_record_behind() {
     let fx = Fixture::new().await;
     // The engine goes away between the image check and create.
     fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Create(_)));
-    let err = fx.manager.spawn(NewAgent { name: "flaky".into(), ..NewAgent::default() }).await.expect_err("engine down");
+    let err =
+        fx.manager.spawn(NewAgent { name: "flaky".into(), ..NewAgent::default() }).await.expect_err("engine down");
     assert!(err.is_engine_unavailable(), "{err}");
     assert!(matches!(fx.manager.get("flaky").await, Err(ManagerError::AgentNotFound(_))), "no half-made record");
     assert_eq!(fx.engine.container_count(), 0);
@@ -195,7 +208,8 @@ async fn a_failed_create_leaves_no_record_behind() {
 async fn a_failed_start_is_recorded_as_a_failed_run() {
     let fx = Fixture::new().await;
     fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Start(_)));
-    let err = fx.manager.spawn(NewAgent { name: "nostart".into(), ..NewAgent::default() }).await.expect_err("start fails");
+    let err =
+        fx.manager.spawn(NewAgent { name: "nostart".into(), ..NewAgent::default() }).await.expect_err("start fails");
     assert!(matches!(err, ManagerError::StartFailed { .. }), "{err}");
     let view = fx.get("nostart").await;
     assert_eq!(view.agent.status, AgentStatus::Failed);
@@ -215,10 +229,34 @@ async fn orphans_are_removed_only_when_ours_and_old_enough() {
         removed: bool,
     }
     let cases = [
-        Case { what: "ours, older than the grace", other_instance: false, age: Duration::from_secs(301), dry_run: false, removed: true },
-        Case { what: "ours, younger than the grace", other_instance: false, age: Duration::from_secs(299), dry_run: false, removed: false },
-        Case { what: "another instance's", other_instance: true, age: Duration::from_secs(3600), dry_run: false, removed: false },
-        Case { what: "ours, dry run", other_instance: false, age: Duration::from_secs(3600), dry_run: true, removed: false },
+        Case {
+            what: "ours, older than the grace",
+            other_instance: false,
+            age: Duration::from_secs(301),
+            dry_run: false,
+            removed: true,
+        },
+        Case {
+            what: "ours, younger than the grace",
+            other_instance: false,
+            age: Duration::from_secs(299),
+            dry_run: false,
+            removed: false,
+        },
+        Case {
+            what: "another instance's",
+            other_instance: true,
+            age: Duration::from_secs(3600),
+            dry_run: false,
+            removed: false,
+        },
+        Case {
+            what: "ours, dry run",
+            other_instance: false,
+            age: Duration::from_secs(3600),
+            dry_run: true,
+            removed: false,
+        },
     ];
     for case in cases {
         let mut config = test_config();
@@ -241,7 +279,11 @@ async fn orphans_are_removed_only_when_ours_and_old_enough() {
         }
         let present = fx.engine.container_id("agentd-stray").is_some();
         assert_eq!(!present, case.removed, "{}", case.what);
-        assert!(fx.engine.container_id("agentd-foreign").is_some(), "{}: an unlabelled container was touched", case.what);
+        assert!(
+            fx.engine.container_id("agentd-foreign").is_some(),
+            "{}: an unlabelled container was touched",
+            case.what
+        );
         assert_eq!(fx.status("kept").await, AgentStatus::Running, "{}", case.what);
         let events = fx.manager.events(None, 0, 1000).await.expect("events");
         let count = |kind| events.iter().filter(|e| e.kind == kind).count();
@@ -308,7 +350,9 @@ async fn leave_running_shutdown_then_a_new_manager_adopts_everything() {
     assert_eq!(report.orphans_removed, 0);
     let calls = engine.calls();
     assert!(
-        !calls.iter().any(|c| matches!(c, MockCall::Remove(_) | MockCall::Stop(_) | MockCall::Create(_) | MockCall::Start(_))),
+        !calls
+            .iter()
+            .any(|c| matches!(c, MockCall::Remove(_) | MockCall::Stop(_) | MockCall::Create(_) | MockCall::Start(_))),
         "adoption must not touch the containers: {calls:?}"
     );
     for (name, id) in names.iter().zip(&ids) {
@@ -316,7 +360,14 @@ async fn leave_running_shutdown_then_a_new_manager_adopts_everything() {
         assert_eq!(view.agent.status, AgentStatus::Running, "{name}");
         assert_eq!(&view.agent.container_id, id, "{name}: same container");
     }
-    let adopted = fx.manager.events(None, 0, 1000).await.expect("events").into_iter().filter(|e| e.kind == EventKind::Adopted).count();
+    let adopted = fx
+        .manager
+        .events(None, 0, 1000)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Adopted)
+        .count();
     assert_eq!(adopted, 3);
     fx.store.close().await;
     for suffix in ["", "-wal", "-shm"] {
@@ -325,7 +376,11 @@ async fn leave_running_shutdown_then_a_new_manager_adopts_everything() {
 }
 
 fn uuid_like() -> String {
-    format!("{}-{:?}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos())
+    format!(
+        "{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+    )
 }
 
 #[tokio::test]
@@ -349,7 +404,10 @@ async fn shutdown_stops_every_agent_concurrently_and_records_the_exits() {
         let runs = fx.manager.runs(&view.agent.name).await.expect("runs");
         assert_eq!(runs[0].ended_by, Some(EndedBy::Shutdown));
     }
-    assert!(matches!(fx.manager.spawn(NewAgent { name: "late".into(), ..NewAgent::default() }).await, Err(ManagerError::ShuttingDown)));
+    assert!(matches!(
+        fx.manager.spawn(NewAgent { name: "late".into(), ..NewAgent::default() }).await,
+        Err(ManagerError::ShuttingDown)
+    ));
 }
 
 #[tokio::test]
@@ -359,7 +417,8 @@ async fn restart_always_brings_agents_back_after_a_daemon_shutdown() {
     let clock = ManualClock::new();
     {
         let fx = Fixture::on(engine.clone(), store.clone(), test_config(), clock.clone()).await;
-        fx.spawn_with(NewAgent { name: "always".into(), restart: Some(RestartPolicy::Always), ..NewAgent::default() }).await;
+        fx.spawn_with(NewAgent { name: "always".into(), restart: Some(RestartPolicy::Always), ..NewAgent::default() })
+            .await;
         fx.spawn_with(NewAgent { name: "never".into(), ..NewAgent::default() }).await;
         fx.manager.shutdown_all(false).await.expect("shutdown");
     }
@@ -372,7 +431,8 @@ async fn restart_always_brings_agents_back_after_a_daemon_shutdown() {
 #[tokio::test]
 async fn crash_loop_backoff_doubles_from_10s_to_a_300s_cap_and_resets_after_10_minutes() {
     let fx = Fixture::new().await;
-    fx.spawn_with(NewAgent { name: "crashy".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() }).await;
+    fx.spawn_with(NewAgent { name: "crashy".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() })
+        .await;
     let mut delays = Vec::new();
     for attempt in 1..=8u32 {
         let agent = fx.get("crashy").await.agent;
@@ -447,7 +507,11 @@ async fn a_live_agent_that_does_not_reconnect_is_restarted_after_the_grace() {
     assert_eq!(after.restarts, 1);
     assert_eq!(after.status, AgentStatus::Running);
     assert_ne!(after.container_id, talker.container_id);
-    assert_eq!(fx.get("silent").await.agent.restarts, 0, "an agent that never spoke the channel is not restarted for silence");
+    assert_eq!(
+        fx.get("silent").await.agent.restarts,
+        0,
+        "an agent that never spoke the channel is not restarted for silence"
+    );
 
     // Connected agents are left alone however long they run.
     fx.channel.connect(&talker.id);
@@ -485,7 +549,18 @@ async fn the_claude_code_command_points_at_the_agent_channel() {
     let url = format!("ws://127.0.0.1:7006/ws/{}", agent.id);
     assert_eq!(
         command,
-        ["claude", "--sdk-url", &url, "--output-format", "stream-json", "--input-format", "stream-json", "--verbose", "--model", "opus"]
+        [
+            "claude",
+            "--sdk-url",
+            &url,
+            "--output-format",
+            "stream-json",
+            "--input-format",
+            "stream-json",
+            "--verbose",
+            "--model",
+            "opus"
+        ]
     );
     assert_eq!(session_spec.env.get("AGENTD_WS_URL"), Some(&url));
     assert_eq!(session_spec.env.get("AGENTD_AGENT_TOKEN"), Some(&agent.token));
@@ -503,7 +578,11 @@ async fn health_is_recorded_and_sustained_unhealth_restarts_when_asked() {
     let fx = Fixture::new().await;
     let watched = fx.spawn("watched").await.agent;
     let medic = fx
-        .spawn_with(NewAgent { name: "medic".into(), on_unhealthy: Some(UnhealthyAction::Restart), ..NewAgent::default() })
+        .spawn_with(NewAgent {
+            name: "medic".into(),
+            on_unhealthy: Some(UnhealthyAction::Restart),
+            ..NewAgent::default()
+        })
         .await
         .agent;
     fx.reconcile().await;
@@ -552,7 +631,11 @@ async fn pending_records_left_by_a_crash_are_resolved() {
     assert_eq!(fx2.status("started").await, AgentStatus::Running);
     let nothing = fx2.get("nothing").await;
     assert_eq!(nothing.agent.status, AgentStatus::Failed);
-    assert!(nothing.agent.reason.as_deref().unwrap_or_default().contains("spawn interrupted"), "{:?}", nothing.agent.reason);
+    assert!(
+        nothing.agent.reason.as_deref().unwrap_or_default().contains("spawn interrupted"),
+        "{:?}",
+        nothing.agent.reason
+    );
 }
 
 #[tokio::test]

@@ -196,7 +196,10 @@ struct ListQuery {
     status: Option<String>,
 }
 
-async fn list(State(app): State<AppState>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Vec<AgentJson>>, ApiError> {
+async fn list(
+    State(app): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AgentJson>>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = query
         .status

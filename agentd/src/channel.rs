@@ -96,11 +96,7 @@ impl ChannelRegistry {
         if log.len() == TRANSCRIPT_LEN {
             log.pop_front();
         }
-        log.push_back(TranscriptEntry {
-            direction,
-            text,
-            at: OffsetDateTime::now_utc(),
-        });
+        log.push_back(TranscriptEntry { direction, text, at: OffsetDateTime::now_utc() });
     }
 
     /// The agent's last messages, oldest first.

@@ -24,11 +24,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-            http,
-        })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -98,7 +94,8 @@ impl Client {
             buffer.push_str(&String::from_utf8_lossy(&chunk.context("reading the event stream")?));
             while let Some(end) = buffer.find("\n\n") {
                 let frame: String = buffer.drain(..end + 2).collect();
-                let data: Vec<&str> = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                let data: Vec<&str> =
+                    frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
                 if !data.is_empty() && frame.lines().any(|l| l == "event: lifecycle") {
                     if let Ok(value) = serde_json::from_str(&data.join("\n")) {
                         each(value);
@@ -213,14 +210,18 @@ mod tests {
         assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 3, "oom_killed": false}})), "3");
         assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 137, "oom_killed": true}})), "oom(137)");
         assert_eq!(
-            exit_column(&serde_json::json!({"exit": {"code": null, "oom_killed": false, "error": "session disappeared"}})),
+            exit_column(
+                &serde_json::json!({"exit": {"code": null, "oom_killed": false, "error": "session disappeared"}})
+            ),
             "session disappeared"
         );
     }
 
     #[test]
     fn the_table_aligns_columns() {
-        let table = agents_table(&[serde_json::json!({"name": "a", "status": "running", "health": "healthy", "restarts": 0, "exit": null, "created_at": "x"})]);
+        let table = agents_table(&[
+            serde_json::json!({"name": "a", "status": "running", "health": "healthy", "restarts": 0, "exit": null, "created_at": "x"}),
+        ]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "NAME  STATUS   HEALTH   RESTARTS  EXIT  AGE");
         assert_eq!(lines[1], "a     running  healthy  0         -     -");

@@ -138,12 +138,7 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7006)),
-            token: None,
-            token_file: None,
-            channel_port: None,
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7006)), token: None, token_file: None, channel_port: None }
     }
 }
 
@@ -181,10 +176,7 @@ impl Default for ReconcileSection {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: "info".into(),
-        }
+        Self { format: LogFormat::Pretty, level: "info".into() }
     }
 }
 
@@ -206,14 +198,7 @@ impl std::error::Error for ConfigError {}
 
 /// Environment variables with the `AGENTD_` prefix that are not configuration keys:
 /// the client's and the agents' own.
-const NOT_CONFIG: &[&str] = &[
-    "url",
-    "token",
-    "ws_url",
-    "agent_token",
-    "agent_id",
-    "agent_name",
-];
+const NOT_CONFIG: &[&str] = &["url", "token", "ws_url", "agent_token", "agent_id", "agent_name"];
 
 /// Where the layers come from; tests point these at temporary files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,11 +217,7 @@ impl Sources {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
             .map(|dir| dir.join("agentd/agentd.toml"));
-        Self {
-            system: PathBuf::from("/etc/agentd/agentd.toml"),
-            user,
-            explicit,
-        }
+        Self { system: PathBuf::from("/etc/agentd/agentd.toml"), user, explicit }
     }
 }
 
@@ -255,16 +236,14 @@ pub fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    let env = Env::prefixed("AGENTD_")
-        .ignore(NOT_CONFIG)
-        .map(|key| {
-            // The change request's variable keeps working.
-            if key == "shutdown_leave_running" {
-                "shutdown.leave_running".into()
-            } else {
-                key.as_str().replace("__", ".").into()
-            }
-        });
+    let env = Env::prefixed("AGENTD_").ignore(NOT_CONFIG).map(|key| {
+        // The change request's variable keeps working.
+        if key == "shutdown_leave_running" {
+            "shutdown.leave_running".into()
+        } else {
+            key.as_str().replace("__", ".").into()
+        }
+    });
     Ok(figment.merge(env))
 }
 
@@ -350,7 +329,11 @@ impl Config {
         if let Some(path) = &self.server.token_file {
             match std::fs::read_to_string(path) {
                 Ok(text) if text.lines().next().is_some_and(|l| l.trim().len() >= 16) => {}
-                Ok(_) => bad("server.token_file", path.display().to_string(), "the file's first line must hold a token of at least 16 characters"),
+                Ok(_) => bad(
+                    "server.token_file",
+                    path.display().to_string(),
+                    "the file's first line must hold a token of at least 16 characters",
+                ),
                 Err(e) => bad("server.token_file", path.display().to_string(), &format!("cannot be read: {e}")),
             }
         }
@@ -391,7 +374,11 @@ impl Config {
             bad("agents.stop_grace_secs", a.stop_grace_secs.to_string(), "at most 3600");
         }
         if a.kind == AgentKind::ClaudeCode && a.network == NetworkPolicy::None {
-            bad("agents.network", "\"none\"".into(), "kind claude-code needs the agent channel; use internet, isolated or host");
+            bad(
+                "agents.network",
+                "\"none\"".into(),
+                "kind claude-code needs the agent channel; use internet, isolated or host",
+            );
         }
         let r = &self.reconcile;
         if r.interval_secs == 0 {
@@ -495,13 +482,23 @@ fn leaves(value: &Value, prefix: String, out: &mut Vec<(String, String)>) {
                 Value::Empty(..) => "(unset)".to_owned(),
                 Value::String(_, s) => format!("{s:?}"),
                 Value::Array(_, items) => {
-                    let items: Vec<String> = items.iter().map(|i| i.as_str().map_or_else(|| format!("{i:?}"), |s| format!("{s:?}"))).collect();
+                    let items: Vec<String> = items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| format!("{i:?}"), |s| format!("{s:?}")))
+                        .collect();
                     format!("[{}]", items.join(", "))
                 }
                 Value::Bool(_, b) => b.to_string(),
-                Value::Num(_, n) => n.to_f64().map_or_else(|| format!("{n:?}"), |f| {
-                    if f.fract() == 0.0 && f.abs() < 1e15 { format!("{}", f as i64) } else { f.to_string() }
-                }),
+                Value::Num(_, n) => n.to_f64().map_or_else(
+                    || format!("{n:?}"),
+                    |f| {
+                        if f.fract() == 0.0 && f.abs() < 1e15 {
+                            format!("{}", f as i64)
+                        } else {
+                            f.to_string()
+                        }
+                    },
+                ),
                 Value::Char(_, c) => format!("{c:?}"),
                 Value::Dict(..) => "{...}".to_owned(),
             };

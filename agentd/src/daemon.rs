@@ -90,7 +90,12 @@ impl std::fmt::Debug for Daemon {
 impl Daemon {
     /// Binds the API on `server.listen` and the agent channel on the backend's channel
     /// addresses, and builds the manager.
-    pub async fn bind(config: &Config, backend: Arc<dyn ExecutionBackend>, store: Store, instance: String) -> Result<Self> {
+    pub async fn bind(
+        config: &Config,
+        backend: Arc<dyn ExecutionBackend>,
+        store: Store,
+        instance: String,
+    ) -> Result<Self> {
         let listen = config.server.listen;
         let api = TcpListener::bind(listen)
             .await
@@ -105,35 +110,23 @@ impl Daemon {
             let addr = SocketAddr::new(ip, channel_port);
             match TcpListener::bind(addr).await {
                 Ok(listener) => channels.push(listener),
-                Err(e) => warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect."),
+                Err(e) => {
+                    warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect.")
+                }
             }
         }
         if channel_port != api_addr.port() && !covers(api_addr, api_addr.ip(), channel_port) {
             let addr = SocketAddr::new(api_addr.ip(), channel_port);
-            channels.push(TcpListener::bind(addr).await.with_context(|| format!("cannot serve the agent channel on {addr}"))?);
+            channels.push(
+                TcpListener::bind(addr).await.with_context(|| format!("cannot serve the agent channel on {addr}"))?,
+            );
         }
         let registry = Arc::new(ChannelRegistry::default());
-        let manager = Arc::new(AgentManager::new(
-            backend,
-            store,
-            registry.clone(),
-            config.manager_config(Some(channel_port)),
-        ));
+        let manager =
+            Arc::new(AgentManager::new(backend, store, registry.clone(), config.manager_config(Some(channel_port))));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let app = Arc::new(App {
-            manager,
-            channel: registry,
-            token: config.token(),
-            instance,
-            shutdown: shutdown_rx,
-        });
-        Ok(Self {
-            app,
-            api,
-            channels,
-            shutdown,
-            leave_running: config.shutdown.leave_running,
-        })
+        let app = Arc::new(App { manager, channel: registry, token: config.token(), instance, shutdown: shutdown_rx });
+        Ok(Self { app, api, channels, shutdown, leave_running: config.shutdown.leave_running })
     }
 
     /// The bound API address.

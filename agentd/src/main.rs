@@ -293,7 +293,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
         }
         Command::Send { name, text } => {
-            client.call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text }))).await?;
+            client
+                .call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text })))
+                .await?;
             println!("message queued for {name}");
         }
         Command::Serve | Command::Config(_) => bail!("not a client command"),

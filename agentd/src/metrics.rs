@@ -21,7 +21,10 @@ pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> St
     for (status, n) in by_status {
         let _ = writeln!(out, "agentd_agents{{status=\"{status}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP agentd_running_agents_health Running agents by health.\n# TYPE agentd_running_agents_health gauge");
+    let _ = writeln!(
+        out,
+        "# HELP agentd_running_agents_health Running agents by health.\n# TYPE agentd_running_agents_health gauge"
+    );
     for (health, n) in by_health {
         let _ = writeln!(out, "agentd_running_agents_health{{health=\"{health}\"}} {n}");
     }
@@ -29,8 +32,20 @@ pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> St
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     };
     gauge(&mut out, "agentd_connected_agents", "Agents connected to the agent channel.", "gauge", connected as f64);
-    gauge(&mut out, "agentd_reconcile_passes_total", "Completed reconcile passes.", "counter", m.reconcile_passes as f64);
-    gauge(&mut out, "agentd_reconcile_failures_total", "Reconcile passes that could not complete.", "counter", m.reconcile_failures as f64);
+    gauge(
+        &mut out,
+        "agentd_reconcile_passes_total",
+        "Completed reconcile passes.",
+        "counter",
+        m.reconcile_passes as f64,
+    );
+    gauge(
+        &mut out,
+        "agentd_reconcile_failures_total",
+        "Reconcile passes that could not complete.",
+        "counter",
+        m.reconcile_failures as f64,
+    );
     gauge(
         &mut out,
         "agentd_reconcile_pass_duration_seconds",
@@ -38,8 +53,20 @@ pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> St
         "gauge",
         m.last_pass_micros as f64 / 1e6,
     );
-    gauge(&mut out, "agentd_engine_errors_total", "Engine calls that failed because the engine was unavailable.", "counter", m.engine_errors as f64);
-    gauge(&mut out, "agentd_restarts_total", "Agent restarts, by users and restart policies.", "counter", m.restarts as f64);
+    gauge(
+        &mut out,
+        "agentd_engine_errors_total",
+        "Engine calls that failed because the engine was unavailable.",
+        "counter",
+        m.engine_errors as f64,
+    );
+    gauge(
+        &mut out,
+        "agentd_restarts_total",
+        "Agent restarts, by users and restart policies.",
+        "counter",
+        m.restarts as f64,
+    );
     gauge(
         &mut out,
         "agentd_relists_after_dropped_events_total",

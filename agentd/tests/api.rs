@@ -44,14 +44,7 @@ impl TestDaemon {
         let task = tokio::spawn(daemon.run(async move {
             let _ = stopped.await;
         }));
-        Self {
-            base,
-            engine,
-            http: reqwest::Client::new(),
-            token: token.map(str::to_owned),
-            stop: Some(stop),
-            task,
-        }
+        Self { base, engine, http: reqwest::Client::new(), token: token.map(str::to_owned), stop: Some(stop), task }
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -99,7 +92,21 @@ fn error_text(body: &Value) -> &str {
 async fn agents_can_be_spawned_listed_inspected_stopped_restarted_and_removed() {
     let d = TestDaemon::start(None).await;
     let agent = d.spawn("alpha").await;
-    for field in ["id", "name", "kind", "status", "health", "connected", "session", "image", "restart", "restarts", "exit", "created_at", "updated_at"] {
+    for field in [
+        "id",
+        "name",
+        "kind",
+        "status",
+        "health",
+        "connected",
+        "session",
+        "image",
+        "restart",
+        "restarts",
+        "exit",
+        "created_at",
+        "updated_at",
+    ] {
         assert!(agent.get(field).is_some(), "agent JSON lacks {field}: {agent}");
     }
     assert_eq!(agent["status"], "running");
@@ -196,7 +203,8 @@ async fn bad_requests_get_clear_errors_with_the_right_status() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(error_text(&body).contains("ghost"), "{body}");
 
-    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents/taken/messages", Some(json!({ "text": "hi" }))).await;
+    let (status, body) =
+        d.call(reqwest::Method::POST, "/v1/agents/taken/messages", Some(json!({ "text": "hi" }))).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(error_text(&body).contains("not connected"), "{body}");
 
@@ -214,12 +222,18 @@ async fn with_a_token_the_api_and_metrics_require_it_and_healthz_does_not() {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
         let body: Value = r.json().await.expect("json");
         assert!(error_text(&body).contains("bearer token"), "{body}");
-        let r = anonymous.get(format!("{}{path}", d.base)).bearer_auth("wrong-token-0123456789").send().await.expect("send");
+        let r = anonymous
+            .get(format!("{}{path}", d.base))
+            .bearer_auth("wrong-token-0123456789")
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path} with a wrong token");
     }
     let (status, _) = d.call(reqwest::Method::GET, "/v1/agents", None).await;
     assert_eq!(status, StatusCode::OK);
-    let health: Value = anonymous.get(format!("{}/healthz", d.base)).send().await.expect("send").json().await.expect("json");
+    let health: Value =
+        anonymous.get(format!("{}/healthz", d.base)).send().await.expect("send").json().await.expect("json");
     assert_eq!(health["status"], "ok");
     assert_eq!(health["backend"], "mock");
     assert!(health["instance"].as_str().is_some_and(|i| !i.is_empty()));
@@ -288,9 +302,8 @@ async fn events_are_listed_filtered_and_streamed() {
 #[tokio::test]
 async fn the_agent_channel_needs_the_agent_secret_and_relays_messages_both_ways() {
     let d = TestDaemon::start(Some(TOKEN)).await;
-    let (status, agent) = d
-        .call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "talker", "prompt": "start here" })))
-        .await;
+    let (status, agent) =
+        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "talker", "prompt": "start here" }))).await;
     assert_eq!(status, StatusCode::CREATED, "{agent}");
     let id = agent["id"].as_str().expect("id").to_owned();
     let ws_url = format!("{}/ws/{id}", d.base.replace("http://", "ws://"));
@@ -317,7 +330,8 @@ async fn the_agent_channel_needs_the_agent_secret_and_relays_messages_both_ways(
     let (status, _) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
     assert_eq!(status, StatusCode::OK);
     wait_connected(&d, &id, true).await;
-    let (status, _) = d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello" }))).await;
+    let (status, _) =
+        d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello" }))).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let relayed = next_text(&mut socket).await;
     assert!(relayed.contains("hello"), "{relayed}");

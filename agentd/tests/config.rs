@@ -154,7 +154,10 @@ fn serve_with_a_bad_configuration_exits_2_before_touching_anything() {
 #[test]
 fn layers_apply_in_order_and_show_names_each_source() {
     let s = Scratch::new("layers");
-    s.write("xdg/agentd/agentd.toml", "[agents]\nprefix = \"from-user\"\nmemory_mb = 1024\n\n[server]\ntoken = \"user-secret-0123456789\"\n");
+    s.write(
+        "xdg/agentd/agentd.toml",
+        "[agents]\nprefix = \"from-user\"\nmemory_mb = 1024\n\n[server]\ntoken = \"user-secret-0123456789\"\n",
+    );
     let explicit = s.write("explicit.toml", "[agents]\nmemory_mb = 512\ncpus = 1.5\n");
     let out = s.agentd(
         &["--config", path_str(&explicit), "config", "show"],
@@ -172,7 +175,10 @@ fn layers_apply_in_order_and_show_names_each_source() {
     assert!(line("agents.prefix").contains("\"from-user\"") && line("agents.prefix").contains(path_str(&user_file)));
     assert!(line("agents.memory_mb").contains("512") && line("agents.memory_mb").contains(path_str(&explicit)));
     assert!(line("agents.cpus").contains("0.5") && line("agents.cpus").contains("AGENTD_AGENTS__CPUS"));
-    assert!(line("shutdown.leave_running").contains("true") && line("shutdown.leave_running").contains("AGENTD_SHUTDOWN_LEAVE_RUNNING"));
+    assert!(
+        line("shutdown.leave_running").contains("true")
+            && line("shutdown.leave_running").contains("AGENTD_SHUTDOWN_LEAVE_RUNNING")
+    );
     assert!(line("reconcile.interval_secs").contains("10") && line("reconcile.interval_secs").contains("# default"));
     assert!(line("server.token").contains("<redacted>"), "{}", line("server.token"));
     assert!(!text.contains("user-secret"), "the token leaked:\n{text}");

@@ -54,7 +54,9 @@ impl Engine {
             Err(e) => skip_or_fail::<()>(label, e).is_some(),
             Ok(b) => match b.image_exists(IMAGE).await {
                 Ok(true) => true,
-                Ok(false) => skip_or_fail::<()>(label, format!("image {IMAGE} is missing; run `cargo xtask images`")).is_some(),
+                Ok(false) => {
+                    skip_or_fail::<()>(label, format!("image {IMAGE} is missing; run `cargo xtask images`")).is_some()
+                }
                 Err(e) => skip_or_fail::<()>(label, e).is_some(),
             },
         }
@@ -128,14 +130,7 @@ impl Setup {
         ] {
             env.insert(k.to_owned(), v);
         }
-        Self {
-            engine,
-            prefix: format!("e2e{id}"),
-            instance: format!("i-{id}"),
-            port,
-            db,
-            env,
-        }
+        Self { engine, prefix: format!("e2e{id}"), instance: format!("i-{id}"), port, db, env }
     }
 
     fn set(&mut self, key: &str, value: &str) {
@@ -162,12 +157,7 @@ impl Setup {
     fn start(&self) -> Daemon {
         let log = std::env::temp_dir().join(format!("{}.log", self.db.display()));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = self
-            .command(&["serve"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start agentd serve");
+        let child = self.command(&["serve"]).stdout(Stdio::null()).stderr(file).spawn().expect("start agentd serve");
         let daemon = Daemon { child, log, base: self.base() };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -188,7 +178,8 @@ impl Setup {
     }
 
     fn agent(&self, name: &str) -> Value {
-        http("GET", &format!("{}/v1/agents/{name}", self.base()), None).unwrap_or_else(|e| panic!("GET agent {name}: {e}"))
+        http("GET", &format!("{}/v1/agents/{name}", self.base()), None)
+            .unwrap_or_else(|e| panic!("GET agent {name}: {e}"))
     }
 
     /// Waits until `check` holds for the agent's JSON.
@@ -199,7 +190,11 @@ impl Setup {
             if check(&agent) {
                 return agent;
             }
-            assert!(Instant::now() < deadline, "agent {name} never became {what}: {agent}\nlog:\n{}", daemon.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} never became {what}: {agent}\nlog:\n{}",
+                daemon.log_text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -341,7 +336,10 @@ fn orphans_are_cleaned_up_at_start(engine: Engine) {
     let image = if engine == Engine::Podman { format!("localhost/{IMAGE}") } else { IMAGE.to_owned() };
     for (name, instance) in [(&orphan, setup.instance.as_str()), (&theirs, "another-instance")] {
         engine.run(&[
-            "run", "-d", "--name", name,
+            "run",
+            "-d",
+            "--name",
+            name,
             &label("agentd.prefix", &setup.prefix),
             &label("agentd.instance", instance),
             &label("agentd.session", name),
@@ -419,7 +417,11 @@ fn leave_running_then_restart_adopts_the_same_containers(engine: Engine) {
     let after = setup.wait_agent(&daemon, "keeper", "reconnected", |a| a["connected"] == true);
     assert_eq!(after["status"], "running");
     assert_eq!(after["restarts"], 0, "{after}");
-    assert_eq!(engine.inspect(after["session"].as_str().expect("session"), "{{.Id}}"), container, "not the same container");
+    assert_eq!(
+        engine.inspect(after["session"].as_str().expect("session"), "{{.Id}}"),
+        container,
+        "not the same container"
+    );
     let events = setup.cli(&["events", "--agent", "keeper"]);
     assert!(events.contains("left_running") && events.contains("adopted"), "{events}");
     let out = setup.cli(&["send", "keeper", "still there?"]);

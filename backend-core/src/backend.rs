@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 
 use crate::{
-    BackendError, EventReceiver, NetworkPolicy, OwnershipLabels, Result, SessionExitInfo, SessionHealth,
-    SessionSpec, SessionState, SessionStatus,
+    BackendError, EventReceiver, NetworkPolicy, OwnershipLabels, Result, SessionExitInfo, SessionHealth, SessionSpec,
+    SessionState, SessionStatus,
 };
 
 /// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.
@@ -151,10 +151,7 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// Runs `command` inside the running session and returns its output.
     async fn send_command(&self, session: &str, command: &[String]) -> Result<CommandOutput> {
         let _ = (session, command);
-        Err(BackendError::Unsupported {
-            backend: self.name(),
-            operation: "send_command",
-        })
+        Err(BackendError::Unsupported { backend: self.name(), operation: "send_command" })
     }
 
     /// The names of all sessions this backend owns (prefix and instance).
@@ -192,10 +189,7 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// The last `tail` lines (all when `None`) of the session's output.
     async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
         let _ = (session, tail);
-        Err(BackendError::Unsupported {
-            backend: self.name(),
-            operation: "session_logs",
-        })
+        Err(BackendError::Unsupported { backend: self.name(), operation: "session_logs" })
     }
 
     /// Subscribes to the engine's events for owned sessions. `None` means this backend

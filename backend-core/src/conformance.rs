@@ -90,13 +90,7 @@ impl<'h> World<'h> {
         let run = random_id();
         let owner = OwnershipLabels::new(format!("ct{run}"), format!("inst-{run}")).expect("valid labels");
         let backend = harness.backend(owner).await;
-        World {
-            harness,
-            backend,
-            run,
-            extra: Vec::new(),
-            fixtures: Vec::new(),
-        }
+        World { harness, backend, run, extra: Vec::new(), fixtures: Vec::new() }
     }
 
     fn caps(&self) -> Capabilities {
@@ -162,10 +156,7 @@ impl<'h> World<'h> {
 }
 
 async fn start_on(backend: &Arc<dyn ExecutionBackend>, spec: &SessionSpec) {
-    backend
-        .create_session(spec)
-        .await
-        .unwrap_or_else(|e| panic!("create_session({}) failed: {e}", spec.session));
+    backend.create_session(spec).await.unwrap_or_else(|e| panic!("create_session({}) failed: {e}", spec.session));
     backend
         .start_session(&spec.session)
         .await
@@ -572,7 +563,10 @@ pub async fn shutdown_all_stops_every_owned_session(h: &dyn Harness) {
             assert!(w.backend.list_sessions().await.expect("list").is_empty());
             // Serially, four sessions that ignore SIGTERM take at least 4 x 2 s.
             assert!(took < grace * 3, "shutdown of {count} sessions took {took:?}: not concurrent");
-            assert!(other.session_exists(&survivor.session).await.expect("exists"), "another instance's session was touched");
+            assert!(
+                other.session_exists(&survivor.session).await.expect("exists"),
+                "another instance's session was touched"
+            );
         })
         .await
 }
@@ -603,7 +597,10 @@ pub async fn snapshot_agrees_with_single_session_calls(h: &dyn Harness) {
                 assert_eq!(state.id, single.id, "{}", state.session);
                 assert_eq!(state.health, w.backend.session_health(&state.session).await.expect("health"));
                 assert!(state.created_at.is_some(), "created_at missing for {}", state.session);
-                assert_eq!(state.agent_id(), Some(format!("agent-{}-{}", state.session.rsplit('-').next().unwrap_or(""), w.run).as_str()));
+                assert_eq!(
+                    state.agent_id(),
+                    Some(format!("agent-{}-{}", state.session.rsplit('-').next().unwrap_or(""), w.run).as_str())
+                );
                 if let Some(exit) = &state.exit {
                     let single_exit = w.backend.session_exit_info(&state.session).await.expect("exit info");
                     assert_eq!(Some(exit.exit_code), single_exit.map(|e| e.exit_code), "{}", state.session);

@@ -21,11 +21,7 @@ pub enum BackendError {
 
     /// A session with this name exists already and is not ours to replace.
     #[error("session {session} already exists on {backend}: {detail}")]
-    AlreadyExists {
-        backend: &'static str,
-        session: String,
-        detail: String,
-    },
+    AlreadyExists { backend: &'static str, session: String, detail: String },
 
     /// The image the spec names is not present in the engine (nothing is ever pulled).
     #[error("image {image} is not present on {backend}; build it first (for the test agent: `cargo xtask images`)")]
@@ -47,10 +43,7 @@ pub enum BackendError {
 
     /// The backend does not support this operation.
     #[error("{backend} does not support {operation}")]
-    Unsupported {
-        backend: &'static str,
-        operation: &'static str,
-    },
+    Unsupported { backend: &'static str, operation: &'static str },
 
     /// Any other engine failure, with the engine's own error as source.
     #[error("{backend} engine error: {message}")]
@@ -65,20 +58,12 @@ pub enum BackendError {
 impl BackendError {
     /// An [`BackendError::Unavailable`] with a message and no source.
     pub fn unavailable(backend: &'static str, message: impl Into<String>) -> Self {
-        Self::Unavailable {
-            backend,
-            message: message.into(),
-            source: None,
-        }
+        Self::Unavailable { backend, message: message.into(), source: None }
     }
 
     /// An [`BackendError::Engine`] with a message and no source.
     pub fn engine(backend: &'static str, message: impl Into<String>) -> Self {
-        Self::Engine {
-            backend,
-            message: message.into(),
-            source: None,
-        }
+        Self::Engine { backend, message: message.into(), source: None }
     }
 
     /// Whether trying the same call again later may succeed: true only for an

@@ -26,12 +26,7 @@ pub struct SessionExitInfo {
 impl SessionExitInfo {
     /// Exit info for a process that exited with `code` at `finished_at`.
     pub fn exited(code: i64, finished_at: Option<OffsetDateTime>) -> Self {
-        Self {
-            exit_code: Some(code),
-            signal: Self::signal_from_code(code),
-            finished_at,
-            ..Self::default()
-        }
+        Self { exit_code: Some(code), signal: Self::signal_from_code(code), finished_at, ..Self::default() }
     }
 
     /// The signal a shell-style exit code above 128 stands for (137 is SIGKILL, 143 is
@@ -47,9 +42,7 @@ impl SessionExitInfo {
 
     /// A short human summary: `exit 0`, `exit 3`, `OOM-killed (exit 137)`, `signal 9 (exit 137)`.
     pub fn summary(&self) -> String {
-        let code = self
-            .exit_code
-            .map_or_else(|| "exit code unknown".to_owned(), |c| format!("exit {c}"));
+        let code = self.exit_code.map_or_else(|| "exit code unknown".to_owned(), |c| format!("exit {c}"));
         if self.oom_killed {
             format!("OOM-killed ({code})")
         } else if let Some(signal) = self.signal {
@@ -76,10 +69,7 @@ mod tests {
     fn only_exit_zero_without_oom_is_success() {
         assert!(SessionExitInfo::exited(0, None).is_success());
         assert!(!SessionExitInfo::exited(2, None).is_success());
-        let oom = SessionExitInfo {
-            oom_killed: true,
-            ..SessionExitInfo::exited(0, None)
-        };
+        let oom = SessionExitInfo { oom_killed: true, ..SessionExitInfo::exited(0, None) };
         assert!(!oom.is_success());
         assert_eq!(oom.summary(), "OOM-killed (exit 0)");
     }

@@ -52,10 +52,7 @@ impl FromStr for SessionHealth {
     type Err = ParseHealthError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|h| h.as_str() == s)
-            .ok_or_else(|| ParseHealthError(s.to_owned()))
+        Self::ALL.into_iter().find(|h| h.as_str() == s).ok_or_else(|| ParseHealthError(s.to_owned()))
     }
 }
 

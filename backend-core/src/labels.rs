@@ -61,27 +61,20 @@ impl OwnershipLabels {
 
     /// Engine label filters (`key=value`) that select exactly the owned containers.
     pub fn label_filters(&self) -> Vec<String> {
-        vec![
-            format!("{LABEL_PREFIX}={}", self.prefix),
-            format!("{LABEL_INSTANCE}={}", self.instance),
-        ]
+        vec![format!("{LABEL_PREFIX}={}", self.prefix), format!("{LABEL_INSTANCE}={}", self.instance)]
     }
 }
 
 fn check_label_value(what: &'static str, value: &str) -> crate::Result<()> {
     let ok = !value.is_empty()
         && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
         Err(crate::BackendError::InvalidSpec {
             field: what,
-            message: format!(
-                "{value:?} must be 1 to 63 characters from [A-Za-z0-9_.-]"
-            ),
+            message: format!("{value:?} must be 1 to 63 characters from [A-Za-z0-9_.-]"),
         })
     }
 }

@@ -28,16 +28,13 @@ pub use error::{BackendError, BoxError, Result};
 pub use events::{BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
 pub use health::{ParseHealthError, SessionHealth};
-pub use labels::{
-    OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION,
-};
+pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
 pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec};
 pub use state::{SessionState, SessionStatus};
 
 /// Formats a timestamp as RFC 3339, the form every agentd interface uses.
 pub fn format_time(at: time::OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 /// Parses an engine's RFC 3339 timestamp. Engines write the zero time

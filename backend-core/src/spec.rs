@@ -199,7 +199,10 @@ impl SessionSpec {
         if !name_ok(&self.session) || self.session.len() > 128 {
             return invalid(
                 "session",
-                format!("{:?} must start with a letter or digit and use only [A-Za-z0-9_.-], at most 128 characters", self.session),
+                format!(
+                    "{:?} must start with a letter or digit and use only [A-Za-z0-9_.-], at most 128 characters",
+                    self.session
+                ),
             );
         }
         if self.agent_id.is_empty() {

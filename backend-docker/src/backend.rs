@@ -12,8 +12,8 @@ use backend_core::{
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListNetworksOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+    LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -55,9 +55,7 @@ fn host_gateway(configs: Vec<bollard::models::IpamConfig>) -> Option<IpAddr> {
         });
         gateway.into_iter().chain(first)
     });
-    candidates
-        .filter(IpAddr::is_ipv4)
-        .find(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
+    candidates.filter(IpAddr::is_ipv4).find(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
 }
 
 fn parse_api(version: &str) -> Option<(u32, u32)> {
@@ -71,11 +69,7 @@ impl DockerBackend {
     /// answer, and with [`BackendError::Unsupported`] when it is too old.
     pub async fn connect(config: DockerConfig, owner: OwnershipLabels) -> Result<Self> {
         let address = config.address();
-        let unavailable = |message: String| BackendError::Unavailable {
-            backend: NAME,
-            message,
-            source: None,
-        };
+        let unavailable = |message: String| BackendError::Unavailable { backend: NAME, message, source: None };
         let docker = Docker::connect_with_host(&address).map_err(|e| {
             unavailable(format!("cannot use Docker address {address}: {e}; set [docker] socket or DOCKER_HOST"))
         })?;
@@ -138,9 +132,7 @@ impl DockerBackend {
     /// the oldest, so all converge on one.
     async fn find_isolated_network(&self) -> Result<Option<(String, Option<IpAddr>)>> {
         let name = &self.config.isolated_network;
-        let options = ListNetworksOptions {
-            filters: Some(HashMap::from([("name".to_owned(), vec![name.clone()])])),
-        };
+        let options = ListNetworksOptions { filters: Some(HashMap::from([("name".to_owned(), vec![name.clone()])])) };
         let mut networks: Vec<_> = self
             .docker
             .list_networks(Some(options))
@@ -173,25 +165,25 @@ impl DockerBackend {
             ..NetworkCreateRequest::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_) => info!(network = %self.config.isolated_network, "Created the internal network for isolated agents."),
+            Ok(_) => {
+                info!(network = %self.config.isolated_network, "Created the internal network for isolated agents.")
+            }
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
             Err(e) => return Err(map_err(e, Subject::Other)),
         }
         self.find_isolated_network().await?.ok_or_else(|| {
-            BackendError::engine(NAME, format!("network {} vanished right after it was created", self.config.isolated_network))
+            BackendError::engine(
+                NAME,
+                format!("network {} vanished right after it was created", self.config.isolated_network),
+            )
         })
     }
 
     async fn inspect(&self, session: &str) -> Result<Option<bollard::models::ContainerInspectResponse>> {
         match self.docker.inspect_container(session, None::<InspectContainerOptions>).await {
             Ok(inspect) => {
-                let labels = inspect
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.labels.clone())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
+                let labels =
+                    inspect.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default().into_iter().collect();
                 // A container of this name that is not ours is, for us, not there.
                 Ok(self.owner.owns(&labels).then_some(inspect))
             }
@@ -207,19 +199,12 @@ impl DockerBackend {
         if let Some((key, value)) = extra {
             filters.insert(key.to_owned(), vec![value.to_owned()]);
         }
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..ListContainersOptions::default()
-        };
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..ListContainersOptions::default() };
         self.docker.list_containers(Some(options)).await.map_err(|e| map_err(e, Subject::Other))
     }
 
     fn not_found(session: &str) -> BackendError {
-        BackendError::NotFound {
-            backend: NAME,
-            session: session.to_owned(),
-        }
+        BackendError::NotFound { backend: NAME, session: session.to_owned() }
     }
 }
 
@@ -271,10 +256,7 @@ impl ExecutionBackend for DockerBackend {
         }
         let plan = convert::network_plan(spec.network, &self.isolated_network);
         let body = convert::create_body(spec, &self.owner, plan);
-        let options = CreateContainerOptions {
-            name: Some(spec.session.clone()),
-            platform: String::new(),
-        };
+        let options = CreateContainerOptions { name: Some(spec.session.clone()), platform: String::new() };
         let created = match self.docker.create_container(Some(options.clone()), body.clone()).await {
             Ok(created) => created,
             Err(e) => match map_err(e, Subject::Session(&spec.session)) {
@@ -321,10 +303,7 @@ impl ExecutionBackend for DockerBackend {
             return Err(Self::not_found(session));
         }
         let secs = grace_secs(grace);
-        let options = StopContainerOptions {
-            t: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
-            signal: None,
-        };
+        let options = StopContainerOptions { t: Some(i32::try_from(secs).unwrap_or(i32::MAX)), signal: None };
         // The call lasts as long as the grace period: give it that much more time.
         let docker = self.docker.clone().with_timeout(self.config.request_timeout + grace);
         match docker.stop_container(session, Some(options)).await {
@@ -337,11 +316,7 @@ impl ExecutionBackend for DockerBackend {
         if self.inspect(session).await?.is_none() {
             return Ok(());
         }
-        let options = RemoveContainerOptions {
-            force: true,
-            v: true,
-            link: false,
-        };
+        let options = RemoveContainerOptions { force: true, v: true, link: false };
         match self.docker.remove_container(session, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) => match map_err(e, Subject::Session(session)) {
@@ -386,10 +361,7 @@ impl ExecutionBackend for DockerBackend {
             StartExecResults::Detached => {}
         }
         let inspect = self.docker.inspect_exec(&exec.id).await.map_err(|e| map_err(e, Subject::Other))?;
-        Ok(CommandOutput {
-            exit_code: inspect.exit_code,
-            output,
-        })
+        Ok(CommandOutput { exit_code: inspect.exit_code, output })
     }
 
     async fn snapshot(&self) -> Result<Vec<SessionState>> {

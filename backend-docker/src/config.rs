@@ -18,11 +18,7 @@ pub struct DockerConfig {
 
 impl Default for DockerConfig {
     fn default() -> Self {
-        Self {
-            socket: None,
-            request_timeout: Duration::from_secs(30),
-            isolated_network: "agentd-isolated".into(),
-        }
+        Self { socket: None, request_timeout: Duration::from_secs(30), isolated_network: "agentd-isolated".into() }
     }
 }
 

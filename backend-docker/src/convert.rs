@@ -32,7 +32,11 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
         mounts.push(bind(dir.to_string_lossy().into_owned(), "/workspace".into(), false));
     }
     for m in &spec.mounts {
-        mounts.push(bind(m.source.to_string_lossy().into_owned(), m.target.to_string_lossy().into_owned(), m.read_only));
+        mounts.push(bind(
+            m.source.to_string_lossy().into_owned(),
+            m.target.to_string_lossy().into_owned(),
+            m.read_only,
+        ));
     }
     let memory = spec.resources.memory_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
     let host_config = HostConfig {
@@ -91,10 +95,7 @@ fn health_config(spec: &HealthCheckSpec) -> Option<HealthConfig> {
     let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
     match spec {
         HealthCheckSpec::Image => None,
-        HealthCheckSpec::Disabled => Some(HealthConfig {
-            test: Some(vec!["NONE".into()]),
-            ..HealthConfig::default()
-        }),
+        HealthCheckSpec::Disabled => Some(HealthConfig { test: Some(vec!["NONE".into()]), ..HealthConfig::default() }),
         HealthCheckSpec::Override(check) => Some(HealthConfig {
             test: Some(std::iter::once("CMD".to_owned()).chain(check.command.iter().cloned()).collect()),
             interval: Some(nanos(check.interval)),
@@ -111,31 +112,21 @@ fn health_config(spec: &HealthCheckSpec) -> Option<HealthConfig> {
 /// agentd created for isolated sessions.
 pub(crate) fn network_plan(policy: NetworkPolicy, isolated_network: &str) -> NetworkPlan {
     match policy {
-        NetworkPolicy::Internet => NetworkPlan {
-            mode: "bridge".into(),
-            extra_hosts: vec!["host.docker.internal:host-gateway".into()],
-        },
-        NetworkPolicy::Isolated => NetworkPlan {
-            mode: isolated_network.to_owned(),
-            extra_hosts: Vec::new(),
-        },
-        NetworkPolicy::None => NetworkPlan {
-            mode: "none".into(),
-            extra_hosts: Vec::new(),
-        },
-        NetworkPolicy::Host => NetworkPlan {
-            mode: "host".into(),
-            extra_hosts: Vec::new(),
-        },
+        NetworkPolicy::Internet => {
+            NetworkPlan { mode: "bridge".into(), extra_hosts: vec!["host.docker.internal:host-gateway".into()] }
+        }
+        NetworkPolicy::Isolated => NetworkPlan { mode: isolated_network.to_owned(), extra_hosts: Vec::new() },
+        NetworkPolicy::None => NetworkPlan { mode: "none".into(), extra_hosts: Vec::new() },
+        NetworkPolicy::Host => NetworkPlan { mode: "host".into(), extra_hosts: Vec::new() },
     }
 }
 
 fn status_of(state: Option<ContainerStateStatusEnum>) -> SessionStatus {
     match state {
         Some(ContainerStateStatusEnum::CREATED) => SessionStatus::Created,
-        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::PAUSED | ContainerStateStatusEnum::RESTARTING) => {
-            SessionStatus::Running
-        }
+        Some(
+            ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::PAUSED | ContainerStateStatusEnum::RESTARTING,
+        ) => SessionStatus::Running,
         _ => SessionStatus::Exited,
     }
 }
@@ -143,9 +134,11 @@ fn status_of(state: Option<ContainerStateStatusEnum>) -> SessionStatus {
 pub(crate) fn status_of_summary(state: Option<ContainerSummaryStateEnum>) -> SessionStatus {
     match state {
         Some(ContainerSummaryStateEnum::CREATED) => SessionStatus::Created,
-        Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::PAUSED | ContainerSummaryStateEnum::RESTARTING) => {
-            SessionStatus::Running
-        }
+        Some(
+            ContainerSummaryStateEnum::RUNNING
+            | ContainerSummaryStateEnum::PAUSED
+            | ContainerSummaryStateEnum::RESTARTING,
+        ) => SessionStatus::Running,
         _ => SessionStatus::Exited,
     }
 }
@@ -184,13 +177,8 @@ pub(crate) fn exit_of(state: &ContainerState) -> Option<SessionExitInfo> {
 /// The state of one container from its inspection.
 pub(crate) fn state_of(session: &str, inspect: &ContainerInspectResponse) -> SessionState {
     let state = inspect.state.clone().unwrap_or_default();
-    let labels: BTreeMap<String, String> = inspect
-        .config
-        .as_ref()
-        .and_then(|c| c.labels.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let labels: BTreeMap<String, String> =
+        inspect.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default().into_iter().collect();
     SessionState {
         session: session.to_owned(),
         id: inspect.id.clone().unwrap_or_default(),

@@ -27,37 +27,27 @@ pub(crate) fn map_err(err: DockerError, subject: Subject<'_>) -> BackendError {
             Subject::Other => engine(err),
         },
         DockerError::DockerResponseServerError { status_code: 409, message } => match subject {
-            Subject::Session(session) => BackendError::AlreadyExists {
-                backend: NAME,
-                session: session.to_owned(),
-                detail: message.clone(),
-            },
+            Subject::Session(session) => {
+                BackendError::AlreadyExists { backend: NAME, session: session.to_owned(), detail: message.clone() }
+            }
             _ => engine(err),
         },
         DockerError::IOError { .. }
         | DockerError::HyperResponseError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::SocketNotFoundError(_)
-        | DockerError::HyperLegacyError { .. } => BackendError::Unavailable {
-            backend: NAME,
-            message: err.to_string(),
-            source: Some(Box::new(err)),
-        },
-        DockerError::DockerResponseServerError { status_code: 502..=504, .. } => BackendError::Unavailable {
-            backend: NAME,
-            message: err.to_string(),
-            source: Some(Box::new(err)),
-        },
+        | DockerError::HyperLegacyError { .. } => {
+            BackendError::Unavailable { backend: NAME, message: err.to_string(), source: Some(Box::new(err)) }
+        }
+        DockerError::DockerResponseServerError { status_code: 502..=504, .. } => {
+            BackendError::Unavailable { backend: NAME, message: err.to_string(), source: Some(Box::new(err)) }
+        }
         _ => engine(err),
     }
 }
 
 fn engine(err: DockerError) -> BackendError {
-    BackendError::Engine {
-        backend: NAME,
-        message: err.to_string(),
-        source: Some(Box::new(err)),
-    }
+    BackendError::Engine { backend: NAME, message: err.to_string(), source: Some(Box::new(err)) }
 }
 
 #[cfg(test)]

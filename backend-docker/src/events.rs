@@ -23,13 +23,8 @@ pub(crate) fn map_event(event: &EventMessage) -> Option<BackendEvent> {
     }
     let action = event.action.as_deref()?;
     let attributes = event.actor.as_ref()?.attributes.as_ref()?;
-    let session = attributes
-        .get(LABEL_SESSION)
-        .or_else(|| attributes.get("name"))?
-        .clone();
-    let finished_at = event
-        .time_nano
-        .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).ok());
+    let session = attributes.get(LABEL_SESSION).or_else(|| attributes.get("name"))?.clone();
+    let finished_at = event.time_nano.and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).ok());
     Some(match action {
         "start" => BackendEvent::Started { session },
         "die" => {
@@ -71,11 +66,7 @@ pub(crate) async fn pump(docker: Docker, owner: OwnershipLabels, tx: EventSender
             ("type".to_owned(), vec!["container".to_owned()]),
             ("label".to_owned(), owner.label_filters()),
         ]);
-        let options = EventsOptions {
-            since: since.map(|s| s.to_string()),
-            until: None,
-            filters: Some(filters),
-        };
+        let options = EventsOptions { since: since.map(|s| s.to_string()), until: None, filters: Some(filters) };
         if !first && !send(&tx, BackendEvent::Resync { reason: "event stream reconnected".into() }, &mut lagged) {
             return;
         }
@@ -162,10 +153,18 @@ mod tests {
     #[test]
     fn die_carries_the_exit_code_and_health_events_their_status() {
         let died = map_event(&event("die", &[(LABEL_SESSION, "s1"), ("exitCode", "3")]));
-        assert!(matches!(died, Some(BackendEvent::Died { ref session, ref exit }) if session == "s1" && exit.exit_code == Some(3)));
+        assert!(
+            matches!(died, Some(BackendEvent::Died { ref session, ref exit }) if session == "s1" && exit.exit_code == Some(3))
+        );
         let health = map_event(&event("health_status: unhealthy", &[("name", "s1")]));
-        assert_eq!(health, Some(BackendEvent::HealthChanged { session: "s1".into(), health: SessionHealth::Unhealthy }));
+        assert_eq!(
+            health,
+            Some(BackendEvent::HealthChanged { session: "s1".into(), health: SessionHealth::Unhealthy })
+        );
         assert_eq!(map_event(&event("exec_start: /agent --health", &[("name", "s1")])), None, "exec noise is ignored");
-        assert_eq!(map_event(&event("destroy", &[("name", "s1")])), Some(BackendEvent::Removed { session: "s1".into() }));
+        assert_eq!(
+            map_event(&event("destroy", &[("name", "s1")])),
+            Some(BackendEvent::Removed { session: "s1".into() })
+        );
     }
 }

@@ -56,7 +56,13 @@ async fn a_stale_container_of_ours_is_replaced_and_a_foreign_one_is_left_alone()
 }
 
 /// Starts an echo agent under `policy` whose channel URL points at `target:port`.
-async fn start_client(backend: &dyn ExecutionBackend, name: &str, policy: NetworkPolicy, target: IpAddr, port: u16) -> String {
+async fn start_client(
+    backend: &dyn ExecutionBackend,
+    name: &str,
+    policy: NetworkPolicy,
+    target: IpAddr,
+    port: u16,
+) -> String {
     let mut spec = SessionSpec::new(format!("{}-{name}", backend.prefix()), name, common::IMAGE);
     spec.network = policy;
     spec.env.insert("AGENTD_WS_URL".into(), format!("ws://{target}:{port}/ws/{name}"));
@@ -87,7 +93,13 @@ async fn isolated_agents_reach_the_agent_channel_and_nothing_routed_beyond_it() 
     start_client(backend, "iso-channel", NetworkPolicy::Isolated, isolated_gateway, port).await;
     wait_for(Duration::from_secs(30), "the isolated agent to reach the channel", || {
         let accepted = channel.accept().is_ok();
-        async move { if accepted { Ok(()) } else { Err("no connection yet".to_owned()) } }
+        async move {
+            if accepted {
+                Ok(())
+            } else {
+                Err("no connection yet".to_owned())
+            }
+        }
     })
     .await;
 
@@ -106,12 +118,20 @@ async fn isolated_agents_reach_the_agent_channel_and_nothing_routed_beyond_it() 
         .and_then(|ip| ip.parse().ok())
         .expect("target IP on the bridge");
     wait_for(Duration::from_secs(30), "the target to listen", || async {
-        if logs_contain(backend, &target.session, "listening on port 8080").await { Ok(()) } else { Err("not yet".into()) }
+        if logs_contain(backend, &target.session, "listening on port 8080").await {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
     })
     .await;
     let blocked = start_client(backend, "iso-out", NetworkPolicy::Isolated, target_ip, 8080).await;
     wait_for(Duration::from_secs(30), "the isolated agent's connection attempt to fail", || async {
-        if logs_contain(backend, &blocked, "cannot connect").await { Ok(()) } else { Err("no attempt logged yet".into()) }
+        if logs_contain(backend, &blocked, "cannot connect").await {
+            Ok(())
+        } else {
+            Err("no attempt logged yet".into())
+        }
     })
     .await;
     assert!(
@@ -121,7 +141,11 @@ async fn isolated_agents_reach_the_agent_channel_and_nothing_routed_beyond_it() 
     // The control: the same peer is reachable under `internet`, so the test can tell.
     start_client(backend, "net-out", NetworkPolicy::Internet, target_ip, 8080).await;
     wait_for(Duration::from_secs(30), "the internet agent to reach the peer", || async {
-        if logs_contain(backend, &target.session, "accepted connection").await { Ok(()) } else { Err("no connection yet".into()) }
+        if logs_contain(backend, &target.session, "accepted connection").await {
+            Ok(())
+        } else {
+            Err("no connection yet".into())
+        }
     })
     .await;
     backend.shutdown_all_sessions(Duration::ZERO).await.expect("cleanup");

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels,
-    Result, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
+    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels, Result,
+    SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
 };
 
 use crate::engine::{MockCall, MockEngine};
@@ -93,21 +93,14 @@ impl ExecutionBackend for MockBackend {
         }
         let args: Vec<&str> = command.iter().map(String::as_str).collect();
         Ok(match args.as_slice() {
-            ["/agent", "--version"] => CommandOutput {
-                exit_code: Some(0),
-                output: "echo-agent 0.1.0 (mock)\n".into(),
-            },
+            ["/agent", "--version"] => CommandOutput { exit_code: Some(0), output: "echo-agent 0.1.0 (mock)\n".into() },
             ["/agent", "--health"] => {
                 let healthy = self.engine.owned_state(&self.owner, session).health != SessionHealth::Unhealthy;
-                CommandOutput {
-                    exit_code: Some(if healthy { 0 } else { 1 }),
-                    output: String::new(),
-                }
+                CommandOutput { exit_code: Some(if healthy { 0 } else { 1 }), output: String::new() }
             }
-            _ => CommandOutput {
-                exit_code: Some(127),
-                output: format!("{}: not found\n", args.first().unwrap_or(&"")),
-            },
+            _ => {
+                CommandOutput { exit_code: Some(127), output: format!("{}: not found\n", args.first().unwrap_or(&"")) }
+            }
         })
     }
 

@@ -191,15 +191,10 @@ impl MockEngine {
             latency: Duration::ZERO,
             calls: Vec::new(),
             subscribers: Vec::new(),
-            capabilities: Capabilities {
-                network_isolation: false,
-                ..Capabilities::ALL
-            },
+            capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             snapshot_exit_info: true,
         };
-        Self {
-            state: Arc::new(Mutex::new(state)),
-        }
+        Self { state: Arc::new(Mutex::new(state)) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -276,10 +271,8 @@ impl MockEngine {
 
     /// OOM-kills a running session.
     pub fn oom_kill(&self, session: &str) {
-        let exit = SessionExitInfo {
-            oom_killed: true,
-            ..SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc()))
-        };
+        let exit =
+            SessionExitInfo { oom_killed: true, ..SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc())) };
         self.finish(session, exit);
     }
 
@@ -384,7 +377,12 @@ impl MockEngine {
         self.lock().images.contains_key(image)
     }
 
-    pub(crate) fn create(&self, spec: &SessionSpec, labels: BTreeMap<String, String>, owner: &OwnershipLabels) -> Result<String, BackendError> {
+    pub(crate) fn create(
+        &self,
+        spec: &SessionSpec,
+        labels: BTreeMap<String, String>,
+        owner: &OwnershipLabels,
+    ) -> Result<String, BackendError> {
         let mut state = self.lock();
         let Some(image_check) = state.images.get(&spec.image).cloned() else {
             return Err(BackendError::ImageNotFound { backend: NAME, image: spec.image.clone() });
@@ -442,7 +440,8 @@ impl MockEngine {
         c.check_failures = 0;
         c.health = if c.check.is_some() { SessionHealth::Starting } else { SessionHealth::Healthy };
         c.logs.push("echo-agent started".into());
-        let (generation, behaviour, check, labels) = (c.generation, c.behaviour.clone(), c.check.clone(), c.labels.clone());
+        let (generation, behaviour, check, labels) =
+            (c.generation, c.behaviour.clone(), c.check.clone(), c.labels.clone());
         state.emit(&labels, BackendEvent::Started { session: session.to_owned() });
         drop(state);
         if behaviour.exit_after.is_some() || behaviour.oom || check.is_some() {
@@ -509,7 +508,12 @@ impl MockEngine {
             .collect()
     }
 
-    pub(crate) fn logs(&self, owner: &OwnershipLabels, session: &str, tail: Option<usize>) -> Result<String, BackendError> {
+    pub(crate) fn logs(
+        &self,
+        owner: &OwnershipLabels,
+        session: &str,
+        tail: Option<usize>,
+    ) -> Result<String, BackendError> {
         let state = self.lock();
         let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
         let skip = tail.map_or(0, |t| c.logs.len().saturating_sub(t));
@@ -568,7 +572,13 @@ enum Tick {
 }
 
 /// Drives one run of a simulated echo agent: its exit, OOM kill and health checks.
-async fn simulate(engine: MockEngine, session: String, generation: u64, behaviour: Behaviour, check: Option<HealthCheck>) {
+async fn simulate(
+    engine: MockEngine,
+    session: String,
+    generation: u64,
+    behaviour: Behaviour,
+    check: Option<HealthCheck>,
+) {
     let started = Instant::now();
     let end = if behaviour.oom {
         Some((started + Duration::from_millis(50), true))

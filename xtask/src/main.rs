@@ -108,7 +108,8 @@ fn images(env: &engines::Engines) -> Result<()> {
         std::fs::create_dir_all(&context).with_context(|| format!("creating {}", context.display()))?;
         let binary = root.join("target").join(target).join("release").join(package);
         std::fs::copy(&binary, context.join(package)).with_context(|| format!("copying {}", binary.display()))?;
-        std::fs::copy(root.join(dir).join("Dockerfile"), context.join("Dockerfile")).context("copying the Dockerfile")?;
+        std::fs::copy(root.join(dir).join("Dockerfile"), context.join("Dockerfile"))
+            .context("copying the Dockerfile")?;
         let ctx = context.to_string_lossy().to_string();
         // The legacy builder needs no buildx plugin and no registry for FROM scratch.
         run_cmd(
@@ -130,10 +131,7 @@ fn images(env: &engines::Engines) -> Result<()> {
 
 /// The repository root (the parent of this crate's manifest directory).
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn cargo(args: &[&str], vars: &[(&str, &str)]) -> Result<()> {
@@ -169,7 +167,11 @@ impl Steps {
         let started = Instant::now();
         let outcome = step().with_context(|| format!("step {name:?} failed"));
         let took = started.elapsed();
-        println!("xtask: == {name}: {} in {:.1}s ==", if outcome.is_ok() { "ok" } else { "FAILED" }, took.as_secs_f64());
+        println!(
+            "xtask: == {name}: {} in {:.1}s ==",
+            if outcome.is_ok() { "ok" } else { "FAILED" },
+            took.as_secs_f64()
+        );
         self.done.push((name.to_owned(), took));
         outcome
     }

@@ -24,8 +24,19 @@ mod tests {
             pending.push_str(line);
             let (instruction, args) = pending.split_once(char::is_whitespace).unwrap_or((&pending, ""));
             const KNOWN: &[&str] = &[
-                "FROM", "ARG", "RUN", "USER", "WORKDIR", "ENV", "HEALTHCHECK", "STOPSIGNAL", "ENTRYPOINT", "CMD", "COPY",
-                "LABEL", "EXPOSE",
+                "FROM",
+                "ARG",
+                "RUN",
+                "USER",
+                "WORKDIR",
+                "ENV",
+                "HEALTHCHECK",
+                "STOPSIGNAL",
+                "ENTRYPOINT",
+                "CMD",
+                "COPY",
+                "LABEL",
+                "EXPOSE",
             ];
             assert!(KNOWN.contains(&instruction), "line {}: unknown instruction {instruction:?}", n + 1);
             out.push((instruction.to_owned(), args.trim().to_owned()));
@@ -42,9 +53,13 @@ mod tests {
         let instructions = parse_dockerfile(&text);
         assert_eq!(instructions.first().map(|(i, _)| i.as_str()), Some("FROM"));
         let user = instructions.iter().rev().find(|(i, _)| i == "USER").map(|(_, a)| a.as_str());
-        assert!(matches!(user, Some(u) if u != "root" && u != "0" && !u.starts_with("0:")), "last USER must be non-root: {user:?}");
+        assert!(
+            matches!(user, Some(u) if u != "root" && u != "0" && !u.starts_with("0:")),
+            "last USER must be non-root: {user:?}"
+        );
         assert!(text.contains("uid 1000") || text.contains("1000"), "the agent user is uid 1000");
-        let check = instructions.iter().find(|(i, _)| i == "HEALTHCHECK").map(|(_, a)| a.as_str()).expect("HEALTHCHECK");
+        let check =
+            instructions.iter().find(|(i, _)| i == "HEALTHCHECK").map(|(_, a)| a.as_str()).expect("HEALTHCHECK");
         for flag in ["--interval=30s", "--timeout=5s", "--start-period=10s", "--retries=3"] {
             assert!(check.contains(flag), "HEALTHCHECK lacks {flag}: {check}");
         }

@@ -69,23 +69,13 @@ impl Fixture {
         let owner = OwnershipLabels::new("agentd", instance).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner.clone()));
         let channel = Arc::new(TestChannel::default());
-        let manager = AgentManager::new(backend, store.clone(), channel.clone(), config).with_clock(Arc::new(clock.clone()));
-        Self {
-            engine,
-            clock,
-            channel,
-            store,
-            owner,
-            manager: Arc::new(manager),
-        }
+        let manager =
+            AgentManager::new(backend, store.clone(), channel.clone(), config).with_clock(Arc::new(clock.clone()));
+        Self { engine, clock, channel, store, owner, manager: Arc::new(manager) }
     }
 
     pub async fn spawn(&self, name: &str) -> AgentView {
-        self.spawn_with(NewAgent {
-            name: name.into(),
-            ..NewAgent::default()
-        })
-        .await
+        self.spawn_with(NewAgent { name: name.into(), ..NewAgent::default() }).await
     }
 
     pub async fn spawn_with(&self, new: NewAgent) -> AgentView {

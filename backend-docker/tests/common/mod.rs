@@ -30,13 +30,12 @@ pub async fn harness() -> Option<DockerHarness> {
     };
     match probe.image_exists(IMAGE).await {
         Ok(true) => {}
-        Ok(false) => return skip_or_fail("Docker", format!("image {IMAGE} is missing; build it with `cargo xtask images`")),
+        Ok(false) => {
+            return skip_or_fail("Docker", format!("image {IMAGE} is missing; build it with `cargo xtask images`"))
+        }
         Err(e) => return skip_or_fail("Docker", e),
     }
-    Some(DockerHarness {
-        probe,
-        fixtures: Mutex::new(HashMap::new()),
-    })
+    Some(DockerHarness { probe, fixtures: Mutex::new(HashMap::new()) })
 }
 
 #[async_trait]

@@ -81,11 +81,8 @@ fn run() {
     let ignore_sigterm = std::env::var("ECHO_IGNORE_SIGTERM").is_ok_and(|v| v == "1");
     // SAFETY: installing a handler that only stores to an atomic, or ignoring the signal.
     unsafe {
-        let handler = if ignore_sigterm {
-            libc::SIG_IGN
-        } else {
-            on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t
-        };
+        let handler =
+            if ignore_sigterm { libc::SIG_IGN } else { on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t };
         libc::signal(libc::SIGTERM, handler);
         libc::signal(libc::SIGINT, handler);
     }
@@ -222,7 +219,10 @@ mod tests {
     fn user_messages_are_read_in_both_content_forms() {
         assert_eq!(user_text(r#"{"type":"user","message":{"role":"user","content":"hi"}}"#).as_deref(), Some("hi"));
         assert_eq!(
-            user_text(r#"{"type":"user","message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}}"#).as_deref(),
+            user_text(
+                r#"{"type":"user","message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}}"#
+            )
+            .as_deref(),
             Some("ab")
         );
         assert_eq!(user_text(r#"{"type":"system"}"#), None);
