@@ -371,10 +371,10 @@ pub async fn kill_is_detected_from_events_without_a_relist(h: &dyn Harness) {
 }
 
 /// Every scenario, by name.
-pub fn all() -> Vec<(&'static str, fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)> {
+pub fn all() -> Vec<(&'static str, backend_core::conformance::ConformanceTest)> {
     macro_rules! entries {
         ($($name:ident),* $(,)?) => {
-            vec![$((stringify!($name), (|h| Box::pin($name(h))) as fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)),*]
+            vec![$((stringify!($name), (|h| Box::pin($name(h))) as backend_core::conformance::ConformanceTest)),*]
         };
     }
     entries![

@@ -1,7 +1,9 @@
 //! The SQLite store: agents, runs and lifecycle events, in one file that survives
 //! restarts.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -32,9 +34,16 @@ pub enum StoreError {
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Agents, runs and events in SQLite (WAL mode, foreign keys on).
+///
+/// The agents table is also kept in memory (loaded when the store opens, written through
+/// on every change), so a reconcile pass lists agents without a database round trip per
+/// row. The database stays the record: every write reaches it first, and the memory copy
+/// changes only after the write succeeded. One `Store` (and its clones) per database file
+/// and process.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    agents: Arc<Mutex<HashMap<String, Agent>>>,
 }
 
 pub(crate) fn millis(at: OffsetDateTime) -> i64 {
@@ -84,7 +93,14 @@ impl Store {
 
     async fn migrated(pool: SqlitePool) -> Result<Self> {
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents");
+        let rows = sqlx::query(&sql).fetch_all(&pool).await?;
+        let agents = rows.iter().map(agent_from_row).map(|a| a.map(|a| (a.id.clone(), a))).collect::<Result<_>>()?;
+        Ok(Self { pool, agents: Arc::new(Mutex::new(agents)) })
+    }
+
+    fn remember(&self, agent: &Agent) {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(agent.id.clone(), agent.clone());
     }
 
     /// Closes the pool, flushing the WAL.
@@ -133,7 +149,10 @@ impl Store {
         .execute(&self.pool)
         .await;
         match outcome {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.remember(agent);
+                Ok(())
+            }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::NameTaken(agent.name.clone())),
             Err(e) => Err(e.into()),
         }
@@ -142,6 +161,7 @@ impl Store {
     /// Writes an agent's mutable fields (status, health, container, counters, reason).
     pub async fn update_agent(&self, agent: &Agent) -> Result<()> {
         update_agent_query(agent).execute(&self.pool).await?;
+        self.remember(agent);
         Ok(())
     }
 
@@ -160,16 +180,20 @@ impl Store {
         row.as_ref().map(agent_from_row).transpose()
     }
 
-    /// Every agent, optionally only those with `status`, oldest first.
+    /// Every agent, optionally only those with `status`, oldest first (from memory).
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE ?1 IS NULL OR status = ?1 ORDER BY created_at, id");
-        let rows = sqlx::query(&sql).bind(status.map(AgentStatus::as_str)).fetch_all(&self.pool).await?;
-        rows.iter().map(agent_from_row).collect()
+        let mut agents: Vec<Agent> = {
+            let cache = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            cache.values().filter(|a| status.is_none_or(|s| a.status == s)).cloned().collect()
+        };
+        agents.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(agents)
     }
 
     /// Deletes an agent and its runs (its events stay).
     pub async fn delete_agent(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&self.pool).await?;
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         Ok(())
     }
 
@@ -242,6 +266,7 @@ impl Store {
         }
         let stored = insert_event_query(event).fetch_one(&mut *tx).await?;
         tx.commit().await?;
+        self.remember(agent);
         Ok(LifecycleEvent { id: stored.try_get("id")?, ..event.clone() })
     }
 
