@@ -107,7 +107,7 @@ impl AgentDefaults {
         }
         if let Some(cpus) = spec.cpus {
             if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
-                return invalid("cpus", format!("{cpus} must be a number of cores above 0"));
+                return invalid("cpus", format!("{cpus} must be a number of cores above 0 and at most 1024"));
             }
         }
         if let Some(pids) = spec.pids_limit {

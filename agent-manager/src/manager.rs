@@ -291,7 +291,11 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             };
             agent.reason = exit.error.clone();
             let detail = exit.error.clone().unwrap_or_default();
+            // A failed start is a failure like any other for the restart policy.
+            let now = self.now();
+            self.schedule_restart(agent, true, now).await?;
             self.transition(agent, AgentStatus::Failed, EventKind::Failed, detail, Some((&exit, failure))).await?;
+            self.announce_schedule(agent).await?;
             return Err(e.into());
         }
         lock(&self.runtime).insert(
@@ -370,25 +374,37 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         agent.desired = Desired::Running;
         agent.next_restart_at = None;
         agent.crash_streak = 0;
-        self.restart_locked(&mut agent, "restart requested").await?;
+        self.restart_locked(&mut agent, "restart requested", AgentStatus::Stopped).await?;
         self.view(agent).await
     }
 
-    /// Ends the current run (if live) and launches a new one, counting a restart.
-    pub(crate) async fn restart_locked(&self, agent: &mut Agent, why: &str) -> Result<()> {
+    /// Ends the current run (if live) and launches a new one, counting a restart. The
+    /// ended run leaves the agent `between` (stopped for a requested restart, failed for
+    /// one the manager decided), which is what it reads if the new run cannot be created.
+    pub(crate) async fn restart_locked(&self, agent: &mut Agent, why: &str, between: AgentStatus) -> Result<()> {
         if matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
             let exit = self.end_run(agent).await?;
             agent.reason = Some(why.to_owned());
+            agent.health = SessionHealth::Unknown;
             let detail = format!("{why}; {}", exit.summary());
-            let status = agent.status;
-            self.transition(agent, status, EventKind::Exited, detail, Some((&exit, EndedBy::Restart))).await?;
+            let kind = if between == AgentStatus::Failed { EventKind::Failed } else { EventKind::Stopped };
+            self.transition(agent, between, kind, detail, Some((&exit, EndedBy::Restart))).await?;
         }
         self.backend.remove_session(&agent.session).await?;
         agent.restarts += 1;
         Metrics::add(&self.metrics.restarts);
         let from = agent.status;
         self.record(agent, EventKind::Restarted, Some(from), Some(from), why.to_owned()).await?;
-        self.launch(agent, EndedBy::StartError).await
+        if let Err(e) = self.launch(agent, EndedBy::StartError).await {
+            if agent.container_id.is_none() {
+                // The new container could not even be created: say so on the record.
+                agent.reason = Some(format!("restart failed: {e}"));
+                agent.updated_at = self.now();
+                self.store.update_agent(agent).await?;
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Stops the agent (recording the exit), removes its container and deletes its record
@@ -466,8 +482,10 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             rt.last_connected = Some(now);
         }
         let mut agent = self.find(agent_id).await?;
-        if !agent.connected_once {
+        if !agent.connected_once || agent.crash_streak > 0 {
+            // Connecting proves the agent works: its crash streak ends.
             agent.connected_once = true;
+            agent.crash_streak = 0;
             agent.updated_at = now;
             self.store.update_agent(&agent).await?;
         }

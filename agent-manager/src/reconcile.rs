@@ -168,13 +168,14 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         }
         let rt = lock(&self.runtime).get(&agent.id).cloned()?;
         let cfg = &self.config.reconcile;
+        let extra = self.liveness_backoff(agent);
         let mut due = None::<OffsetDateTime>;
         if agent.speaks_channel() && !self.channel.is_connected(&agent.id) {
-            due = Some(rt.last_connected.unwrap_or(rt.since).max(rt.since) + cfg.reconnect_grace);
+            due = Some(rt.last_connected.unwrap_or(rt.since).max(rt.since) + cfg.reconnect_grace + extra);
         }
         if agent.spec.on_unhealthy == UnhealthyAction::Restart {
             if let Some(since) = rt.unhealthy_since {
-                let at = since + cfg.unhealthy_grace;
+                let at = since + cfg.unhealthy_grace + extra;
                 due = Some(due.map_or(at, |d| d.min(at)));
             }
         }
@@ -288,21 +289,35 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             (rt.unhealthy_since, disconnected_since)
         };
         let cfg = &self.config.reconcile;
+        // Restarts for liveness back off like crash loops: each one in a row waits longer.
+        let extra = self.liveness_backoff(agent);
         if let Some(since) = unhealthy_since {
-            if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace {
+            if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace + extra {
                 let why = format!("unhealthy for {}s", (now - since).whole_seconds());
-                self.restart_locked(agent, &why).await?;
+                agent.crash_streak += 1;
+                self.restart_locked(agent, &why, AgentStatus::Failed).await?;
                 return Ok(Outcome::Restarted);
             }
         }
         if let Some(since) = disconnected_since {
-            if now - since >= cfg.reconnect_grace {
+            if now - since >= cfg.reconnect_grace + extra {
                 let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
-                self.restart_locked(agent, &why).await?;
+                agent.crash_streak += 1;
+                self.restart_locked(agent, &why, AgentStatus::Failed).await?;
                 return Ok(Outcome::Restarted);
             }
         }
         Ok(outcome)
+    }
+
+    /// The extra wait before a liveness restart of an agent already restarted for
+    /// liveness `crash_streak` times in a row.
+    fn liveness_backoff(&self, agent: &Agent) -> std::time::Duration {
+        if agent.crash_streak == 0 {
+            std::time::Duration::ZERO
+        } else {
+            self.config.backoff.delay(agent.crash_streak)
+        }
     }
 
     /// A run ended: record it, decide the status, and schedule a restart if the policy
@@ -353,7 +368,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     }
 
     /// Sets `next_restart_at` by the restart policy and the crash-loop backoff.
-    async fn schedule_restart(&self, agent: &mut Agent, failed: bool, now: OffsetDateTime) -> Result<()> {
+    pub(crate) async fn schedule_restart(&self, agent: &mut Agent, failed: bool, now: OffsetDateTime) -> Result<()> {
         let wanted = agent.desired.is_running()
             && match agent.restart {
                 RestartPolicy::Never => false,
@@ -376,7 +391,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         Ok(())
     }
 
-    async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
+    pub(crate) async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
         if let Some(at) = agent.next_restart_at {
             let delay = (at - agent.updated_at).whole_seconds().max(0);
             let detail =
@@ -392,7 +407,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     async fn restart_by_policy(&self, agent: &mut Agent) -> Result<Outcome> {
         agent.next_restart_at = None;
         let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
-        match self.restart_locked(agent, &why).await {
+        match self.restart_locked(agent, &why, AgentStatus::Failed).await {
             Ok(()) => Ok(Outcome::Restarted),
             Err(e) if e.is_engine_unavailable() => Err(e),
             Err(e) => {

@@ -695,3 +695,59 @@ async fn the_supervisor_learns_of_a_kill_from_events_without_a_relist() {
     stop_tx.send(true).expect("stop");
     tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("supervisor stops").expect("join");
 }
+
+#[tokio::test]
+async fn liveness_restarts_back_off_until_the_agent_connects() {
+    let mut config = test_config();
+    config.channel_port = Some(7006);
+    let fx = Fixture::with_config(config).await;
+    let agent =
+        fx.spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() }).await.agent;
+    // First restart after the 30 s grace, then the grace plus 10 s, 20 s, 40 s.
+    let mut waits = Vec::new();
+    for expected_restarts in 1..=4u32 {
+        let mut waited = 0;
+        loop {
+            fx.clock.advance(Duration::from_secs(1));
+            waited += 1;
+            fx.reconcile().await;
+            if fx.get("mute").await.agent.restarts == expected_restarts {
+                break;
+            }
+            assert!(waited < 1000, "no restart {expected_restarts}");
+        }
+        waits.push(waited);
+    }
+    assert_eq!(waits, [30, 40, 50, 70], "liveness restarts must back off");
+    // Connecting ends the streak: the next silence gets the plain grace again.
+    fx.channel.connect(&agent.id);
+    fx.manager.agent_connected(&agent.id).await.expect("connected");
+    assert_eq!(fx.get("mute").await.agent.crash_streak, 0);
+}
+
+#[tokio::test]
+async fn a_failed_start_is_retried_by_the_restart_policy() {
+    let fx = Fixture::new().await;
+    fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Start(_)));
+    let new = NewAgent { name: "retry".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() };
+    assert!(fx.manager.spawn(new).await.is_err());
+    let failed = fx.get("retry").await.agent;
+    assert_eq!(failed.status, AgentStatus::Failed);
+    let due = failed.next_restart_at.expect("a retry is scheduled");
+    fx.clock.advance(Duration::try_from(due - fx.manager_now()).expect("positive"));
+    fx.reconcile().await;
+    assert_eq!(fx.status("retry").await, AgentStatus::Running);
+}
+
+#[tokio::test]
+async fn a_restart_whose_container_cannot_be_created_does_not_read_running() {
+    let fx = Fixture::new().await;
+    fx.spawn("fragile").await;
+    fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Create(_)));
+    assert!(fx.manager.restart("fragile").await.is_err());
+    let agent = fx.get("fragile").await.agent;
+    assert_eq!(agent.status, AgentStatus::Stopped, "{agent:?}");
+    assert!(agent.reason.as_deref().unwrap_or_default().starts_with("restart failed"), "{:?}", agent.reason);
+    // A second try works.
+    assert_eq!(fx.manager.restart("fragile").await.expect("restart").agent.status, AgentStatus::Running);
+}

@@ -61,6 +61,9 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/ws/{agent_id}", get(agent_socket))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint; see docs/api.md".into())
+        })
         .with_state(app)
 }
 
@@ -401,7 +404,7 @@ async fn agent_socket(
     Path(agent_id): Path<String>,
     Query(query): Query<SocketQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let given = bearer(&headers).map(str::to_owned).or(query.token);
     let agent = match app.manager.agent(&agent_id).await {
@@ -412,7 +415,13 @@ async fn agent_socket(
         warn!(agent_id = %agent.id, "Agent channel connection refused: wrong or missing token.");
         return ApiError(StatusCode::UNAUTHORIZED, "unknown agent or wrong agent token".into()).into_response();
     }
-    upgrade.on_upgrade(move |socket| serve_agent(app, agent, socket))
+    match upgrade {
+        Ok(upgrade) => upgrade.on_upgrade(move |socket| serve_agent(app, agent, socket)),
+        Err(rejection) => {
+            ApiError(StatusCode::BAD_REQUEST, format!("the agent channel is a WebSocket: {}", rejection.body_text()))
+                .into_response()
+        }
+    }
 }
 
 async fn serve_agent(app: AppState, agent: agent_manager::Agent, socket: WebSocket) {

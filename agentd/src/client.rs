@@ -85,9 +85,13 @@ impl Client {
         Ok(self.send(self.request(Method::GET, path)).await?.text().await?)
     }
 
-    /// Follows the server-sent event stream, calling `each` with every event's data.
-    pub async fn follow_events(&self, path: &str, mut each: impl FnMut(Value)) -> Result<()> {
-        let response = self.send(self.request(Method::GET, path)).await?;
+    /// Opens a server-sent event stream (the subscription starts when this returns).
+    pub async fn open_stream(&self, path: &str) -> Result<reqwest::Response> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    /// Reads lifecycle events from an open stream, calling `each` with every event.
+    pub async fn follow_events(&self, response: reqwest::Response, mut each: impl FnMut(Value)) -> Result<()> {
         let mut stream = response.bytes_stream();
         let mut buffer = String::new();
         while let Some(chunk) = stream.next().await {

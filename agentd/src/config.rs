@@ -322,13 +322,15 @@ impl Config {
             bad("server.token_file", "set".into(), "set either server.token or server.token_file, not both");
         }
         if let Some(token) = &self.server.token {
-            if token.trim().len() < 16 {
+            if token.trim() != token {
+                bad("server.token", "<redacted>".into(), "remove the spaces around the token");
+            } else if token.chars().count() < 16 {
                 bad("server.token", "<redacted>".into(), "a token must be at least 16 characters");
             }
         }
         if let Some(path) = &self.server.token_file {
             match std::fs::read_to_string(path) {
-                Ok(text) if text.lines().next().is_some_and(|l| l.trim().len() >= 16) => {}
+                Ok(text) if text.lines().next().is_some_and(|l| l.trim().chars().count() >= 16) => {}
                 Ok(_) => bad(
                     "server.token_file",
                     path.display().to_string(),
@@ -355,8 +357,27 @@ impl Config {
             }
         }
         let a = &self.agents;
-        if backend_core::OwnershipLabels::new(a.prefix.clone(), "x").is_err() || a.prefix.len() > 30 {
-            bad("agents.prefix", format!("{:?}", a.prefix), "use 1 to 30 characters from [A-Za-z0-9_.-]");
+        let prefix_ok = backend_core::OwnershipLabels::new(a.prefix.clone(), "x").is_ok()
+            && a.prefix.len() <= 30
+            && a.prefix.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !prefix_ok {
+            bad(
+                "agents.prefix",
+                format!("{:?}", a.prefix),
+                "use 1 to 30 characters from [A-Za-z0-9_.-], starting with a letter or digit (it starts container names)",
+            );
+        }
+        for name in &a.forward_env {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid || name.starts_with("AGENTD_") {
+                bad(
+                    "agents.forward_env",
+                    format!("{name:?}"),
+                    "names of the daemon's variables to copy into agents ([A-Za-z_][A-Za-z0-9_]*), never AGENTD_*",
+                );
+            }
         }
         if a.image.trim().is_empty() || a.image.contains(char::is_whitespace) {
             bad("agents.image", format!("{:?}", a.image), "an image reference such as agentd-echo:latest");
@@ -364,8 +385,8 @@ impl Config {
         if a.memory_mb < 6 {
             bad("agents.memory_mb", a.memory_mb.to_string(), "at least 6 (MB)");
         }
-        if !(a.cpus.is_finite() && a.cpus > 0.0) {
-            bad("agents.cpus", a.cpus.to_string(), "a number of cores above 0, such as 0.5 or 2");
+        if !(a.cpus.is_finite() && a.cpus > 0.0 && a.cpus <= 1024.0) {
+            bad("agents.cpus", a.cpus.to_string(), "a number of cores above 0 and at most 1024, such as 0.5 or 2");
         }
         if a.pids_limit < 1 {
             bad("agents.pids_limit", a.pids_limit.to_string(), "at least 1");
@@ -399,7 +420,7 @@ impl Config {
 
     /// The bearer token, from `token` or `token_file`.
     pub fn token(&self) -> Option<String> {
-        self.server.token.clone().or_else(|| {
+        self.server.token.as_ref().map(|t| t.trim().to_owned()).or_else(|| {
             let path = self.server.token_file.as_ref()?;
             let text = std::fs::read_to_string(path).ok()?;
             text.lines().next().map(|l| l.trim().to_owned())
@@ -489,16 +510,12 @@ fn leaves(value: &Value, prefix: String, out: &mut Vec<(String, String)>) {
                     format!("[{}]", items.join(", "))
                 }
                 Value::Bool(_, b) => b.to_string(),
-                Value::Num(_, n) => n.to_f64().map_or_else(
-                    || format!("{n:?}"),
-                    |f| {
-                        if f.fract() == 0.0 && f.abs() < 1e15 {
-                            format!("{}", f as i64)
-                        } else {
-                            f.to_string()
-                        }
-                    },
-                ),
+                Value::Num(_, n) => match (n.to_u128(), n.to_i128(), n.to_f64()) {
+                    (Some(u), _, _) => u.to_string(),
+                    (_, Some(i), _) => i.to_string(),
+                    (_, _, Some(f)) => f.to_string(),
+                    _ => format!("{n:?}"),
+                },
                 Value::Char(_, c) => format!("{c:?}"),
                 Value::Dict(..) => "{...}".to_owned(),
             };

@@ -102,24 +102,27 @@ impl Daemon {
             .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
         let api_addr = api.local_addr()?;
         let channel_port = config.server.channel_port.unwrap_or(api_addr.port());
+        let mut wanted: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
+        wanted.extend(backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")?);
         let mut channels = Vec::new();
-        for ip in backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")? {
-            if covers(api_addr, ip, channel_port) {
+        if api_addr.ip().is_unspecified() {
+            // The API answers on every address already; a separate channel port needs one
+            // listener on every address too.
+            if channel_port != api_addr.port() {
+                wanted = vec![api_addr.ip()];
+            } else {
+                wanted.clear();
+            }
+        }
+        for ip in wanted {
+            if covers(api_addr, ip, channel_port) || channels.iter().any(|l: &TcpListener| l.local_addr().is_ok_and(|a| a.ip() == ip)) {
                 continue;
             }
             let addr = SocketAddr::new(ip, channel_port);
             match TcpListener::bind(addr).await {
                 Ok(listener) => channels.push(listener),
-                Err(e) => {
-                    warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect.")
-                }
+                Err(e) => warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect."),
             }
-        }
-        if channel_port != api_addr.port() && !covers(api_addr, api_addr.ip(), channel_port) {
-            let addr = SocketAddr::new(api_addr.ip(), channel_port);
-            channels.push(
-                TcpListener::bind(addr).await.with_context(|| format!("cannot serve the agent channel on {addr}"))?,
-            );
         }
         let registry = Arc::new(ChannelRegistry::default());
         let manager =

@@ -276,20 +276,34 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             println!("{name} removed");
         }
         Command::Events { follow, agent } => {
-            let filter = agent.as_deref().map(|a| format!("agent={}", client::encode(a)));
-            let path = match &filter {
-                Some(f) => format!("/v1/events?{f}"),
-                None => "/v1/events".to_owned(),
+            let filter = agent.as_deref().map(|a| format!("&agent={}", client::encode(a))).unwrap_or_default();
+            // Subscribe before listing, so no event falls between the two.
+            let stream = if follow {
+                let path = format!("/v1/events/stream?{}", filter.trim_start_matches('&'));
+                Some(client.open_stream(&path).await?)
+            } else {
+                None
             };
-            for event in client.get_json(&path).await?.as_array().cloned().unwrap_or_default() {
-                println!("{}", client::event_line(&event));
+            let mut last = 0;
+            loop {
+                let page = client.get_json(&format!("/v1/events?since={last}&limit=1000{filter}")).await?;
+                let page = page.as_array().cloned().unwrap_or_default();
+                for event in &page {
+                    println!("{}", client::event_line(event));
+                    last = event["id"].as_i64().unwrap_or(last);
+                }
+                if page.len() < 1000 {
+                    break;
+                }
             }
-            if follow {
-                let path = match &filter {
-                    Some(f) => format!("/v1/events/stream?{f}"),
-                    None => "/v1/events/stream".to_owned(),
-                };
-                client.follow_events(&path, |event| println!("{}", client::event_line(&event))).await?;
+            if let Some(stream) = stream {
+                client
+                    .follow_events(stream, |event| {
+                        if event["id"].as_i64().unwrap_or(i64::MAX) > last {
+                            println!("{}", client::event_line(&event));
+                        }
+                    })
+                    .await?;
             }
         }
         Command::Send { name, text } => {
