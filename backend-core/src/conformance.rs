@@ -718,11 +718,14 @@ pub async fn agent_channel_url_depends_on_the_network(h: &dyn Harness) {
         .await
 }
 
+/// One conformance function, as [`all`] lists it.
+pub type ConformanceTest = fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>;
+
 /// Every conformance function, by name, in a stable order.
-pub fn all() -> Vec<(&'static str, fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)> {
+pub fn all() -> Vec<(&'static str, ConformanceTest)> {
     macro_rules! entries {
         ($($name:ident),* $(,)?) => {
-            vec![$((stringify!($name), (|h| Box::pin($name(h))) as fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>)),*]
+            vec![$((stringify!($name), (|h| Box::pin($name(h))) as ConformanceTest)),*]
         };
     }
     entries![

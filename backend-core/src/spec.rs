@@ -281,7 +281,8 @@ mod tests {
     fn invalid_specs_name_the_field() {
         let base = SessionSpec::new("agentd-a", "id", "img:latest");
         assert!(base.validate().is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut SessionSpec)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut SessionSpec)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("session", Box::new(|s| s.session = "-bad".into())),
             ("image", Box::new(|s| s.image = " ".into())),
             ("command", Box::new(|s| s.command = Some(vec![]))),

@@ -26,11 +26,7 @@ pub struct PodmanConfig {
 
 impl Default for PodmanConfig {
     fn default() -> Self {
-        Self {
-            socket: None,
-            request_timeout: Duration::from_secs(30),
-            isolated_network: "agentd-isolated".into(),
-        }
+        Self { socket: None, request_timeout: Duration::from_secs(30), isolated_network: "agentd-isolated".into() }
     }
 }
 
@@ -52,7 +48,11 @@ impl PodmanConfig {
 }
 
 /// [`PodmanConfig::candidates`] with the environment passed in.
-pub(crate) fn candidates(socket: Option<&str>, container_host: Option<&str>, xdg_runtime_dir: Option<&str>) -> Vec<String> {
+pub(crate) fn candidates(
+    socket: Option<&str>,
+    container_host: Option<&str>,
+    xdg_runtime_dir: Option<&str>,
+) -> Vec<String> {
     let explicit = |s: Option<&str>| s.map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
     if let Some(address) = explicit(socket).or_else(|| explicit(container_host)) {
         return vec![normalize(&address)];
@@ -88,10 +88,7 @@ mod tests {
 
     #[test]
     fn explicit_addresses_win_and_are_tried_alone() {
-        assert_eq!(
-            candidates(Some("unix:///a.sock"), Some("tcp://h:1"), Some("/run/user/1")),
-            vec!["unix:///a.sock"]
-        );
+        assert_eq!(candidates(Some("unix:///a.sock"), Some("tcp://h:1"), Some("/run/user/1")), vec!["unix:///a.sock"]);
         assert_eq!(candidates(None, Some("tcp://h:1"), Some("/run/user/1")), vec!["tcp://h:1"]);
         assert_eq!(candidates(Some("/b.sock"), None, None), vec!["unix:///b.sock"], "a bare path is a unix socket");
     }

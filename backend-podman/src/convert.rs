@@ -47,7 +47,8 @@ pub(crate) fn network_plan(
     bridge_gateway: Option<IpAddr>,
     isolated_gateway: Option<IpAddr>,
 ) -> NetworkPlan {
-    let host_alias = |gateway: Option<IpAddr>| gateway.map(|ip| format!("host.docker.internal:{ip}")).into_iter().collect();
+    let host_alias =
+        |gateway: Option<IpAddr>| gateway.map(|ip| format!("host.docker.internal:{ip}")).into_iter().collect();
     match policy {
         NetworkPolicy::Internet => NetworkPlan {
             nsmode: "bridge",
@@ -59,16 +60,8 @@ pub(crate) fn network_plan(
             network: Some(isolated_network.to_owned()),
             hosts: host_alias(isolated_gateway),
         },
-        NetworkPolicy::None => NetworkPlan {
-            nsmode: "none",
-            network: None,
-            hosts: Vec::new(),
-        },
-        NetworkPolicy::Host => NetworkPlan {
-            nsmode: "host",
-            network: None,
-            hosts: Vec::new(),
-        },
+        NetworkPolicy::None => NetworkPlan { nsmode: "none", network: None, hosts: Vec::new() },
+        NetworkPolicy::Host => NetworkPlan { nsmode: "host", network: None, hosts: Vec::new() },
     }
 }
 
@@ -212,11 +205,7 @@ pub(crate) fn check_timing(config: Option<&Schema2HealthConfig>) -> Option<Check
     Some(CheckTiming {
         interval: duration(config.interval, DEFAULT_INTERVAL),
         timeout: duration(config.timeout, DEFAULT_TIMEOUT),
-        retries: config
-            .retries
-            .and_then(|r| u32::try_from(r).ok())
-            .filter(|r| *r > 0)
-            .unwrap_or(DEFAULT_RETRIES),
+        retries: config.retries.and_then(|r| u32::try_from(r).ok()).filter(|r| *r > 0).unwrap_or(DEFAULT_RETRIES),
         start_period: duration(config.start_period, Duration::ZERO),
     })
 }
@@ -271,23 +260,14 @@ pub(crate) fn exit_of(state: &InspectContainerState) -> Option<SessionExitInfo> 
 
 /// The labels of an inspected container.
 pub(crate) fn labels_of(inspect: &InspectContainerData) -> BTreeMap<String, String> {
-    inspect
-        .config
-        .as_ref()
-        .and_then(|c| c.labels.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .collect()
+    inspect.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default().into_iter().collect()
 }
 
 /// The state of one container from its inspection (exit info as the engine has it).
 pub(crate) fn state_of(session: &str, inspect: &InspectContainerData) -> SessionState {
     let state = inspect.state.as_ref();
     let status = status_of(state.and_then(|s| s.status.as_deref()).unwrap_or_default());
-    let health = health_of(
-        status,
-        state.and_then(|s| s.health.as_ref()).and_then(|h| h.status.as_deref()),
-    );
+    let health = health_of(status, state.and_then(|s| s.health.as_ref()).and_then(|h| h.status.as_deref()));
     SessionState {
         session: session.to_owned(),
         id: inspect.id.clone().unwrap_or_default(),
@@ -307,9 +287,7 @@ pub(crate) fn summary_name(summary: &ListContainer) -> Option<String> {
 /// A unix timestamp in seconds from a listing; libpod writes the zero time's (negative)
 /// for "never".
 pub(crate) fn unix_time(seconds: Option<i64>) -> Option<OffsetDateTime> {
-    seconds
-        .filter(|s| *s > 0)
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+    seconds.filter(|s| *s > 0).and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
 }
 
 /// The state of a listed container. libpod's listing carries the health status (in its
@@ -350,11 +328,7 @@ mod tests {
         spec.resources.cpus = Some(1.5);
         spec.resources.pids_limit = Some(100);
         spec.workdir = Some("/tmp/work".into());
-        spec.mounts.push(SpecMount {
-            source: "/a".into(),
-            target: "/b".into(),
-            read_only: true,
-        });
+        spec.mounts.push(SpecMount { source: "/a".into(), target: "/b".into(), read_only: true });
         spec.env.insert("A".into(), "1".into());
         spec.stop_grace = Duration::from_millis(2500);
         spec.read_only_rootfs = true;
@@ -449,10 +423,7 @@ mod tests {
         assert_eq!(timing.timeout, Duration::from_secs(3));
         assert_eq!(timing.retries, 2);
         assert_eq!(timing.start_period, Duration::ZERO);
-        let none = Schema2HealthConfig {
-            test: Some(vec!["NONE".into()]),
-            ..config
-        };
+        let none = Schema2HealthConfig { test: Some(vec!["NONE".into()]), ..config };
         assert_eq!(check_timing(Some(&none)), None);
         assert_eq!(check_timing(None), None);
     }

@@ -36,32 +36,21 @@ pub(crate) fn map_err(err: PodmanError, subject: Subject<'_>) -> BackendError {
                 (StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT, _) => {
                     unavailable(err)
                 }
-                (_, Subject::Create { image, .. }) if image_missing => BackendError::ImageNotFound {
-                    backend: NAME,
-                    image: image.to_owned(),
-                },
-                (StatusCode::NOT_FOUND, Subject::Image(image)) => BackendError::ImageNotFound {
-                    backend: NAME,
-                    image: image.to_owned(),
-                },
+                (_, Subject::Create { image, .. }) if image_missing => {
+                    BackendError::ImageNotFound { backend: NAME, image: image.to_owned() }
+                }
+                (StatusCode::NOT_FOUND, Subject::Image(image)) => {
+                    BackendError::ImageNotFound { backend: NAME, image: image.to_owned() }
+                }
                 (StatusCode::NOT_FOUND, Subject::Session(session) | Subject::Create { session, .. }) => {
-                    BackendError::NotFound {
-                        backend: NAME,
-                        session: session.to_owned(),
-                    }
+                    BackendError::NotFound { backend: NAME, session: session.to_owned() }
                 }
                 (StatusCode::CONFLICT, Subject::Session(session) | Subject::Create { session, .. }) => {
-                    BackendError::AlreadyExists {
-                        backend: NAME,
-                        session: session.to_owned(),
-                        detail: message.clone(),
-                    }
+                    BackendError::AlreadyExists { backend: NAME, session: session.to_owned(), detail: message.clone() }
                 }
-                (_, Subject::Create { session, .. }) if lower.contains(NAME_TAKEN) => BackendError::AlreadyExists {
-                    backend: NAME,
-                    session: session.to_owned(),
-                    detail: message.clone(),
-                },
+                (_, Subject::Create { session, .. }) if lower.contains(NAME_TAKEN) => {
+                    BackendError::AlreadyExists { backend: NAME, session: session.to_owned(), detail: message.clone() }
+                }
                 _ => engine(err),
             }
         }
@@ -85,19 +74,11 @@ pub(crate) fn status_of(err: &PodmanError) -> Option<StatusCode> {
 }
 
 fn unavailable(err: PodmanError) -> BackendError {
-    BackendError::Unavailable {
-        backend: NAME,
-        message: err.to_string(),
-        source: Some(Box::new(err)),
-    }
+    BackendError::Unavailable { backend: NAME, message: err.to_string(), source: Some(Box::new(err)) }
 }
 
 fn engine(err: PodmanError) -> BackendError {
-    BackendError::Engine {
-        backend: NAME,
-        message: err.to_string(),
-        source: Some(Box::new(err)),
-    }
+    BackendError::Engine { backend: NAME, message: err.to_string(), source: Some(Box::new(err)) }
 }
 
 /// The error for an engine call that did not answer within `limit`.
@@ -112,10 +93,7 @@ mod tests {
     use super::*;
 
     fn fault(code: u16, message: &str) -> PodmanError {
-        PodmanError::Fault {
-            code: StatusCode::from_u16(code).expect("status"),
-            message: message.into(),
-        }
+        PodmanError::Fault { code: StatusCode::from_u16(code).expect("status"), message: message.into() }
     }
 
     #[test]
@@ -149,7 +127,9 @@ mod tests {
             BackendError::ImageNotFound { image, .. } if image == "img:1"
         ));
         let taken = "creating container storage: the container name \"s\" is already in use by 1234: that name is already in use";
-        assert!(matches!(map_err(fault(500, taken), create), BackendError::AlreadyExists { session, .. } if session == "s"));
+        assert!(
+            matches!(map_err(fault(500, taken), create), BackendError::AlreadyExists { session, .. } if session == "s")
+        );
         assert!(matches!(map_err(fault(409, "conflict"), Subject::Session("s")), BackendError::AlreadyExists { .. }));
     }
 }

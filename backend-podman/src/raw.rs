@@ -44,7 +44,8 @@ impl Libpod {
             },
             Some(("tcp" | "http", host)) if !host.is_empty() => Transport::Tcp {
                 client: hyper::Client::builder().build(get_http_connector()),
-                host: containers_api::url::url::Url::parse(&format!("tcp://{host}")).map_err(PodmanError::InvalidUrl)?,
+                host: containers_api::url::url::Url::parse(&format!("tcp://{host}"))
+                    .map_err(PodmanError::InvalidUrl)?,
             },
             Some((_, "")) => return Err(PodmanError::MissingAuthority),
             Some((scheme, _)) => return Err(PodmanError::UnsupportedScheme(scheme.to_owned())),
@@ -71,11 +72,7 @@ impl Libpod {
     pub(crate) async fn stop(&self, id: &str, timeout_secs: u64) -> Result<Stopped, PodmanError> {
         let endpoint = format!("{}/libpod/containers/{id}/stop?timeout={timeout_secs}", self.prefix);
         let response = self.client.post(endpoint, Payload::empty(), Headers::none()).await?;
-        Ok(if response.status() == StatusCode::NOT_MODIFIED {
-            Stopped::Already
-        } else {
-            Stopped::Now
-        })
+        Ok(if response.status() == StatusCode::NOT_MODIFIED { Stopped::Already } else { Stopped::Now })
     }
 }
 
@@ -89,13 +86,8 @@ fn validate(response: Response<Body>) -> Validated {
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(response);
         }
-        let bytes = hyper::body::to_bytes(response.into_body())
-            .await
-            .map_err(containers_api::conn::Error::from)?;
-        Err(PodmanError::Fault {
-            code: status,
-            message: fault_message(status, &bytes),
-        })
+        let bytes = hyper::body::to_bytes(response.into_body()).await.map_err(containers_api::conn::Error::from)?;
+        Err(PodmanError::Fault { code: status, message: fault_message(status, &bytes) })
     })
 }
 
@@ -120,7 +112,8 @@ mod tests {
     fn fault_messages_keep_libpods_cause() {
         let body = br#"{"cause":"image not known","message":"img: image not known","response":500}"#;
         assert_eq!(fault_message(StatusCode::INTERNAL_SERVER_ERROR, body), "img: image not known");
-        let body = br#"{"cause":"no such container","message":"no container with name or ID \"x\" found","response":404}"#;
+        let body =
+            br#"{"cause":"no such container","message":"no container with name or ID \"x\" found","response":404}"#;
         assert_eq!(
             fault_message(StatusCode::NOT_FOUND, body),
             "no container with name or ID \"x\" found: no such container"

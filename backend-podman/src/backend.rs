@@ -1,0 +1,701 @@
+//! The Podman implementation of the backend contract.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backend_core::{
+    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy,
+    OwnershipLabels, Result, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
+};
+use futures_util::StreamExt;
+use podman_api::models::{InspectContainerData, Network};
+use podman_api::opts::{
+    ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts,
+    NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
+};
+use podman_api::Podman;
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::config::{is_local, START_SERVICE};
+use crate::convert::{self, grace_secs, DEFAULT_NETWORK};
+use crate::error::{map_err, status_of, timed_out, Subject, NAME};
+use crate::events::Pump;
+use crate::health::{self, HealthDriver, HealthScheduling};
+use crate::oom::OomJudge;
+use crate::raw::Libpod;
+use crate::PodmanConfig;
+
+/// The oldest Podman this backend supports: the libpod API of 4.0 (netavark networks,
+/// the SpecGenerator fields used here).
+const MIN_MAJOR: u64 = 4;
+
+/// How long connect waits for each candidate address to answer a ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where `sd_booted()` looks to tell whether the host runs systemd.
+const SYSTEMD_DIR: &str = "/run/systemd/system";
+
+/// The pool the isolated network's subnet is taken from (Podman's own default pool):
+/// `10.89.N.0/24`.
+const ISOLATED_POOL: [u8; 2] = [10, 89];
+
+/// An [`ExecutionBackend`] on the Podman service (libpod API). Clones share one
+/// connection, one health-check driver and one OOM judge.
+#[derive(Debug, Clone)]
+pub struct PodmanBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    podman: Podman,
+    libpod: Libpod,
+    owner: OwnershipLabels,
+    config: PodmanConfig,
+    address: String,
+    engine_version: String,
+    /// Host addresses on the engine's networks where sessions reach the daemon.
+    bridge_gateway: Option<IpAddr>,
+    isolated_gateway: Option<IpAddr>,
+    scheduling: HealthScheduling,
+    oom: OomJudge,
+    /// Health changes the check driver makes, for event subscribers.
+    health_events: broadcast::Sender<BackendEvent>,
+    /// Runs health checks while the backend lives.
+    _driver: HealthDriver,
+}
+
+/// The gateway of a network, if it is (or, for a local engine, becomes) an address of
+/// this host. netavark brings a bridge up when its first container starts and tears it
+/// down when its last one stops, so while no session runs the address may be missing
+/// here; for an engine on this host it is still the host's. For a remote engine it
+/// counts only if it is bound here.
+fn host_gateway(network: &Network, engine_is_local: bool) -> Option<IpAddr> {
+    network
+        .subnets
+        .iter()
+        .flatten()
+        .filter_map(|s| s.gateway.as_deref()?.parse::<IpAddr>().ok())
+        .filter(IpAddr::is_ipv4)
+        .find(|ip| engine_is_local || std::net::UdpSocket::bind((*ip, 0)).is_ok())
+}
+
+fn parse_major(version: &str) -> Option<u64> {
+    version.trim_start_matches('v').split('.').next()?.parse().ok()
+}
+
+/// IPv4 routes of this host as (network, mask), from `/proc/net/route`.
+fn host_routes() -> Vec<(u32, u32)> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/route") else {
+        return Vec::new();
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // The kernel prints each address as the native integer of its network-order bytes.
+            let addr = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| u32::from_be_bytes(v.to_ne_bytes()));
+            Some((addr(fields.get(1)?)?, addr(fields.get(7)?)?))
+        })
+        .filter(|(_, mask)| *mask != 0)
+        .collect()
+}
+
+/// The first `10.89.N.0/24` that overlaps no used subnet (given as network, mask).
+fn free_subnet(used: &[(u32, u32)]) -> Option<Ipv4Addr> {
+    (0..=255u8).map(|n| Ipv4Addr::new(ISOLATED_POOL[0], ISOLATED_POOL[1], n, 0)).find(|candidate| {
+        let net = u32::from(*candidate);
+        let mask = 0xffff_ff00;
+        used.iter().all(|(other, other_mask)| net & other_mask != other & other_mask && other & mask != net)
+    })
+}
+
+/// A CIDR subnet (`10.88.0.0/16`) as (network, mask).
+fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (net, bits) = cidr.split_once('/')?;
+    let net: Ipv4Addr = net.parse().ok()?;
+    let bits: u32 = bits.parse().ok()?;
+    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits.min(32)) };
+    Some((u32::from(net) & mask, mask))
+}
+
+impl PodmanBackend {
+    /// Connects to the first Podman service that answers (see
+    /// [`PodmanConfig::candidates`]), checks its version, prepares the networks and
+    /// starts the health-check driver. Fails with [`BackendError::Unavailable`] naming
+    /// every address tried and the command that starts a service when none answers.
+    pub async fn connect(config: PodmanConfig, owner: OwnershipLabels) -> Result<Self> {
+        let candidates = config.candidates();
+        let mut tried = Vec::new();
+        let mut found = None;
+        for address in &candidates {
+            let podman = match Podman::new(address) {
+                Ok(podman) => podman,
+                Err(e) => {
+                    tried.push(format!("{address} ({e})"));
+                    continue;
+                }
+            };
+            match tokio::time::timeout(PING_TIMEOUT.min(config.request_timeout), podman.ping()).await {
+                Ok(Ok(_)) => {
+                    found = Some((address.clone(), podman));
+                    break;
+                }
+                Ok(Err(e)) => tried.push(format!("{address} ({e})")),
+                Err(_) => tried.push(format!("{address} (no answer within {PING_TIMEOUT:?})")),
+            }
+        }
+        let Some((address, podman)) = found else {
+            return Err(BackendError::unavailable(
+                NAME,
+                format!(
+                    "no Podman service answers; tried {}. Start one with `{START_SERVICE}` (as root; rootless: \
+                     `podman system service --time=0` with XDG_RUNTIME_DIR set), or point [podman] socket / \
+                     CONTAINER_HOST at it",
+                    tried.join(", ")
+                ),
+            ));
+        };
+        let version = tokio::time::timeout(config.request_timeout, podman.version())
+            .await
+            .map_err(|_| timed_out("the version query", config.request_timeout))?
+            .map_err(|e| map_err(e, Subject::Other))?;
+        let engine_version = version.version.clone().unwrap_or_default();
+        let major = parse_major(&engine_version).unwrap_or(0);
+        if major < MIN_MAJOR {
+            return Err(BackendError::engine(
+                NAME,
+                format!(
+                    "Podman at {address} is version {engine_version:?} (API {:?}); agentd needs Podman {MIN_MAJOR}.0 or newer",
+                    version.api_version.unwrap_or_default()
+                ),
+            ));
+        }
+        let libpod = Libpod::new(&address).map_err(|e| map_err(e, Subject::Other))?;
+        let local = is_local(&address);
+        let scheduling = HealthScheduling::detect(local, Path::new(SYSTEMD_DIR));
+        let oom = OomJudge::new(major, local);
+        info!(
+            address = %address,
+            engine = %engine_version,
+            api = %version.api_version.unwrap_or_default(),
+            health_checks = ?scheduling,
+            oom_detection = oom.can_detect(),
+            "Connected to Podman."
+        );
+
+        let (health_events, _) = broadcast::channel(EVENT_BUFFER);
+        let driver = HealthDriver::spawn(
+            podman.clone(),
+            owner.clone(),
+            scheduling,
+            config.request_timeout,
+            health_events.clone(),
+        );
+        let mut inner = Inner {
+            podman,
+            libpod,
+            owner,
+            config,
+            address,
+            engine_version,
+            bridge_gateway: None,
+            isolated_gateway: None,
+            scheduling,
+            oom,
+            health_events,
+            _driver: driver,
+        };
+        inner.bridge_gateway = inner.default_network_gateway().await?;
+        inner.isolated_gateway = inner.ensure_isolated_network().await?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The podman-api client, for tests and fixtures.
+    pub fn client(&self) -> &Podman {
+        &self.inner.podman
+    }
+
+    /// The address of the service this backend talks to.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The engine's version (`4.3.1`).
+    pub fn engine_version(&self) -> &str {
+        &self.inner.engine_version
+    }
+
+    /// Who runs health checks on this engine.
+    pub fn health_scheduling(&self) -> HealthScheduling {
+        self.inner.scheduling
+    }
+
+    /// Whether the backend runs every health check itself (the engine's host has no
+    /// systemd to schedule them).
+    pub fn drives_health_checks(&self) -> bool {
+        self.inner.scheduling == HealthScheduling::Backend
+    }
+}
+
+impl Inner {
+    /// Runs one engine call with the request timeout; a timeout is `Unavailable`.
+    async fn call<T>(
+        &self,
+        what: &str,
+        subject: Subject<'_>,
+        call: impl Future<Output = podman_api::Result<T>>,
+    ) -> Result<T> {
+        self.call_within(self.config.request_timeout, what, subject, call).await
+    }
+
+    async fn call_within<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        subject: Subject<'_>,
+        call: impl Future<Output = podman_api::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, call).await {
+            Ok(outcome) => outcome.map_err(|e| map_err(e, subject)),
+            Err(_) => Err(timed_out(what, limit)),
+        }
+    }
+
+    async fn default_network_gateway(&self) -> Result<Option<IpAddr>> {
+        let network = self.podman.networks().get(DEFAULT_NETWORK);
+        match self.call("the default network's inspection", Subject::Other, network.inspect()).await {
+            Ok(network) => Ok(host_gateway(&network, is_local(&self.address))),
+            Err(BackendError::Engine { message, .. }) => {
+                warn!(network = DEFAULT_NETWORK, error = %message, "No default network: internet agents get no channel URL.");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The networks named like the isolated network, oldest first.
+    async fn isolated_networks(&self) -> Result<Vec<Network>> {
+        let name = &self.config.isolated_network;
+        let opts = NetworkListOpts::builder().filter([NetworkListFilter::Name(name.clone())]).build();
+        let mut networks: Vec<Network> = self
+            .call("the network listing", Subject::Other, self.podman.networks().list(&opts))
+            .await?
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name.as_str()))
+            .collect();
+        networks.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(networks)
+    }
+
+    /// Creates the internal network for isolated sessions unless it exists, and returns
+    /// the host's address on it. libpod gives an internal network no gateway unless one
+    /// is asked for, and without one the host (and the agent channel) is unreachable
+    /// from it, so the network is created with an explicit subnet and gateway. An
+    /// internal network has no route out of its subnet.
+    async fn ensure_isolated_network(&self) -> Result<Option<IpAddr>> {
+        static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = CREATING.lock().await;
+        let name = &self.config.isolated_network;
+        let local = is_local(&self.address);
+        if let Some(network) = self.isolated_networks().await?.into_iter().next() {
+            let gateway = host_gateway(&network, local);
+            if gateway.is_none() {
+                warn!(
+                    network = %name,
+                    "The isolated network has no gateway: isolated agents cannot reach the agent channel. Remove it \
+                     (`podman network rm {name}`) to have agentd recreate it with one."
+                );
+            }
+            return Ok(gateway);
+        }
+        let all = self
+            .call("the network listing", Subject::Other, self.podman.networks().list(&NetworkListOpts::default()))
+            .await?;
+        let mut used: Vec<(u32, u32)> = all
+            .iter()
+            .flat_map(|n| n.subnets.iter().flatten())
+            .filter_map(|s| parse_cidr(s.subnet.as_deref()?))
+            .collect();
+        if local {
+            used.extend(host_routes());
+        }
+        let Some(subnet) = free_subnet(&used) else {
+            return Err(BackendError::engine(
+                NAME,
+                format!("no free 10.89.N.0/24 subnet for the isolated network {name}"),
+            ));
+        };
+        let gateway = Ipv4Addr::from(u32::from(subnet) + 1);
+        let opts = NetworkCreateOpts::builder()
+            .name(name)
+            .driver("bridge")
+            .internal(true)
+            .labels([("agentd.network", "isolated")])
+            .subnets([podman_api::models::Subnet {
+                gateway: Some(gateway.to_string()),
+                lease_range: None,
+                subnet: Some(format!("{subnet}/24")),
+            }])
+            .build();
+        match tokio::time::timeout(self.config.request_timeout, self.podman.networks().create(&opts)).await {
+            Ok(Ok(_)) => {
+                info!(network = %name, subnet = %subnet, gateway = %gateway, "Created the internal network for isolated agents.")
+            }
+            // Created meanwhile by another agentd.
+            Ok(Err(e)) if status_of(&e).is_some_and(|s| s.as_u16() == 409) => {}
+            Ok(Err(e)) => return Err(map_err(e, Subject::Other)),
+            Err(_) => return Err(timed_out("the network creation", self.config.request_timeout)),
+        }
+        let network =
+            self.isolated_networks().await?.into_iter().next().ok_or_else(|| {
+                BackendError::engine(NAME, format!("network {name} vanished right after it was created"))
+            })?;
+        Ok(host_gateway(&network, local))
+    }
+
+    /// The container of this name if it is ours; a container of the name that is not
+    /// ours is, for us, not there.
+    async fn inspect(&self, session: &str) -> Result<Option<InspectContainerData>> {
+        let container = self.podman.containers().get(session);
+        match self.call("the container inspection", Subject::Session(session), container.inspect()).await {
+            Ok(inspect) => Ok(self.owner.owns(&convert::labels_of(&inspect)).then_some(inspect)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The session's full state: the inspection, OOM evidence, hung health checks.
+    async fn state(&self, session: &str) -> Result<SessionState> {
+        let Some(inspect) = self.inspect(session).await? else {
+            return Ok(SessionState::missing(session));
+        };
+        let mut state = convert::state_of(session, &inspect);
+        let started_at =
+            inspect.state.as_ref().and_then(|s| convert::engine_time(s.started_at.as_ref().map(|t| t.to_rfc3339())));
+        self.refine(&mut state, started_at).await;
+        Ok(state)
+    }
+
+    /// Applies what the engine does not say itself: OOM kills (from host evidence) and
+    /// health checks hung past their timeout.
+    async fn refine(&self, state: &mut SessionState, started_at: Option<OffsetDateTime>) {
+        if let Some(exit) = &mut state.exit {
+            self.oom.refine(&state.id, started_at, exit).await;
+        }
+        if state.status == SessionStatus::Running {
+            if let Some(overlay) = health::overlay(&state.id) {
+                state.health = overlay;
+            }
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<podman_api::models::ListContainer>> {
+        let filters = self
+            .owner
+            .label_filters()
+            .into_iter()
+            .filter_map(|f| f.split_once('=').map(|(k, v)| ContainerListFilter::LabelKeyVal(k.into(), v.into())));
+        let opts = ContainerListOpts::builder().all(true).filter(filters).build();
+        self.call("the container listing", Subject::Other, self.podman.containers().list(&opts)).await
+    }
+
+    fn not_found(session: &str) -> BackendError {
+        BackendError::NotFound { backend: NAME, session: session.to_owned() }
+    }
+
+    async fn remove(&self, session: &str) -> Result<()> {
+        // Force, without waiting for a stop timeout: remove is a kill.
+        let opts = ContainerDeleteOpts::builder().force(true).volumes(true).timeout(0).build();
+        let container = self.podman.containers().get(session);
+        match self.call("the container removal", Subject::Session(session), container.delete(&opts)).await {
+            Ok(()) => {
+                debug!(session = %session, "Container removed.");
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            // Removal already in progress (two removers at once).
+            Err(BackendError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl ExecutionBackend for PodmanBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn ownership(&self) -> &OwnershipLabels {
+        &self.inner.owner
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { oom_detection: self.inner.oom.can_detect(), ..Capabilities::ALL }
+    }
+
+    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String> {
+        let host = match network {
+            NetworkPolicy::Internet => self.inner.bridge_gateway?.to_string(),
+            NetworkPolicy::Isolated => self.inner.isolated_gateway?.to_string(),
+            NetworkPolicy::Host => "127.0.0.1".to_owned(),
+            NetworkPolicy::None => return None,
+        };
+        Some(format!("ws://{host}:{port}/ws/{agent_id}"))
+    }
+
+    async fn agent_channel_addresses(&self) -> Result<Vec<IpAddr>> {
+        Ok(self.inner.bridge_gateway.into_iter().chain(self.inner.isolated_gateway).collect())
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool> {
+        let handle = self.inner.podman.images().get(image);
+        self.inner.call("the image lookup", Subject::Image(image), handle.exists()).await
+    }
+
+    async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
+        spec.validate()?;
+        if !spec.session.starts_with(self.inner.owner.prefix()) {
+            return Err(BackendError::InvalidSpec {
+                field: "session",
+                message: format!("{:?} must start with the prefix {:?}", spec.session, self.inner.owner.prefix()),
+            });
+        }
+        let inner = &self.inner;
+        let plan = convert::network_plan(
+            spec.network,
+            &inner.config.isolated_network,
+            inner.bridge_gateway,
+            inner.isolated_gateway,
+        );
+        let body = convert::create_body(spec, &inner.owner, &plan);
+        let subject = Subject::Create { session: &spec.session, image: &spec.image };
+        let id = match inner.call("the container creation", subject, inner.libpod.create(&body)).await {
+            Ok(id) => id,
+            Err(BackendError::AlreadyExists { detail, .. }) => {
+                // Never reuse a container built from old config: a stale one of ours is
+                // replaced; anyone else's is left alone and the create fails.
+                if inner.inspect(&spec.session).await?.is_none() {
+                    return Err(BackendError::AlreadyExists {
+                        backend: NAME,
+                        session: spec.session.clone(),
+                        detail: format!("{detail}; it is not owned by this agentd instance, so it is left alone"),
+                    });
+                }
+                info!(session = %spec.session, "Replacing a stale container of the same session.");
+                inner.remove(&spec.session).await?;
+                inner.call("the container creation", subject, inner.libpod.create(&body)).await?
+            }
+            Err(e) => return Err(e),
+        };
+        info!(session = %spec.session, id = %id, network = %spec.network, "Container created.");
+        Ok(id)
+    }
+
+    async fn start_session(&self, session: &str) -> Result<()> {
+        if self.inner.inspect(session).await?.is_none() {
+            return Err(Inner::not_found(session));
+        }
+        let container = self.inner.podman.containers().get(session);
+        match tokio::time::timeout(self.inner.config.request_timeout, container.start(None)).await {
+            Ok(Ok(())) => {
+                debug!(session = %session, "Container started.");
+                Ok(())
+            }
+            // 304: already running.
+            Ok(Err(e)) if status_of(&e).is_some_and(|s| s.as_u16() == 304) => Ok(()),
+            Ok(Err(e)) => Err(map_err(e, Subject::Session(session))),
+            Err(_) => Err(timed_out("the container start", self.inner.config.request_timeout)),
+        }
+    }
+
+    async fn session_exists(&self, session: &str) -> Result<bool> {
+        Ok(self.inner.inspect(session).await?.is_some())
+    }
+
+    async fn stop_session(&self, session: &str, grace: Duration) -> Result<()> {
+        let inner = &self.inner;
+        let Some(inspect) = inner.inspect(session).await? else {
+            return Err(Inner::not_found(session));
+        };
+        let status = convert::status_of(inspect.state.as_ref().and_then(|s| s.status.as_deref()).unwrap_or_default());
+        if status != SessionStatus::Running {
+            return Ok(());
+        }
+        let id = inspect.id.clone().unwrap_or_else(|| session.to_owned());
+        // libpod reads the grace period only as lowercase `timeout=` (see raw.rs); the
+        // call lasts as long as the grace period, so it gets that much more time.
+        let limit = inner.config.request_timeout + grace;
+        inner
+            .call_within(
+                limit,
+                "the container stop",
+                Subject::Session(session),
+                inner.libpod.stop(&id, grace_secs(grace)),
+            )
+            .await?;
+        info!(session = %session, grace_ms = grace.as_millis() as u64, "Container stopped.");
+        Ok(())
+    }
+
+    async fn remove_session(&self, session: &str) -> Result<()> {
+        if self.inner.inspect(session).await?.is_none() {
+            return Ok(());
+        }
+        self.inner.remove(session).await
+    }
+
+    async fn send_command(&self, session: &str, command: &[String]) -> Result<CommandOutput> {
+        let inner = &self.inner;
+        if inner.inspect(session).await?.is_none() {
+            return Err(Inner::not_found(session));
+        }
+        let container = inner.podman.containers().get(session);
+        let opts =
+            ExecCreateOpts::builder().command(command.iter().cloned()).attach_stdout(true).attach_stderr(true).build();
+        let exec = inner.call("the exec creation", Subject::Session(session), container.create_exec(&opts)).await?;
+        let run = async {
+            let mut output = String::new();
+            if let Some(mut stream) = exec.start(&ExecStartOpts::builder().build()).await? {
+                while let Some(chunk) = stream.next().await {
+                    output.push_str(&String::from_utf8_lossy(&chunk?));
+                }
+            }
+            Ok(output)
+        };
+        let output = inner.call("the command", Subject::Session(session), run).await?;
+        let details = inner.call("the exec inspection", Subject::Other, exec.inspect()).await?;
+        Ok(CommandOutput { exit_code: details.get("ExitCode").and_then(serde_json::Value::as_i64), output })
+    }
+
+    async fn snapshot(&self) -> Result<Vec<SessionState>> {
+        let inner = &self.inner;
+        let listed = inner.list().await?;
+        let mut states = Vec::with_capacity(listed.len());
+        for summary in &listed {
+            let Some(mut state) = convert::state_of_summary(summary) else { continue };
+            if !inner.owner.owns(&state.labels) {
+                continue;
+            }
+            if let Some(exit) = &state.exit {
+                if inner.oom.listing_cannot_tell(exit) {
+                    // The listing lacks the engine's OOM flag: callers ask
+                    // session_exit_info, which inspects.
+                    state.exit = None;
+                }
+            }
+            let started_at = convert::unix_time(summary.started_at);
+            inner.refine(&mut state, started_at).await;
+            states.push(state);
+        }
+        Ok(states)
+    }
+
+    async fn session_state(&self, session: &str) -> Result<SessionState> {
+        self.inner.state(session).await
+    }
+
+    async fn session_health(&self, session: &str) -> Result<SessionHealth> {
+        Ok(self.inner.state(session).await?.health)
+    }
+
+    async fn session_exit_info(&self, session: &str) -> Result<Option<SessionExitInfo>> {
+        Ok(self.inner.state(session).await?.exit)
+    }
+
+    async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
+        let inner = &self.inner;
+        if inner.inspect(session).await?.is_none() {
+            return Err(Inner::not_found(session));
+        }
+        let container = inner.podman.containers().get(session);
+        let opts = ContainerLogsOpts::builder()
+            .stdout(true)
+            .stderr(true)
+            .tail(tail.map_or_else(|| "all".to_owned(), |t| t.to_string()))
+            .build();
+        let read = async {
+            let mut text = String::new();
+            let mut stream = container.logs(&opts);
+            while let Some(chunk) = stream.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk?));
+            }
+            Ok(text)
+        };
+        inner.call("the logs", Subject::Session(session), read).await
+    }
+
+    async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
+        let inner = &self.inner;
+        // Fail now, not in the background, when the engine is down.
+        inner.call("the ping", Subject::Other, inner.podman.ping()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        let pump = Pump {
+            podman: inner.podman.clone(),
+            owner: inner.owner.clone(),
+            tx,
+            driver: inner.health_events.subscribe(),
+            // From a second ago: the stream connects in the background, and a service on
+            // another host may run a little behind this clock.
+            since: OffsetDateTime::now_utc() - Duration::from_secs(1),
+            request_timeout: inner.config.request_timeout,
+        };
+        tokio::spawn(pump.run());
+        Ok(Some(rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_to_their_major() {
+        assert_eq!(parse_major("4.3.1"), Some(4));
+        assert_eq!(parse_major("v5.0.0-dev"), Some(5));
+        assert_eq!(parse_major(""), None);
+    }
+
+    #[test]
+    fn the_isolated_subnet_avoids_every_used_one() {
+        let used = vec![parse_cidr("10.88.0.0/16").expect("cidr"), parse_cidr("10.89.0.0/24").expect("cidr")];
+        assert_eq!(free_subnet(&used), Some(Ipv4Addr::new(10, 89, 1, 0)));
+        let wide = vec![parse_cidr("10.89.0.0/23").expect("cidr")];
+        assert_eq!(free_subnet(&wide), Some(Ipv4Addr::new(10, 89, 2, 0)), "a wider subnet covers two /24s");
+        let whole = vec![parse_cidr("10.0.0.0/8").expect("cidr")];
+        assert_eq!(free_subnet(&whole), None);
+        assert_eq!(parse_cidr("10.88.0.0/16"), Some((0x0a58_0000, 0xffff_0000)));
+    }
+
+    #[test]
+    fn a_remote_gateway_counts_only_if_bound_here() {
+        let network = Network {
+            created: None,
+            dns_enabled: None,
+            driver: None,
+            id: None,
+            internal: None,
+            ipam_options: None,
+            ipv_6_enabled: None,
+            labels: None,
+            name: Some("podman".into()),
+            network_interface: None,
+            options: None,
+            subnets: Some(vec![podman_api::models::Subnet {
+                gateway: Some("192.0.2.123".into()),
+                lease_range: None,
+                subnet: Some("192.0.2.0/24".into()),
+            }]),
+        };
+        assert_eq!(host_gateway(&network, true), Some("192.0.2.123".parse().expect("ip")));
+        assert_eq!(host_gateway(&network, false), None, "TEST-NET-1 is no address of this host");
+    }
+}
