@@ -47,9 +47,11 @@ pub async fn connect_backend(config: &Config, owner: OwnershipLabels) -> Result<
             .map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
     };
     let podman = || async {
-        // PODMAN-WIRING: replaced once backend-podman lands.
-        let _ = &config.podman.socket;
-        Err::<Arc<dyn ExecutionBackend>, _>(BackendError::unavailable("podman", "the podman backend is not wired yet"))
+        let cfg = backend_podman::PodmanConfig {
+            socket: config.podman.socket.clone(),
+            ..backend_podman::PodmanConfig::default()
+        };
+        backend_podman::PodmanBackend::connect(cfg, owner.clone()).await.map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
     };
     match config.backend {
         BackendChoice::Docker => docker().await.context("backend = \"docker\""),
@@ -119,7 +121,7 @@ impl Daemon {
                 continue;
             }
             let addr = SocketAddr::new(ip, channel_port);
-            match TcpListener::bind(addr).await {
+            match bind_channel(addr) {
                 Ok(listener) => channels.push(listener),
                 Err(e) => warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect."),
             }
@@ -196,6 +198,24 @@ impl Daemon {
         app.manager.store().close().await;
         Ok(summary)
     }
+}
+
+/// Binds an agent-channel listener. Engine network gateways may not exist yet (Podman's
+/// netavark brings a bridge up only while a container is attached), so the socket is
+/// bound with `IP_FREEBIND`: it accepts connections as soon as the address appears.
+fn bind_channel(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_freebind_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Whether a listener on `api` already accepts connections to `ip:port`.

@@ -44,7 +44,9 @@ impl Engine {
             Engine::Docker => backend_docker::DockerBackend::connect(Default::default(), owner)
                 .await
                 .map(|b| Box::new(b) as Box<dyn ExecutionBackend>),
-            Engine::Podman => Err(backend_core::BackendError::unavailable("podman", "PODMAN-E2E not wired yet")),
+            Engine::Podman => backend_podman::PodmanBackend::connect(Default::default(), owner)
+                .await
+                .map(|b| Box::new(b) as Box<dyn ExecutionBackend>),
         };
         let label = match self {
             Engine::Docker => "Docker",
@@ -446,7 +448,14 @@ macro_rules! per_engine {
                 }
             )*
         }
-        // PODMAN-E2E: the podman module is generated once backend-podman lands.
+        mod podman {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(super::Engine::Podman)
+                }
+            )*
+        }
     };
 }
 

@@ -83,13 +83,17 @@ fn ci(steps: &mut Steps) -> Result<()> {
 }
 
 fn integration(env: &engines::Engines, backend: Option<&str>) -> Result<()> {
-    let mut args = vec!["test", "--locked"];
-    match backend {
-        Some("docker") => args.extend(["-p", "backend-docker", "--test", "conformance", "--test", "manager"]),
-        Some("podman") => args.extend(["-p", "backend-podman", "--test", "conformance", "--test", "manager"]),
-        _ => args.extend(["-p", "backend-docker", "-p", "backend-podman"]),
+    let backends: Vec<&str> = match backend {
+        Some(b) => vec![b],
+        None => vec!["docker", "podman"],
+    };
+    for b in backends {
+        let package = format!("backend-{b}");
+        cargo(&["test", "--locked", "-p", &package], &env.test_vars())?;
+        let filter = format!("{b}::");
+        cargo(&["test", "--locked", "-p", "agentd", "--test", "e2e", "--", &filter], &env.test_vars())?;
     }
-    cargo(&args, &env.test_vars())
+    Ok(())
 }
 
 /// The images built from `docker/`: (directory, tag, binary package).
