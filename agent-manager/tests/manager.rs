@@ -701,8 +701,10 @@ async fn liveness_restarts_back_off_until_the_agent_connects() {
     let mut config = test_config();
     config.channel_port = Some(7006);
     let fx = Fixture::with_config(config).await;
-    let agent =
-        fx.spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() }).await.agent;
+    let agent = fx
+        .spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
+        .await
+        .agent;
     // First restart after the 30 s grace, then the grace plus 10 s, 20 s, 40 s.
     let mut waits = Vec::new();
     for expected_restarts in 1..=4u32 {

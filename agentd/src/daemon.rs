@@ -51,7 +51,9 @@ pub async fn connect_backend(config: &Config, owner: OwnershipLabels) -> Result<
             socket: config.podman.socket.clone(),
             ..backend_podman::PodmanConfig::default()
         };
-        backend_podman::PodmanBackend::connect(cfg, owner.clone()).await.map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
+        backend_podman::PodmanBackend::connect(cfg, owner.clone())
+            .await
+            .map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
     };
     match config.backend {
         BackendChoice::Docker => docker().await.context("backend = \"docker\""),
@@ -105,7 +107,9 @@ impl Daemon {
         let api_addr = api.local_addr()?;
         let channel_port = config.server.channel_port.unwrap_or(api_addr.port());
         let mut wanted: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
-        wanted.extend(backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")?);
+        wanted.extend(
+            backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")?,
+        );
         let mut channels = Vec::new();
         if api_addr.ip().is_unspecified() {
             // The API answers on every address already; a separate channel port needs one
@@ -117,13 +121,17 @@ impl Daemon {
             }
         }
         for ip in wanted {
-            if covers(api_addr, ip, channel_port) || channels.iter().any(|l: &TcpListener| l.local_addr().is_ok_and(|a| a.ip() == ip)) {
+            if covers(api_addr, ip, channel_port)
+                || channels.iter().any(|l: &TcpListener| l.local_addr().is_ok_and(|a| a.ip() == ip))
+            {
                 continue;
             }
             let addr = SocketAddr::new(ip, channel_port);
             match bind_channel(addr) {
                 Ok(listener) => channels.push(listener),
-                Err(e) => warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect."),
+                Err(e) => {
+                    warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect.")
+                }
             }
         }
         let registry = Arc::new(ChannelRegistry::default());
