@@ -32,7 +32,7 @@ enum Command {
     /// Run the daemon.
     Serve,
     /// Create and start an agent.
-    Spawn(SpawnArgs),
+    Spawn(Box<SpawnArgs>),
     /// List agents.
     Ls {
         /// Print JSON instead of a table.
