@@ -102,7 +102,7 @@ impl AgentDefaults {
         }
         if let Some(mb) = spec.memory_mb {
             if mb < 6 {
-                return invalid("memory_mb", format!("{mb} is below the 6 MB engines accept"));
+                return invalid("memory_mb", format!("{mb} MiB is below the 6 MiB engines accept"));
             }
         }
         if let Some(cpus) = spec.cpus {

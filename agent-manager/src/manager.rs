@@ -59,6 +59,8 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) reported_orphans: Mutex<HashSet<String>>,
     pub(crate) pass_lock: tokio::sync::Mutex<()>,
     pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
+    /// Wakes the supervisor when `next_wakeup` moves earlier.
+    pub(crate) wakeup_changed: tokio::sync::Notify,
     events: broadcast::Sender<LifecycleEvent>,
     pub(crate) shutting_down: AtomicBool,
 }
@@ -92,6 +94,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             reported_orphans: Mutex::new(HashSet::new()),
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),
+            wakeup_changed: tokio::sync::Notify::new(),
             events: broadcast::channel(1024).0,
             shutting_down: AtomicBool::new(false),
         }
@@ -501,6 +504,12 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let Some(agent) = self.store.find_agent(agent_id).await? else {
             return Ok(());
         };
+        if agent.speaks_channel() && agent.status == AgentStatus::Running {
+            // Look again when the reconnect grace ends, not at the next periodic relist.
+            let extra =
+                if agent.crash_streak == 0 { Duration::ZERO } else { self.config.backoff.delay(agent.crash_streak) };
+            self.wake_at(now + self.config.reconcile.reconnect_grace + extra);
+        }
         self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into()).await
     }
 

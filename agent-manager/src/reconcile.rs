@@ -124,6 +124,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             }
         }
         *lock(&self.next_wakeup) = wakeup;
+        self.wakeup_changed.notify_one();
         for state in snapshot.iter().filter(|s| !known.contains(&s.session)) {
             if self.handle_orphan(state, now).await? {
                 report.orphans_removed += 1;
@@ -151,8 +152,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let mut agent = agent;
         self.reconcile_agent(&mut agent, observed, self.now()).await?;
         if let Some(due) = self.due_time(&agent) {
-            let mut next = lock(&self.next_wakeup);
-            *next = Some(next.map_or(due, |w| w.min(due)));
+            self.wake_at(due);
         }
         Ok(())
     }
@@ -272,7 +272,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             self.transition(agent, status, EventKind::HealthChanged, detail, None).await?;
             outcome = Outcome::Changed;
         }
-        let (unhealthy_since, disconnected_since) = {
+        let (unhealthy_since, disconnected_since, run_since) = {
             let mut runtime = lock(&self.runtime);
             let rt =
                 runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
@@ -286,7 +286,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             }
             let disconnected_since =
                 (agent.speaks_channel() && !connected).then(|| rt.last_connected.unwrap_or(rt.since).max(rt.since));
-            (rt.unhealthy_since, disconnected_since)
+            (rt.unhealthy_since, disconnected_since, rt.since)
         };
         let cfg = &self.config.reconcile;
         // Restarts for liveness back off like crash loops: each one in a row waits longer.
@@ -294,17 +294,13 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         if let Some(since) = unhealthy_since {
             if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace + extra {
                 let why = format!("unhealthy for {}s", (now - since).whole_seconds());
-                agent.crash_streak += 1;
-                self.restart_locked(agent, &why, AgentStatus::Failed).await?;
-                return Ok(Outcome::Restarted);
+                return self.liveness_restart(agent, &why, run_since, now).await;
             }
         }
         if let Some(since) = disconnected_since {
             if now - since >= cfg.reconnect_grace + extra {
                 let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
-                agent.crash_streak += 1;
-                self.restart_locked(agent, &why, AgentStatus::Failed).await?;
-                return Ok(Outcome::Restarted);
+                return self.liveness_restart(agent, &why, run_since, now).await;
             }
         }
         Ok(outcome)
@@ -397,28 +393,65 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             let detail =
                 format!("restart policy {}: restarting in {delay}s (attempt {})", agent.restart, agent.crash_streak);
             self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail).await?;
-            let mut next = lock(&self.next_wakeup);
-            *next = Some(next.map_or(at, |w| w.min(at)));
+            self.wake_at(at);
         }
         Ok(())
     }
 
     /// Starts an ended agent again as its restart policy asked.
     async fn restart_by_policy(&self, agent: &mut Agent) -> Result<Outcome> {
-        agent.next_restart_at = None;
+        let due = agent.next_restart_at.take();
         let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
         match self.restart_locked(agent, &why, AgentStatus::Failed).await {
             Ok(()) => Ok(Outcome::Restarted),
+            Err(e) if e.is_engine_unavailable() => {
+                // Nothing happened: keep the restart due, the next pass tries again.
+                agent.next_restart_at = due;
+                agent.updated_at = self.now();
+                self.store.update_agent(agent).await?;
+                Err(e)
+            }
+            Err(e) => {
+                warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Restart failed.");
+                self.retry_failed_restart(agent).await?;
+                Ok(Outcome::Changed)
+            }
+        }
+    }
+
+    /// A restart whose new run could not be created or started counts as another crash:
+    /// schedule the next attempt (unless the failed start already did).
+    async fn retry_failed_restart(&self, agent: &mut Agent) -> Result<()> {
+        if agent.next_restart_at.is_some() {
+            return Ok(());
+        }
+        let now = self.now();
+        agent.desired = Desired::Running;
+        self.schedule_restart(agent, true, now).await?;
+        agent.updated_at = now;
+        self.store.update_agent(agent).await?;
+        self.announce_schedule(agent).await
+    }
+
+    /// A liveness restart: on failure the agent is failed and its restart policy decides.
+    async fn liveness_restart(
+        &self,
+        agent: &mut Agent,
+        why: &str,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Outcome> {
+        // A run that lasted the backoff's reset time ends the streak, as for crashes.
+        if now - since >= self.config.backoff.reset_after {
+            agent.crash_streak = 0;
+        }
+        agent.crash_streak += 1;
+        match self.restart_locked(agent, why, AgentStatus::Failed).await {
+            Ok(()) => Ok(Outcome::Restarted),
             Err(e) if e.is_engine_unavailable() => Err(e),
             Err(e) => {
-                // The new run could not start: count it as another crash.
-                warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Restart failed.");
-                let now = self.now();
-                agent.desired = Desired::Running;
-                self.schedule_restart(agent, true, now).await?;
-                agent.updated_at = now;
-                self.store.update_agent(agent).await?;
-                self.announce_schedule(agent).await?;
+                warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Liveness restart failed.");
+                self.retry_failed_restart(agent).await?;
                 Ok(Outcome::Changed)
             }
         }
@@ -468,6 +501,15 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let stored = self.store.insert_event(&event(EventKind::OrphanRemoved, detail)).await?;
         self.announce(stored, &state.session, None);
         Ok(true)
+    }
+
+    /// Makes the supervisor wake at `at` at the latest.
+    pub(crate) fn wake_at(&self, at: OffsetDateTime) {
+        {
+            let mut next = lock(&self.next_wakeup);
+            *next = Some(next.map_or(at, |w| w.min(at)));
+        }
+        self.wakeup_changed.notify_one();
     }
 
     /// The next time a pass must run for a scheduled restart or a grace period to end.

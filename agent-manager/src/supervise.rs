@@ -72,6 +72,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
             tokio::select! {
                 _ = stop.changed() => {}
+                // An earlier wake-up was scheduled meanwhile: recompute the sleep.
+                _ = self.wakeup_changed.notified() => {}
                 _ = tokio::time::sleep_until(wake) => {
                     let due = self.next_wakeup().is_some_and(|d| d <= self.now());
                     if Instant::now() >= next_relist || due {

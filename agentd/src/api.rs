@@ -72,6 +72,9 @@ pub fn channel_router(app: AppState) -> Router {
     Router::new()
         .route("/ws/{agent_id}", get(agent_socket))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "this address serves only the agent channel".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "the agent channel takes GET with a WebSocket upgrade".into())
+        })
         .with_state(app)
 }
 

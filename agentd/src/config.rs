@@ -383,7 +383,7 @@ impl Config {
             bad("agents.image", format!("{:?}", a.image), "an image reference such as agentd-echo:latest");
         }
         if a.memory_mb < 6 {
-            bad("agents.memory_mb", a.memory_mb.to_string(), "at least 6 (MB)");
+            bad("agents.memory_mb", a.memory_mb.to_string(), "at least 6 (MiB)");
         }
         if !(a.cpus.is_finite() && a.cpus > 0.0 && a.cpus <= 1024.0) {
             bad("agents.cpus", a.cpus.to_string(), "a number of cores above 0 and at most 1024, such as 0.5 or 2");

@@ -45,3 +45,50 @@ impl BackendEvent {
         }
     }
 }
+
+/// Sends `event` without blocking the engine reader. When the consumer's buffer is full
+/// the event is dropped and `lagged` is set; the consumer then gets a
+/// [`BackendEvent::Resync`] before the next event that fits, so it knows to relist.
+/// Returns false when the consumer is gone.
+pub fn forward_event(tx: &EventSender, event: BackendEvent, lagged: &mut bool) -> bool {
+    use tokio::sync::mpsc::error::TrySendError;
+    if *lagged {
+        match tx.try_send(BackendEvent::Resync { reason: "events were dropped for a slow consumer".into() }) {
+            Ok(()) => *lagged = false,
+            Err(TrySendError::Full(_)) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+        }
+    }
+    match tx.try_send(event) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            *lagged = true;
+            true
+        }
+        Err(TrySendError::Closed(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_buffer_turns_into_a_resync_once_there_is_room() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let mut lagged = false;
+        let started = |s: &str| BackendEvent::Started { session: s.into() };
+        assert!(forward_event(&tx, started("a"), &mut lagged));
+        assert!(forward_event(&tx, started("b"), &mut lagged));
+        assert!(forward_event(&tx, started("c"), &mut lagged), "dropped, not blocked");
+        assert!(lagged);
+        assert_eq!(rx.try_recv().ok(), Some(started("a")));
+        assert_eq!(rx.try_recv().ok(), Some(started("b")));
+        assert!(forward_event(&tx, started("d"), &mut lagged));
+        assert!(!lagged);
+        assert!(matches!(rx.try_recv(), Ok(BackendEvent::Resync { .. })), "the consumer learns it missed events");
+        assert_eq!(rx.try_recv().ok(), Some(started("d")));
+        drop(rx);
+        assert!(!forward_event(&tx, started("e"), &mut lagged), "a gone consumer ends the forwarding");
+    }
+}

@@ -25,7 +25,7 @@ pub mod conformance;
 
 pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport, SHUTDOWN_CONCURRENCY};
 pub use error::{BackendError, BoxError, Result};
-pub use events::{BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
+pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};

@@ -9,7 +9,6 @@ use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
 use futures_util::StreamExt;
 use time::OffsetDateTime;
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -110,24 +109,8 @@ pub(crate) async fn pump(docker: Docker, owner: OwnershipLabels, tx: EventSender
     }
 }
 
-/// Sends without blocking; a full buffer marks the consumer as lagging, and it gets a
-/// `Resync` before the next event. Returns false when the receiver is gone.
 fn send(tx: &EventSender, event: BackendEvent, lagged: &mut bool) -> bool {
-    if *lagged {
-        match tx.try_send(BackendEvent::Resync { reason: "events were dropped for a slow consumer".into() }) {
-            Ok(()) => *lagged = false,
-            Err(TrySendError::Full(_)) => return true,
-            Err(TrySendError::Closed(_)) => return false,
-        }
-    }
-    match tx.try_send(event) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            *lagged = true;
-            true
-        }
-        Err(TrySendError::Closed(_)) => false,
-    }
+    backend_core::forward_event(tx, event, lagged)
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@ use backend_core::{
     LABEL_SESSION,
 };
 use time::OffsetDateTime;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 const NAME: &str = "mock";
@@ -652,21 +651,7 @@ impl State {
             if !sub.owner.owns(labels) {
                 return !sub.tx.is_closed();
             }
-            if sub.lagged {
-                match sub.tx.try_send(BackendEvent::Resync { reason: "events were dropped".into() }) {
-                    Ok(()) => sub.lagged = false,
-                    Err(TrySendError::Full(_)) => return true,
-                    Err(TrySendError::Closed(_)) => return false,
-                }
-            }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    sub.lagged = true;
-                    true
-                }
-                Err(TrySendError::Closed(_)) => false,
-            }
+            backend_core::forward_event(&sub.tx, event.clone(), &mut sub.lagged)
         });
     }
 }

@@ -10,7 +10,6 @@ use podman_api::opts::EventsOpts;
 use podman_api::Podman;
 use time::OffsetDateTime;
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, warn};
 
 use crate::convert;
@@ -200,24 +199,8 @@ fn resync(reason: &str) -> BackendEvent {
     BackendEvent::Resync { reason: reason.into() }
 }
 
-/// Sends without blocking; a full buffer marks the consumer as lagging, and it gets a
-/// `Resync` before the next event. Returns false when the receiver is gone.
 fn send(tx: &EventSender, event: BackendEvent, lagged: &mut bool) -> bool {
-    if *lagged {
-        match tx.try_send(resync("events were dropped for a slow consumer")) {
-            Ok(()) => *lagged = false,
-            Err(TrySendError::Full(_)) => return true,
-            Err(TrySendError::Closed(_)) => return false,
-        }
-    }
-    match tx.try_send(event) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            *lagged = true;
-            true
-        }
-        Err(TrySendError::Closed(_)) => false,
-    }
+    backend_core::forward_event(tx, event, lagged)
 }
 
 #[cfg(test)]
