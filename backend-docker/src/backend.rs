@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backend_core::{
     BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels, Result,
-    SessionExitInfo, SessionHealth, SessionSpec, SessionState, EVENT_BUFFER, LABEL_PREFIX,
+    SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
 };
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ExecConfig, NetworkCreateRequest};
@@ -365,30 +365,36 @@ impl ExecutionBackend for DockerBackend {
     }
 
     async fn snapshot(&self) -> Result<Vec<SessionState>> {
-        // Docker 20.10's listing has no health; two filtered listings give it exactly,
-        // without parsing the human-readable status.
-        let (all, unhealthy, starting) = tokio::try_join!(
-            self.list(None),
-            self.list(Some(("health", "unhealthy"))),
-            self.list(Some(("health", "starting"))),
-        )?;
-        let ids = |list: Vec<bollard::models::ContainerSummary>| -> HashSet<String> {
-            list.into_iter().filter_map(|c| c.id).collect()
-        };
-        let (unhealthy, starting) = (ids(unhealthy), ids(starting));
-        Ok(all
-            .iter()
-            .filter_map(|summary| {
+        let all = self.list(None).await?;
+        // Engines with API 1.52+ put health in the listing: one call. Docker 20.10's
+        // listing has none; two filtered listings then give it exactly, without parsing
+        // the human-readable status text.
+        let running =
+            |c: &&bollard::models::ContainerSummary| convert::status_of_summary(c.state) == SessionStatus::Running;
+        let listed_health = all.iter().filter(running).all(|c| c.health.as_ref().and_then(|h| h.status).is_some());
+        let health_of: Box<dyn Fn(&bollard::models::ContainerSummary) -> SessionHealth + Send> = if listed_health {
+            Box::new(convert::health_of_summary)
+        } else {
+            let (unhealthy, starting) =
+                tokio::try_join!(self.list(Some(("health", "unhealthy"))), self.list(Some(("health", "starting"))))?;
+            let ids = |list: Vec<bollard::models::ContainerSummary>| -> HashSet<String> {
+                list.into_iter().filter_map(|c| c.id).collect()
+            };
+            let (unhealthy, starting) = (ids(unhealthy), ids(starting));
+            Box::new(move |summary| {
                 let id = summary.id.as_deref().unwrap_or_default();
-                let health = if unhealthy.contains(id) {
+                if unhealthy.contains(id) {
                     SessionHealth::Unhealthy
                 } else if starting.contains(id) {
                     SessionHealth::Starting
                 } else {
                     SessionHealth::Healthy
-                };
-                convert::state_of_summary(summary, health)
+                }
             })
+        };
+        Ok(all
+            .iter()
+            .filter_map(|summary| convert::state_of_summary(summary, health_of(summary)))
             .filter(|s| self.owner.owns(&s.labels))
             .collect())
     }

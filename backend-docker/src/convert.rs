@@ -195,6 +195,16 @@ pub(crate) fn summary_name(summary: &ContainerSummary) -> Option<String> {
     summary.names.as_ref()?.first().map(|n| n.trim_start_matches('/').to_owned())
 }
 
+/// Health from a listing that carries it (API 1.52 and later), by the contract's rules.
+pub(crate) fn health_of_summary(summary: &ContainerSummary) -> SessionHealth {
+    use bollard::models::ContainerSummaryHealthStatusEnum as H;
+    match summary.health.as_ref().and_then(|h| h.status) {
+        None | Some(H::NONE | H::EMPTY | H::HEALTHY) => SessionHealth::Healthy,
+        Some(H::UNHEALTHY) => SessionHealth::Unhealthy,
+        Some(H::STARTING) => SessionHealth::Starting,
+    }
+}
+
 /// The state of a listed container; exit info is not in listings (callers ask for it).
 pub(crate) fn state_of_summary(summary: &ContainerSummary, health: SessionHealth) -> Option<SessionState> {
     let status = status_of_summary(summary.state);
@@ -291,6 +301,19 @@ mod tests {
         let check = body.healthcheck.expect("healthcheck");
         assert_eq!(check.test, Some(vec!["CMD".into(), "/agent".into(), "--health".into()]));
         assert_eq!(check.start_period, None, "Docker 20.10 rejects a zero start period");
+    }
+
+    #[test]
+    fn listing_health_maps_by_variant() {
+        use bollard::models::{ContainerSummaryHealth, ContainerSummaryHealthStatusEnum as H};
+        let with = |status| ContainerSummary {
+            health: Some(ContainerSummaryHealth { status: Some(status), failing_streak: None }),
+            ..ContainerSummary::default()
+        };
+        assert_eq!(health_of_summary(&with(H::NONE)), SessionHealth::Healthy, "no HEALTHCHECK reads healthy");
+        assert_eq!(health_of_summary(&with(H::STARTING)), SessionHealth::Starting);
+        assert_eq!(health_of_summary(&with(H::UNHEALTHY)), SessionHealth::Unhealthy);
+        assert_eq!(health_of_summary(&with(H::HEALTHY)), SessionHealth::Healthy);
     }
 
     #[test]
