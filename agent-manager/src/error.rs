@@ -57,6 +57,7 @@ impl From<StoreError> for ManagerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NameTaken(name) => Self::NameTaken(name),
+            StoreError::AgentGone(id) => Self::AgentNotFound(id),
             other => Self::Store(other),
         }
     }

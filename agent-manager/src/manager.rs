@@ -61,6 +61,11 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
     /// Wakes the supervisor when `next_wakeup` moves earlier.
     pub(crate) wakeup_changed: tokio::sync::Notify,
+    /// Liveness restarts in a row per agent (not persisted: a daemon restart forgives).
+    pub(crate) liveness_streaks: Mutex<HashMap<String, u32>>,
+    /// Every operation that changes agents holds this for reading; shutdown takes it for
+    /// writing, so it waits for operations in flight and no new one starts after it.
+    pub(crate) ops: tokio::sync::RwLock<()>,
     events: broadcast::Sender<LifecycleEvent>,
     pub(crate) shutting_down: AtomicBool,
 }
@@ -95,6 +100,8 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),
             wakeup_changed: tokio::sync::Notify::new(),
+            liveness_streaks: Mutex::new(HashMap::new()),
+            ops: tokio::sync::RwLock::new(()),
             events: broadcast::channel(1024).0,
             shutting_down: AtomicBool::new(false),
         }
@@ -164,6 +171,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// Creates an agent and starts its container, with the agent as the container's main
     /// process.
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
+        let _op = self.ops.read().await;
         self.check_accepting()?;
         let spec = self.config.defaults.resolve(new.clone())?;
         if !self.backend.image_exists(&spec.image).await? {
@@ -315,6 +323,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// records the run's exit, and marks the agent stopped. The container stays, with its
     /// logs, until the agent is restarted or removed.
     pub async fn stop(&self, id_or_name: &str) -> Result<AgentView> {
+        let _op = self.ops.read().await;
         let agent = self.find(id_or_name).await?;
         let _guard = self.lock_agent(&agent.id).await;
         let mut agent = self.find(&agent.id).await?;
@@ -370,6 +379,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     /// Stops the agent if it runs (recording the exit) and starts a new run.
     pub async fn restart(&self, id_or_name: &str) -> Result<AgentView> {
+        let _op = self.ops.read().await;
         self.check_accepting()?;
         let agent = self.find(id_or_name).await?;
         let _guard = self.lock_agent(&agent.id).await;
@@ -413,6 +423,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// Stops the agent (recording the exit), removes its container and deletes its record
     /// and runs. Its events stay.
     pub async fn remove(&self, id_or_name: &str) -> Result<()> {
+        let _op = self.ops.read().await;
         let agent = self.find(id_or_name).await?;
         let guard = self.lock_agent(&agent.id).await;
         let mut agent = self.find(&agent.id).await?;
@@ -422,6 +433,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.backend.remove_session(&agent.session).await?;
         self.store.delete_agent(&agent.id).await?;
         lock(&self.runtime).remove(&agent.id);
+        lock(&self.liveness_streaks).remove(&agent.id);
         self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
             .await?;
         drop(guard);
@@ -484,13 +496,13 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         if let Some(rt) = lock(&self.runtime).get_mut(agent_id) {
             rt.last_connected = Some(now);
         }
-        let mut agent = self.find(agent_id).await?;
-        if !agent.connected_once || agent.crash_streak > 0 {
-            // Connecting proves the agent works: its crash streak ends.
-            agent.connected_once = true;
-            agent.crash_streak = 0;
-            agent.updated_at = now;
-            self.store.update_agent(&agent).await?;
+        // Connecting proves the agent is alive: its liveness restarts in a row end (its
+        // crash streak does not: an agent may connect and still crash).
+        lock(&self.liveness_streaks).remove(agent_id);
+        let agent = self.find(agent_id).await?;
+        if !agent.connected_once {
+            // Without the agent's lock: touch only this column.
+            self.store.set_connected_once(agent_id).await?;
         }
         self.record(&agent, EventKind::Connected, None, None, "agent channel connected".into()).await
     }
@@ -518,7 +530,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// them running with their records intact for the next start to adopt.
     pub async fn shutdown_all(&self, leave_running: bool) -> Result<ShutdownSummary> {
         self.shutting_down.store(true, Ordering::SeqCst);
-        // Wait for a reconcile pass in flight, and keep passes out from now on.
+        // Wait for operations in flight (a spawn or restart finishing after the listing
+        // below would leave an agent running), then for a reconcile pass in flight.
+        let _no_ops = self.ops.write().await;
         let _pass = self.pass_lock.lock().await;
         let live: Vec<Agent> = self
             .store

@@ -49,8 +49,26 @@ pub struct ReconcileReport {
 enum Outcome {
     Unchanged,
     Changed,
-    Restarted,
+    /// Something that takes a grace period (a stop, a restart): done after the pass,
+    /// concurrently, so the pass and its lock stay short.
+    Act(Action),
 }
+
+/// A slow action a pass decided on.
+#[derive(Debug, Clone)]
+pub(crate) enum Action {
+    /// Restart a live agent that is disconnected or unhealthy for too long.
+    Liveness { why: String, run_since: OffsetDateTime },
+    /// Start an ended agent again, as its restart policy scheduled.
+    Policy,
+    /// Finish a stop that failed half-way (the agent should not run).
+    FinishStop,
+    /// Stop a container that runs although its agent was stopped.
+    StopStray,
+}
+
+/// How many slow actions run at once after a pass.
+const ACTION_CONCURRENCY: usize = 16;
 
 impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// Runs one reconcile pass over every agent and every owned session.
@@ -58,13 +76,24 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// Costs one backend snapshot and one database read when nothing changed. When the
     /// engine is unavailable the pass changes nothing and returns the error.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
-        let _pass = self.pass_lock.lock().await;
-        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(ReconcileReport::default());
-        }
-        let started = Instant::now();
-        let outcome = self.reconcile_pass().await;
-        match &outcome {
+        let (outcome, actions) = {
+            let _pass = self.pass_lock.lock().await;
+            if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(ReconcileReport::default());
+            }
+            let started = Instant::now();
+            let mut actions = Vec::new();
+            let outcome = self.reconcile_pass(&mut actions).await;
+            self.record_pass(&outcome, started);
+            (outcome, actions)
+        };
+        let mut report = outcome?;
+        report.restarted += self.run_actions(actions).await;
+        Ok(report)
+    }
+
+    fn record_pass(&self, outcome: &Result<ReconcileReport>, started: Instant) {
+        match outcome {
             Ok(report) => {
                 Metrics::add(&self.metrics.reconcile_passes);
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -85,10 +114,65 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 warn!(error = %e, "Reconcile pass failed; nothing was changed and it will be retried.");
             }
         }
-        outcome
     }
 
-    async fn reconcile_pass(&self) -> Result<ReconcileReport> {
+    /// Runs the slow actions passes decided on, at most [`ACTION_CONCURRENCY`] at once,
+    /// each under its agent's lock and after checking it still applies. Returns how many
+    /// restarts were performed.
+    async fn run_actions(&self, actions: Vec<(String, Action)>) -> usize {
+        use futures_util::stream::{self, StreamExt};
+        stream::iter(actions)
+            .map(|(id, action)| async move {
+                match self.run_action(&id, action).await {
+                    Ok(restarted) => usize::from(restarted),
+                    Err(e) => {
+                        warn!(agent_id = %id, error = %e, "Supervision action failed; the next pass looks again.");
+                        0
+                    }
+                }
+            })
+            .buffer_unordered(ACTION_CONCURRENCY)
+            .fold(0, |sum, n| async move { sum + n })
+            .await
+    }
+
+    async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
+        let _op = self.ops.read().await;
+        let _guard = self.lock_agent(id).await;
+        let Some(mut agent) = self.store.cached_agent(id) else {
+            return Ok(false);
+        };
+        let now = self.now();
+        let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
+        let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
+        match action {
+            Action::Liveness { why, run_since } if live && agent.desired.is_running() && !stopping => {
+                self.liveness_restart(&mut agent, &why, run_since, now).await
+            }
+            Action::Policy
+                if !live
+                    && !stopping
+                    && agent.desired.is_running()
+                    && agent.next_restart_at.is_some_and(|d| d <= now) =>
+            {
+                self.restart_by_policy(&mut agent).await
+            }
+            Action::FinishStop if live && !agent.desired.is_running() => {
+                self.stop_locked(&mut agent, EndedBy::Stop).await?;
+                Ok(false)
+            }
+            Action::StopStray if !live && !agent.desired.is_running() => {
+                warn!(agent_id = %agent.id, agent = %agent.name, "Stopped agent's container runs again; stopping it.");
+                let grace = Duration::from_secs(agent.spec.stop_grace_secs);
+                self.backend.stop_session(&agent.session, grace).await?;
+                Ok(false)
+            }
+            // The agent changed meanwhile: the action no longer applies.
+            _ => Ok(false),
+        }
+    }
+
+    async fn reconcile_pass(&self, actions: &mut Vec<(String, Action)>) -> Result<ReconcileReport> {
         // Snapshot first, records second: a session in the snapshot whose spawn is in
         // flight already has its record, so it is never taken for an orphan.
         let snapshot = self.backend.snapshot().await?;
@@ -98,20 +182,30 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             ReconcileReport { agents: agents.len(), sessions: snapshot.len(), ..ReconcileReport::default() };
         let by_session: HashMap<&str, &SessionState> = snapshot.iter().map(|s| (s.session.as_str(), s)).collect();
         let known: HashSet<String> = agents.iter().map(|a| a.session.clone()).collect();
+        // Wake-ups set from now on (by operations during the pass) are kept and merged.
+        lock(&self.next_wakeup).take();
         let mut wakeup: Option<OffsetDateTime> = None;
-        for agent in agents {
-            let Some(_guard) = self.try_lock_agent(&agent.id) else {
+        for listed in agents {
+            let Some(_guard) = self.try_lock_agent(&listed.id) else {
                 report.busy += 1;
                 continue;
             };
+            // An operation that finished between the snapshot and the lock changed the
+            // record: the snapshot predates it, so leave the agent to the next pass.
+            let mut agent = match self.store.cached_agent(&listed.id) {
+                Some(current) if current == listed => current,
+                _ => {
+                    report.busy += 1;
+                    continue;
+                }
+            };
             let observed = by_session.get(agent.session.as_str()).copied();
-            let mut agent = agent;
             match self.reconcile_agent(&mut agent, observed, now).await {
                 Ok(Outcome::Unchanged) => {}
                 Ok(Outcome::Changed) => report.changed += 1,
-                Ok(Outcome::Restarted) => {
+                Ok(Outcome::Act(action)) => {
                     report.changed += 1;
-                    report.restarted += 1;
+                    actions.push((agent.id.clone(), action));
                 }
                 Err(e) if e.is_engine_unavailable() => return Err(e),
                 Err(e) => {
@@ -123,8 +217,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 wakeup = Some(wakeup.map_or(due, |w| w.min(due)));
             }
         }
-        *lock(&self.next_wakeup) = wakeup;
-        self.wakeup_changed.notify_one();
+        if let Some(at) = wakeup {
+            self.wake_at(at);
+        }
         for state in snapshot.iter().filter(|s| !known.contains(&s.session)) {
             if self.handle_orphan(state, now).await? {
                 report.orphans_removed += 1;
@@ -137,22 +232,35 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     /// Reconciles the one session an engine event was about.
     pub async fn reconcile_session(&self, session: &str) -> Result<()> {
-        let _pass = self.pass_lock.lock().await;
-        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
-        }
-        let Some(agent) = self.store.find_agent_by_session(session).await? else {
-            return Ok(());
+        let action = {
+            let _pass = self.pass_lock.lock().await;
+            if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            let Some(found) = self.store.find_agent_by_session(session).await? else {
+                return Ok(());
+            };
+            let Some(_guard) = self.try_lock_agent(&found.id) else {
+                // An operation holds the agent: look again shortly, not at the next relist.
+                self.wake_at(self.now() + std::time::Duration::from_secs(1));
+                return Ok(());
+            };
+            let Some(mut agent) = self.store.cached_agent(&found.id) else {
+                return Ok(());
+            };
+            let state = self.backend.session_state(session).await?;
+            let observed = (state.status != SessionStatus::Missing).then_some(&state);
+            let outcome = self.reconcile_agent(&mut agent, observed, self.now()).await?;
+            if let Some(due) = self.due_time(&agent) {
+                self.wake_at(due);
+            }
+            match outcome {
+                Outcome::Act(action) => Some((agent.id.clone(), action)),
+                _ => None,
+            }
         };
-        let Some(_guard) = self.try_lock_agent(&agent.id) else {
-            return Ok(());
-        };
-        let state = self.backend.session_state(session).await?;
-        let observed = (state.status != SessionStatus::Missing).then_some(&state);
-        let mut agent = agent;
-        self.reconcile_agent(&mut agent, observed, self.now()).await?;
-        if let Some(due) = self.due_time(&agent) {
-            self.wake_at(due);
+        if let Some(action) = action {
+            self.run_actions(vec![action]).await;
         }
         Ok(())
     }
@@ -210,32 +318,74 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 self.record_vanished(agent, now).await
             }
             (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Created) => {
-                if !agent.desired.is_running() {
-                    return Ok(Outcome::Unchanged);
-                }
-                // A spawn interrupted between create and start: finish it.
-                self.backend.start_session(&agent.session).await?;
                 if self.store.open_run(&agent.id).await?.is_none() {
                     self.store.start_run(agent, now).await?;
+                }
+                if !agent.desired.is_running() {
+                    // A spawn interrupted and then stopped: it never ran; clear it away.
+                    self.backend.remove_session(&agent.session).await?;
+                    let exit = SessionExitInfo {
+                        error: Some("stopped before its container started".into()),
+                        finished_at: Some(now),
+                        ..SessionExitInfo::default()
+                    };
+                    agent.reason = exit.error.clone();
+                    agent.container_id = None;
+                    let detail = agent.reason.clone().unwrap_or_default();
+                    self.transition(
+                        agent,
+                        AgentStatus::Stopped,
+                        EventKind::Stopped,
+                        detail,
+                        Some((&exit, EndedBy::Stop)),
+                    )
+                    .await?;
+                    return Ok(Outcome::Changed);
+                }
+                // A spawn interrupted between create and start: finish it.
+                if let Err(e) = self.backend.start_session(&agent.session).await {
+                    if e.is_retryable() {
+                        return Err(e.into());
+                    }
+                    let exit = SessionExitInfo {
+                        error: Some(format!("start failed: {e}")),
+                        finished_at: Some(now),
+                        ..SessionExitInfo::default()
+                    };
+                    agent.reason = exit.error.clone();
+                    self.schedule_restart(agent, true, now).await?;
+                    let detail = agent.reason.clone().unwrap_or_default();
+                    self.transition(
+                        agent,
+                        AgentStatus::Failed,
+                        EventKind::Failed,
+                        detail,
+                        Some((&exit, EndedBy::StartError)),
+                    )
+                    .await?;
+                    self.announce_schedule(agent).await?;
+                    return Ok(Outcome::Changed);
                 }
                 self.remember_run(agent, observed.map(|s| s.id.clone()).unwrap_or_default(), now);
                 let detail = "interrupted spawn completed: container started".to_owned();
                 self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await?;
                 Ok(Outcome::Changed)
             }
-            (AgentStatus::Stopped | AgentStatus::Failed, observed_status) => {
-                if observed_status == SessionStatus::Running && !agent.desired.is_running() {
+            (AgentStatus::Stopped | AgentStatus::Failed, SessionStatus::Running) => {
+                if !agent.desired.is_running() {
                     // Started from outside after a stop: converge on what the user asked.
-                    warn!(agent_id = %agent.id, agent = %agent.name, "Stopped agent's container runs again; stopping it.");
-                    let grace = Duration::from_secs(agent.spec.stop_grace_secs);
-                    self.backend.stop_session(&agent.session, grace).await?;
-                    return Ok(Outcome::Changed);
+                    return Ok(Outcome::Act(Action::StopStray));
                 }
-                match agent.next_restart_at {
-                    Some(due) if agent.desired.is_running() && due <= now => self.restart_by_policy(agent).await,
-                    _ => Ok(Outcome::Unchanged),
-                }
+                // The agent should run and its container does (a start that timed out but
+                // happened, for example): adopt it rather than leave it unsupervised.
+                agent.next_restart_at = None;
+                let state = observed.ok_or_else(|| ManagerError::Conflict("running session without state".into()))?;
+                self.check_live(agent, state, now).await
             }
+            (AgentStatus::Stopped | AgentStatus::Failed, _) => match agent.next_restart_at {
+                Some(due) if agent.desired.is_running() && due <= now => Ok(Outcome::Act(Action::Policy)),
+                _ => Ok(Outcome::Unchanged),
+            },
         }
     }
 
@@ -262,8 +412,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         }
         if !agent.desired.is_running() {
             // A stop that failed half-way (engine unavailable): finish it.
-            self.stop_locked(agent, EndedBy::Stop).await?;
-            return Ok(Outcome::Changed);
+            return Ok(Outcome::Act(Action::FinishStop));
         }
         if state.health != agent.health {
             let detail = format!("{} -> {}", agent.health, state.health);
@@ -294,25 +443,24 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         if let Some(since) = unhealthy_since {
             if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace + extra {
                 let why = format!("unhealthy for {}s", (now - since).whole_seconds());
-                return self.liveness_restart(agent, &why, run_since, now).await;
+                return Ok(Outcome::Act(Action::Liveness { why, run_since }));
             }
         }
         if let Some(since) = disconnected_since {
             if now - since >= cfg.reconnect_grace + extra {
                 let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
-                return self.liveness_restart(agent, &why, run_since, now).await;
+                return Ok(Outcome::Act(Action::Liveness { why, run_since }));
             }
         }
         Ok(outcome)
     }
 
     /// The extra wait before a liveness restart of an agent already restarted for
-    /// liveness `crash_streak` times in a row.
-    fn liveness_backoff(&self, agent: &Agent) -> std::time::Duration {
-        if agent.crash_streak == 0 {
-            std::time::Duration::ZERO
-        } else {
-            self.config.backoff.delay(agent.crash_streak)
+    /// liveness that many times in a row.
+    pub(crate) fn liveness_backoff(&self, agent: &Agent) -> std::time::Duration {
+        match lock(&self.liveness_streaks).get(&agent.id).copied().unwrap_or(0) {
+            0 => std::time::Duration::ZERO,
+            streak => self.config.backoff.delay(streak),
         }
     }
 
@@ -398,12 +546,12 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         Ok(())
     }
 
-    /// Starts an ended agent again as its restart policy asked.
-    async fn restart_by_policy(&self, agent: &mut Agent) -> Result<Outcome> {
+    /// Starts an ended agent again as its restart policy asked. Returns whether it did.
+    async fn restart_by_policy(&self, agent: &mut Agent) -> Result<bool> {
         let due = agent.next_restart_at.take();
         let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
         match self.restart_locked(agent, &why, AgentStatus::Failed).await {
-            Ok(()) => Ok(Outcome::Restarted),
+            Ok(()) => Ok(true),
             Err(e) if e.is_engine_unavailable() => {
                 // Nothing happened: keep the restart due, the next pass tries again.
                 agent.next_restart_at = due;
@@ -414,7 +562,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             Err(e) => {
                 warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Restart failed.");
                 self.retry_failed_restart(agent).await?;
-                Ok(Outcome::Changed)
+                Ok(false)
             }
         }
     }
@@ -433,26 +581,39 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.announce_schedule(agent).await
     }
 
-    /// A liveness restart: on failure the agent is failed and its restart policy decides.
+    /// A liveness restart. Consecutive ones back off (the streak ends when the agent
+    /// connects, or after a run of the backoff's reset time). Returns whether it restarted.
     async fn liveness_restart(
         &self,
         agent: &mut Agent,
         why: &str,
         since: OffsetDateTime,
         now: OffsetDateTime,
-    ) -> Result<Outcome> {
-        // A run that lasted the backoff's reset time ends the streak, as for crashes.
-        if now - since >= self.config.backoff.reset_after {
-            agent.crash_streak = 0;
+    ) -> Result<bool> {
+        {
+            let mut streaks = lock(&self.liveness_streaks);
+            let streak = streaks.entry(agent.id.clone()).or_default();
+            if now - since >= self.config.backoff.reset_after {
+                *streak = 0;
+            }
+            *streak += 1;
         }
-        agent.crash_streak += 1;
         match self.restart_locked(agent, why, AgentStatus::Failed).await {
-            Ok(()) => Ok(Outcome::Restarted),
-            Err(e) if e.is_engine_unavailable() => Err(e),
+            Ok(()) => Ok(true),
+            Err(e) if e.is_engine_unavailable() => {
+                if !matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
+                    // The old run ended before the engine went away: the restart is still
+                    // owed, so the next pass retries it.
+                    agent.next_restart_at = Some(now);
+                    agent.updated_at = self.now();
+                    self.store.update_agent(agent).await?;
+                }
+                Err(e)
+            }
             Err(e) => {
                 warn!(agent_id = %agent.id, agent = %agent.name, error = %e, "Liveness restart failed.");
                 self.retry_failed_restart(agent).await?;
-                Ok(Outcome::Changed)
+                Ok(false)
             }
         }
     }

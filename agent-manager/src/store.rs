@@ -29,6 +29,9 @@ pub enum StoreError {
     /// An agent with this name exists already.
     #[error("an agent named {0:?} already exists")]
     NameTaken(String),
+    /// The agent was deleted meanwhile.
+    #[error("agent {0} no longer exists")]
+    AgentGone(String),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -160,9 +163,26 @@ impl Store {
 
     /// Writes an agent's mutable fields (status, health, container, counters, reason).
     pub async fn update_agent(&self, agent: &Agent) -> Result<()> {
-        update_agent_query(agent).execute(&self.pool).await?;
+        let done = update_agent_query(agent).execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::AgentGone(agent.id.clone()));
+        }
         self.remember(agent);
         Ok(())
+    }
+
+    /// Records that the agent has connected to the channel once, touching nothing else.
+    pub async fn set_connected_once(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE agents SET connected_once = 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
+        if let Some(agent) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
+            agent.connected_once = true;
+        }
+        Ok(())
+    }
+
+    /// The agent with this id as the store holds it now (no database round trip).
+    pub fn cached_agent(&self, id: &str) -> Option<Agent> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
     /// The agent with this id, or else this name.
@@ -248,7 +268,9 @@ impl Store {
         event: &LifecycleEvent,
     ) -> Result<LifecycleEvent> {
         let mut tx = self.pool.begin().await?;
-        update_agent_query(agent).execute(&mut *tx).await?;
+        if update_agent_query(agent).execute(&mut *tx).await?.rows_affected() == 0 {
+            return Err(StoreError::AgentGone(agent.id.clone()));
+        }
         if let Some((exit, ended_by, finished_at)) = finish {
             sqlx::query(
                 "UPDATE runs SET finished_at = ?, exit_code = ?, oom_killed = ?, signal = ?, error = ?, ended_by = ? \

@@ -17,6 +17,8 @@ use crate::AgentManager;
 const EVENT_BURST_RELIST: usize = 64;
 const RESUBSCRIBE_MIN: Duration = Duration::from_millis(500);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(30);
+/// The least time between two passes that are not periodic relists.
+const MIN_GAP: Duration = Duration::from_millis(250);
 
 impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Supervises until `stop` turns true: one pass now, then a pass per event burst, one
@@ -29,12 +31,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let mut subscribe_at = Some(Instant::now());
         let mut resubscribe_delay = RESUBSCRIBE_MIN;
         let mut subscribed_before = false;
-        let _ = self.reconcile().await;
-        let mut next_relist = Instant::now() + interval;
+        // Passes that are not a periodic relist (due wake-ups, retries) keep at least this
+        // far apart: after a failed pass it doubles up to the relist interval, so an
+        // unreachable engine is not hammered.
+        let mut gap = MIN_GAP;
+        let mut next_allowed = Instant::now();
+        let mut first_pass = true;
+        let mut next_relist = Instant::now();
         loop {
             if *stop.borrow() {
                 break;
             }
+            // Subscribe before the first pass, so no event falls between the two.
             if events.is_none() && subscribe_at.is_some_and(|at| at <= Instant::now()) {
                 match self.backend.subscribe_events().await {
                     Ok(Some(rx)) => {
@@ -44,8 +52,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                         if subscribed_before {
                             info!("Backend event stream resubscribed; relisting.");
                             Metrics::add(&self.metrics.relists_after_resync);
-                            let _ = self.reconcile().await;
-                            next_relist = Instant::now() + interval;
+                            next_relist = Instant::now();
                         }
                         subscribed_before = true;
                     }
@@ -63,9 +70,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
             let mut wake = next_relist;
             if let Some(due) = self.next_wakeup() {
-                let wait = due - self.now();
-                let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-                wake = wake.min(Instant::now() + wait);
+                let wait = Duration::try_from(due - self.now()).unwrap_or(Duration::ZERO);
+                wake = wake.min((Instant::now() + wait).max(next_allowed));
             }
             if let Some(at) = subscribe_at {
                 wake = wake.min(at);
@@ -75,10 +81,15 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 // An earlier wake-up was scheduled meanwhile: recompute the sleep.
                 _ = self.wakeup_changed.notified() => {}
                 _ = tokio::time::sleep_until(wake) => {
-                    let due = self.next_wakeup().is_some_and(|d| d <= self.now());
-                    if Instant::now() >= next_relist || due {
-                        let _ = self.reconcile().await;
-                        next_relist = Instant::now() + interval;
+                    let now = Instant::now();
+                    let due = now >= next_allowed && self.next_wakeup().is_some_and(|d| d <= self.now());
+                    if now >= next_relist || due || first_pass {
+                        first_pass = false;
+                        let ok = self.reconcile().await.is_ok();
+                        gap = if ok { MIN_GAP } else { (gap * 2).max(Duration::from_secs(1)).min(interval) };
+                        next_allowed = Instant::now() + gap;
+                        // A failed relist is retried after the gap, not a whole interval.
+                        next_relist = Instant::now() + if ok { interval } else { gap };
                     }
                 }
                 event = recv(&mut events) => match event {

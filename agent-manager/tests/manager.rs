@@ -753,3 +753,147 @@ async fn a_restart_whose_container_cannot_be_created_does_not_read_running() {
     // A second try works.
     assert_eq!(fx.manager.restart("fragile").await.expect("restart").agent.status, AgentStatus::Running);
 }
+
+#[tokio::test]
+async fn a_pass_never_acts_on_a_record_an_operation_changed_after_its_snapshot() {
+    let fx = Fixture::new().await;
+    fx.engine.set_snapshot_exit_info(false);
+    let slow = fx.spawn("slow").await.agent;
+    fx.clock.advance(Duration::from_secs(1)); // "slow" comes first in the pass
+    fx.spawn("target").await;
+    fx.reconcile().await;
+    // The pass will wait on the first agent's exit info while "target" is stopped.
+    fx.engine.exit(&slow.session, 1);
+    let slow_session = slow.session.clone();
+    fx.engine.slow_calls(Duration::from_millis(300), move |c| *c == MockCall::ExitInfo(slow_session.clone()));
+    let pass = {
+        let manager = fx.manager.clone();
+        tokio::spawn(async move { manager.reconcile().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = fx.manager.stop("target").await.expect("stop").agent;
+    assert_eq!(stopped.status, AgentStatus::Stopped);
+    pass.await.expect("join").expect("pass");
+    fx.reconcile().await;
+    let target = fx.get("target").await.agent;
+    assert_eq!(target.status, AgentStatus::Stopped, "a stale pass undid the stop: {target:?}");
+    assert_eq!(target.desired, agent_manager::Desired::Stopped);
+    let events = fx.manager.events(Some("target"), 0, 100).await.expect("events");
+    assert!(!events.iter().any(|e| e.kind == EventKind::Adopted), "the stopped container was adopted: {events:#?}");
+}
+
+#[tokio::test]
+async fn an_interrupted_liveness_restart_is_retried_when_the_engine_returns() {
+    let mut config = test_config();
+    config.channel_port = Some(7006);
+    let fx = Fixture::with_config(config).await;
+    fx.spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() }).await;
+    fx.clock.advance(Duration::from_secs(31));
+    // The old run ends, then the engine goes away before the new container exists.
+    fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Create(_)));
+    fx.reconcile().await;
+    let between = fx.get("mute").await.agent;
+    assert_eq!(between.status, AgentStatus::Failed);
+    assert!(between.next_restart_at.is_some(), "the owed restart was forgotten: {between:?}");
+    fx.reconcile().await;
+    assert_eq!(fx.status("mute").await, AgentStatus::Running);
+}
+
+#[tokio::test]
+async fn a_failed_record_whose_container_runs_is_adopted_not_left_unsupervised() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn("timedout").await.agent;
+    // As a start that timed out but happened leaves it.
+    let mut record = fx.manager.agent("timedout").await.expect("agent");
+    record.status = AgentStatus::Failed;
+    record.restart = RestartPolicy::OnFailure;
+    record.next_restart_at = Some(fx.manager_now());
+    fx.store.update_agent(&record).await.expect("update");
+    let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
+    fx.engine.clear_calls();
+    fx2.reconcile().await;
+    let now = fx2.get("timedout").await.agent;
+    assert_eq!(now.status, AgentStatus::Running);
+    assert_eq!(now.container_id, agent.container_id, "the running container is kept");
+    assert!(!fx.engine.calls().iter().any(|c| matches!(c, MockCall::Remove(_) | MockCall::Create(_))));
+}
+
+#[tokio::test]
+async fn connecting_does_not_forgive_crashes() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn("crashy").await.agent;
+    let mut record = fx.manager.agent("crashy").await.expect("agent");
+    record.crash_streak = 3;
+    fx.store.update_agent(&record).await.expect("update");
+    fx.manager.agent_connected(&agent.id).await.expect("connected");
+    let after = fx.get("crashy").await.agent;
+    assert_eq!(after.crash_streak, 3);
+    assert!(after.connected_once);
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_spawn_in_flight_and_stops_it_too() {
+    let fx = Fixture::new().await;
+    // The spawn has passed its checks but not yet recorded the agent when shutdown begins.
+    fx.engine.slow_calls(Duration::from_millis(300), |c| matches!(c, MockCall::ImageExists(_)));
+    let spawn = {
+        let manager = fx.manager.clone();
+        tokio::spawn(async move { manager.spawn(NewAgent { name: "late".into(), ..NewAgent::default() }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let summary = fx.manager.shutdown_all(false).await.expect("shutdown");
+    spawn.await.expect("join").expect("the spawn that was in flight completes");
+    assert!(
+        fx.manager.spawn(NewAgent { name: "later".into(), ..NewAgent::default() }).await.is_err(),
+        "no spawn starts after shutdown"
+    );
+    assert_eq!(summary.stopped, ["late"], "{summary:?}");
+    let late = fx.get("late").await.agent;
+    assert_eq!(late.status, AgentStatus::Stopped);
+    let state = fx.manager.backend().session_state(&late.session).await.expect("state");
+    assert_ne!(state.status, backend_core::SessionStatus::Running, "an agent was left running after shutdown");
+}
+
+#[tokio::test]
+async fn a_down_engine_is_not_hammered_by_the_supervisor() {
+    let mut config = test_config();
+    config.reconcile.interval = Duration::from_secs(2);
+    config.channel_port = Some(7006);
+    let fx = Fixture::with_config(config).await;
+    let agent = fx
+        .spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
+        .await
+        .agent;
+    // A restart falls due while the engine is down.
+    fx.manager.agent_disconnected(&agent.id).await.expect("disconnected");
+    fx.clock.advance(Duration::from_secs(60));
+    fx.engine.fail_next(100_000);
+    fx.engine.clear_calls();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(fx.manager.clone().supervise(stopped));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = fx.engine.calls().len();
+    stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("stops").expect("join");
+    // Backing off from 1 s, three seconds hold a handful of attempts, not thousands.
+    assert!(calls < 20, "{calls} engine calls in 3 s while the engine was down");
+    assert!(calls >= 2, "the supervisor stopped trying: {calls} calls");
+}
+
+#[tokio::test]
+async fn a_spawn_interrupted_and_then_stopped_is_cleared_away() {
+    let fx = Fixture::new().await;
+    fx.spawn("halfway").await;
+    let mut record = fx.manager.agent("halfway").await.expect("agent");
+    let backend = fx.manager.backend();
+    backend.remove_session(&record.session).await.expect("remove");
+    backend.create_session(&fx.manager.session_spec_for(&record).expect("spec")).await.expect("create");
+    record.status = AgentStatus::Pending;
+    record.desired = agent_manager::Desired::Stopped;
+    fx.store.update_agent(&record).await.expect("update");
+    let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
+    fx2.reconcile().await;
+    let after = fx2.get("halfway").await;
+    assert_eq!(after.agent.status, AgentStatus::Stopped);
+    assert_eq!(fx.engine.container_id(&record.session), None, "the never-started container stays");
+}

@@ -140,6 +140,7 @@ struct State {
     next_id: u64,
     fail_next: u32,
     fail_matching: Vec<(u32, CallMatcher)>,
+    slow_matching: Vec<(Duration, CallMatcher)>,
     latency: Duration,
     calls: Vec<MockCall>,
     subscribers: Vec<Subscriber>,
@@ -187,6 +188,7 @@ impl MockEngine {
             next_id: 1,
             fail_next: 0,
             fail_matching: Vec::new(),
+            slow_matching: Vec::new(),
             latency: Duration::ZERO,
             calls: Vec::new(),
             subscribers: Vec::new(),
@@ -231,6 +233,12 @@ impl MockEngine {
     /// (for example only creates).
     pub fn fail_next_matching(&self, n: u32, matcher: impl Fn(&MockCall) -> bool + Send + Sync + 'static) {
         self.lock().fail_matching.push((n, Arc::new(matcher)));
+    }
+
+    /// Backend calls that `matcher` accepts wait `latency` (on top of the engine-wide
+    /// latency) before they act.
+    pub fn slow_calls(&self, latency: Duration, matcher: impl Fn(&MockCall) -> bool + Send + Sync + 'static) {
+        self.lock().slow_matching.push((latency, Arc::new(matcher)));
     }
 
     /// Every backend call waits this long before it acts.
@@ -353,7 +361,10 @@ impl MockEngine {
 
     /// Applies the engine's latency and scripted failures, then records the call.
     pub(crate) async fn enter(&self, call: MockCall) -> Result<(), BackendError> {
-        let latency = self.lock().latency;
+        let latency = {
+            let state = self.lock();
+            state.latency + state.slow_matching.iter().filter(|(_, m)| m(&call)).map(|(d, _)| *d).sum::<Duration>()
+        };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
