@@ -192,8 +192,25 @@ fn agent_json(app: &App, view: AgentView) -> AgentJson {
 
 async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(new) = body.map_err(bad_json)?;
-    let view = app.manager.spawn(new).await?;
-    Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response())
+    let network = new.network.unwrap_or(app.manager.config().defaults.network);
+    if network == backend_core::NetworkPolicy::Host && app.token.is_none() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "network \"host\" shares the host's loopback, where this API answers without a token; \
+             set server.token to allow host-network agents"
+                .into(),
+        ));
+    }
+    let name = new.name.clone();
+    match app.manager.spawn(new).await {
+        Ok(view) => Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response()),
+        // The agent exists, failed, with the reason in its exit: say so with the record.
+        Err(ManagerError::StartFailed { source, .. }) if !source.is_retryable() => {
+            let view = app.manager.get(&name).await?;
+            Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -394,6 +394,13 @@ impl Config {
         if a.stop_grace_secs > agent_manager::MAX_STOP_GRACE_SECS {
             bad("agents.stop_grace_secs", a.stop_grace_secs.to_string(), "at most 3600");
         }
+        if a.network == NetworkPolicy::Host && self.server.token.is_none() && self.server.token_file.is_none() {
+            bad(
+                "agents.network",
+                "\"host\"".into(),
+                "host-network agents reach the API on loopback: set server.token (or token_file) first",
+            );
+        }
         if a.kind == AgentKind::ClaudeCode && a.network == NetworkPolicy::None {
             bad(
                 "agents.network",

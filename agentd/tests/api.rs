@@ -210,6 +210,29 @@ async fn bad_requests_get_clear_errors_with_the_right_status() {
 
     let (status, _) = d.call(reqwest::Method::GET, "/v2/nothing", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = post(json!({ "name": "hosty", "network": "host" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "host networking without an API token");
+    assert!(error_text(&body).contains("server.token"), "{body}");
+
+    let response = d.req(reqwest::Method::PUT, "/v1/agents").send().await.expect("send");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert!(error_text(&body).contains("method not allowed"), "{body}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_spawn_whose_container_cannot_start_answers_with_the_failed_agent() {
+    let d = TestDaemon::start(None).await;
+    d.engine.fail_next_matching(1, |c| matches!(c, backend_mock::MockCall::Start(_)));
+    // A scripted engine failure reads as unavailable: 503, the agent recorded as failed.
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "dud" }))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, agent) = d.call(reqwest::Method::GET, "/v1/agents/dud", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(agent["status"], "failed");
+    assert!(agent["exit"]["error"].as_str().unwrap_or_default().starts_with("start failed"), "{agent}");
     d.stop().await;
 }
 

@@ -126,6 +126,8 @@ impl Setup {
             ("AGENTD_AGENTS__STOP_GRACE_SECS", "3".to_owned()),
             // A relist only at start: anything detected later came from engine events.
             ("AGENTD_RECONCILE__INTERVAL_SECS", "3600".to_owned()),
+            // No reconnect deadline falls due during a test either.
+            ("AGENTD_RECONCILE__RECONNECT_GRACE_SECS", "3600".to_owned()),
             ("AGENTD_RECONCILE__ORPHAN_GRACE_SECS", "0".to_owned()),
             ("AGENTD_LOG__FORMAT", "json".to_owned()),
             ("AGENTD_LOG__LEVEL", "info".to_owned()),

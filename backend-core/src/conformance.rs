@@ -660,6 +660,26 @@ pub async fn events_report_a_death(h: &dyn Harness) {
             .unwrap_or_else(|_| panic!("no Died event for {} within {patience:?}", spec.session))
             .expect("the event stream ended");
             assert_eq!(died.exit_code, Some(5), "{died:?}");
+
+            // A kill from outside is reported too.
+            let victim = w.spec("killed");
+            w.start(&victim).await;
+            wait_status(w, &victim.session, SessionStatus::Running).await;
+            w.harness.kill_from_outside(&victim.session).await;
+            let died = tokio::time::timeout(patience, async {
+                while let Some(event) = events.recv().await {
+                    if let BackendEvent::Died { session, exit } = event {
+                        if session == victim.session {
+                            return Some(exit);
+                        }
+                    }
+                }
+                None
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no Died event for {} within {patience:?}", victim.session))
+            .expect("the event stream ended");
+            assert_eq!(died.exit_code, Some(137), "{died:?}");
         })
         .await
 }
