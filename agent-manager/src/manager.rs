@@ -518,9 +518,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         };
         if agent.speaks_channel() && agent.status == AgentStatus::Running {
             // Look again when the reconnect grace ends, not at the next periodic relist.
-            let extra =
-                if agent.crash_streak == 0 { Duration::ZERO } else { self.config.backoff.delay(agent.crash_streak) };
-            self.wake_at(now + self.config.reconcile.reconnect_grace + extra);
+            self.wake_at(now + self.config.reconcile.reconnect_grace + self.liveness_backoff(&agent));
         }
         self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into()).await
     }

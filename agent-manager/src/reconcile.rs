@@ -58,7 +58,7 @@ enum Outcome {
 #[derive(Debug, Clone)]
 pub(crate) enum Action {
     /// Restart a live agent that is disconnected or unhealthy for too long.
-    Liveness { why: String, run_since: OffsetDateTime },
+    Liveness { why: String, run_since: OffsetDateTime, container: Option<String>, cause: Liveness },
     /// Start an ended agent again, as its restart policy scheduled.
     Policy,
     /// Finish a stop that failed half-way (the agent should not run).
@@ -67,14 +67,22 @@ pub(crate) enum Action {
     StopStray,
 }
 
+/// What a liveness restart is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    Disconnected,
+    Unhealthy,
+}
+
 /// How many slow actions run at once after a pass.
 const ACTION_CONCURRENCY: usize = 16;
 
 impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// Runs one reconcile pass over every agent and every owned session.
     ///
-    /// Costs one backend snapshot and one database read when nothing changed. When the
-    /// engine is unavailable the pass changes nothing and returns the error.
+    /// Costs one backend snapshot (agents are read from the store's memory) when nothing
+    /// changed. When the engine is unavailable the pass changes nothing and returns the
+    /// error. Restarts and stops the pass decides on run after it, concurrently.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
         let (outcome, actions) = {
             let _pass = self.pass_lock.lock().await;
@@ -146,7 +154,17 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
         let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         match action {
-            Action::Liveness { why, run_since } if live && agent.desired.is_running() && !stopping => {
+            Action::Liveness { why, run_since, container, cause }
+                if live
+                    && agent.desired.is_running()
+                    && !stopping
+                    && agent.container_id == container
+                    && match cause {
+                        // Still the same run, and still what it was restarted for.
+                        Liveness::Disconnected => !self.channel.is_connected(&agent.id),
+                        Liveness::Unhealthy => agent.health == SessionHealth::Unhealthy,
+                    } =>
+            {
                 self.liveness_restart(&mut agent, &why, run_since, now).await
             }
             Action::Policy
@@ -176,29 +194,26 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         // Snapshot first, records second: a session in the snapshot whose spawn is in
         // flight already has its record, so it is never taken for an orphan.
         let snapshot = self.backend.snapshot().await?;
-        let agents = self.store.list_agents(None).await?;
+        let agents = self.store.list_agents_versioned(None);
         let now = self.now();
         let mut report =
             ReconcileReport { agents: agents.len(), sessions: snapshot.len(), ..ReconcileReport::default() };
         let by_session: HashMap<&str, &SessionState> = snapshot.iter().map(|s| (s.session.as_str(), s)).collect();
-        let known: HashSet<String> = agents.iter().map(|a| a.session.clone()).collect();
+        let known: HashSet<String> = agents.iter().map(|(a, _)| a.session.clone()).collect();
         // Wake-ups set from now on (by operations during the pass) are kept and merged.
         lock(&self.next_wakeup).take();
         let mut wakeup: Option<OffsetDateTime> = None;
-        for listed in agents {
-            let Some(_guard) = self.try_lock_agent(&listed.id) else {
+        for (mut agent, version) in agents {
+            let Some(_guard) = self.try_lock_agent(&agent.id) else {
                 report.busy += 1;
                 continue;
             };
             // An operation that finished between the snapshot and the lock changed the
             // record: the snapshot predates it, so leave the agent to the next pass.
-            let mut agent = match self.store.cached_agent(&listed.id) {
-                Some(current) if current == listed => current,
-                _ => {
-                    report.busy += 1;
-                    continue;
-                }
-            };
+            if !self.store.is_current(&agent.id, version) {
+                report.busy += 1;
+                continue;
+            }
             let observed = by_session.get(agent.session.as_str()).copied();
             match self.reconcile_agent(&mut agent, observed, now).await {
                 Ok(Outcome::Unchanged) => {}
@@ -443,13 +458,15 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         if let Some(since) = unhealthy_since {
             if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace + extra {
                 let why = format!("unhealthy for {}s", (now - since).whole_seconds());
-                return Ok(Outcome::Act(Action::Liveness { why, run_since }));
+                let container = agent.container_id.clone();
+                return Ok(Outcome::Act(Action::Liveness { why, run_since, container, cause: Liveness::Unhealthy }));
             }
         }
         if let Some(since) = disconnected_since {
             if now - since >= cfg.reconnect_grace + extra {
                 let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
-                return Ok(Outcome::Act(Action::Liveness { why, run_since }));
+                let container = agent.container_id.clone();
+                return Ok(Outcome::Act(Action::Liveness { why, run_since, container, cause: Liveness::Disconnected }));
             }
         }
         Ok(outcome)

@@ -46,7 +46,21 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
-    agents: Arc<Mutex<HashMap<String, Agent>>>,
+    agents: Arc<Mutex<AgentCache>>,
+}
+
+/// The agents in memory, each with the version of its last write.
+#[derive(Debug, Default)]
+struct AgentCache {
+    agents: HashMap<String, (Agent, u64)>,
+    next_version: u64,
+}
+
+impl AgentCache {
+    fn put(&mut self, agent: Agent) {
+        self.next_version += 1;
+        self.agents.insert(agent.id.clone(), (agent, self.next_version));
+    }
 }
 
 pub(crate) fn millis(at: OffsetDateTime) -> i64 {
@@ -98,12 +112,15 @@ impl Store {
         sqlx::migrate!("./migrations").run(&pool).await?;
         let sql = format!("SELECT {AGENT_COLUMNS} FROM agents");
         let rows = sqlx::query(&sql).fetch_all(&pool).await?;
-        let agents = rows.iter().map(agent_from_row).map(|a| a.map(|a| (a.id.clone(), a))).collect::<Result<_>>()?;
-        Ok(Self { pool, agents: Arc::new(Mutex::new(agents)) })
+        let mut cache = AgentCache::default();
+        for row in &rows {
+            cache.put(agent_from_row(row)?);
+        }
+        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)) })
     }
 
     fn remember(&self, agent: &Agent) {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(agent.id.clone(), agent.clone());
+        self.cache().put(agent.clone());
     }
 
     /// Closes the pool, flushing the WAL.
@@ -174,15 +191,18 @@ impl Store {
     /// Records that the agent has connected to the channel once, touching nothing else.
     pub async fn set_connected_once(&self, id: &str) -> Result<()> {
         sqlx::query("UPDATE agents SET connected_once = 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
-        if let Some(agent) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
+        let mut cache = self.cache();
+        if let Some((agent, _)) = cache.agents.get(id) {
+            let mut agent = agent.clone();
             agent.connected_once = true;
+            cache.put(agent);
         }
         Ok(())
     }
 
     /// The agent with this id as the store holds it now (no database round trip).
     pub fn cached_agent(&self, id: &str) -> Option<Agent> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.cache().agents.get(id).map(|(agent, _)| agent.clone())
     }
 
     /// The agent with this id, or else this name.
@@ -202,18 +222,33 @@ impl Store {
 
     /// Every agent, optionally only those with `status`, oldest first (from memory).
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        let mut agents: Vec<Agent> = {
-            let cache = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-            cache.values().filter(|a| status.is_none_or(|s| a.status == s)).cloned().collect()
+        Ok(self.list_agents_versioned(status).into_iter().map(|(agent, _)| agent).collect())
+    }
+
+    /// Every agent with the version of its last write, oldest first: a later
+    /// [`Store::is_current`] tells whether the agent changed since.
+    pub fn list_agents_versioned(&self, status: Option<AgentStatus>) -> Vec<(Agent, u64)> {
+        let mut agents: Vec<(Agent, u64)> = {
+            let cache = self.cache();
+            cache.agents.values().filter(|(a, _)| status.is_none_or(|s| a.status == s)).cloned().collect()
         };
-        agents.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(agents)
+        agents.sort_by(|(a, _), (b, _)| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        agents
+    }
+
+    /// Whether the agent still exists unchanged since `version` was read.
+    pub fn is_current(&self, id: &str, version: u64) -> bool {
+        self.cache().agents.get(id).is_some_and(|(_, v)| *v == version)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, AgentCache> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Deletes an agent and its runs (its events stay).
     pub async fn delete_agent(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&self.pool).await?;
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.cache().agents.remove(id);
         Ok(())
     }
 

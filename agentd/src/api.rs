@@ -197,7 +197,7 @@ async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRej
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "network \"host\" shares the host's loopback, where this API answers without a token; \
-             set server.token to allow host-network agents"
+             set server.token (or server.token_file) to allow host-network agents"
                 .into(),
         ));
     }
