@@ -631,6 +631,22 @@ pub async fn snapshot_agrees_with_single_session_calls(h: &dyn Harness) {
         .await
 }
 
+/// Waits for the `Died` event of `session`, skipping other events.
+async fn next_death(events: &mut crate::EventReceiver, session: &str, patience: Duration) -> crate::SessionExitInfo {
+    let died = tokio::time::timeout(patience, async {
+        while let Some(event) = events.recv().await {
+            if let BackendEvent::Died { session: s, exit } = event {
+                if s == session {
+                    return Some(exit);
+                }
+            }
+        }
+        None
+    })
+    .await;
+    died.unwrap_or_else(|_| panic!("no Died event for {session} within {patience:?}")).expect("the event stream ended")
+}
+
 /// The event stream (where supported) reports a session's death with its exit code, and
 /// a kill from outside.
 pub async fn events_report_a_death(h: &dyn Harness) {
@@ -646,19 +662,7 @@ pub async fn events_report_a_death(h: &dyn Harness) {
             spec.env.insert("ECHO_EXIT_CODE".into(), "5".into());
             w.start(&spec).await;
             let patience = w.harness.patience();
-            let died = tokio::time::timeout(patience, async {
-                while let Some(event) = events.recv().await {
-                    if let BackendEvent::Died { session, exit } = event {
-                        if session == spec.session {
-                            return Some(exit);
-                        }
-                    }
-                }
-                None
-            })
-            .await
-            .unwrap_or_else(|_| panic!("no Died event for {} within {patience:?}", spec.session))
-            .expect("the event stream ended");
+            let died = next_death(&mut events, &spec.session, patience).await;
             assert_eq!(died.exit_code, Some(5), "{died:?}");
 
             // A kill from outside is reported too.
@@ -666,19 +670,7 @@ pub async fn events_report_a_death(h: &dyn Harness) {
             w.start(&victim).await;
             wait_status(w, &victim.session, SessionStatus::Running).await;
             w.harness.kill_from_outside(&victim.session).await;
-            let died = tokio::time::timeout(patience, async {
-                while let Some(event) = events.recv().await {
-                    if let BackendEvent::Died { session, exit } = event {
-                        if session == victim.session {
-                            return Some(exit);
-                        }
-                    }
-                }
-                None
-            })
-            .await
-            .unwrap_or_else(|_| panic!("no Died event for {} within {patience:?}", victim.session))
-            .expect("the event stream ended");
+            let died = next_death(&mut events, &victim.session, patience).await;
             assert_eq!(died.exit_code, Some(137), "{died:?}");
         })
         .await
