@@ -168,6 +168,14 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.store.find_agent(id_or_name).await?.ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
     }
 
+    /// The agent's lock and its record as it is under that lock.
+    async fn find_locked(&self, id_or_name: &str) -> Result<(OwnedMutexGuard<()>, Agent)> {
+        let found = self.find(id_or_name).await?;
+        let guard = self.lock_agent(&found.id).await;
+        let agent = self.find(&found.id).await?;
+        Ok((guard, agent))
+    }
+
     /// Creates an agent and starts its container, with the agent as the container's main
     /// process.
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
@@ -324,9 +332,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// logs, until the agent is restarted or removed.
     pub async fn stop(&self, id_or_name: &str) -> Result<AgentView> {
         let _op = self.ops.read().await;
-        let agent = self.find(id_or_name).await?;
-        let _guard = self.lock_agent(&agent.id).await;
-        let mut agent = self.find(&agent.id).await?;
+        let (_guard, mut agent) = self.find_locked(id_or_name).await?;
         agent.desired = Desired::Stopped;
         agent.next_restart_at = None;
         self.stop_locked(&mut agent, EndedBy::Stop).await?;
@@ -381,9 +387,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     pub async fn restart(&self, id_or_name: &str) -> Result<AgentView> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
-        let agent = self.find(id_or_name).await?;
-        let _guard = self.lock_agent(&agent.id).await;
-        let mut agent = self.find(&agent.id).await?;
+        let (_guard, mut agent) = self.find_locked(id_or_name).await?;
         agent.desired = Desired::Running;
         agent.next_restart_at = None;
         agent.crash_streak = 0;
@@ -424,9 +428,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     /// and runs. Its events stay.
     pub async fn remove(&self, id_or_name: &str) -> Result<()> {
         let _op = self.ops.read().await;
-        let agent = self.find(id_or_name).await?;
-        let guard = self.lock_agent(&agent.id).await;
-        let mut agent = self.find(&agent.id).await?;
+        let (guard, mut agent) = self.find_locked(id_or_name).await?;
         agent.desired = Desired::Stopped;
         agent.next_restart_at = None;
         self.stop_locked(&mut agent, EndedBy::Remove).await?;

@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend_core::conformance::{wait_for, Harness};
+use backend_core::conformance::{clean_up, wait_for, Harness};
 use backend_core::{
     ExecutionBackend, OwnershipLabels, SessionHealth, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION,
 };
@@ -79,13 +79,20 @@ impl<'h> Scene<'h> {
 
     /// Reconciles until the agent reads `status` (bounded by the harness's patience).
     async fn until_status(&self, name: &str, status: AgentStatus) -> AgentView {
+        self.until(name, &format!("{status}"), |v| v.agent.status == status).await
+    }
+
+    /// Reconciles until the agent's view satisfies `check` (bounded by the harness's
+    /// patience).
+    async fn until(&self, name: &str, what: &str, check: impl Fn(&AgentView) -> bool) -> AgentView {
         let manager = self.manager.clone();
-        wait_for(self.harness.patience(), &format!("agent {name} to be {status}"), || {
+        let check = &check;
+        wait_for(self.harness.patience(), &format!("agent {name} to be {what}"), || {
             let manager = manager.clone();
             async move {
                 manager.reconcile().await.map_err(|e| e.to_string())?;
                 let view = manager.get(name).await.map_err(|e| e.to_string())?;
-                if view.agent.status == status {
+                if check(&view) {
                     Ok(view)
                 } else {
                     Err(format!("{:?}", view.agent))
@@ -96,17 +103,7 @@ impl<'h> Scene<'h> {
     }
 
     async fn cleanup(&self) {
-        let backend = self.manager.backend().clone();
-        if let Ok(sessions) = backend.list_sessions().await {
-            for session in sessions {
-                if let Err(e) = backend.kill_session(&session, Duration::ZERO).await {
-                    eprintln!("scenario cleanup: could not remove {session}: {e}");
-                }
-            }
-        }
-        for fixture in &self.fixtures {
-            self.harness.remove_fixture(fixture).await;
-        }
+        clean_up(self.harness, std::slice::from_ref(self.manager.backend()), &self.fixtures).await;
     }
 
     async fn run<F>(mut self, body: F)
@@ -210,20 +207,7 @@ pub async fn unhealthy_agent_is_recorded_unhealthy(h: &dyn Harness) {
         .await
         .run(async |s| {
             s.spawn("sickly", &[("ECHO_UNHEALTHY_AFTER_MS", "2000")]).await;
-            let manager = s.manager.clone();
-            wait_for(s.harness.patience(), "health unhealthy to be recorded", || {
-                let manager = manager.clone();
-                async move {
-                    manager.reconcile().await.map_err(|e| e.to_string())?;
-                    let agent = manager.get("sickly").await.map_err(|e| e.to_string())?.agent;
-                    if agent.health == SessionHealth::Unhealthy {
-                        Ok(())
-                    } else {
-                        Err(format!("health {}", agent.health))
-                    }
-                }
-            })
-            .await;
+            s.until("sickly", "unhealthy", |v| v.agent.health == SessionHealth::Unhealthy).await;
             let events = s.manager.events(Some("sickly"), 0, 100).await.expect("events");
             assert!(
                 events.iter().any(|e| e.kind == EventKind::HealthChanged && e.detail.ends_with("-> unhealthy")),

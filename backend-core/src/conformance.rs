@@ -58,6 +58,23 @@ pub trait Harness: Send + Sync {
     async fn remove_from_outside(&self, session: &str);
 }
 
+/// Removes every session the backends own, then the fixtures: the end of every test
+/// world, whether the test passed or not.
+pub async fn clean_up(harness: &dyn Harness, backends: &[Arc<dyn ExecutionBackend>], fixtures: &[String]) {
+    for backend in backends {
+        if let Ok(sessions) = backend.list_sessions().await {
+            for session in sessions {
+                if let Err(e) = backend.kill_session(&session, Duration::ZERO).await {
+                    eprintln!("test cleanup: could not remove {session}: {e}");
+                }
+            }
+        }
+    }
+    for fixture in fixtures {
+        harness.remove_fixture(fixture).await;
+    }
+}
+
 /// Whether tests must have their engine: under `cargo xtask ci`, or whenever `CI` is set.
 pub fn engines_required() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
@@ -138,18 +155,8 @@ impl<'h> World<'h> {
     }
 
     async fn cleanup(&self) {
-        for backend in std::iter::once(&self.backend).chain(&self.extra) {
-            if let Ok(sessions) = backend.list_sessions().await {
-                for session in sessions {
-                    if let Err(e) = backend.kill_session(&session, Duration::ZERO).await {
-                        eprintln!("conformance cleanup: could not remove {session}: {e}");
-                    }
-                }
-            }
-        }
-        for fixture in &self.fixtures {
-            self.harness.remove_fixture(fixture).await;
-        }
+        let backends: Vec<_> = std::iter::once(&self.backend).chain(&self.extra).cloned().collect();
+        clean_up(self.harness, &backends, &self.fixtures).await;
     }
 
     /// Runs `body`, then cleans up whether it passed or panicked.
