@@ -124,7 +124,13 @@ impl AgentDefaults {
         if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
             return invalid(
                 "network",
-                "kind claude-code needs the agent channel, which network \"none\" cannot reach".into(),
+                "kind claude-code needs to reach its model API, which network \"none\" cannot".into(),
+            );
+        }
+        if spec.prompt.is_some() && spec.kind != AgentKind::ClaudeCode {
+            return invalid(
+                "prompt",
+                format!("kind {} holds no conversation; a prompt needs kind claude-code", spec.kind),
             );
         }
         Ok(spec)
@@ -140,9 +146,6 @@ pub struct ReconcileConfig {
     pub orphan_grace: Duration,
     /// Report orphans without removing them.
     pub orphan_dry_run: bool,
-    /// How long a live agent that speaks the channel may stay disconnected before it is
-    /// restarted.
-    pub reconnect_grace: Duration,
     /// How long an agent whose `on_unhealthy` is `restart` may stay unhealthy.
     pub unhealthy_grace: Duration,
 }
@@ -153,20 +156,17 @@ impl Default for ReconcileConfig {
             interval: Duration::from_secs(10),
             orphan_grace: Duration::from_secs(300),
             orphan_dry_run: false,
-            reconnect_grace: Duration::from_secs(30),
             unhealthy_grace: Duration::from_secs(30),
         }
     }
 }
 
-/// Everything the manager needs to know besides its backend, store and channel.
+/// Everything the manager needs to know besides its backend and store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManagerConfig {
     pub defaults: AgentDefaults,
     pub reconcile: ReconcileConfig,
     pub backoff: Backoff,
-    /// The port of the daemon's agent channel; `None` gives agents no channel URL.
-    pub channel_port: Option<u16>,
     /// Variables copied from the daemon's environment into every agent's, when set
     /// there and not set by the agent's own env (API keys).
     pub forward_env: Vec<String>,
@@ -180,7 +180,6 @@ impl Default for ManagerConfig {
             defaults: AgentDefaults::default(),
             reconcile: ReconcileConfig::default(),
             backoff: Backoff::default(),
-            channel_port: None,
             forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
             shutdown_concurrency: 256,
         }

@@ -31,6 +31,10 @@ pub enum ManagerError {
     #[error("{0}")]
     Conflict(String),
 
+    /// The operation needs the agent running.
+    #[error("agent {agent} is {status}, not running; start it with `agentd restart {agent}`")]
+    NotRunning { agent: String, status: crate::model::AgentStatus },
+
     /// The daemon is shutting down and accepts no new work.
     #[error("the daemon is shutting down")]
     ShuttingDown,

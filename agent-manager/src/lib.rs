@@ -11,9 +11,9 @@
 //! `B: ExecutionBackend + ?Sized`, including `dyn ExecutionBackend`.
 
 mod backoff;
-mod channel;
 mod clock;
 mod config;
+pub mod conversation;
 mod error;
 mod manager;
 mod metrics;
@@ -25,8 +25,8 @@ mod store;
 mod supervise;
 
 pub use backoff::Backoff;
-pub use channel::{AgentChannel, NoChannel};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, MAX_STOP_GRACE_SECS};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};

@@ -14,7 +14,56 @@ use tracing::{info, warn};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
 };
-use crate::{AgentChannel, Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
+use crate::conversation::task::{self, TaskContext, Target};
+use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
+use crate::{Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
+
+/// Stores, logs and broadcasts lifecycle events; cheap to clone, so that tasks of their
+/// own (the conversations) can record events too.
+#[derive(Clone)]
+pub(crate) struct Lifecycle {
+    store: Store,
+    events: broadcast::Sender<LifecycleEvent>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Lifecycle {
+    /// The current time, in the store's precision (milliseconds).
+    pub(crate) fn now(&self) -> OffsetDateTime {
+        let now = self.clock.now();
+        now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
+    }
+
+    /// Stores and announces an event that changes no agent.
+    pub(crate) async fn record(
+        &self,
+        agent_id: &str,
+        agent_name: &str,
+        session: &str,
+        kind: EventKind,
+        detail: String,
+    ) -> Result<()> {
+        let event = LifecycleEvent {
+            id: 0,
+            agent_id: agent_id.to_owned(),
+            agent_name: Some(agent_name.to_owned()),
+            kind,
+            from: None,
+            to: None,
+            detail,
+            at: self.now(),
+        };
+        let stored = self.store.insert_event(&event).await?;
+        self.announce(stored, session, None);
+        Ok(())
+    }
+
+    /// Logs a stored event and broadcasts it to subscribers.
+    pub(crate) fn announce(&self, event: LifecycleEvent, session: &str, exit: Option<&SessionExitInfo>) {
+        log_event(&event, session, exit);
+        let _ = self.events.send(event);
+    }
+}
 
 /// What the manager remembers about a live agent between passes (not persisted).
 #[derive(Debug, Clone)]
@@ -23,8 +72,8 @@ pub(crate) struct Runtime {
     pub container: String,
     /// When the current run started, or was adopted by this process.
     pub since: OffsetDateTime,
-    /// When the agent was last seen connected to the channel (or disconnected from it).
-    pub last_connected: Option<OffsetDateTime>,
+    /// Whether the engine reported the container frozen.
+    pub paused: bool,
     /// When the agent was first seen unhealthy in a row of unhealthy observations.
     pub unhealthy_since: Option<OffsetDateTime>,
 }
@@ -49,7 +98,7 @@ pub struct ShutdownSummary {
 pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) backend: Arc<B>,
     pub(crate) store: Store,
-    pub(crate) channel: Arc<dyn AgentChannel>,
+    pub(crate) conversations: Arc<Hub>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: ManagerConfig,
     pub(crate) metrics: Metrics,
@@ -66,11 +115,11 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     /// Every operation that changes agents holds this for reading; shutdown takes it for
     /// writing, so it waits for operations in flight and no new one starts after it.
     pub(crate) ops: tokio::sync::RwLock<()>,
-    events: broadcast::Sender<LifecycleEvent>,
+    lifecycle: Lifecycle,
     pub(crate) shutting_down: AtomicBool,
 }
 
-impl<B: ExecutionBackend + ?Sized> std::fmt::Debug for AgentManager<B> {
+impl<B: ExecutionBackend + ?Sized + 'static> std::fmt::Debug for AgentManager<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentManager")
             .field("backend", &self.backend)
@@ -83,15 +132,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
-    /// A manager of `backend`'s sessions, recording in `store`, asking `channel` who is
-    /// connected.
-    pub fn new(backend: Arc<B>, store: Store, channel: Arc<dyn AgentChannel>, config: ManagerConfig) -> Self {
+impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
+    /// A manager of `backend`'s sessions, recording in `store`.
+    pub fn new(backend: Arc<B>, store: Store, config: ManagerConfig) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let lifecycle = Lifecycle { store: store.clone(), events: broadcast::channel(1024).0, clock: clock.clone() };
         Self {
             backend,
+            conversations: Arc::new(Hub::new(store.clone())),
             store,
-            channel,
-            clock: Arc::new(SystemClock),
+            clock,
             config,
             metrics: Metrics::default(),
             locks: Mutex::new(HashMap::new()),
@@ -102,13 +152,14 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             wakeup_changed: tokio::sync::Notify::new(),
             liveness_streaks: Mutex::new(HashMap::new()),
             ops: tokio::sync::RwLock::new(()),
-            events: broadcast::channel(1024).0,
+            lifecycle,
             shutting_down: AtomicBool::new(false),
         }
     }
 
     /// Replaces the clock (tests use [`crate::ManualClock`]).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.lifecycle.clock = clock.clone();
         self.clock = clock;
         self
     }
@@ -135,7 +186,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     /// Live lifecycle events, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
-        self.events.subscribe()
+        self.lifecycle.events.subscribe()
     }
 
     /// The current time, in the store's precision (milliseconds), so that what is kept
@@ -207,8 +258,6 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             restarts: 0,
             crash_streak: 0,
             next_restart_at: None,
-            connected_once: false,
-            token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
             reason: None,
             created_at: now,
             updated_at: now,
@@ -219,6 +268,14 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.store.insert_agent(&agent).await?;
         self.record(&agent, EventKind::Spawned, None, Some(AgentStatus::Pending), format!("image {}", agent.image))
             .await?;
+        if agent.speaks_stream_json() {
+            // The conversation exists from the start; the prompt is its first message,
+            // delivered once the agent is attached.
+            self.conversations.save(&SessionRecord::new(&agent.id)).await?;
+            if let Some(prompt) = agent.spec.prompt.clone() {
+                self.queue_user_message(&agent, &prompt).await?;
+            }
+        }
         if let Err(e) = self.launch(&mut agent, EndedBy::StartError).await {
             if agent.container_id.is_none() {
                 // Nothing was created: forget the agent, so the name is free again.
@@ -247,31 +304,22 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         spec.env.extend(s.env.clone());
         spec.env.insert("AGENTD_AGENT_ID".into(), agent.id.clone());
         spec.env.insert("AGENTD_AGENT_NAME".into(), agent.name.clone());
-        spec.env.insert("AGENTD_AGENT_TOKEN".into(), agent.token.clone());
-        let url = self.config.channel_port.and_then(|port| self.backend.agent_ws_url(&agent.id, s.network, port));
-        if let Some(url) = &url {
-            spec.env.insert("AGENTD_WS_URL".into(), url.clone());
-        }
         spec.command = match s.kind {
             AgentKind::Image => s.command.clone(),
             AgentKind::ClaudeCode => {
-                let url = url.ok_or_else(|| ManagerError::Invalid {
-                    field: "network",
-                    message: format!(
-                        "kind claude-code needs the agent channel, which network {} cannot reach from the {} backend",
-                        s.network,
-                        self.backend.name()
-                    ),
-                })?;
+                spec.stdin_open = true;
                 let mut command: Vec<String> = [
                     "claude",
-                    "--sdk-url",
-                    &url,
-                    "--output-format",
-                    "stream-json",
+                    "-p",
                     "--input-format",
                     "stream-json",
+                    "--output-format",
+                    "stream-json",
                     "--verbose",
+                    "--permission-prompt-tool",
+                    "stdio",
+                    "--session-id",
+                    &agent.id,
                 ]
                 .map(String::from)
                 .to_vec();
@@ -319,12 +367,86 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         }
         lock(&self.runtime).insert(
             agent.id.clone(),
-            Runtime { container: container.clone(), since: started_at, last_connected: None, unhealthy_since: None },
+            Runtime { container: container.clone(), since: started_at, paused: false, unhealthy_since: None },
         );
         agent.reason = None;
         agent.health = SessionHealth::Unknown;
         let detail = format!("container {}", short(&container));
-        self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await
+        self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await?;
+        self.ensure_conversation(agent);
+        Ok(())
+    }
+
+    /// Starts the conversation task of a live stream-json agent's container, unless one
+    /// runs for it already. Cheap when one does: passes call it for every live agent.
+    pub(crate) fn ensure_conversation(&self, agent: &Agent) {
+        let Some(container) = agent.container_id.clone() else {
+            return;
+        };
+        if !agent.speaks_stream_json() || self.conversations.has_task(&agent.id, &container) {
+            return;
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let ctx = TaskContext {
+            backend: self.backend.clone(),
+            hub: self.conversations.clone(),
+            lifecycle: self.lifecycle.clone(),
+        };
+        let target =
+            Target { agent_id: agent.id.clone(), agent_name: agent.name.clone(), session: agent.session.clone(), container: container.clone() };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (previous_tx, previous_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(task::run(ctx, target, wake.clone(), previous_rx));
+        let previous = self.conversations.install(&agent.id, &container, wake, handle);
+        let _ = previous_tx.send(previous);
+    }
+
+    /// Stores a user message for the agent, queued for delivery.
+    async fn queue_user_message(&self, agent: &Agent, text: &str) -> Result<ConversationEntry> {
+        let entry = NewEntry {
+            direction: Direction::ToAgent,
+            kind: "user".into(),
+            text: text.chars().take(crate::conversation::MAX_ENTRY_TEXT).collect(),
+            data: crate::conversation::protocol::user_message(text),
+            delivery: Some(Delivery::Queued),
+            at: self.now(),
+        };
+        let mut stored = self.conversations.append(&agent.id, vec![entry], None).await?;
+        self.conversations.wake(&agent.id);
+        stored.pop().ok_or_else(|| ManagerError::Conflict("the message was not stored".into()))
+    }
+
+    /// Queues a user message for a running stream-json agent and returns its entry; it
+    /// is delivered as soon as agentd holds an attach and the container is not frozen.
+    pub async fn send_message(&self, id_or_name: &str, text: &str) -> Result<ConversationEntry> {
+        let agent = self.find(id_or_name).await?;
+        if !agent.speaks_stream_json() {
+            return Err(ManagerError::Conflict(format!(
+                "agent {} is of kind {} and takes no messages; only claude-code agents hold a conversation",
+                agent.name, agent.kind
+            )));
+        }
+        if agent.status != AgentStatus::Running {
+            return Err(ManagerError::NotRunning { agent: agent.name.clone(), status: agent.status });
+        }
+        if text.trim().is_empty() {
+            return Err(ManagerError::Invalid { field: "text", message: "must not be empty".into() });
+        }
+        self.queue_user_message(&agent, text).await
+    }
+
+    /// The agent's conversation entries after `after`, oldest first, at most `limit`.
+    pub async fn conversation(&self, id_or_name: &str, after: i64, limit: i64) -> Result<Vec<ConversationEntry>> {
+        let agent = self.find(id_or_name).await?;
+        Ok(self.store.list_conversation(&agent.id, after, limit).await?)
+    }
+
+    /// New conversation entries of every agent, from now on; each is stored before it is
+    /// sent here.
+    pub fn subscribe_conversations(&self) -> broadcast::Receiver<ConversationEntry> {
+        self.conversations.subscribe()
     }
 
     /// Stops the agent's container (SIGTERM, then SIGKILL after the agent's grace period),
@@ -434,6 +556,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.stop_locked(&mut agent, EndedBy::Remove).await?;
         self.backend.remove_session(&agent.session).await?;
         self.store.delete_agent(&agent.id).await?;
+        self.conversations.forget(&agent.id).await;
         lock(&self.runtime).remove(&agent.id);
         lock(&self.liveness_streaks).remove(&agent.id);
         self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
@@ -449,7 +572,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         self.view(agent).await
     }
 
-    /// The agent record itself (with its channel token), for the daemon.
+    /// The agent record itself.
     pub async fn agent(&self, id_or_name: &str) -> Result<Agent> {
         self.find(id_or_name).await
     }
@@ -466,7 +589,16 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     pub(crate) async fn view(&self, agent: Agent) -> Result<AgentView> {
         let exit = self.store.last_exit(&agent.id).await?;
-        Ok(AgentView { agent, exit })
+        let session = if agent.speaks_stream_json() {
+            self.conversations.record(&agent.id).await?;
+            self.conversations.view(&agent.id)
+        } else {
+            None
+        };
+        let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
+        let paused = live && lock(&self.runtime).get(&agent.id).is_some_and(|rt| rt.paused);
+        let connected = self.conversations.is_connected(&agent.id);
+        Ok(AgentView { agent, exit, connected, paused, session })
     }
 
     /// The agent's runs, oldest first.
@@ -492,39 +624,6 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         Ok(self.store.list_events(agent, since, limit).await?)
     }
 
-    /// Called by the daemon when an agent connects to the channel.
-    pub async fn agent_connected(&self, agent_id: &str) -> Result<()> {
-        let now = self.now();
-        if let Some(rt) = lock(&self.runtime).get_mut(agent_id) {
-            rt.last_connected = Some(now);
-        }
-        // Connecting proves the agent is alive: its liveness restarts in a row end (its
-        // crash streak does not: an agent may connect and still crash).
-        lock(&self.liveness_streaks).remove(agent_id);
-        let agent = self.find(agent_id).await?;
-        if !agent.connected_once {
-            // Without the agent's lock: touch only this column.
-            self.store.set_connected_once(agent_id).await?;
-        }
-        self.record(&agent, EventKind::Connected, None, None, "agent channel connected".into()).await
-    }
-
-    /// Called by the daemon when an agent's channel connection closes.
-    pub async fn agent_disconnected(&self, agent_id: &str) -> Result<()> {
-        let now = self.now();
-        if let Some(rt) = lock(&self.runtime).get_mut(agent_id) {
-            rt.last_connected = Some(now);
-        }
-        let Some(agent) = self.store.find_agent(agent_id).await? else {
-            return Ok(());
-        };
-        if agent.speaks_channel() && agent.status == AgentStatus::Running {
-            // Look again when the reconnect grace ends, not at the next periodic relist.
-            self.wake_at(now + self.config.reconcile.reconnect_grace + self.liveness_backoff(&agent));
-        }
-        self.record(&agent, EventKind::Disconnected, None, None, "agent channel closed".into()).await
-    }
-
     /// Stops accepting work and then either stops every live agent concurrently, each
     /// within its own grace period, recording every exit; or, with `leave_running`, leaves
     /// them running with their records intact for the next start to adopt.
@@ -543,6 +642,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             .collect();
         let mut summary = ShutdownSummary::default();
         if leave_running {
+            // The containers run on; their conversations are picked up from the stored
+            // cursors by the next start.
+            self.conversations.abort_all();
             for agent in live {
                 let detail = "daemon shut down with leave-running; the next start adopts it".to_owned();
                 self.record(&agent, EventKind::LeftRunning, Some(agent.status), Some(agent.status), detail).await?;
@@ -570,6 +672,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             .buffer_unordered(self.config.shutdown_concurrency.max(1))
             .collect()
             .await;
+        self.conversations.abort_all();
         for (name, outcome) in outcomes {
             match outcome {
                 Ok(()) => summary.stopped.push(name),
@@ -597,7 +700,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         agent.updated_at = self.now();
         let event = self.event(agent, kind, Some(from), Some(to), detail);
         let stored = self.store.transition(agent, finish.map(|(exit, by)| (exit, by, event.at)), &event).await?;
-        self.announce(stored, &agent.session, finish.map(|(e, _)| e));
+        self.lifecycle.announce(stored, &agent.session, finish.map(|(e, _)| e));
         Ok(())
     }
 
@@ -612,7 +715,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     ) -> Result<()> {
         let event = self.event(agent, kind, from, to, detail);
         let stored = self.store.insert_event(&event).await?;
-        self.announce(stored, &agent.session, None);
+        self.lifecycle.announce(stored, &agent.session, None);
         Ok(())
     }
 
@@ -638,8 +741,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     /// Logs a stored event and broadcasts it to subscribers.
     pub(crate) fn announce(&self, event: LifecycleEvent, session: &str, exit: Option<&SessionExitInfo>) {
-        log_event(&event, session, exit);
-        let _ = self.events.send(event);
+        self.lifecycle.announce(event, session, exit);
     }
 }
 
@@ -661,8 +763,10 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
         EventKind::HealthChanged => "Agent health changed.",
         EventKind::Adopted => "Agent adopted.",
         EventKind::LeftRunning => "Agent left running.",
-        EventKind::Connected => "Agent connected.",
-        EventKind::Disconnected => "Agent disconnected.",
+        EventKind::Connected => "Agent attached.",
+        EventKind::Disconnected => "Agent detached.",
+        EventKind::Paused => "Agent paused.",
+        EventKind::Unpaused => "Agent unpaused.",
         EventKind::Removed => "Agent removed.",
         EventKind::OrphanRemoved => "Orphaned session removed.",
         EventKind::OrphanFound => "Orphaned session found.",

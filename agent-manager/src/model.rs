@@ -82,7 +82,8 @@ text_enum! {
 text_enum! {
     /// What runs in the agent's container.
     AgentKind {
-        /// The Claude Code CLI, connected to the agent channel with `--sdk-url`.
+        /// The Claude Code CLI, speaking stream-json over its container's stdin and
+        /// stdout.
         ClaudeCode = "claude-code",
         /// The image's own entrypoint, or the given command.
         Image = "image",
@@ -154,6 +155,8 @@ text_enum! {
         LeftRunning = "left_running",
         Connected = "connected",
         Disconnected = "disconnected",
+        Paused = "paused",
+        Unpaused = "unpaused",
         Removed = "removed",
         OrphanRemoved = "orphan_removed",
         OrphanFound = "orphan_found",
@@ -251,11 +254,6 @@ pub struct Agent {
     /// When the restart policy starts the agent again.
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_restart_at: Option<OffsetDateTime>,
-    /// Whether the agent has ever connected to the agent channel.
-    pub connected_once: bool,
-    /// The secret the agent presents on the agent channel.
-    #[serde(skip)]
-    pub token: String,
     /// Why the agent is in its status, in words (for example "session disappeared").
     pub reason: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
@@ -283,10 +281,10 @@ impl fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Whether the agent talks to the daemon over the agent channel, so that "not
-    /// connected" means something is wrong.
-    pub fn speaks_channel(&self) -> bool {
-        self.kind == AgentKind::ClaudeCode || self.connected_once
+    /// Whether the agent speaks stream-json over its stdin and stdout, so that agentd
+    /// holds a conversation with it.
+    pub fn speaks_stream_json(&self) -> bool {
+        self.kind == AgentKind::ClaudeCode
     }
 }
 
@@ -296,6 +294,14 @@ pub struct AgentView {
     #[serde(flatten)]
     pub agent: Agent,
     pub exit: Option<ExitView>,
+    /// Whether agentd holds a live attach to the agent's stdin and output.
+    pub connected: bool,
+    /// Whether the engine has the agent's container frozen (`docker pause`).
+    pub paused: bool,
+    /// The session of a stream-json agent: `session_id`, `turn`, `cost_usd`, `usage`,
+    /// `last_result`.
+    #[serde(flatten)]
+    pub session: Option<crate::conversation::SessionView>,
 }
 
 /// How a run ended, as the API shows it.

@@ -8,8 +8,9 @@
 //! - A pending record left by a crash is resolved: a running session is adopted, a created
 //!   one is started, a missing one fails.
 //! - Engine unavailable → nothing changes; the pass reports the error and is retried.
-//! - A live agent that speaks the channel but is not connected is restarted after the
-//!   reconnect grace; health is recorded, and with `on_unhealthy = restart` acted on.
+//! - Health is recorded, and with `on_unhealthy = restart` acted on. A frozen (paused)
+//!   container is live; the change is recorded. Losing agentd's own attach to an agent
+//!   is never a reason to restart it: its conversation task attaches again.
 //! - Orphans (sessions of this prefix and instance with no record) older than the
 //!   creation grace are removed, or only reported in dry-run mode.
 
@@ -57,8 +58,8 @@ enum Outcome {
 /// A slow action a pass decided on.
 #[derive(Debug, Clone)]
 pub(crate) enum Action {
-    /// Restart a live agent that is disconnected or unhealthy for too long.
-    Liveness { why: String, run_since: OffsetDateTime, container: Option<String>, cause: Liveness },
+    /// Restart a live agent that is unhealthy for too long.
+    Liveness { why: String, run_since: OffsetDateTime, container: Option<String> },
     /// Start an ended agent again, as its restart policy scheduled.
     Policy,
     /// Finish a stop that failed half-way (the agent should not run).
@@ -67,17 +68,10 @@ pub(crate) enum Action {
     StopStray,
 }
 
-/// What a liveness restart is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Liveness {
-    Disconnected,
-    Unhealthy,
-}
-
 /// How many slow actions run at once after a pass.
 const ACTION_CONCURRENCY: usize = 16;
 
-impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
+impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Runs one reconcile pass over every agent and every owned session.
     ///
     /// Costs one backend snapshot (agents are read from the store's memory) when nothing
@@ -154,16 +148,13 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
         let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         match action {
-            Action::Liveness { why, run_since, container, cause }
+            // Still the same run, and still unhealthy.
+            Action::Liveness { why, run_since, container }
                 if live
                     && agent.desired.is_running()
                     && !stopping
                     && agent.container_id == container
-                    && match cause {
-                        // Still the same run, and still what it was restarted for.
-                        Liveness::Disconnected => !self.channel.is_connected(&agent.id),
-                        Liveness::Unhealthy => agent.health == SessionHealth::Unhealthy,
-                    } =>
+                    && agent.health == SessionHealth::Unhealthy =>
             {
                 self.liveness_restart(&mut agent, &why, run_since, now).await
             }
@@ -281,7 +272,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     }
 
     /// When the manager must look at this agent again without being told: a scheduled
-    /// restart, or the end of a reconnect or unhealthy grace.
+    /// restart, or the end of an unhealthy grace.
     fn due_time(&self, agent: &Agent) -> Option<OffsetDateTime> {
         if agent.desired.is_running() && matches!(agent.status, AgentStatus::Stopped | AgentStatus::Failed) {
             return agent.next_restart_at;
@@ -292,17 +283,10 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
         let rt = lock(&self.runtime).get(&agent.id).cloned()?;
         let cfg = &self.config.reconcile;
         let extra = self.liveness_backoff(agent);
-        let mut due = None::<OffsetDateTime>;
-        if agent.speaks_channel() && !self.channel.is_connected(&agent.id) {
-            due = Some(rt.last_connected.unwrap_or(rt.since).max(rt.since) + cfg.reconnect_grace + extra);
+        if agent.spec.on_unhealthy != UnhealthyAction::Restart {
+            return None;
         }
-        if agent.spec.on_unhealthy == UnhealthyAction::Restart {
-            if let Some(since) = rt.unhealthy_since {
-                let at = since + cfg.unhealthy_grace + extra;
-                due = Some(due.map_or(at, |d| d.min(at)));
-            }
-        }
-        due
+        rt.unhealthy_since.map(|since| since + cfg.unhealthy_grace + extra)
     }
 
     /// Applies the rules to one agent. The caller holds the agent's lock.
@@ -314,7 +298,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
     ) -> Result<Outcome> {
         let status = observed.map_or(SessionStatus::Missing, |s| s.status);
         match (agent.status, status) {
-            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Running) => {
+            (AgentStatus::Running | AgentStatus::Pending, SessionStatus::Running | SessionStatus::Paused) => {
                 let state = observed.ok_or_else(|| ManagerError::Conflict("running session without state".into()))?;
                 self.check_live(agent, state, now).await
             }
@@ -386,7 +370,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await?;
                 Ok(Outcome::Changed)
             }
-            (AgentStatus::Stopped | AgentStatus::Failed, SessionStatus::Running) => {
+            (AgentStatus::Stopped | AgentStatus::Failed, SessionStatus::Running | SessionStatus::Paused) => {
                 if !agent.desired.is_running() {
                     // Started from outside after a stop: converge on what the user asked.
                     return Ok(Outcome::Act(Action::StopStray));
@@ -406,10 +390,10 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
 
     fn remember_run(&self, agent: &Agent, container: String, since: OffsetDateTime) {
         lock(&self.runtime)
-            .insert(agent.id.clone(), Runtime { container, since, last_connected: None, unhealthy_since: None });
+            .insert(agent.id.clone(), Runtime { container, since, paused: false, unhealthy_since: None });
     }
 
-    /// A live session: adoption, health, stop convergence, channel connection.
+    /// A live session: adoption, health, freezing, stop convergence, the conversation.
     async fn check_live(&self, agent: &mut Agent, state: &SessionState, now: OffsetDateTime) -> Result<Outcome> {
         let mut outcome = Outcome::Unchanged;
         let known = lock(&self.runtime).get(&agent.id).is_some_and(|rt| rt.container == state.id);
@@ -421,7 +405,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 self.store.start_run(agent, now).await?;
             }
             agent.container_id = Some(state.id.clone());
-            let detail = format!("running container {} adopted; reconnect grace starts now", short(&state.id));
+            let detail = format!("running container {} adopted", short(&state.id));
             self.transition(agent, AgentStatus::Running, EventKind::Adopted, detail, None).await?;
             outcome = Outcome::Changed;
         }
@@ -436,7 +420,9 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             self.transition(agent, status, EventKind::HealthChanged, detail, None).await?;
             outcome = Outcome::Changed;
         }
-        let (unhealthy_since, disconnected_since, run_since) = {
+        self.ensure_conversation(agent);
+        let paused = state.status == SessionStatus::Paused;
+        let (unhealthy_since, run_since, pause_changed) = {
             let mut runtime = lock(&self.runtime);
             let rt =
                 runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
@@ -444,14 +430,22 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
                 SessionHealth::Unhealthy => Some(rt.unhealthy_since.unwrap_or(now)),
                 _ => None,
             };
-            let connected = agent.speaks_channel() && self.channel.is_connected(&agent.id);
-            if connected {
-                rt.last_connected = Some(now);
-            }
-            let disconnected_since =
-                (agent.speaks_channel() && !connected).then(|| rt.last_connected.unwrap_or(rt.since).max(rt.since));
-            (rt.unhealthy_since, disconnected_since, rt.since)
+            let changed = rt.paused != paused;
+            rt.paused = paused;
+            (rt.unhealthy_since, rt.since, changed)
         };
+        if pause_changed {
+            let (kind, detail) = if paused {
+                (EventKind::Paused, "the engine froze the container: it reads and writes nothing; messages wait")
+            } else {
+                (EventKind::Unpaused, "the container runs again")
+            };
+            self.record(agent, kind, Some(agent.status), Some(agent.status), detail.to_owned()).await?;
+            if !paused {
+                self.conversations.wake(&agent.id);
+            }
+            outcome = Outcome::Changed;
+        }
         let cfg = &self.config.reconcile;
         // Restarts for liveness back off like crash loops: each one in a row waits longer.
         let extra = self.liveness_backoff(agent);
@@ -459,14 +453,7 @@ impl<B: ExecutionBackend + ?Sized> AgentManager<B> {
             if agent.spec.on_unhealthy == UnhealthyAction::Restart && now - since >= cfg.unhealthy_grace + extra {
                 let why = format!("unhealthy for {}s", (now - since).whole_seconds());
                 let container = agent.container_id.clone();
-                return Ok(Outcome::Act(Action::Liveness { why, run_since, container, cause: Liveness::Unhealthy }));
-            }
-        }
-        if let Some(since) = disconnected_since {
-            if now - since >= cfg.reconnect_grace + extra {
-                let why = format!("not connected to the agent channel for {}s", (now - since).whole_seconds());
-                let container = agent.container_id.clone();
-                return Ok(Outcome::Act(Action::Liveness { why, run_since, container, cause: Liveness::Disconnected }));
+                return Ok(Outcome::Act(Action::Liveness { why, run_since, container }));
             }
         }
         Ok(outcome)

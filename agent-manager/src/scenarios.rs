@@ -18,7 +18,7 @@ use backend_core::{
 use futures_util::FutureExt;
 
 use crate::model::{AgentKind, AgentStatus, AgentView, EventKind, NewAgent};
-use crate::{AgentManager, ManagerConfig, NoChannel, Store};
+use crate::{AgentManager, ManagerConfig, Store};
 
 type Manager = AgentManager<dyn ExecutionBackend>;
 
@@ -61,7 +61,7 @@ impl<'h> Scene<'h> {
         config: ManagerConfig,
     ) -> Arc<Manager> {
         let backend = harness.backend(owner.clone()).await;
-        Arc::new(AgentManager::new(backend, store, Arc::new(NoChannel), config))
+        Arc::new(AgentManager::new(backend, store, config))
     }
 
     async fn spawn(&self, name: &str, env: &[(&str, &str)]) -> AgentView {

@@ -76,7 +76,7 @@ fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T> {
 }
 
 const AGENT_COLUMNS: &str = "id, name, kind, status, desired, health, session, container_id, image, spec, \
-     restart_policy, restarts, crash_streak, next_restart_at, connected_once, token, reason, created_at, updated_at";
+     restart_policy, restarts, crash_streak, next_restart_at, reason, created_at, updated_at";
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it.
@@ -119,6 +119,10 @@ impl Store {
         Ok(Self { pool, agents: Arc::new(Mutex::new(cache)) })
     }
 
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     fn remember(&self, agent: &Agent) {
         self.cache().put(agent.clone());
     }
@@ -144,8 +148,8 @@ impl Store {
         let spec = serde_json::to_string(&agent.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let outcome = sqlx::query(
             "INSERT INTO agents (id, name, kind, status, desired, health, session, container_id, image, spec, \
-             restart_policy, restarts, crash_streak, next_restart_at, connected_once, token, reason, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             restart_policy, restarts, crash_streak, next_restart_at, reason, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&agent.id)
         .bind(&agent.name)
@@ -161,8 +165,6 @@ impl Store {
         .bind(agent.restarts)
         .bind(agent.crash_streak)
         .bind(agent.next_restart_at.map(millis))
-        .bind(agent.connected_once)
-        .bind(&agent.token)
         .bind(&agent.reason)
         .bind(millis(agent.created_at))
         .bind(millis(agent.updated_at))
@@ -185,18 +187,6 @@ impl Store {
             return Err(StoreError::AgentGone(agent.id.clone()));
         }
         self.remember(agent);
-        Ok(())
-    }
-
-    /// Records that the agent has connected to the channel once, touching nothing else.
-    pub async fn set_connected_once(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE agents SET connected_once = 1 WHERE id = ?").bind(id).execute(&self.pool).await?;
-        let mut cache = self.cache();
-        if let Some((agent, _)) = cache.agents.get(id) {
-            let mut agent = agent.clone();
-            agent.connected_once = true;
-            cache.put(agent);
-        }
         Ok(())
     }
 
@@ -351,7 +341,7 @@ impl Store {
 fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
     sqlx::query(
         "UPDATE agents SET status = ?, desired = ?, health = ?, container_id = ?, restarts = ?, crash_streak = ?, \
-         next_restart_at = ?, connected_once = ?, reason = ?, updated_at = ? WHERE id = ?",
+         next_restart_at = ?, reason = ?, updated_at = ? WHERE id = ?",
     )
     .bind(agent.status.as_str())
     .bind(agent.desired.as_str())
@@ -360,7 +350,6 @@ fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sql
     .bind(agent.restarts)
     .bind(agent.crash_streak)
     .bind(agent.next_restart_at.map(millis))
-    .bind(agent.connected_once)
     .bind(&agent.reason)
     .bind(millis(agent.updated_at))
     .bind(&agent.id)
@@ -400,8 +389,6 @@ fn agent_from_row(row: &SqliteRow) -> Result<Agent> {
         restarts: row.try_get("restarts")?,
         crash_streak: row.try_get("crash_streak")?,
         next_restart_at: row.try_get::<Option<i64>, _>("next_restart_at")?.map(from_millis),
-        connected_once: row.try_get("connected_once")?,
-        token: row.try_get("token")?,
         reason: row.try_get("reason")?,
         created_at: from_millis(row.try_get("created_at")?),
         updated_at: from_millis(row.try_get("updated_at")?),

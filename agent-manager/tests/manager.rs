@@ -486,84 +486,39 @@ impl Now for Fixture {
 }
 
 #[tokio::test]
-async fn a_live_agent_that_does_not_reconnect_is_restarted_after_the_grace() {
-    let mut config = test_config();
-    config.channel_port = Some(7006);
-    let fx = Fixture::with_config(config).await;
-    let talker = fx
-        .spawn_with(NewAgent { name: "talker".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
-        .await
-        .agent;
-    let silent = fx.spawn("silent").await.agent;
-    assert!(talker.speaks_channel() && !silent.speaks_channel());
-
-    fx.clock.advance(Duration::from_secs(29));
-    fx.reconcile().await;
-    assert_eq!(fx.get("talker").await.agent.restarts, 0, "restarted inside the grace");
-    fx.clock.advance(Duration::from_secs(2));
-    let report = fx.reconcile().await;
-    assert_eq!(report.restarted, 1);
-    let after = fx.get("talker").await.agent;
-    assert_eq!(after.restarts, 1);
-    assert_eq!(after.status, AgentStatus::Running);
-    assert_ne!(after.container_id, talker.container_id);
-    assert_eq!(
-        fx.get("silent").await.agent.restarts,
-        0,
-        "an agent that never spoke the channel is not restarted for silence"
-    );
-
-    // Connected agents are left alone however long they run.
-    fx.channel.connect(&talker.id);
-    fx.manager.agent_connected(&talker.id).await.expect("connected");
-    fx.clock.advance(Duration::from_secs(300));
-    fx.reconcile().await;
-    assert_eq!(fx.get("talker").await.agent.restarts, 1);
-    // A disconnect starts the grace again.
-    fx.channel.disconnect(&talker.id);
-    fx.manager.agent_disconnected(&talker.id).await.expect("disconnected");
-    fx.clock.advance(Duration::from_secs(20));
-    fx.reconcile().await;
-    assert_eq!(fx.get("talker").await.agent.restarts, 1);
-    fx.clock.advance(Duration::from_secs(11));
-    fx.reconcile().await;
-    assert_eq!(fx.get("talker").await.agent.restarts, 2);
-}
-
-#[tokio::test]
-async fn the_claude_code_command_points_at_the_agent_channel() {
-    let mut config = test_config();
-    config.channel_port = Some(7006);
-    let fx = Fixture::with_config(config).await;
+async fn the_claude_code_command_speaks_stream_json_on_stdio() {
+    let fx = Fixture::new().await;
     let new = NewAgent {
         name: "claude".into(),
         kind: Some(AgentKind::ClaudeCode),
+        image: Some(backend_mock::ECHO_IMAGE.into()),
         model: Some("opus".into()),
         ..NewAgent::default()
     };
     let agent = fx.spawn_with(new).await.agent;
-    let spec = fx.manager.backend().snapshot().await.expect("snapshot");
-    assert_eq!(spec.len(), 1);
     let session_spec = fx.manager_spec(&agent.name).await;
+    assert!(session_spec.stdin_open, "claude-code agents talk over stdin");
     let command = session_spec.command.expect("command");
-    let url = format!("ws://127.0.0.1:7006/ws/{}", agent.id);
     assert_eq!(
         command,
         [
             "claude",
-            "--sdk-url",
-            &url,
-            "--output-format",
-            "stream-json",
+            "-p",
             "--input-format",
             "stream-json",
+            "--output-format",
+            "stream-json",
             "--verbose",
+            "--permission-prompt-tool",
+            "stdio",
+            "--session-id",
+            &agent.id,
             "--model",
             "opus"
         ]
     );
-    assert_eq!(session_spec.env.get("AGENTD_WS_URL"), Some(&url));
-    assert_eq!(session_spec.env.get("AGENTD_AGENT_TOKEN"), Some(&agent.token));
+    assert!(!command.iter().any(|a| a == "--sdk-url"));
+    assert!(!session_spec.env.keys().any(|k| k == "AGENTD_WS_URL" || k == "AGENTD_AGENT_TOKEN"));
 }
 
 impl Fixture {
@@ -697,34 +652,29 @@ async fn the_supervisor_learns_of_a_kill_from_events_without_a_relist() {
 }
 
 #[tokio::test]
-async fn liveness_restarts_back_off_until_the_agent_connects() {
-    let mut config = test_config();
-    config.channel_port = Some(7006);
-    let fx = Fixture::with_config(config).await;
-    let agent = fx
-        .spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
-        .await
-        .agent;
+async fn liveness_restarts_back_off() {
+    let fx = Fixture::new().await;
+    let new = NewAgent { name: "sick".into(), on_unhealthy: Some(UnhealthyAction::Restart), ..NewAgent::default() };
+    let agent = fx.spawn_with(new).await.agent;
+    fx.engine.set_health(&agent.session, SessionHealth::Unhealthy);
     // First restart after the 30 s grace, then the grace plus 10 s, 20 s, 40 s.
     let mut waits = Vec::new();
     for expected_restarts in 1..=4u32 {
         let mut waited = 0;
         loop {
-            fx.clock.advance(Duration::from_secs(1));
-            waited += 1;
             fx.reconcile().await;
-            if fx.get("mute").await.agent.restarts == expected_restarts {
+            if fx.get("sick").await.agent.restarts == expected_restarts {
+                // The new run is unhealthy too.
+                fx.engine.set_health(&agent.session, SessionHealth::Unhealthy);
                 break;
             }
+            fx.clock.advance(Duration::from_secs(1));
+            waited += 1;
             assert!(waited < 1000, "no restart {expected_restarts}");
         }
         waits.push(waited);
     }
     assert_eq!(waits, [30, 40, 50, 70], "liveness restarts must back off");
-    // Connecting ends the streak: the next silence gets the plain grace again.
-    fx.channel.connect(&agent.id);
-    fx.manager.agent_connected(&agent.id).await.expect("connected");
-    assert_eq!(fx.get("mute").await.agent.crash_streak, 0);
 }
 
 #[tokio::test]
@@ -784,19 +734,20 @@ async fn a_pass_never_acts_on_a_record_an_operation_changed_after_its_snapshot()
 
 #[tokio::test]
 async fn an_interrupted_liveness_restart_is_retried_when_the_engine_returns() {
-    let mut config = test_config();
-    config.channel_port = Some(7006);
-    let fx = Fixture::with_config(config).await;
-    fx.spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() }).await;
+    let fx = Fixture::new().await;
+    let new = NewAgent { name: "sick".into(), on_unhealthy: Some(UnhealthyAction::Restart), ..NewAgent::default() };
+    let agent = fx.spawn_with(new).await.agent;
+    fx.engine.set_health(&agent.session, SessionHealth::Unhealthy);
+    fx.reconcile().await;
     fx.clock.advance(Duration::from_secs(31));
     // The old run ends, then the engine goes away before the new container exists.
     fx.engine.fail_next_matching(1, |call| matches!(call, MockCall::Create(_)));
     fx.reconcile().await;
-    let between = fx.get("mute").await.agent;
+    let between = fx.get("sick").await.agent;
     assert_eq!(between.status, AgentStatus::Failed);
     assert!(between.next_restart_at.is_some(), "the owed restart was forgotten: {between:?}");
     fx.reconcile().await;
-    assert_eq!(fx.status("mute").await, AgentStatus::Running);
+    assert_eq!(fx.status("sick").await, AgentStatus::Running);
 }
 
 #[tokio::test]
@@ -816,19 +767,6 @@ async fn a_failed_record_whose_container_runs_is_adopted_not_left_unsupervised()
     assert_eq!(now.status, AgentStatus::Running);
     assert_eq!(now.container_id, agent.container_id, "the running container is kept");
     assert!(!fx.engine.calls().iter().any(|c| matches!(c, MockCall::Remove(_) | MockCall::Create(_))));
-}
-
-#[tokio::test]
-async fn connecting_does_not_forgive_crashes() {
-    let fx = Fixture::new().await;
-    let agent = fx.spawn("crashy").await.agent;
-    let mut record = fx.manager.agent("crashy").await.expect("agent");
-    record.crash_streak = 3;
-    fx.store.update_agent(&record).await.expect("update");
-    fx.manager.agent_connected(&agent.id).await.expect("connected");
-    let after = fx.get("crashy").await.agent;
-    assert_eq!(after.crash_streak, 3);
-    assert!(after.connected_once);
 }
 
 #[tokio::test]
@@ -858,14 +796,12 @@ async fn shutdown_waits_for_a_spawn_in_flight_and_stops_it_too() {
 async fn a_down_engine_is_not_hammered_by_the_supervisor() {
     let mut config = test_config();
     config.reconcile.interval = Duration::from_secs(2);
-    config.channel_port = Some(7006);
     let fx = Fixture::with_config(config).await;
-    let agent = fx
-        .spawn_with(NewAgent { name: "mute".into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() })
-        .await
-        .agent;
+    let new = NewAgent { name: "crashy".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() };
+    let agent = fx.spawn_with(new).await.agent;
     // A restart falls due while the engine is down.
-    fx.manager.agent_disconnected(&agent.id).await.expect("disconnected");
+    fx.engine.exit(&agent.session, 1);
+    fx.reconcile().await;
     fx.clock.advance(Duration::from_secs(60));
     fx.engine.fail_next(100_000);
     fx.engine.clear_calls();

@@ -1,4 +1,4 @@
-//! The HTTP API, the agent channel endpoint, health and metrics.
+//! The HTTP API: agents, their conversations, events, health and metrics.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use agent_manager::{AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, ManagerError, NewAgent};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -15,18 +14,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use backend_core::{BackendError, ExecutionBackend};
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
-
-use crate::channel::{user_message, ChannelRegistry, SendError};
+use tracing::warn;
 
 /// Everything the handlers share.
 pub struct App {
     pub manager: Arc<AgentManager<dyn ExecutionBackend>>,
-    pub channel: Arc<ChannelRegistry>,
     /// The API bearer token; `None` disables auth.
     pub token: Option<String>,
     pub instance: String,
@@ -42,7 +38,7 @@ impl std::fmt::Debug for App {
 
 type AppState = Arc<App>;
 
-/// The full API: `/v1/*`, `/healthz`, `/metrics` and the agent channel `/ws/{agent_id}`.
+/// The full API: `/v1/*`, `/healthz` and `/metrics`.
 pub fn router(app: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/agents", post(spawn).get(list))
@@ -51,7 +47,9 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agents/{id}/restart", post(restart))
         .route("/v1/agents/{id}/runs", get(runs))
         .route("/v1/agents/{id}/logs", get(logs))
-        .route("/v1/agents/{id}/messages", post(send_message).get(transcript))
+        .route("/v1/agents/{id}/messages", post(send_message))
+        .route("/v1/agents/{id}/conversation", get(conversation))
+        .route("/v1/agents/{id}/conversation/stream", get(conversation_stream))
         .route("/v1/events", get(events))
         .route("/v1/events/stream", get(event_stream))
         .route("/metrics", get(metrics))
@@ -59,21 +57,9 @@ pub fn router(app: AppState) -> Router {
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))
-        .route("/ws/{agent_id}", get(agent_socket))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint; see docs/api.md".into())
-        })
-        .with_state(app)
-}
-
-/// Only the agent channel, for the addresses agent containers reach.
-pub fn channel_router(app: AppState) -> Router {
-    Router::new()
-        .route("/ws/{agent_id}", get(agent_socket))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "this address serves only the agent channel".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError(StatusCode::METHOD_NOT_ALLOWED, "the agent channel takes GET with a WebSocket upgrade".into())
         })
         .with_state(app)
 }
@@ -92,7 +78,9 @@ impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
         let status = match &e {
             ManagerError::AgentNotFound(_) => StatusCode::NOT_FOUND,
-            ManagerError::NameTaken(_) | ManagerError::Conflict(_) => StatusCode::CONFLICT,
+            ManagerError::NameTaken(_) | ManagerError::Conflict(_) | ManagerError::NotRunning { .. } => {
+                StatusCode::CONFLICT
+            }
             ManagerError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ManagerError::ImageMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -161,17 +149,39 @@ pub struct AgentJson {
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_restart_at: Option<OffsetDateTime>,
     pub exit: Option<ExitView>,
+    /// Whether the engine has the container frozen.
+    pub paused: bool,
+    /// The conversation of a claude-code agent; absent for other kinds.
+    #[serde(flatten)]
+    pub conversation: Option<ConversationJson>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
 
-fn agent_json(app: &App, view: AgentView) -> AgentJson {
-    use agent_manager::AgentChannel;
+/// A claude-code agent's session, in the agent JSON.
+#[derive(Debug, Serialize)]
+pub struct ConversationJson {
+    pub session_id: String,
+    pub turn: agent_manager::Turn,
+    pub cost_usd: f64,
+    pub usage: agent_manager::Usage,
+    pub last_result: Option<agent_manager::LastResult>,
+}
+
+fn agent_json(view: AgentView) -> AgentJson {
     let a = view.agent;
     AgentJson {
-        connected: app.channel.is_connected(&a.id),
+        connected: view.connected,
+        paused: view.paused,
+        conversation: view.session.map(|s| ConversationJson {
+            session_id: s.session_id,
+            turn: s.turn,
+            cost_usd: s.cost_usd,
+            usage: s.usage,
+            last_result: s.last_result,
+        }),
         id: a.id,
         name: a.name,
         kind: a.kind,
@@ -203,11 +213,11 @@ async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRej
     }
     let name = new.name.clone();
     match app.manager.spawn(new).await {
-        Ok(view) => Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response()),
+        Ok(view) => Ok((StatusCode::CREATED, Json(agent_json(view))).into_response()),
         // The agent exists, failed, with the reason in its exit: say so with the record.
         Err(ManagerError::StartFailed { source, .. }) if !source.is_retryable() => {
             let view = app.manager.get(&name).await?;
-            Ok((StatusCode::CREATED, Json(agent_json(&app, view))).into_response())
+            Ok((StatusCode::CREATED, Json(agent_json(view))).into_response())
         }
         Err(e) => Err(e.into()),
     }
@@ -230,28 +240,26 @@ async fn list(
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("status: {e}")))?;
     let views = app.manager.list(status).await?;
-    Ok(Json(views.into_iter().map(|v| agent_json(&app, v)).collect()))
+    Ok(Json(views.into_iter().map(|v| agent_json(v)).collect()))
 }
 
 async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
     let view = app.manager.get(&id).await?;
-    Ok(Json(agent_json(&app, view)))
+    Ok(Json(agent_json(view)))
 }
 
 async fn stop(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
     let view = app.manager.stop(&id).await?;
-    Ok(Json(agent_json(&app, view)))
+    Ok(Json(agent_json(view)))
 }
 
 async fn restart(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
     let view = app.manager.restart(&id).await?;
-    Ok(Json(agent_json(&app, view)))
+    Ok(Json(agent_json(view)))
 }
 
 async fn remove(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let agent = app.manager.agent(&id).await?;
     app.manager.remove(&id).await?;
-    app.channel.forget(&agent.id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -287,20 +295,100 @@ async fn send_message(
     body: Result<Json<MessageBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    let agent = app.manager.agent(&id).await?;
-    app.channel.send(&agent.id, user_message(&body.text)).map_err(|e| match e {
-        SendError::NotConnected(_) => ApiError(
-            StatusCode::CONFLICT,
-            format!("agent {} is not connected to the agent channel (it is {})", agent.name, agent.status),
-        ),
-        SendError::Full(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    })?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": true }))).into_response())
+    let entry = app.manager.send_message(&id, &body.text).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq }))).into_response())
 }
 
-async fn transcript(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn conversation(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ConversationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<agent_manager::ConversationEntry>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    Ok(Json(app.manager.conversation(&id, q.after.unwrap_or(0), limit).await?))
+}
+
+/// `GET /v1/agents/{id}/conversation/stream`: the conversation as server-sent events,
+/// each with its `seq` as the event id. A client that reconnects with `Last-Event-ID`
+/// (or `?after=`) gets everything after it: the stored entries first, then live ones,
+/// with nothing lost or doubled between the two.
+async fn conversation_stream(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<ConversationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let last_id = match headers.get("last-event-id") {
+        Some(value) => Some(value.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
+            ApiError(StatusCode::BAD_REQUEST, "Last-Event-ID must be the seq of a conversation entry".into())
+        })?),
+        None => None,
+    };
     let agent = app.manager.agent(&id).await?;
-    Ok(Json(app.channel.transcript(&agent.id)).into_response())
+    // Subscribe before reading the store, so no entry falls between the two.
+    let mut live = app.manager.subscribe_conversations();
+    let mut after = last_id.or(q.after).unwrap_or(0);
+    let manager = app.manager.clone();
+    let mut shutdown = app.shutdown.clone();
+    let stream = async_stream(move |tx| async move {
+        let event = |entry: &agent_manager::ConversationEntry| {
+            let json = serde_json::to_string(entry).unwrap_or_default();
+            Event::default().id(entry.seq.to_string()).event(entry.kind.clone()).data(json)
+        };
+        // The stored backlog, in pages.
+        loop {
+            let page = match manager.conversation(&agent.id, after, 500).await {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = tx.send(Event::default().event("error").data(e.to_string())).await;
+                    return;
+                }
+            };
+            let done = page.len() < 500;
+            for entry in &page {
+                if tx.send(event(entry)).await.is_err() {
+                    return;
+                }
+                after = entry.seq;
+            }
+            if done {
+                break;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                entry = live.recv() => match entry {
+                    Ok(entry) if entry.agent_id == agent.id && entry.seq > after => {
+                        after = entry.seq;
+                        if tx.send(event(&entry)).await.is_err() { break; }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Read what was missed from the store instead.
+                        match manager.conversation(&agent.id, after, 10_000).await {
+                            Ok(page) => for entry in page {
+                                after = entry.seq;
+                                if tx.send(event(&entry)).await.is_err() { return; }
+                            },
+                            Err(_) => break,
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,84 +496,7 @@ async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
 
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     let agents = app.manager.list(None).await?;
-    let text = crate::metrics::render(&agents, &app.manager.metrics().snapshot(), app.channel.connected_count());
+    let connected = agents.iter().filter(|a| a.connected).count();
+    let text = crate::metrics::render(&agents, &app.manager.metrics().snapshot(), connected);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-struct SocketQuery {
-    token: Option<String>,
-}
-
-/// `GET /ws/{agent_id}`: the agent's channel. The agent presents its own secret as a
-/// bearer token (or `?token=`); anything else is refused with 401.
-async fn agent_socket(
-    State(app): State<AppState>,
-    Path(agent_id): Path<String>,
-    Query(query): Query<SocketQuery>,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    let given = bearer(&headers).map(str::to_owned).or(query.token);
-    let agent = match app.manager.agent(&agent_id).await {
-        Ok(agent) if agent.id == agent_id => agent,
-        _ => return ApiError(StatusCode::UNAUTHORIZED, "unknown agent or wrong agent token".into()).into_response(),
-    };
-    if !given.is_some_and(|g| same_secret(&g, &agent.token)) {
-        warn!(agent_id = %agent.id, "Agent channel connection refused: wrong or missing token.");
-        return ApiError(StatusCode::UNAUTHORIZED, "unknown agent or wrong agent token".into()).into_response();
-    }
-    match upgrade {
-        Ok(upgrade) => upgrade.on_upgrade(move |socket| serve_agent(app, agent, socket)),
-        Err(rejection) => {
-            ApiError(StatusCode::BAD_REQUEST, format!("the agent channel is a WebSocket: {}", rejection.body_text()))
-                .into_response()
-        }
-    }
-}
-
-async fn serve_agent(app: AppState, agent: agent_manager::Agent, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let (connection, mut outbox) = app.channel.register(&agent.id);
-    let first_connection = !agent.connected_once;
-    if let Err(e) = app.manager.agent_connected(&agent.id).await {
-        warn!(agent_id = %agent.id, error = %e, "Could not record the agent's connection.");
-    }
-    info!(agent_id = %agent.id, agent = %agent.name, first_connection, "Agent connected to the channel.");
-    if first_connection {
-        if let Some(prompt) = &agent.spec.prompt {
-            if let Err(e) = app.channel.send(&agent.id, user_message(prompt)) {
-                warn!(agent_id = %agent.id, error = %e, "Could not queue the initial prompt.");
-            }
-        }
-    }
-    let mut shutdown = app.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => {
-                let _ = sink.send(Message::Close(None)).await;
-                break;
-            }
-            outgoing = outbox.recv() => match outgoing {
-                Some(text) => {
-                    if sink.send(Message::text(text)).await.is_err() { break; }
-                }
-                None => break,
-            },
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    debug!(agent_id = %agent.id, bytes = text.len(), "Message from agent.");
-                    app.channel.record(&agent.id, "from_agent", text.to_string());
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-    if app.channel.unregister(&agent.id, connection) {
-        if let Err(e) = app.manager.agent_disconnected(&agent.id).await {
-            debug!(agent_id = %agent.id, error = %e, "Could not record the disconnection.");
-        }
-        info!(agent_id = %agent.id, agent = %agent.name, "Agent disconnected from the channel.");
-    }
 }

@@ -92,24 +92,71 @@ impl Client {
 
     /// Reads lifecycle events from an open stream, calling `each` with every event.
     pub async fn follow_events(&self, response: reqwest::Response, mut each: impl FnMut(Value)) -> Result<()> {
-        let mut stream = response.bytes_stream();
-        let mut buffer = String::new();
-        while let Some(chunk) = stream.next().await {
-            buffer.push_str(&String::from_utf8_lossy(&chunk.context("reading the event stream")?));
-            while let Some(end) = buffer.find("\n\n") {
-                let frame: String = buffer.drain(..end + 2).collect();
-                let data: Vec<&str> =
-                    frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
-                if !data.is_empty() && frame.lines().any(|l| l == "event: lifecycle") {
-                    if let Ok(value) = serde_json::from_str(&data.join("\n")) {
-                        each(value);
-                    }
+        follow_sse(response, |event, data| {
+            if event == "lifecycle" {
+                if let Ok(value) = serde_json::from_str(data) {
+                    each(value);
                 }
             }
-        }
-        Ok(())
+            true
+        })
+        .await
+    }
+
+    /// Reads conversation entries from an open stream until `each` returns false or the
+    /// stream ends; returns whether `each` ended it.
+    pub async fn follow_conversation(
+        &self,
+        response: reqwest::Response,
+        mut each: impl FnMut(Value) -> bool,
+    ) -> Result<bool> {
+        let mut ended = false;
+        follow_sse(response, |event, data| {
+            if event == "error" {
+                return true;
+            }
+            match serde_json::from_str(data) {
+                Ok(value) => {
+                    ended = !each(value);
+                    !ended
+                }
+                Err(_) => true,
+            }
+        })
+        .await?;
+        Ok(ended)
     }
 }
+
+/// Reads server-sent events, calling `each(event name, data)` until it returns false or
+/// the stream ends. Frames are split on blank lines; multi-line data is joined.
+async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str) -> bool) -> Result<()> {
+    let mut stream = response.bytes_stream();
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        buffer.extend_from_slice(&chunk.context("reading the event stream")?);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+            let frame = String::from_utf8_lossy(&frame);
+            let data: Vec<&str> = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(|l| l.strip_prefix(' ').unwrap_or(l)).collect();
+            let event = frame.lines().find_map(|l| l.strip_prefix("event:")).map_or("message", str::trim);
+            if !data.is_empty() && !each(event, &data.join("\n")) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One conversation entry as a line: `SEQ TIME → KIND TEXT` (→ to the agent, ← from it).
+pub fn conversation_line(e: &Value) -> String {
+    let arrow = if text(e, "direction") == "to_agent" { "→" } else { "←" };
+    let queued = if e["delivery"] == "queued" { " (queued)" } else { "" };
+    let body: String = text(e, "text").chars().take(400).collect::<String>().replace('\n', " ");
+    format!("{:>6} {} {arrow} {:<16} {body}{queued}", e["seq"], text(e, "at"), text(e, "kind"))
+}
+
+
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("-")

@@ -51,15 +51,12 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address of the HTTP API (and the agent channel for `host` agents).
+    /// Address of the HTTP API.
     pub listen: SocketAddr,
     /// Bearer token for `/v1/*` and `/metrics`.
     pub token: Option<String>,
     /// A file holding the token (first line).
     pub token_file: Option<PathBuf>,
-    /// Port of the agent channel on the engine's network addresses; default: the
-    /// `listen` port.
-    pub channel_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -100,7 +97,6 @@ pub struct ReconcileSection {
     pub interval_secs: u64,
     pub orphan_grace_secs: u64,
     pub orphan_dry_run: bool,
-    pub reconnect_grace_secs: u64,
     pub unhealthy_grace_secs: u64,
 }
 
@@ -138,7 +134,7 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7006)), token: None, token_file: None, channel_port: None }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7006)), token: None, token_file: None }
     }
 }
 
@@ -168,7 +164,6 @@ impl Default for ReconcileSection {
             interval_secs: 10,
             orphan_grace_secs: 300,
             orphan_dry_run: false,
-            reconnect_grace_secs: 30,
             unhealthy_grace_secs: 30,
         }
     }
@@ -346,9 +341,6 @@ impl Config {
                 "a non-loopback address needs server.token or server.token_file (or listen on 127.0.0.1)",
             );
         }
-        if self.server.channel_port == Some(0) {
-            bad("server.channel_port", "0".into(), "use a fixed port: agents are told the URL when they start");
-        }
         for (key, socket) in [("docker.socket", &self.docker.socket), ("podman.socket", &self.podman.socket)] {
             if let Some(s) = socket {
                 if !(s.starts_with("unix://") || s.starts_with("tcp://") || s.starts_with("http://")) {
@@ -405,15 +397,12 @@ impl Config {
             bad(
                 "agents.network",
                 "\"none\"".into(),
-                "kind claude-code needs the agent channel; use internet, isolated or host",
+                "kind claude-code needs to reach its model API; use internet, isolated or host",
             );
         }
         let r = &self.reconcile;
         if r.interval_secs == 0 {
             bad("reconcile.interval_secs", "0".into(), "at least 1 (seconds)");
-        }
-        if r.reconnect_grace_secs == 0 {
-            bad("reconcile.reconnect_grace_secs", "0".into(), "at least 1 (seconds)");
         }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bad("log.level", format!("{:?}", self.log.level), "a tracing filter such as info or agentd=debug,info");
@@ -448,7 +437,7 @@ impl Config {
     }
 
     /// The manager's settings from this configuration.
-    pub fn manager_config(&self, channel_port: Option<u16>) -> ManagerConfig {
+    pub fn manager_config(&self) -> ManagerConfig {
         let a = &self.agents;
         let r = &self.reconcile;
         let secs = std::time::Duration::from_secs;
@@ -469,10 +458,8 @@ impl Config {
                 interval: secs(r.interval_secs),
                 orphan_grace: secs(r.orphan_grace_secs),
                 orphan_dry_run: r.orphan_dry_run,
-                reconnect_grace: secs(r.reconnect_grace_secs),
                 unhealthy_grace: secs(r.unhealthy_grace_secs),
             },
-            channel_port,
             forward_env: a.forward_env.clone(),
             ..ManagerConfig::default()
         }

@@ -2,7 +2,7 @@
 //! graceful shutdown.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::api::{channel_router, router, App};
-use crate::channel::ChannelRegistry;
+use crate::api::{router, App};
 use crate::config::{BackendChoice, Config, LogFormat};
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
@@ -80,7 +79,6 @@ pub async fn connect_backend(config: &Config, owner: OwnershipLabels) -> Result<
 pub struct Daemon {
     app: Arc<App>,
     api: TcpListener,
-    channels: Vec<TcpListener>,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
 }
@@ -92,8 +90,7 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Binds the API on `server.listen` and the agent channel on the backend's channel
-    /// addresses, and builds the manager.
+    /// Binds the API on `server.listen` and builds the manager.
     pub async fn bind(
         config: &Config,
         backend: Arc<dyn ExecutionBackend>,
@@ -104,42 +101,10 @@ impl Daemon {
         let api = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
-        let api_addr = api.local_addr()?;
-        let channel_port = config.server.channel_port.unwrap_or(api_addr.port());
-        let mut wanted: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
-        wanted.extend(
-            backend.agent_channel_addresses().await.context("asking the backend where agents reach the daemon")?,
-        );
-        let mut channels = Vec::new();
-        if api_addr.ip().is_unspecified() {
-            // The API answers on every address already; a separate channel port needs one
-            // listener on every address too.
-            if channel_port != api_addr.port() {
-                wanted = vec![api_addr.ip()];
-            } else {
-                wanted.clear();
-            }
-        }
-        for ip in wanted {
-            if covers(api_addr, ip, channel_port)
-                || channels.iter().any(|l: &TcpListener| l.local_addr().is_ok_and(|a| a.ip() == ip))
-            {
-                continue;
-            }
-            let addr = SocketAddr::new(ip, channel_port);
-            match bind_channel(addr) {
-                Ok(listener) => channels.push(listener),
-                Err(e) => {
-                    warn!(address = %addr, error = %e, "Cannot serve the agent channel here; agents on this network cannot connect.")
-                }
-            }
-        }
-        let registry = Arc::new(ChannelRegistry::default());
-        let manager =
-            Arc::new(AgentManager::new(backend, store, registry.clone(), config.manager_config(Some(channel_port))));
+        let manager = Arc::new(AgentManager::new(backend, store, config.manager_config()));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let app = Arc::new(App { manager, channel: registry, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, channels, shutdown, leave_running: config.shutdown.leave_running })
+        let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
+        Ok(Self { app, api, shutdown, leave_running: config.shutdown.leave_running })
     }
 
     /// The bound API address.
@@ -153,10 +118,10 @@ impl Daemon {
     }
 
     /// Serves and supervises until `stop` completes, then shuts down: stops accepting
-    /// requests, ends channels and streams, and stops every agent in parallel (or leaves
+    /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, channels, shutdown, leave_running } = self;
+        let Daemon { app, api, shutdown, leave_running } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
@@ -165,14 +130,6 @@ impl Daemon {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         });
         servers.spawn(async move { api_server.await });
-        for listener in channels {
-            info!(address = %listener.local_addr()?, "Serving the agent channel.");
-            let mut shutdown_rx = shutdown.subscribe();
-            let server = axum::serve(listener, channel_router(app.clone())).with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            });
-            servers.spawn(async move { server.await });
-        }
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
@@ -206,29 +163,6 @@ impl Daemon {
         app.manager.store().close().await;
         Ok(summary)
     }
-}
-
-/// Binds an agent-channel listener. Engine network gateways may not exist yet (Podman's
-/// netavark brings a bridge up only while a container is attached), so the socket is
-/// bound with `IP_FREEBIND`: it accepts connections as soon as the address appears.
-fn bind_channel(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        socket.set_freebind_v4(true)?;
-    } else {
-        socket.set_freebind_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
-/// Whether a listener on `api` already accepts connections to `ip:port`.
-fn covers(api: SocketAddr, ip: IpAddr, port: u16) -> bool {
-    api.port() == port && (api.ip() == ip || api.ip().is_unspecified())
 }
 
 /// Waits for SIGTERM or SIGINT; a second one exits at once.

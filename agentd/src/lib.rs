@@ -1,14 +1,12 @@
 //! agentd: a daemon that runs AI coding agents in containers and always knows the truth
 //! about them.
 //!
-//! This crate is the daemon and its CLI: configuration (figment), the HTTP and WebSocket
-//! API (axum), the agent channel, metrics, and the wiring of the store, the backend and
-//! the manager.
+//! This crate is the daemon and its CLI: configuration (figment), the HTTP API (axum),
+//! metrics, and the wiring of the store, the backend and the manager.
 //!
 //! Architecture invariant: only this crate knows figment and HTTP.
 
 pub mod api;
-pub mod channel;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -69,8 +69,25 @@ enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
-    /// Send a message to a connected agent.
-    Send { name: String, text: String },
+    /// Send a message to a claude-code agent and print its reply as it arrives; exits 0
+    /// when the turn succeeds and 1 when its result is an error.
+    Send {
+        name: String,
+        text: String,
+        /// Only queue the message; do not wait for the reply.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print a claude-code agent's conversation.
+    Conversation {
+        name: String,
+        /// Keep printing new entries.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print each entry as a line of JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -110,7 +127,7 @@ struct SpawnArgs {
     workdir: Option<PathBuf>,
     #[arg(long)]
     model: Option<String>,
-    /// First message sent once the agent connects.
+    /// First message of a claude-code agent's conversation.
     #[arg(long)]
     prompt: Option<String>,
     /// Command to run instead of the image's entrypoint (kind image), after `--`.
@@ -306,11 +323,72 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                     .await?;
             }
         }
-        Command::Send { name, text } => {
-            client
+        Command::Send { name, text, no_wait } => {
+            let queued = client
                 .call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text })))
                 .await?;
-            println!("message queued for {name}");
+            let seq = queued["seq"].as_i64().context("the daemon answered without a seq")?;
+            if no_wait {
+                println!("message {seq} queued for {name}");
+                return Ok(());
+            }
+            let stream = client.open_stream(&format!("{}/conversation/stream?after={seq}", agent_path(&name))).await?;
+            let mut result: Option<Value> = None;
+            client
+                .follow_conversation(stream, |entry| {
+                    if entry["direction"] != "from_agent" {
+                        return true;
+                    }
+                    match entry["kind"].as_str() {
+                        Some("assistant") => {
+                            let text = entry["text"].as_str().unwrap_or_default();
+                            if !text.is_empty() {
+                                println!("{text}");
+                            }
+                            true
+                        }
+                        Some("result") => {
+                            result = Some(entry);
+                            false
+                        }
+                        _ => true,
+                    }
+                })
+                .await?;
+            let result = result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
+            if result["data"]["is_error"].as_bool() == Some(true) {
+                bail!("the turn ended with an error ({}): {}", result["data"]["subtype"].as_str().unwrap_or("error"), result["text"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Conversation { name, follow, json } => {
+            let print = |entry: &Value| {
+                if json {
+                    println!("{entry}");
+                } else {
+                    println!("{}", client::conversation_line(entry));
+                }
+            };
+            let mut last = 0;
+            loop {
+                let page = client.get_json(&format!("{}/conversation?after={last}&limit=1000", agent_path(&name))).await?;
+                let page = page.as_array().cloned().unwrap_or_default();
+                for entry in &page {
+                    print(entry);
+                    last = entry["seq"].as_i64().unwrap_or(last);
+                }
+                if page.len() < 1000 {
+                    break;
+                }
+            }
+            if follow {
+                let stream = client.open_stream(&format!("{}/conversation/stream?after={last}", agent_path(&name))).await?;
+                client
+                    .follow_conversation(stream, |entry| {
+                        print(&entry);
+                        true
+                    })
+                    .await?;
+            }
         }
         Command::Serve | Command::Config(_) => bail!("not a client command"),
     }

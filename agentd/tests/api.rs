@@ -1,4 +1,4 @@
-//! The HTTP API and the agent channel, in process, on the mock backend.
+//! The HTTP API and agents' conversations, in process, on the mock backend.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +8,10 @@ use agentd::config::Config;
 use agentd::daemon::Daemon;
 use backend_core::{ExecutionBackend, OwnershipLabels};
 use backend_mock::{MockBackend, MockEngine};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -206,7 +204,7 @@ async fn bad_requests_get_clear_errors_with_the_right_status() {
     let (status, body) =
         d.call(reqwest::Method::POST, "/v1/agents/taken/messages", Some(json!({ "text": "hi" }))).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(error_text(&body).contains("not connected"), "{body}");
+    assert!(error_text(&body).contains("takes no messages"), "{body}");
 
     let (status, _) = d.call(reqwest::Method::GET, "/v2/nothing", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -322,98 +320,87 @@ async fn events_are_listed_filtered_and_streamed() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn the_agent_channel_needs_the_agent_secret_and_relays_messages_both_ways() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     let d = TestDaemon::start(Some(TOKEN)).await;
-    let (status, agent) =
-        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "talker", "prompt": "start here" }))).await;
+    let body = json!({ "name": "talker", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE, "prompt": "start here" });
+    let (status, agent) = d.call(reqwest::Method::POST, "/v1/agents", Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{agent}");
+    for field in ["session_id", "turn", "cost_usd", "usage", "last_result", "connected", "paused"] {
+        assert!(agent.get(field).is_some(), "agent JSON lacks {field}: {agent}");
+    }
     let id = agent["id"].as_str().expect("id").to_owned();
-    let ws_url = format!("{}/ws/{id}", d.base.replace("http://", "ws://"));
-
-    // No secret, a wrong one, or the API token: refused.
-    for token in [None, Some("wrong"), Some(TOKEN)] {
-        let mut request = ws_url.clone().into_client_request().expect("request");
-        if let Some(t) = token {
-            request.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
-        }
-        let refused = tokio_tungstenite::connect_async(request).await;
-        assert!(refused.is_err(), "connection with token {token:?} was accepted");
+    assert_eq!(agent["session_id"], id.as_str(), "the session id is the agent id");
+    let answered = |text: &'static str| move |entries: &Value| {
+        entries.as_array().is_some_and(|a| a.iter().any(|e| e["kind"] == "result" && e["text"] == text))
+    };
+    let entries = wait_conversation(&d, "talker", answered("echo: start here")).await;
+    let first_result = entries.as_array().expect("array").iter().find(|e| e["kind"] == "result").expect("result").clone();
+    for field in ["seq", "at", "kind", "text", "data"] {
+        assert!(first_result.get(field).is_some(), "entry lacks {field}: {first_result}");
     }
+    let agent = d.call(reqwest::Method::GET, "/v1/agents/talker", None).await.1;
+    assert_eq!(agent["connected"], true);
+    assert_eq!(agent["turn"], "idle");
+    assert_eq!(agent["last_result"]["text"], "echo: start here");
+    assert_eq!(agent["usage"]["output_tokens"], 5);
+    assert!(agent["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{agent}");
 
-    assert_eq!(d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await.1["connected"], false);
-    let secret = agent_token(&d, &id).await;
-    let mut request = ws_url.clone().into_client_request().expect("request");
-    request.headers_mut().insert("authorization", format!("Bearer {secret}").parse().expect("header"));
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("the agent's own secret is accepted");
-
-    // The prompt arrives first, then what the API posts.
-    let first = next_text(&mut socket).await;
-    assert!(first.contains("start here") && first.contains("\"type\":\"user\""), "{first}");
-    let (status, _) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
-    assert_eq!(status, StatusCode::OK);
-    wait_connected(&d, &id, true).await;
-    let (status, _) =
+    // POST answers 202 with the seq; the stream resumes after Last-Event-ID.
+    let (status, queued) =
         d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello" }))).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let relayed = next_text(&mut socket).await;
-    assert!(relayed.contains("hello"), "{relayed}");
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let seq = queued["seq"].as_i64().expect("seq");
+    let entries = wait_conversation(&d, "talker", answered("echo: hello")).await;
+    let all: Vec<i64> = entries.as_array().expect("array").iter().filter_map(|e| e["seq"].as_i64()).collect();
+    assert_eq!(all, (1..=all.len() as i64).collect::<Vec<_>>());
+    let (_, page) = d.call(reqwest::Method::GET, &format!("/v1/agents/talker/conversation?after={seq}&limit=2"), None).await;
+    let page: Vec<i64> = page.as_array().expect("array").iter().filter_map(|e| e["seq"].as_i64()).collect();
+    assert_eq!(page, [seq + 1, seq + 2]);
 
-    socket.send(Message::text("{\"type\":\"assistant\",\"text\":\"hi back\"}")).await.expect("send");
-    let mut transcript = Value::Null;
-    for _ in 0..100 {
-        transcript = d.call(reqwest::Method::GET, "/v1/agents/talker/messages", None).await.1;
-        if transcript.to_string().contains("hi back") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let stream = d
+        .req(reqwest::Method::GET, "/v1/agents/talker/conversation/stream")
+        .header("last-event-id", (seq - 1).to_string())
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ids.last().copied() != all.last().copied() {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("stream data in time").expect("chunk").expect("bytes");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        ids = text.lines().filter_map(|l| l.strip_prefix("id:")).filter_map(|v| v.trim().parse::<i64>().ok()).collect();
     }
-    assert!(transcript.to_string().contains("hi back"), "{transcript}");
-    socket.close(None).await.expect("close");
-    wait_connected(&d, &id, false).await;
+    assert_eq!(ids, all[(seq - 1) as usize..].to_vec(), "everything after Last-Event-ID, once, in order");
+    drop(body);
+
+    let (status, body) = d
+        .call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "words": "hello" })))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = d.call(reqwest::Method::POST, "/v1/agents/talker/stop", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) =
+        d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello?" }))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a stopped agent takes no message: {body}");
+    assert!(error_text(&body).contains("not running"), "{body}");
     let (_, events) = d.call(reqwest::Method::GET, "/v1/events?agent=talker", None).await;
     let kinds: Vec<&str> = events.as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
     assert!(kinds.contains(&"connected") && kinds.contains(&"disconnected"), "{kinds:?}");
     d.stop().await;
 }
 
-/// The agent's secret and channel URL, read from its container's environment as the
-/// agent reads them. The API never shows the secret.
-async fn agent_token(d: &TestDaemon, id: &str) -> String {
-    let (_, agent) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
-    assert!(agent.get("token").is_none(), "the API must not expose the agent secret");
-    let session = agent["session"].as_str().expect("session");
-    let env = d.engine.container_env(session).expect("container env");
-    let url = env.get("AGENTD_WS_URL").expect("AGENTD_WS_URL");
-    assert!(url.ends_with(&format!("/ws/{id}")), "{url}");
-    env.get("AGENTD_AGENT_TOKEN").cloned().expect("AGENTD_AGENT_TOKEN")
-}
-
-async fn next_text<S>(socket: &mut S) -> String
-where
-    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let message = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(t))) => return t.to_string(),
-                Some(Ok(_)) => continue,
-                other => panic!("socket ended: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a message within 10 s");
-    message
-}
-
-async fn wait_connected(d: &TestDaemon, id: &str, want: bool) {
-    for _ in 0..200 {
-        let (_, agent) = d.call(reqwest::Method::GET, &format!("/v1/agents/{id}"), None).await;
-        if agent["connected"] == want {
-            return;
+async fn wait_conversation(d: &TestDaemon, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut entries = Value::Null;
+    for _ in 0..500 {
+        entries = d.call(reqwest::Method::GET, &format!("/v1/agents/{name}/conversation"), None).await.1;
+        if done(&entries) {
+            return entries;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("agent {id} connected never became {want}");
+    panic!("the conversation of {name} never got there: {entries}");
 }

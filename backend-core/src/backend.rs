@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 
 use crate::{
-    BackendError, EventReceiver, NetworkPolicy, OwnershipLabels, Result, SessionExitInfo, SessionHealth, SessionSpec,
-    SessionState, SessionStatus,
+    BackendError, EventReceiver, OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach,
+    SessionExitInfo, SessionHealth, SessionSpec, SessionState,
 };
 
 /// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.
@@ -30,6 +30,8 @@ pub struct Capabilities {
     pub logs: bool,
     /// [`NetworkPolicy::Isolated`] is enforced.
     pub network_isolation: bool,
+    /// [`ExecutionBackend::attach_session`] and [`ExecutionBackend::session_output`] work.
+    pub attach: bool,
 }
 
 impl Capabilities {
@@ -41,15 +43,7 @@ impl Capabilities {
         exec: true,
         logs: true,
         network_isolation: true,
-    };
-    /// No optional capability.
-    pub const NONE: Capabilities = Capabilities {
-        health_checks: false,
-        events: false,
-        oom_detection: false,
-        exec: false,
-        logs: false,
-        network_isolation: false,
+        attach: true,
     };
 }
 
@@ -104,15 +98,10 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// What this backend supports.
     fn capabilities(&self) -> Capabilities;
 
-    /// The URL an agent in a session with `network` uses to reach the agent channel of
-    /// the daemon listening on `port`, or `None` when it cannot reach it (for example
-    /// [`NetworkPolicy::None`]).
-    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String>;
-
-    /// The host addresses on which the daemon must serve the agent channel so that
-    /// sessions under every network policy but `none` reach it. Empty means loopback is
-    /// enough.
-    async fn agent_channel_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
+    /// The host addresses at which sessions reach the host (the engine networks'
+    /// gateways), for services the daemon offers to its agents. Empty means loopback is
+    /// enough (or the backend offers no such network).
+    async fn gateway_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
         Ok(Vec::new())
     }
 
@@ -192,6 +181,24 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
         Err(BackendError::Unsupported { backend: self.name(), operation: "session_logs" })
     }
 
+    /// Attaches to the session's stdin and follows its output from `from` (from its first
+    /// line when `None`); see [`SessionAttach`]. The session must run and have been created
+    /// with [`SessionSpec::stdin_open`]. A missing session is [`BackendError::NotFound`];
+    /// an unreachable engine is [`BackendError::Unavailable`].
+    async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {
+        let _ = (session, from);
+        Err(BackendError::Unsupported { backend: self.name(), operation: "attach_session" })
+    }
+
+    /// The session's output after `from` (all of it when `None`), read from the engine's
+    /// log, stdout and stderr tagged. Without `follow` the stream ends at what was written
+    /// so far; with it, when the session's main process has ended. Works on sessions that
+    /// have ended, as long as they exist.
+    async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {
+        let _ = (session, from, follow);
+        Err(BackendError::Unsupported { backend: self.name(), operation: "session_output" })
+    }
+
     /// Subscribes to the engine's events for owned sessions. `None` means this backend
     /// has no events and the caller must rely on relisting.
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
@@ -218,13 +225,5 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
             }
         }
         Ok(report)
-    }
-}
-
-/// Whether a snapshot status means the main process is alive.
-impl SessionStatus {
-    /// True for [`SessionStatus::Running`].
-    pub fn is_running(self) -> bool {
-        self == SessionStatus::Running
     }
 }

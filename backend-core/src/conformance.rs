@@ -8,8 +8,9 @@
 //!
 //! The agent under test is the echo agent (`docker/echo-agent`), driven by environment
 //! variables: `ECHO_EXIT_AFTER_MS`, `ECHO_EXIT_CODE`, `ECHO_ALLOC_MB`,
-//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`. The mock backend simulates the same
-//! variables. A function whose capability the backend lacks prints why and returns.
+//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`, and `ECHO_STDIO` (stream-json on
+//! stdin and stdout, with the `!emit`, `!stderr` and `!tool` commands of its README). The
+//! mock backend simulates the same variables. A function whose capability the backend lacks prints why and returns.
 //!
 //! Backend crates generate one `#[tokio::test]` per function with [`conformance_tests!`].
 
@@ -23,7 +24,7 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 
 use crate::{
-    BackendError, BackendEvent, Capabilities, ExecutionBackend, HealthCheck, HealthCheckSpec, NetworkPolicy,
+    BackendError, BackendEvent, Capabilities, ExecutionBackend, HealthCheck, HealthCheckSpec, OutputLine, OutputStream,
     OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
 };
 
@@ -733,19 +734,205 @@ pub async fn logs_return_the_agent_output(h: &dyn Harness) {
         .await
 }
 
-/// `agent_ws_url` gives a URL for every network policy but `none`.
-pub async fn agent_channel_url_depends_on_the_network(h: &dyn Harness) {
+/// A spec for an echo agent in stdio mode: stdin open, speaking stream-json.
+fn stdio_spec(w: &World<'_>, name: &str) -> SessionSpec {
+    let mut spec = w.spec(name);
+    spec.stdin_open = true;
+    spec.env.insert("ECHO_STDIO".into(), "1".into());
+    spec
+}
+
+/// A stream-json user message.
+fn user_line(text: &str) -> String {
+    serde_json::json!({"type": "user", "message": {"role": "user", "content": text}, "parent_tool_use_id": null, "session_id": ""})
+        .to_string()
+}
+
+/// Reads `output` until a line satisfies `want`, returning every line read, or panics
+/// after `patience` with the last lines seen.
+async fn read_until(
+    output: &mut crate::OutputLines,
+    patience: Duration,
+    what: &str,
+    mut want: impl FnMut(&OutputLine) -> bool,
+) -> Vec<OutputLine> {
+    use futures_util::StreamExt;
+    let mut lines = Vec::new();
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let next = tokio::time::timeout_at(deadline, output.next()).await;
+        let last = || lines.iter().rev().take(3).map(|l: &OutputLine| short_text(&l.text)).collect::<Vec<_>>();
+        match next {
+            Err(_) => panic!("timed out after {patience:?} waiting for {what}; last lines: {:?}", last()),
+            Ok(None) => panic!("the output ended while waiting for {what}; last lines: {:?}", last()),
+            Ok(Some(Err(e))) => panic!("the output failed while waiting for {what}: {e}"),
+            Ok(Some(Ok(line))) => {
+                let done = want(&line);
+                lines.push(line);
+                if done {
+                    return lines;
+                }
+            }
+        }
+    }
+}
+
+fn short_text(text: &str) -> String {
+    text.chars().take(120).collect()
+}
+
+/// A line written to an attached session's stdin is answered on its stdout; stderr is
+/// tagged as such.
+pub async fn attached_line_is_answered(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            for policy in [NetworkPolicy::Internet, NetworkPolicy::Host] {
-                let url = w.backend.agent_ws_url("a1", policy, 7007).unwrap_or_else(|| panic!("no URL for {policy}"));
-                assert!(url.starts_with("ws://") && url.ends_with(":7007/ws/a1"), "{policy}: {url}");
+            if !w.caps().attach {
+                return skip("attached_line_is_answered", "backend cannot attach");
             }
-            if w.caps().network_isolation {
-                assert!(w.backend.agent_ws_url("a1", NetworkPolicy::Isolated, 7007).is_some());
+            let spec = stdio_spec(w, "attach");
+            w.start(&spec).await;
+            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+            let patience = w.harness.patience();
+            let first = read_until(&mut attach.output, patience, "the start-up line", |l| {
+                l.text.contains("echo-agent started")
+            })
+            .await;
+            assert_eq!(first.last().map(|l| l.stream), Some(OutputStream::Stdout));
+            attach.input.send_line(&user_line("ping-1")).await.expect("send");
+            let lines = read_until(&mut attach.output, patience, "the answer to ping-1", |l| {
+                l.text.contains("\"result\"") && l.text.contains("echo: ping-1")
+            })
+            .await;
+            assert!(lines.iter().any(|l| l.text.contains("\"assistant\"") && l.text.contains("echo: ping-1")));
+            attach.input.send_line(&user_line("!stderr oops-on-stderr")).await.expect("send");
+            let lines = read_until(&mut attach.output, patience, "the stderr line", |l| l.text == "oops-on-stderr").await;
+            assert_eq!(lines.last().map(|l| l.stream), Some(OutputStream::Stderr));
+            // Cursors only move forwards.
+            let cursors: Vec<_> = first.iter().chain(&lines).map(|l| l.cursor).collect();
+            assert!(cursors.windows(2).all(|p| p[0] < p[1]), "cursors must increase: {cursors:?}");
+        })
+        .await
+}
+
+/// What a session writes while nobody is attached is read exactly once by the next
+/// attach from the last cursor, and stdin stays open across attaches.
+pub async fn reattach_reads_every_line_once(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().attach {
+                return skip("reattach_reads_every_line_once", "backend cannot attach");
             }
-            assert_eq!(w.backend.agent_ws_url("a1", NetworkPolicy::None, 7007), None);
+            const LINES: usize = 10_000;
+            let spec = stdio_spec(w, "reattach");
+            w.start(&spec).await;
+            let patience = w.harness.patience();
+            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+            let seen = read_until(&mut attach.output, patience, "the start-up line", |l| {
+                l.text.contains("echo-agent started")
+            })
+            .await;
+            let cursor = seen.last().map(|l| l.cursor);
+            // Ask for the lines, and detach before they come.
+            attach.input.send_line(&user_line(&format!("!emit {LINES} 500"))).await.expect("send");
+            drop(attach);
+            let backend = w.backend.clone();
+            let session = spec.session.clone();
+            wait_for(patience, "the lines to be written while detached", || {
+                let (backend, session) = (backend.clone(), session.clone());
+                async move {
+                    use futures_util::StreamExt;
+                    let out = backend.session_output(&session, cursor, false).await.map_err(|e| e.to_string())?;
+                    let lines: Vec<_> = out.collect().await;
+                    match lines.last() {
+                        Some(Ok(l)) if l.text.contains(&format!("emitted {LINES}")) => Ok(()),
+                        _ => Err(format!("{} lines so far", lines.len())),
+                    }
+                }
+            })
+            .await;
+            let mut again = w.backend.attach_session(&spec.session, cursor).await.expect("attach again");
+            let lines = read_until(&mut again.output, patience, "the end of the emitted lines", |l| {
+                l.text.contains(&format!("emitted {LINES}"))
+            })
+            .await;
+            let numbered: Vec<usize> =
+                lines.iter().filter_map(|l| l.text.strip_prefix("line ")?.parse().ok()).collect();
+            assert_eq!(numbered.len(), LINES, "every line once: got {} numbered lines", numbered.len());
+            assert!(numbered.iter().enumerate().all(|(i, n)| i == *n), "lines out of order or doubled");
+            assert!(!lines.iter().any(|l| l.text.contains("echo-agent started")), "a line read before was read again");
+            // The second attach can still write: stdin stayed open.
+            again.input.send_line(&user_line("after-reattach")).await.expect("send");
+            read_until(&mut again.output, patience, "the answer after re-attaching", |l| {
+                l.text.contains("\"result\"") && l.text.contains("echo: after-reattach")
+            })
+            .await;
+        })
+        .await
+}
+
+/// A line of 5 MB passes both ways whole.
+pub async fn a_five_megabyte_line_passes(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().attach {
+                return skip("a_five_megabyte_line_passes", "backend cannot attach");
+            }
+            let spec = stdio_spec(w, "bigline");
+            w.start(&spec).await;
+            let patience = w.harness.patience();
+            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started")).await;
+            let big: String = (0..5 * 1024 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            attach.input.send_line(&user_line(&big)).await.expect("send 5 MB");
+            let lines = read_until(&mut attach.output, patience, "the 5 MB answer", |l| {
+                l.text.len() > big.len() && l.text.contains("\"assistant\"")
+            })
+            .await;
+            let answer = lines.last().expect("a line");
+            assert!(!answer.truncated);
+            let value: serde_json::Value = serde_json::from_str(&answer.text).expect("the answer is one JSON line");
+            let text = value["message"]["content"][0]["text"].as_str().expect("text block");
+            assert_eq!(text.len(), big.len() + "echo: ".len());
+            assert!(text.ends_with(&big[big.len() - 100..]));
+        })
+        .await
+}
+
+/// Attaching to, or reading the output of, a session that does not exist is `NotFound`;
+/// the output of a session that ended can still be read.
+pub async fn attach_to_a_missing_session_is_not_found(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().attach {
+                return skip("attach_to_a_missing_session_is_not_found", "backend cannot attach");
+            }
+            let missing = format!("{}-nosuch", w.backend.prefix());
+            match w.backend.attach_session(&missing, None).await {
+                Err(e) if e.is_not_found() => {}
+                Err(e) => panic!("attach to a missing session: expected NotFound, got {e}"),
+                Ok(_) => panic!("attach to a missing session succeeded"),
+            }
+            match w.backend.session_output(&missing, None, false).await {
+                Err(e) if e.is_not_found() => {}
+                Err(e) => panic!("output of a missing session: expected NotFound, got {e}"),
+                Ok(_) => panic!("output of a missing session succeeded"),
+            }
+            let mut spec = stdio_spec(w, "ended");
+            spec.env.insert("ECHO_EXIT_AFTER_MS".into(), "300".into());
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Exited).await;
+            use futures_util::StreamExt;
+            let out = w.backend.session_output(&spec.session, None, true).await.expect("output of an ended session");
+            let lines: Vec<_> =
+                tokio::time::timeout(w.harness.patience(), out.collect::<Vec<_>>()).await.expect("a followed ended session's output ends");
+            assert!(
+                lines.iter().any(|l| l.as_ref().is_ok_and(|l| l.text.contains("echo-agent started"))),
+                "{lines:?}"
+            );
         })
         .await
 }
@@ -780,7 +967,10 @@ pub fn all() -> Vec<(&'static str, ConformanceTest)> {
         events_report_a_death,
         send_command_runs_in_the_session,
         logs_return_the_agent_output,
-        agent_channel_url_depends_on_the_network,
+        attached_line_is_answered,
+        reattach_reads_every_line_once,
+        a_five_megabyte_line_passes,
+        attach_to_a_missing_session_is_not_found,
     ]
 }
 
@@ -818,7 +1008,10 @@ macro_rules! conformance_tests {
             events_report_a_death,
             send_command_runs_in_the_session,
             logs_return_the_agent_output,
-            agent_channel_url_depends_on_the_network,
+            attached_line_is_answered,
+        reattach_reads_every_line_once,
+        a_five_megabyte_line_passes,
+        attach_to_a_missing_session_is_not_found,
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

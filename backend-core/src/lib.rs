@@ -11,6 +11,7 @@
 //! With the `testing` feature, [`conformance`] holds the suite of async test functions that
 //! every backend crate runs against its engine.
 
+mod attach;
 mod backend;
 mod error;
 mod events;
@@ -23,6 +24,10 @@ mod state;
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use attach::{
+    split_timestamp, timestamped_lines, LineWriter, OutputCursor, OutputDecoder, OutputLine, OutputLines, OutputStream, SessionAttach, SessionInput,
+    MAX_LINE_BYTES,
+};
 pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport, SHUTDOWN_CONCURRENCY};
 pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};

@@ -139,6 +139,10 @@ pub struct SessionSpec {
     pub read_only_rootfs: bool,
     /// Extra labels; the ownership labels are added by the backend and win.
     pub labels: BTreeMap<String, String>,
+    /// Keep the main process's stdin open (no TTY), so that
+    /// [`crate::ExecutionBackend::attach_session`] can write to it across attaches.
+    #[serde(default)]
+    pub stdin_open: bool,
 }
 
 impl fmt::Debug for SessionSpec {
@@ -158,6 +162,7 @@ impl fmt::Debug for SessionSpec {
             .field("stop_grace", &self.stop_grace)
             .field("read_only_rootfs", &self.read_only_rootfs)
             .field("labels", &self.labels)
+            .field("stdin_open", &self.stdin_open)
             .finish()
     }
 }
@@ -185,6 +190,7 @@ impl SessionSpec {
             stop_grace: Duration::from_secs(10),
             read_only_rootfs: false,
             labels: BTreeMap::new(),
+            stdin_open: false,
         }
     }
 

@@ -13,8 +13,11 @@ use crate::{SessionExitInfo, SessionHealth, LABEL_AGENT_ID};
 pub enum SessionStatus {
     /// Created and never started.
     Created,
-    /// The main process runs (engines' "paused" and "restarting" count as running).
+    /// The main process runs (an engine's "restarting" counts as running).
     Running,
+    /// The main process is frozen (`docker pause`): alive, but it reads and writes
+    /// nothing until it is unpaused.
+    Paused,
     /// The main process has ended; the container is still there with its exit info.
     Exited,
     /// The engine answered that no such session exists.
@@ -27,9 +30,17 @@ impl SessionStatus {
         match self {
             Self::Created => "created",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Exited => "exited",
             Self::Missing => "missing",
         }
+    }
+}
+
+impl SessionStatus {
+    /// Whether the main process is alive: running or paused.
+    pub const fn is_alive(self) -> bool {
+        matches!(self, Self::Running | Self::Paused)
     }
 }
 

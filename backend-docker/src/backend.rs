@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels, Result,
+    timestamped_lines, BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
+    OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result, SessionAttach,
     SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
 };
+use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
     LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
@@ -222,17 +224,7 @@ impl ExecutionBackend for DockerBackend {
         Capabilities::ALL
     }
 
-    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String> {
-        let host = match network {
-            NetworkPolicy::Internet => self.bridge_gateway?.to_string(),
-            NetworkPolicy::Isolated => self.isolated_gateway?.to_string(),
-            NetworkPolicy::Host => "127.0.0.1".to_owned(),
-            NetworkPolicy::None => return None,
-        };
-        Some(format!("ws://{host}:{port}/ws/{agent_id}"))
-    }
-
-    async fn agent_channel_addresses(&self) -> Result<Vec<IpAddr>> {
+    async fn gateway_addresses(&self) -> Result<Vec<IpAddr>> {
         Ok(self.bridge_gateway.into_iter().chain(self.isolated_gateway).collect())
     }
 
@@ -431,6 +423,57 @@ impl ExecutionBackend for DockerBackend {
             text.push_str(&chunk.to_string());
         }
         Ok(text)
+    }
+
+    async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {
+        let inspect = self.inspect(session).await?.ok_or_else(|| Self::not_found(session))?;
+        // A paused container counts as running: the attach waits for it like its stdin does.
+        if !inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            return Err(BackendError::engine(NAME, format!("session {session} is not running; cannot attach")));
+        }
+        if !inspect.config.as_ref().and_then(|c| c.open_stdin).unwrap_or(false) {
+            return Err(BackendError::InvalidSpec {
+                field: "stdin_open",
+                message: format!("session {session} was created without an open stdin; it cannot be written to"),
+            });
+        }
+        // Stdin through the attach; output from the log, which carries positions.
+        let options = AttachContainerOptions { stdin: true, stream: true, stdout: false, stderr: false, ..Default::default() };
+        let attached = self
+            .docker
+            .attach_container(session, Some(options))
+            .await
+            .map_err(|e| map_err(e, Subject::Session(session)))?;
+        let output = self.session_output(session, from, true).await?;
+        Ok(SessionAttach { input: Box::new(LineWriter::new(NAME, attached.input)), output })
+    }
+
+    async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {
+        if self.inspect(session).await?.is_none() {
+            return Err(Self::not_found(session));
+        }
+        let since = OutputDecoder::new(from).since_secs().unwrap_or(0).max(0);
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            follow,
+            since: i32::try_from(since).unwrap_or(i32::MAX),
+            tail: "all".to_owned(),
+            ..LogsOptions::default()
+        };
+        let owned = session.to_owned();
+        let entries = self.docker.logs(session, Some(options)).filter_map(move |item| {
+            let out = match item {
+                Ok(LogOutput::StdOut { message }) => Some(Ok((OutputStream::Stdout, message))),
+                Ok(LogOutput::StdErr { message }) => Some(Ok((OutputStream::Stderr, message))),
+                Ok(LogOutput::Console { message }) => Some(Ok((OutputStream::Stdout, message))),
+                Ok(LogOutput::StdIn { .. }) => None,
+                Err(e) => Some(Err(map_err(e, Subject::Session(&owned)))),
+            };
+            std::future::ready(out)
+        });
+        Ok(timestamped_lines(entries, from))
     }
 
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {

@@ -71,6 +71,10 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
         stop_timeout: Some(grace_secs(spec.stop_grace)),
         healthcheck: health_config(&spec.health_check),
         host_config: Some(host_config),
+        open_stdin: Some(spec.stdin_open),
+        stdin_once: Some(false),
+        attach_stdin: Some(spec.stdin_open),
+        tty: Some(false),
         ..ContainerCreateBody::default()
     }
 }
@@ -124,9 +128,8 @@ pub(crate) fn network_plan(policy: NetworkPolicy, isolated_network: &str) -> Net
 fn status_of(state: Option<ContainerStateStatusEnum>) -> SessionStatus {
     match state {
         Some(ContainerStateStatusEnum::CREATED) => SessionStatus::Created,
-        Some(
-            ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::PAUSED | ContainerStateStatusEnum::RESTARTING,
-        ) => SessionStatus::Running,
+        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => SessionStatus::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => SessionStatus::Paused,
         _ => SessionStatus::Exited,
     }
 }
@@ -134,11 +137,8 @@ fn status_of(state: Option<ContainerStateStatusEnum>) -> SessionStatus {
 pub(crate) fn status_of_summary(state: Option<ContainerSummaryStateEnum>) -> SessionStatus {
     match state {
         Some(ContainerSummaryStateEnum::CREATED) => SessionStatus::Created,
-        Some(
-            ContainerSummaryStateEnum::RUNNING
-            | ContainerSummaryStateEnum::PAUSED
-            | ContainerSummaryStateEnum::RESTARTING,
-        ) => SessionStatus::Running,
+        Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING) => SessionStatus::Running,
+        Some(ContainerSummaryStateEnum::PAUSED) => SessionStatus::Paused,
         _ => SessionStatus::Exited,
     }
 }

@@ -74,7 +74,7 @@ async fn a_stale_container_of_ours_is_replaced_and_a_foreign_one_is_left_alone()
     }
 }
 
-/// Starts an echo agent under `policy` whose channel URL points at `target:port`.
+/// Starts an echo agent under `policy` that keeps trying to connect to `target:port`.
 async fn start_client(
     backend: &dyn ExecutionBackend,
     name: &str,
@@ -84,7 +84,7 @@ async fn start_client(
 ) -> String {
     let mut spec = SessionSpec::new(format!("{}-{name}", backend.prefix()), name, common::IMAGE);
     spec.network = policy;
-    spec.env.insert("AGENTD_WS_URL".into(), format!("ws://{target}:{port}/ws/{name}"));
+    spec.env.insert("ECHO_CONNECT_TO".into(), format!("{target}:{port}"));
     backend.create_session(&spec).await.expect("create");
     backend.start_session(&spec.session).await.expect("start");
     spec.session
@@ -101,11 +101,9 @@ async fn isolated_agents_reach_the_agent_channel_and_nothing_routed_beyond_it() 
     let _leftovers = Leftovers(owner.prefix().to_owned());
     let backend = h.backend(owner).await;
     let backend = backend.as_ref();
-    let addresses = backend.agent_channel_addresses().await.expect("addresses");
+    let addresses = backend.gateway_addresses().await.expect("addresses");
     assert_eq!(addresses.len(), 2, "the bridge and the isolated network each give a channel address: {addresses:?}");
     let isolated_gateway = addresses[1];
-    let url = backend.agent_ws_url("a", NetworkPolicy::Isolated, 7007).expect("isolated URL");
-    assert_eq!(url, format!("ws://{isolated_gateway}:7007/ws/a"));
 
     // Half one: the agent channel on the host side of the isolated network is reachable.
     let channel = TcpListener::bind((isolated_gateway, 0)).expect("listen like the daemon's channel");
@@ -234,7 +232,7 @@ async fn an_engine_that_goes_away_reads_unavailable_never_as_gone_sessions() {
     config.defaults.memory_mb = None;
     config.defaults.cpus = None;
     let manager =
-        agent_manager::AgentManager::new(backend.clone(), store, std::sync::Arc::new(agent_manager::NoChannel), config);
+        agent_manager::AgentManager::new(backend.clone(), store, config);
     let agent = manager
         .spawn(agent_manager::NewAgent { name: "watched".into(), ..agent_manager::NewAgent::default() })
         .await

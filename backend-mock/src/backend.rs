@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy, OwnershipLabels, Result,
-    SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
+    BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, OutputCursor, OutputLines,
+    OwnershipLabels, Result, SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
 };
 
 use crate::engine::{MockCall, MockEngine};
+use crate::output;
 
 /// An [`ExecutionBackend`] on a [`MockEngine`], owning what carries its
 /// [`OwnershipLabels`]. Clones share the engine.
@@ -42,10 +43,6 @@ impl ExecutionBackend for MockBackend {
 
     fn capabilities(&self) -> Capabilities {
         self.engine.capabilities()
-    }
-
-    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String> {
-        (network != NetworkPolicy::None).then(|| format!("ws://127.0.0.1:{port}/ws/{agent_id}"))
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool> {
@@ -127,6 +124,18 @@ impl ExecutionBackend for MockBackend {
     async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
         self.engine.enter(MockCall::Logs(session.to_owned())).await?;
         self.engine.logs(&self.owner, session, tail)
+    }
+
+    async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {
+        self.engine.enter(MockCall::Attach(session.to_owned())).await?;
+        let (input, log) = self.engine.attach(&self.owner, session)?;
+        Ok(SessionAttach { input: Box::new(input), output: output::lines(&log, from, true) })
+    }
+
+    async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {
+        self.engine.enter(MockCall::Output(session.to_owned())).await?;
+        let log = self.engine.output(&self.owner, session)?;
+        Ok(output::lines(&log, from, follow))
     }
 
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {

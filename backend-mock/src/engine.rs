@@ -1,18 +1,26 @@
 //! The simulated engine shared by every [`crate::MockBackend`] built on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec,
+    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec, OutputStream,
     OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
     LABEL_SESSION,
 };
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-const NAME: &str = "mock";
+use crate::agent::{self, EchoSession};
+use crate::output::{self, Output, Stdin};
+
+pub(crate) const NAME: &str = "mock";
+
+/// The most calls the call log keeps ([`MockEngine::calls`]); older ones are dropped
+/// first, so a long-running `backend = "mock"` daemon does not grow without bound.
+pub const MAX_CALLS: usize = 100_000;
 
 /// The echo-agent image, with a health check every second (like the real image).
 pub const ECHO_IMAGE: &str = "agentd-echo:latest";
@@ -34,6 +42,10 @@ pub enum MockCall {
     Health(String),
     ExitInfo(String),
     Logs(String),
+    /// `attach_session`.
+    Attach(String),
+    /// `session_output`.
+    Output(String),
     Subscribe,
 }
 
@@ -50,7 +62,9 @@ impl MockCall {
             | Self::State(s)
             | Self::Health(s)
             | Self::ExitInfo(s)
-            | Self::Logs(s) => Some(s),
+            | Self::Logs(s)
+            | Self::Attach(s)
+            | Self::Output(s) => Some(s),
             Self::ImageExists(_) | Self::Snapshot | Self::Subscribe => None,
         }
     }
@@ -61,9 +75,12 @@ impl MockCall {
 struct Behaviour {
     exit_after: Option<Duration>,
     exit_code: i64,
+    alloc_mb: Option<u64>,
     oom: bool,
     ignore_sigterm: bool,
     unhealthy_after: Option<Duration>,
+    /// Stdio mode: the stream-json session id.
+    stdio: Option<String>,
 }
 
 impl Behaviour {
@@ -77,9 +94,11 @@ impl Behaviour {
         Self {
             exit_after: ms("ECHO_EXIT_AFTER_MS"),
             exit_code: spec.env.get("ECHO_EXIT_CODE").and_then(|v| v.parse().ok()).unwrap_or(0),
+            alloc_mb,
             oom,
             ignore_sigterm: spec.env.get("ECHO_IGNORE_SIGTERM").is_some_and(|v| v == "1"),
             unhealthy_after: ms("ECHO_UNHEALTHY_AFTER_MS"),
+            stdio: agent::stdio_session_id(spec),
         }
     }
 }
@@ -99,12 +118,51 @@ struct Container {
     generation: u64,
     /// Consecutive failed health checks in this run.
     check_failures: u32,
-    logs: Vec<String>,
+    /// Everything the container wrote, capped (see [`output::MAX_LOG_ENTRIES`] and
+    /// [`output::MAX_LOG_BYTES`]): what `session_logs`, `session_output` and attaches read.
+    output: Output,
+    /// Created with [`SessionSpec::stdin_open`].
+    stdin_open: bool,
+    /// The stdin of the current run's simulated agent (stdio mode with an open stdin).
+    /// Dropped when the run ends, never by a detach.
+    stdin: Option<mpsc::UnboundedSender<String>>,
     /// The environment the container was created with.
     env: BTreeMap<String, String>,
 }
 
 impl Container {
+    fn new(
+        id: String,
+        labels: BTreeMap<String, String>,
+        check: Option<HealthCheck>,
+        behaviour: Behaviour,
+        stdin_open: bool,
+        env: BTreeMap<String, String>,
+    ) -> Self {
+        Container {
+            id,
+            labels,
+            status: SessionStatus::Created,
+            health: SessionHealth::Unknown,
+            pinned_health: None,
+            exit: None,
+            created_at: OffsetDateTime::now_utc(),
+            check,
+            behaviour,
+            generation: 0,
+            check_failures: 0,
+            output: output::new_output(),
+            stdin_open,
+            stdin: None,
+            env,
+        }
+    }
+
+    /// Writes engine-side lines of the current run (start-up, exit messages).
+    fn say(&self, lines: impl IntoIterator<Item = String>) {
+        self.output.send_modify(|log| log.append(lines.into_iter().map(|l| (OutputStream::Stdout, l))));
+    }
+
     fn health(&self) -> SessionHealth {
         if self.status != SessionStatus::Running {
             return SessionHealth::Unknown;
@@ -142,7 +200,7 @@ struct State {
     fail_matching: Vec<(u32, CallMatcher)>,
     slow_matching: Vec<(Duration, CallMatcher)>,
     latency: Duration,
-    calls: Vec<MockCall>,
+    calls: VecDeque<MockCall>,
     subscribers: Vec<Subscriber>,
     capabilities: Capabilities,
     snapshot_exit_info: bool,
@@ -190,7 +248,7 @@ impl MockEngine {
             fail_matching: Vec::new(),
             slow_matching: Vec::new(),
             latency: Duration::ZERO,
-            calls: Vec::new(),
+            calls: VecDeque::new(),
             subscribers: Vec::new(),
             capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             snapshot_exit_info: true,
@@ -246,9 +304,9 @@ impl MockEngine {
         self.lock().latency = latency;
     }
 
-    /// The calls backends made, oldest first.
+    /// The calls backends made, oldest first: the last [`MAX_CALLS`].
     pub fn calls(&self) -> Vec<MockCall> {
-        self.lock().calls.clone()
+        self.lock().calls.iter().cloned().collect()
     }
 
     /// Forgets the recorded calls.
@@ -308,6 +366,7 @@ impl MockEngine {
     pub fn vanish(&self, session: &str, announce: bool) {
         let mut state = self.lock();
         if let Some(c) = state.containers.remove(session) {
+            end_run(&c);
             if announce {
                 state.emit(&c.labels, BackendEvent::Removed { session: session.to_owned() });
             }
@@ -319,24 +378,11 @@ impl MockEngine {
     pub fn insert_foreign(&self, name: &str, labels: BTreeMap<String, String>) {
         let mut state = self.lock();
         let id = state.new_id();
-        state.containers.insert(
-            name.to_owned(),
-            Container {
-                id,
-                labels,
-                status: SessionStatus::Running,
-                health: SessionHealth::Healthy,
-                pinned_health: None,
-                exit: None,
-                created_at: OffsetDateTime::now_utc(),
-                check: None,
-                behaviour: Behaviour::default(),
-                generation: 0,
-                check_failures: 0,
-                logs: Vec::new(),
-                env: BTreeMap::new(),
-            },
-        );
+        let mut c = Container::new(id, labels, None, Behaviour::default(), false, BTreeMap::new());
+        c.status = SessionStatus::Running;
+        c.health = SessionHealth::Healthy;
+        c.output.send_modify(|log| log.run = Some(0));
+        state.containers.insert(name.to_owned(), c);
     }
 
     /// Sets a container's creation time (to test creation grace periods).
@@ -370,12 +416,19 @@ impl MockEngine {
         }
         let mut state = self.lock();
         let scripted = state.fail_matching.iter_mut().find(|(n, matcher)| *n > 0 && matcher(&call));
-        if let Some((n, _)) = scripted {
+        let failed = if let Some((n, _)) = scripted {
             *n -= 1;
-            state.calls.push(call);
+            true
+        } else {
+            false
+        };
+        if state.calls.len() >= MAX_CALLS {
+            state.calls.pop_front();
+        }
+        state.calls.push_back(call);
+        if failed {
             return Err(BackendError::unavailable(NAME, "scripted failure: engine unavailable"));
         }
-        state.calls.push(call);
         if state.fail_next > 0 {
             state.fail_next -= 1;
             return Err(BackendError::unavailable(NAME, "scripted failure: engine unavailable"));
@@ -414,24 +467,9 @@ impl MockEngine {
             HealthCheckSpec::Disabled => None,
         };
         let id = state.new_id();
-        state.containers.insert(
-            spec.session.clone(),
-            Container {
-                id: id.clone(),
-                labels,
-                status: SessionStatus::Created,
-                health: SessionHealth::Unknown,
-                pinned_health: None,
-                exit: None,
-                created_at: OffsetDateTime::now_utc(),
-                check,
-                behaviour: Behaviour::from_spec(spec),
-                generation: 0,
-                check_failures: 0,
-                logs: Vec::new(),
-                env: spec.env.clone(),
-            },
-        );
+        let c =
+            Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open, spec.env.clone());
+        state.containers.insert(spec.session.clone(), c);
         Ok(id)
     }
 
@@ -440,7 +478,7 @@ impl MockEngine {
         let Some(c) = state.containers.get_mut(session) else {
             return Err(not_found(session));
         };
-        if c.status == SessionStatus::Running {
+        if c.status.is_alive() {
             return Ok(());
         }
         c.generation += 1;
@@ -449,52 +487,117 @@ impl MockEngine {
         c.pinned_health = None;
         c.check_failures = 0;
         c.health = if c.check.is_some() { SessionHealth::Starting } else { SessionHealth::Healthy };
-        c.logs.push("echo-agent started".into());
-        let (generation, behaviour, check, labels) =
-            (c.generation, c.behaviour.clone(), c.check.clone(), c.labels.clone());
+        let generation = c.generation;
+        c.output.send_modify(|log| {
+            log.run = Some(generation);
+            log.frozen = false;
+        });
+        c.say(["echo-agent started".to_owned()]);
+        if let Some(mb) = c.behaviour.alloc_mb {
+            c.say([format!("allocating {mb} MB")]);
+            if !c.behaviour.oom {
+                c.say([format!("allocated {mb} MB")]);
+            }
+        }
+        // Stdio mode: an agent that reads this run's stdin. Without an open stdin it reads
+        // EOF at once and exits 0, as the echo agent (and `claude`) do.
+        let agent = c.behaviour.stdio.clone().map(|sid| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            c.stdin = c.stdin_open.then_some(tx);
+            (rx, EchoSession::new(sid))
+        });
+        let (behaviour, check, labels, output) =
+            (c.behaviour.clone(), c.check.clone(), c.labels.clone(), c.output.clone());
         state.emit(&labels, BackendEvent::Started { session: session.to_owned() });
         drop(state);
+        if let Some((stdin, echo)) = agent {
+            tokio::spawn(agent::run(self.clone(), session.to_owned(), generation, output.clone(), stdin, echo));
+        }
         if behaviour.exit_after.is_some() || behaviour.oom || check.is_some() {
-            tokio::spawn(simulate(self.clone(), session.to_owned(), generation, behaviour, check));
+            tokio::spawn(simulate(self.clone(), session.to_owned(), generation, behaviour, check, output));
         }
         Ok(())
     }
 
-    /// Stops a session: SIGTERM, honoured at once unless the agent ignores it, in which
-    /// case SIGKILL follows after `grace`.
+    /// Stops a session: SIGTERM, honoured at once unless the agent ignores it (or is
+    /// paused, and so handles nothing), in which case SIGKILL follows after `grace`.
     pub(crate) async fn stop(&self, session: &str, grace: Duration) -> Result<(), BackendError> {
         let (ignores, generation) = {
             let state = self.lock();
             let Some(c) = state.containers.get(session) else {
                 return Err(not_found(session));
             };
-            if c.status != SessionStatus::Running {
+            if !c.status.is_alive() {
                 return Ok(());
             }
-            (c.behaviour.ignore_sigterm, c.generation)
+            (c.behaviour.ignore_sigterm || c.status == SessionStatus::Paused, c.generation)
         };
         if ignores {
             tokio::time::sleep(grace).await;
         }
         let mut state = self.lock();
-        let still_same_run = state
-            .containers
-            .get(session)
-            .is_some_and(|c| c.generation == generation && c.status == SessionStatus::Running);
-        if still_same_run {
-            let code = if ignores { 137 } else { 0 };
+        let Some(c) = state.containers.get(session).filter(|c| c.generation == generation && c.status.is_alive())
+        else {
+            return Ok(());
+        };
+        let code = if ignores { 137 } else { 0 };
+        if !ignores {
+            c.say(["echo-agent received SIGTERM; exiting 0".to_owned()]);
+        }
+        state.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
+        Ok(())
+    }
+
+    /// The simulated agent of run `generation` exits by itself with `code` (`!exit`, or
+    /// EOF on its stdin).
+    pub(crate) fn exit_run(&self, session: &str, generation: u64, code: i64) {
+        let mut state = self.lock();
+        if state.containers.get(session).is_some_and(|c| c.generation == generation) {
             state.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
         }
-        Ok(())
+    }
+
+    /// Pauses a running session, as `docker pause` would: it reads `Paused`, its health
+    /// `Unknown`, and its agent reads and writes nothing until [`MockEngine::unpause`];
+    /// input sent meanwhile is handled after, in order. Subscribers get the health change.
+    pub fn pause(&self, session: &str) {
+        self.set_paused(session, true);
+    }
+
+    /// Unpauses a paused session: it runs on where it stopped.
+    pub fn unpause(&self, session: &str) {
+        self.set_paused(session, false);
+    }
+
+    fn set_paused(&self, session: &str, paused: bool) {
+        let mut state = self.lock();
+        let Some(c) = state.containers.get_mut(session) else { return };
+        let (from, to) = if paused {
+            (SessionStatus::Running, SessionStatus::Paused)
+        } else {
+            (SessionStatus::Paused, SessionStatus::Running)
+        };
+        if c.status != from {
+            return;
+        }
+        let before = c.health();
+        c.status = to;
+        c.output.send_modify(|log| log.frozen = paused);
+        let after = c.health();
+        let labels = c.labels.clone();
+        if before != after {
+            state.emit(&labels, BackendEvent::HealthChanged { session: session.to_owned(), health: after });
+        }
     }
 
     pub(crate) fn remove(&self, session: &str) {
         let mut state = self.lock();
         if let Some(c) = state.containers.remove(session) {
-            if c.status == SessionStatus::Running {
+            if c.status.is_alive() {
                 let exit = SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc()));
                 state.emit(&c.labels, BackendEvent::Died { session: session.to_owned(), exit });
             }
+            end_run(&c);
             state.emit(&c.labels, BackendEvent::Removed { session: session.to_owned() });
         }
     }
@@ -524,10 +627,32 @@ impl MockEngine {
         session: &str,
         tail: Option<usize>,
     ) -> Result<String, BackendError> {
+        Ok(self.output(owner, session)?.borrow().text(tail))
+    }
+
+    /// The output log of an owned session.
+    pub(crate) fn output(&self, owner: &OwnershipLabels, session: &str) -> Result<Output, BackendError> {
         let state = self.lock();
         let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
-        let skip = tail.map_or(0, |t| c.logs.len().saturating_sub(t));
-        Ok(c.logs[skip..].iter().map(|l| format!("{l}\n")).collect())
+        Ok(c.output.clone())
+    }
+
+    /// The stdin of an owned, live session created with an open stdin, and its log.
+    pub(crate) fn attach(&self, owner: &OwnershipLabels, session: &str) -> Result<(Stdin, Output), BackendError> {
+        let state = self.lock();
+        let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
+        // A paused session can be attached to, as on the engines: its input waits.
+        if !c.status.is_alive() {
+            return Err(BackendError::engine(NAME, format!("session {session} is not running; cannot attach")));
+        }
+        if !c.stdin_open {
+            return Err(BackendError::InvalidSpec {
+                field: "stdin_open",
+                message: format!("session {session} was created without an open stdin; it cannot be written to"),
+            });
+        }
+        let stdin = Stdin { output: c.output.clone(), run: c.generation, agent: c.stdin.clone() };
+        Ok((stdin, c.output.clone()))
     }
 
     pub(crate) fn is_running(&self, owner: &OwnershipLabels, session: &str) -> Result<bool, BackendError> {
@@ -543,16 +668,23 @@ impl MockEngine {
     }
 
     /// One tick of a running session's simulation. Returns false when the run is over.
-    fn tick(&self, session: &str, generation: u64, tick: Tick) -> bool {
+    fn tick(&self, session: &str, generation: u64, tick: Tick) -> Ticked {
         let mut state = self.lock();
-        let Some(c) = state.containers.get_mut(session) else { return false };
-        if c.generation != generation || c.status != SessionStatus::Running {
-            return false;
+        let Some(c) = state.containers.get_mut(session) else { return Ticked::Over };
+        if c.generation != generation || !c.status.is_alive() {
+            return Ticked::Over;
+        }
+        if c.status == SessionStatus::Paused {
+            // A paused process does nothing, and its health is not checked.
+            return Ticked::Paused;
         }
         match tick {
             Tick::Exit(exit) => {
+                if !exit.oom_killed {
+                    c.say([format!("echo-agent exiting with code {}", exit.exit_code.unwrap_or(0))]);
+                }
                 state.finish(session, exit);
-                false
+                Ticked::Over
             }
             Tick::Check { passed, counts, retries } => {
                 let before = c.health();
@@ -570,7 +702,7 @@ impl MockEngine {
                 if before != after {
                     state.emit(&labels, BackendEvent::HealthChanged { session: session.to_owned(), health: after });
                 }
-                true
+                Ticked::Running
             }
         }
     }
@@ -581,14 +713,28 @@ enum Tick {
     Check { passed: bool, counts: bool, retries: u32 },
 }
 
-/// Drives one run of a simulated echo agent: its exit, OOM kill and health checks.
+/// What a tick found.
+#[derive(Debug, PartialEq, Eq)]
+enum Ticked {
+    /// The run goes on.
+    Running,
+    /// The run is paused: nothing happened.
+    Paused,
+    /// The run is over.
+    Over,
+}
+
+/// Drives one run of a simulated echo agent: its exit, OOM kill and health checks. A
+/// paused run skips its checks, and exits only once unpaused.
 async fn simulate(
     engine: MockEngine,
     session: String,
     generation: u64,
     behaviour: Behaviour,
     check: Option<HealthCheck>,
+    output: Output,
 ) {
+    let mut frozen = output.subscribe();
     let started = Instant::now();
     let end = if behaviour.oom {
         Some((started + Duration::from_millis(50), true))
@@ -613,7 +759,11 @@ async fn simulate(
                 } else {
                     SessionExitInfo::exited(behaviour.exit_code, finished)
                 };
-                engine.tick(&session, generation, Tick::Exit(exit));
+                while engine.tick(&session, generation, Tick::Exit(exit.clone())) == Ticked::Paused {
+                    if !output::thawed(&mut frozen, generation).await {
+                        return;
+                    }
+                }
                 return;
             }
         }
@@ -621,7 +771,8 @@ async fn simulate(
             if now >= at {
                 let passed = behaviour.unhealthy_after.is_none_or(|after| now < started + after);
                 let counts = now >= started + check.start_period;
-                if !engine.tick(&session, generation, Tick::Check { passed, counts, retries: check.retries }) {
+                let tick = Tick::Check { passed, counts, retries: check.retries };
+                if engine.tick(&session, generation, tick) == Ticked::Over {
                     return;
                 }
                 next_check = Some(at + check.interval);
@@ -639,12 +790,14 @@ impl State {
 
     fn finish(&mut self, session: &str, exit: SessionExitInfo) {
         let Some(c) = self.containers.get_mut(session) else { return };
-        if c.status != SessionStatus::Running {
+        if !c.status.is_alive() {
             return;
         }
         c.generation += 1;
         c.status = SessionStatus::Exited;
         c.exit = Some(exit.clone());
+        end_run(c);
+        c.stdin = None;
         let labels = c.labels.clone();
         if exit.oom_killed {
             self.emit(&labels, BackendEvent::OomKilled { session: session.to_owned() });
@@ -665,6 +818,16 @@ impl State {
             backend_core::forward_event(&sub.tx, event.clone(), &mut sub.lagged)
         });
     }
+}
+
+/// Ends the output of a container's run: followers end once they have read it, and its
+/// agent writes no more. Run before its stdin closes, so the agent does not take the
+/// closing for EOF.
+fn end_run(c: &Container) {
+    c.output.send_modify(|log| {
+        log.run = None;
+        log.frozen = false;
+    });
 }
 
 fn not_found(session: &str) -> BackendError {

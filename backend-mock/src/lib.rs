@@ -1,19 +1,35 @@
 //! An in-memory [`ExecutionBackend`](backend_core::ExecutionBackend) for tests.
 //!
 //! [`MockEngine`] plays the container engine: it holds containers, images, an event bus
-//! and a call log, and simulates the echo agent's behaviour from its environment
-//! variables (`ECHO_EXIT_AFTER_MS`, `ECHO_EXIT_CODE`, `ECHO_ALLOC_MB`,
-//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`) on tokio's clock, so it works under
-//! paused time. [`MockBackend`] is one daemon's view of the engine, filtered by its
-//! ownership labels; clones share the engine.
+//! and a call log, and simulates the echo agent (`docker/echo-agent`) on tokio's clock,
+//! so it works under paused time:
+//! - its environment variables: `ECHO_EXIT_AFTER_MS`, `ECHO_EXIT_CODE`, `ECHO_ALLOC_MB`,
+//!   `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`;
+//! - its stdio mode (`ECHO_STDIO=1`, or a command with `--input-format stream-json`, as
+//!   agentd runs `claude`): Claude Code's stream-json on stdin and stdout, with the
+//!   `!emit`, `!stderr`, `!tool`, `!stall` and `!exit` commands, answered with the echo
+//!   agent's lines byte for byte.
+//!
+//! Every container keeps one output log (capped at [`MAX_LOG_ENTRIES`] entries and
+//! [`MAX_LOG_BYTES`] bytes, oldest dropped first), stamped by the engine with
+//! non-decreasing nanosecond times and read through backend-core's `OutputDecoder`: it
+//! serves `session_logs`, `session_output` and `attach_session` alike. Stdin stays open
+//! for the whole run; a detach does nothing to the container.
+//!
+//! [`MockBackend`] is one daemon's view of the engine, filtered by its ownership labels;
+//! clones share the engine.
 //!
 //! Tests script faults on the engine: [`MockEngine::exit`], [`MockEngine::oom_kill`],
 //! [`MockEngine::kill_from_outside`], [`MockEngine::set_health`], [`MockEngine::vanish`],
-//! [`MockEngine::fail_next`], [`MockEngine::set_latency`], and read back
-//! [`MockEngine::calls`].
+//! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::fail_next`],
+//! [`MockEngine::set_latency`], and read back [`MockEngine::calls`] (the last
+//! [`MAX_CALLS`]).
 
+mod agent;
 mod backend;
 mod engine;
+mod output;
 
 pub use backend::MockBackend;
-pub use engine::{MockCall, MockEngine, ECHO_IMAGE, PLAIN_IMAGE};
+pub use engine::{MockCall, MockEngine, ECHO_IMAGE, MAX_CALLS, PLAIN_IMAGE};
+pub use output::{MAX_LOG_BYTES, MAX_LOG_ENTRIES};

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, NetworkPolicy,
-    OwnershipLabels, Result, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
+    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
+    OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo, SessionHealth,
+    SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
 };
 use futures_util::StreamExt;
 use podman_api::models::{InspectContainerData, Network};
 use podman_api::opts::{
-    ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts,
+    ContainerAttachOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts,
     NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
 };
 use podman_api::Podman;
@@ -22,6 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
+use crate::attach;
 use crate::config::{is_local, START_SERVICE};
 use crate::convert::{self, grace_secs, DEFAULT_NETWORK};
 use crate::error::{map_err, status_of, timed_out, Subject, NAME};
@@ -442,17 +444,7 @@ impl ExecutionBackend for PodmanBackend {
         Capabilities { oom_detection: self.inner.oom.can_detect(), ..Capabilities::ALL }
     }
 
-    fn agent_ws_url(&self, agent_id: &str, network: NetworkPolicy, port: u16) -> Option<String> {
-        let host = match network {
-            NetworkPolicy::Internet => self.inner.bridge_gateway?.to_string(),
-            NetworkPolicy::Isolated => self.inner.isolated_gateway?.to_string(),
-            NetworkPolicy::Host => "127.0.0.1".to_owned(),
-            NetworkPolicy::None => return None,
-        };
-        Some(format!("ws://{host}:{port}/ws/{agent_id}"))
-    }
-
-    async fn agent_channel_addresses(&self) -> Result<Vec<IpAddr>> {
+    async fn gateway_addresses(&self) -> Result<Vec<IpAddr>> {
         Ok(self.inner.bridge_gateway.into_iter().chain(self.inner.isolated_gateway).collect())
     }
 
@@ -631,6 +623,35 @@ impl ExecutionBackend for PodmanBackend {
             Ok(text)
         };
         inner.call("the logs", Subject::Session(session), read).await
+    }
+
+    async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {
+        let inner = &self.inner;
+        let inspect = inner.inspect(session).await?.ok_or_else(|| Inner::not_found(session))?;
+        if !inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            return Err(attach::not_running(session));
+        }
+        if !inspect.config.as_ref().and_then(|c| c.open_stdin).unwrap_or(false) {
+            return Err(BackendError::InvalidSpec {
+                field: "stdin_open",
+                message: format!("session {session} was created without an open stdin; it cannot be written to"),
+            });
+        }
+        let container = inner.podman.containers().get(session);
+        let opts = ContainerAttachOpts::builder().stdin(true).stdout(false).stderr(false).build();
+        let attached = inner.call("the attach", Subject::Session(session), container.attach(&opts)).await?;
+        // The attach's own output half is not read: the log carries positions.
+        let (_output, input) = attached.split();
+        let output = attach::output(&inner.podman, session, from, true);
+        Ok(SessionAttach { input: Box::new(LineWriter::new(NAME, attach::FuturesWriter(Box::pin(input)))), output })
+    }
+
+    async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {
+        let inner = &self.inner;
+        if inner.inspect(session).await?.is_none() {
+            return Err(Inner::not_found(session));
+        }
+        Ok(attach::output(&inner.podman, session, from, follow))
     }
 
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {

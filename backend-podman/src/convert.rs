@@ -128,6 +128,8 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, plan: &Ne
         "stop_timeout": grace_secs(spec.stop_grace),
         "netns": { "nsmode": plan.nsmode },
         "log_configuration": { "driver": "k8s-file", "size": LOG_SIZE_MAX },
+        "stdin": spec.stdin_open,
+        "terminal": false,
     });
     let fields = body.as_object_mut().expect("a JSON object literal");
     if !resources.is_empty() {
@@ -215,7 +217,8 @@ pub(crate) fn check_timing(config: Option<&Schema2HealthConfig>) -> Option<Check
 pub(crate) fn status_of(state: &str) -> SessionStatus {
     match state.to_ascii_lowercase().as_str() {
         "configured" | "created" | "initialized" => SessionStatus::Created,
-        "running" | "paused" | "stopping" | "restarting" => SessionStatus::Running,
+        "running" | "stopping" | "restarting" => SessionStatus::Running,
+        "paused" => SessionStatus::Paused,
         _ => SessionStatus::Exited,
     }
 }
@@ -403,7 +406,7 @@ mod tests {
         assert_eq!(status_of("created"), SessionStatus::Created);
         assert_eq!(status_of("configured"), SessionStatus::Created);
         assert_eq!(status_of("running"), SessionStatus::Running);
-        assert_eq!(status_of("paused"), SessionStatus::Running);
+        assert_eq!(status_of("paused"), SessionStatus::Paused);
         assert_eq!(status_of("stopping"), SessionStatus::Running);
         assert_eq!(status_of("exited"), SessionStatus::Exited);
         assert_eq!(status_of("stopped"), SessionStatus::Exited);

@@ -19,6 +19,7 @@
 //! Architecture invariant: this crate is the only one that knows podman-api's types; they
 //! are mapped to backend-core's in `convert.rs` and `error.rs`.
 
+mod attach;
 mod backend;
 mod config;
 mod convert;

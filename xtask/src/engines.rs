@@ -106,7 +106,8 @@ fn install(missing: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn which(binary: &str) -> Option<PathBuf> {
+/// The path of `binary` on PATH (or in the sbin directories), if it is installed.
+pub(crate) fn which(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     let extra = ["/usr/sbin", "/sbin", "/usr/bin"];
     std::env::split_paths(&path)

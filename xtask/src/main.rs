@@ -4,6 +4,7 @@
 //! installs Docker Engine and Podman, starts them without systemd, builds the test images
 //! offline, and runs fmt, clippy and every test with the engines required.
 
+mod claude_image;
 mod engines;
 mod tidy;
 
@@ -19,7 +20,8 @@ usage: cargo xtask <task>
 tasks:
   ci                                  provision engines, build images, then fmt, clippy and all tests
                                       (engines required)
-  images                              build the test images from docker/ into Docker and Podman
+  images                              build the images from docker/ into Docker and Podman: the test
+                                      images and the Claude Code image (cached under target/images/)
   integration [--backend docker|podman]
                                       provision engines, build images, run the engine tests only
   engines                             install (if missing) and start Docker and Podman, then exit
@@ -99,7 +101,8 @@ fn integration(env: &engines::Engines, backend: Option<&str>) -> Result<()> {
 /// The images built from `docker/`: (directory, tag, binary package).
 const IMAGES: &[(&str, &str, &str)] = &[("docker/echo-agent", "agentd-echo:latest", "echo-agent")];
 
-/// Builds the static binaries and the images from `docker/` into both engines, offline.
+/// Builds the static binaries and the images from `docker/` into both engines, offline: the
+/// test images, then the Claude Code image (see `claude_image`).
 fn images(env: &engines::Engines) -> Result<()> {
     let root = project_root();
     for (dir, tag, package) in IMAGES {
@@ -130,7 +133,7 @@ fn images(env: &engines::Engines) -> Result<()> {
         )?;
         println!("xtask: built {tag} for docker and podman");
     }
-    Ok(())
+    claude_image::build(env)
 }
 
 /// The repository root (the parent of this crate's manifest directory).

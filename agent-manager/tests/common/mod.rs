@@ -1,44 +1,18 @@
 //! Shared fixtures for the manager's tests and benchmarks: a manager on the mock engine,
-//! with a paused clock and a scriptable agent channel.
+//! with a manual clock.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::{
-    AgentChannel, AgentKind, AgentManager, AgentStatus, AgentView, ManagerConfig, ManualClock, NewAgent, Store,
-};
+use agent_manager::{AgentKind, AgentManager, AgentStatus, AgentView, ManagerConfig, ManualClock, NewAgent, Store};
 use backend_core::{ExecutionBackend, OwnershipLabels};
 use backend_mock::{MockBackend, MockEngine, PLAIN_IMAGE};
-
-/// An agent channel whose connections the test sets.
-#[derive(Debug, Default)]
-pub struct TestChannel {
-    connected: Mutex<HashSet<String>>,
-}
-
-impl TestChannel {
-    pub fn connect(&self, agent_id: &str) {
-        self.connected.lock().expect("lock").insert(agent_id.to_owned());
-    }
-
-    pub fn disconnect(&self, agent_id: &str) {
-        self.connected.lock().expect("lock").remove(agent_id);
-    }
-}
-
-impl AgentChannel for TestChannel {
-    fn is_connected(&self, agent_id: &str) -> bool {
-        self.connected.lock().expect("lock").contains(agent_id)
-    }
-}
 
 /// A manager on a mock engine, as a daemon would hold it: over `dyn ExecutionBackend`.
 pub struct Fixture {
     pub engine: MockEngine,
     pub clock: ManualClock,
-    pub channel: Arc<TestChannel>,
     pub store: Store,
     pub owner: OwnershipLabels,
     pub manager: Arc<AgentManager<dyn ExecutionBackend>>,
@@ -68,10 +42,8 @@ impl Fixture {
         let instance = store.instance_id().await.expect("instance id");
         let owner = OwnershipLabels::new("agentd", instance).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner.clone()));
-        let channel = Arc::new(TestChannel::default());
-        let manager =
-            AgentManager::new(backend, store.clone(), channel.clone(), config).with_clock(Arc::new(clock.clone()));
-        Self { engine, clock, channel, store, owner, manager: Arc::new(manager) }
+        let manager = AgentManager::new(backend, store.clone(), config).with_clock(Arc::new(clock.clone()));
+        Self { engine, clock, store, owner, manager: Arc::new(manager) }
     }
 
     pub async fn spawn(&self, name: &str) -> AgentView {

@@ -1,18 +1,20 @@
 //! The echo agent: a stand-in for Claude Code in agentd's tests and quickstart.
 //!
 //! It runs as a container's main process and does what its environment says (see
-//! README.md): connect to the daemon's agent channel and echo every user message, exit
-//! with a code after a time, allocate memory, ignore SIGTERM, turn unhealthy. `--health`
-//! is its container health check; `--version` prints its version.
+//! README.md): exit with a code after a time, allocate memory, ignore SIGTERM, turn
+//! unhealthy. In stdio mode (`ECHO_STDIO=1`, or arguments that contain
+//! `--input-format stream-json`, as agentd runs `claude`) it also speaks Claude Code's
+//! stream-json protocol on stdin and stdout ([`session`]). `--health` is its container
+//! health check; `--version` prints its version.
 #![allow(unsafe_code)] // signal handlers need libc
 
-use std::io::Write;
-use std::net::TcpStream;
+mod session;
+
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
+use session::{Session, Step};
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 
@@ -31,17 +33,18 @@ fn say(line: &str) {
 }
 
 fn main() {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let stdio = session::stdio_requested(&args, std::env::var("ECHO_STDIO").ok().as_deref());
+    match args.first().map(String::as_str) {
         Some("--version") => {
             say(concat!("echo-agent ", env!("CARGO_PKG_VERSION")));
         }
         Some("--health") => std::process::exit(health()),
-        Some(other) if other.starts_with("--") => {
+        Some(other) if other.starts_with("--") && !stdio => {
             eprintln!("echo-agent: unknown option {other}; use --version or --health");
             std::process::exit(2);
         }
-        _ => run(),
+        _ => run(stdio.then(|| session::session_id(&args))),
     }
 }
 
@@ -77,7 +80,9 @@ fn agent_age() -> Option<Duration> {
     Some(Duration::from_secs_f64(age.max(0.0)))
 }
 
-fn run() {
+/// Runs until signalled or `ECHO_EXIT_AFTER_MS`; with `stdio` (the session id), also
+/// answers stream-json on stdin until its EOF.
+fn run(stdio: Option<String>) {
     let ignore_sigterm = std::env::var("ECHO_IGNORE_SIGTERM").is_ok_and(|v| v == "1");
     // SAFETY: installing a handler that only stores to an atomic, or ignoring the signal.
     unsafe {
@@ -103,9 +108,8 @@ fn run() {
         std::thread::spawn(move || listen(port));
     }
 
-    if let Ok(url) = std::env::var("AGENTD_WS_URL") {
-        let token = std::env::var("AGENTD_AGENT_TOKEN").unwrap_or_default();
-        std::thread::spawn(move || channel_loop(&url, &token));
+    if let Some(session_id) = stdio {
+        std::thread::spawn(move || stdio_loop(Session::new(session_id)));
     }
 
     let exit_at = env_u64("ECHO_EXIT_AFTER_MS").map(|ms| Instant::now() + Duration::from_millis(ms));
@@ -141,93 +145,47 @@ fn listen(port: u64) {
     }
 }
 
-/// Keeps a connection to the agent channel, reconnecting with backoff.
-fn channel_loop(url: &str, token: &str) {
-    let mut backoff = Duration::from_millis(200);
+/// Reads stdin line by line (any length) and answers every line; exits 0 at EOF.
+fn stdio_loop(mut session: Session) {
+    let mut stdin = std::io::stdin().lock();
+    let mut line = Vec::new();
     loop {
-        match connect(url, token) {
-            Ok(mut socket) => {
-                say(&format!("connected to {url}"));
-                backoff = Duration::from_millis(200);
-                if let Err(e) = echo(&mut socket) {
-                    say(&format!("channel closed: {e}"));
-                }
+        line.clear();
+        match stdin.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                say("echo-agent stdin closed; exiting 0");
+                std::process::exit(0);
             }
-            Err(e) => say(&format!("cannot connect to {url}: {e}")),
+            Ok(_) => {}
+            Err(e) => {
+                say(&format!("echo-agent cannot read stdin: {e}; exiting 1"));
+                std::process::exit(1);
+            }
         }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        for step in session.handle(&String::from_utf8_lossy(&line)) {
+            match step {
+                Step::Stdout(text) => say(&text),
+                Step::Stderr(text) => {
+                    let mut err = std::io::stderr().lock();
+                    let _ = writeln!(err, "{text}");
+                    let _ = err.flush();
+                }
+                Step::Sleep(pause) => std::thread::sleep(pause),
+                Step::Exit(code) => std::process::exit(code),
+            }
+        }
     }
-}
-
-fn connect(url: &str, token: &str) -> Result<WebSocket<TcpStream>, String> {
-    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
-    let bearer = format!("Bearer {token}").parse().map_err(|_| "token is not a valid header value".to_owned())?;
-    request.headers_mut().insert("authorization", bearer);
-    let uri = request.uri();
-    let host = uri.host().ok_or("URL has no host")?.trim_matches(['[', ']']).to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-        .map_err(|e| e.to_string())?
-        .next()
-        .ok_or("the host name resolves to no address")?;
-    // A network that drops packets silently must not stall the agent for minutes.
-    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    let (socket, _) = tungstenite::client(request, stream).map_err(|e| e.to_string())?;
-    Ok(socket)
-}
-
-/// Echoes every user message back as an assistant message until the socket closes.
-fn echo(socket: &mut WebSocket<TcpStream>) -> Result<(), tungstenite::Error> {
-    loop {
-        let text = match socket.read()? {
-            Message::Text(text) => text.to_string(),
-            Message::Close(_) => return Ok(()),
-            _ => continue,
-        };
-        let content = user_text(&text).unwrap_or(text);
-        say(&format!("received: {content}"));
-        let reply = serde_json::json!({
-            "type": "assistant",
-            "message": {"role": "assistant", "content": [{"type": "text", "text": format!("echo: {content}")}]},
-        });
-        socket.send(Message::text(reply.to_string()))?;
-    }
-}
-
-/// The text of a stream-json user message, `{"type":"user","message":{"content":...}}`,
-/// whose content is a string or a list of text blocks.
-fn user_text(frame: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(frame).ok()?;
-    if value.get("type")?.as_str()? != "user" {
-        return None;
-    }
-    let content = value.get("message")?.get("content")?;
-    if let Some(text) = content.as_str() {
-        return Some(text.to_owned());
-    }
-    let parts: Vec<&str> = content.as_array()?.iter().filter_map(|b| b.get("text")?.as_str()).collect();
-    Some(parts.join(""))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn user_messages_are_read_in_both_content_forms() {
-        assert_eq!(user_text(r#"{"type":"user","message":{"role":"user","content":"hi"}}"#).as_deref(), Some("hi"));
-        assert_eq!(
-            user_text(
-                r#"{"type":"user","message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}}"#
-            )
-            .as_deref(),
-            Some("ab")
-        );
-        assert_eq!(user_text(r#"{"type":"system"}"#), None);
-        assert_eq!(user_text("plain"), None);
-    }
 
     #[test]
     fn this_process_has_a_readable_age() {

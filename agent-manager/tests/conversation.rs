@@ -1,0 +1,202 @@
+//! Conversations with stream-json agents, on the mock engine's simulated echo agent.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_manager::{AgentKind, ConversationEntry, Delivery, Direction, ManagerError, NewAgent, Turn};
+use backend_mock::{MockCall, ECHO_IMAGE};
+use common::{test_config, Fixture};
+
+fn claude(name: &str, prompt: Option<&str>) -> NewAgent {
+    NewAgent {
+        name: name.into(),
+        kind: Some(AgentKind::ClaudeCode),
+        image: Some(ECHO_IMAGE.into()),
+        prompt: prompt.map(str::to_owned),
+        ..NewAgent::default()
+    }
+}
+
+/// Waits (bounded, in real time) until the agent's conversation holds an entry that
+/// `want` accepts; returns the whole conversation.
+async fn wait_for_entry(
+    fx: &Fixture,
+    agent: &str,
+    what: &str,
+    want: impl Fn(&ConversationEntry) -> bool,
+) -> Vec<ConversationEntry> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let entries = fx.manager.conversation(agent, 0, 100_000).await.expect("conversation");
+        if entries.iter().any(&want) {
+            return entries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; conversation: {:#?}",
+            entries.iter().map(|e| (e.seq, e.direction, e.kind.clone(), e.text.clone())).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn result_with(text: &'static str) -> impl Fn(&ConversationEntry) -> bool {
+    move |e| e.kind == "result" && e.text == text
+}
+
+fn assert_gapless(entries: &[ConversationEntry]) {
+    let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+    let expected: Vec<i64> = (1..=entries.len() as i64).collect();
+    assert_eq!(seqs, expected, "seq must count from 1 without gaps or doubles");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_is_the_first_message_and_every_line_is_stored_in_order() {
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("coder", Some("say hi"))).await;
+    let entries = wait_for_entry(&fx, "coder", "the answer to the prompt", result_with("echo: say hi")).await;
+    assert_gapless(&entries);
+    let to_agent: Vec<(&str, &str)> =
+        entries.iter().filter(|e| e.direction == Direction::ToAgent).map(|e| (e.kind.as_str(), e.text.as_str())).collect();
+    assert_eq!(to_agent, [("user", "say hi"), ("control_request", "initialize")]);
+    let handshake = entries.iter().find(|e| e.text == "initialize").expect("handshake");
+    let prompt = entries.iter().find(|e| e.kind == "user").expect("prompt");
+    assert!(entries.iter().filter(|e| e.direction == Direction::ToAgent).all(|e| e.delivery == Some(Delivery::Delivered)));
+    let kinds: Vec<&str> = entries.iter().filter(|e| e.direction == Direction::FromAgent).map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["raw", "control_response", "system", "assistant", "result"], "{entries:#?}");
+    assert!(prompt.seq < handshake.seq, "the prompt was queued at spawn, before the container ran");
+    let assistant = entries.iter().find(|e| e.kind == "assistant").expect("assistant");
+    assert_eq!(assistant.text, "echo: say hi");
+    assert_eq!(assistant.data["message"]["content"][0]["text"], "echo: say hi", "the whole JSON is kept");
+
+    let view = fx.get("coder").await;
+    assert!(view.connected, "agentd holds the attach");
+    let session = view.session.expect("a claude-code agent has a session");
+    assert_eq!(session.session_id, view.agent.id);
+    assert_eq!(session.turn, Turn::Idle);
+    assert!((session.cost_usd - 0.001).abs() < 1e-9, "{}", session.cost_usd);
+    assert_eq!((session.usage.input_tokens, session.usage.output_tokens), (10, 5));
+    let last = session.last_result.expect("last result");
+    assert_eq!((last.subtype.as_str(), last.is_error, last.text.as_str()), ("success", false, "echo: say hi"));
+
+    // A second message is answered by the same session; the broadcast carries stored
+    // entries only.
+    let mut live = fx.manager.subscribe_conversations();
+    let queued = fx.manager.send_message("coder", "again").await.expect("send");
+    assert_eq!(queued.delivery, Some(Delivery::Queued));
+    let entries = wait_for_entry(&fx, "coder", "the second answer", result_with("echo: again")).await;
+    assert_gapless(&entries);
+    let mut seen = Vec::new();
+    while let Ok(entry) = live.try_recv() {
+        seen.push(entry.seq);
+    }
+    let stored: Vec<i64> = entries.iter().filter(|e| e.seq >= queued.seq).map(|e| e.seq).collect();
+    assert_eq!(seen, stored, "every stored entry is broadcast once, in order");
+    let session = fx.get("coder").await.session.expect("session");
+    assert!((session.cost_usd - 0.002).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_need_a_running_claude_code_agent() {
+    let fx = Fixture::new().await;
+    fx.spawn("plain").await;
+    match fx.manager.send_message("plain", "hi").await {
+        Err(ManagerError::Conflict(message)) => assert!(message.contains("kind image"), "{message}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    fx.spawn_with(claude("coder", None)).await;
+    fx.manager.stop("coder").await.expect("stop");
+    assert!(matches!(fx.manager.send_message("coder", "hi").await, Err(ManagerError::NotRunning { .. })));
+    match fx.manager.spawn(NewAgent { name: "x".into(), prompt: Some("hi".into()), ..NewAgent::default() }).await {
+        Err(ManagerError::Invalid { field: "prompt", .. }) => {}
+        other => panic!("a prompt for an image agent must be refused, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopting_restart_catches_up_without_loss_or_double() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn_with(claude("coder", Some("first"))).await.agent;
+    wait_for_entry(&fx, "coder", "the first answer", result_with("echo: first")).await;
+    let summary = fx.manager.shutdown_all(true).await.expect("leave running");
+    assert_eq!(summary.left_running, ["coder"]);
+    // While no daemon listens, the agent writes on: a message the old daemon delivered
+    // just before it went down.
+    let backend = fx.manager.backend().clone();
+    {
+        let mut attach = backend.attach_session(&agent.session, None).await.expect("attach");
+        attach
+            .input
+            .send_line(r#"{"type":"user","message":{"role":"user","content":"!emit 500"}}"#)
+            .await
+            .expect("write");
+    }
+    let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
+    fx2.reconcile().await;
+    let after = fx2.get("coder").await.agent;
+    assert_eq!(after.container_id, agent.container_id, "the same container, adopted");
+    let entries = wait_for_entry(&fx2, "coder", "the lines written while no daemon ran", |e| e.text == "emitted 500").await;
+    assert_gapless(&entries);
+    let numbered: Vec<usize> = entries.iter().filter_map(|e| e.text.strip_prefix("line ")?.parse().ok()).collect();
+    assert_eq!(numbered, (0..500).collect::<Vec<_>>(), "each line exactly once");
+    assert_eq!(entries.iter().filter(|e| e.text == "echo-agent started").count(), 1, "nothing read twice");
+    assert_eq!(entries.iter().filter(|e| e.text == "initialize").count(), 1, "one handshake per container");
+    fx2.manager.send_message("coder", "second").await.expect("send");
+    let entries = wait_for_entry(&fx2, "coder", "the second answer", result_with("echo: second")).await;
+    assert_gapless(&entries);
+    let session = fx2.get("coder").await.session.expect("session");
+    assert_eq!(session.session_id, agent.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_keeps_its_messages_queued_until_it_thaws() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn_with(claude("coder", Some("warm up"))).await.agent;
+    wait_for_entry(&fx, "coder", "the first answer", result_with("echo: warm up")).await;
+    fx.engine.pause(&agent.session);
+    fx.reconcile().await;
+    let view = fx.get("coder").await;
+    assert!(view.paused, "a paused container reads paused");
+    let queued = fx.manager.send_message("coder", "are you there").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entries = fx.manager.conversation("coder", queued.seq - 1, 10).await.expect("conversation");
+    assert_eq!(entries[0].delivery, Some(Delivery::Queued), "not reported delivered to a frozen agent");
+    assert!(!entries.iter().any(|e| e.kind == "result"));
+    fx.engine.unpause(&agent.session);
+    fx.reconcile().await;
+    assert!(!fx.get("coder").await.paused);
+    let entries = wait_for_entry(&fx, "coder", "the answer after thawing", result_with("echo: are you there")).await;
+    assert_eq!(entries.iter().find(|e| e.seq == queued.seq).and_then(|e| e.delivery), Some(Delivery::Delivered));
+    let kinds: Vec<_> = fx.manager.events(Some("coder"), 0, 100).await.expect("events").into_iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&agent_manager::EventKind::Paused) && kinds.contains(&agent_manager::EventKind::Unpaused));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_huge_lines_and_a_lost_attach_never_stop_the_conversation() {
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("coder", Some("!emit 3"))).await;
+    let entries = wait_for_entry(&fx, "coder", "plain lines", |e| e.text == "emitted 3").await;
+    assert!(entries.iter().any(|e| e.kind == "raw" && e.text == "line 0" && e.data == "line 0"));
+    let big = "x".repeat(5 * 1024 * 1024);
+    fx.manager.send_message("coder", &big).await.expect("send 5 MB");
+    let entries = wait_for_entry(&fx, "coder", "the 5 MB answer", |e| e.kind == "result" && e.text.len() > 1000).await;
+    let assistant = entries.iter().rev().find(|e| e.kind == "assistant").expect("assistant");
+    assert!(assistant.text.len() <= agent_manager::conversation::MAX_ENTRY_TEXT + 4, "the short text is cut");
+    assert_eq!(
+        assistant.data["message"]["content"][0]["text"].as_str().map(str::len),
+        Some(big.len() + "echo: ".len()),
+        "the whole line is kept"
+    );
+    // The engine drops the attach, and refuses the next two: the conversation comes back,
+    // and the agent is not restarted for it.
+    fx.engine.fail_next_matching(2, |c| matches!(c, MockCall::Attach(_)));
+    fx.engine.drop_attachments(&fx.get("coder").await.agent.session);
+    fx.clock.advance(Duration::from_secs(3600));
+    fx.reconcile().await;
+    fx.manager.send_message("coder", "still there?").await.expect("send");
+    wait_for_entry(&fx, "coder", "the answer after the attach came back", result_with("echo: still there?")).await;
+    let agent = fx.get("coder").await;
+    assert_eq!(agent.agent.restarts, 0, "losing agentd's side of the stream never restarts an agent");
+    assert!(agent.connected);
+}
