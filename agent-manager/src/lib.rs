@@ -26,8 +26,8 @@ mod supervise;
 
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, MAX_STOP_GRACE_SECS};
+pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{Metrics, MetricsSnapshot};

@@ -11,11 +11,11 @@ use time::OffsetDateTime;
 use tokio::sync::{broadcast, OwnedMutexGuard};
 use tracing::{info, warn};
 
+use crate::conversation::task::{self, Target, TaskContext};
+use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
 };
-use crate::conversation::task::{self, TaskContext, Target};
-use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
 use crate::{Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
 
 /// Stores, logs and broadcasts lifecycle events; cheap to clone, so that tasks of their
@@ -394,8 +394,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             hub: self.conversations.clone(),
             lifecycle: self.lifecycle.clone(),
         };
-        let target =
-            Target { agent_id: agent.id.clone(), agent_name: agent.name.clone(), session: agent.session.clone(), container: container.clone() };
+        let target = Target {
+            agent_id: agent.id.clone(),
+            agent_name: agent.name.clone(),
+            session: agent.session.clone(),
+            container: container.clone(),
+        };
         let wake = Arc::new(tokio::sync::Notify::new());
         let (previous_tx, previous_rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(task::run(ctx, target, wake.clone(), previous_rx));

@@ -57,13 +57,20 @@ async fn the_prompt_is_the_first_message_and_every_line_is_stored_in_order() {
     fx.spawn_with(claude("coder", Some("say hi"))).await;
     let entries = wait_for_entry(&fx, "coder", "the answer to the prompt", result_with("echo: say hi")).await;
     assert_gapless(&entries);
-    let to_agent: Vec<(&str, &str)> =
-        entries.iter().filter(|e| e.direction == Direction::ToAgent).map(|e| (e.kind.as_str(), e.text.as_str())).collect();
+    let to_agent: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e.direction == Direction::ToAgent)
+        .map(|e| (e.kind.as_str(), e.text.as_str()))
+        .collect();
     assert_eq!(to_agent, [("user", "say hi"), ("control_request", "initialize")]);
     let handshake = entries.iter().find(|e| e.text == "initialize").expect("handshake");
     let prompt = entries.iter().find(|e| e.kind == "user").expect("prompt");
-    assert!(entries.iter().filter(|e| e.direction == Direction::ToAgent).all(|e| e.delivery == Some(Delivery::Delivered)));
-    let kinds: Vec<&str> = entries.iter().filter(|e| e.direction == Direction::FromAgent).map(|e| e.kind.as_str()).collect();
+    assert!(entries
+        .iter()
+        .filter(|e| e.direction == Direction::ToAgent)
+        .all(|e| e.delivery == Some(Delivery::Delivered)));
+    let kinds: Vec<&str> =
+        entries.iter().filter(|e| e.direction == Direction::FromAgent).map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["raw", "control_response", "system", "assistant", "result"], "{entries:#?}");
     assert!(prompt.seq < handshake.seq, "the prompt was queued at spawn, before the container ran");
     let assistant = entries.iter().find(|e| e.kind == "assistant").expect("assistant");
@@ -136,7 +143,8 @@ async fn an_adopting_restart_catches_up_without_loss_or_double() {
     fx2.reconcile().await;
     let after = fx2.get("coder").await.agent;
     assert_eq!(after.container_id, agent.container_id, "the same container, adopted");
-    let entries = wait_for_entry(&fx2, "coder", "the lines written while no daemon ran", |e| e.text == "emitted 500").await;
+    let entries =
+        wait_for_entry(&fx2, "coder", "the lines written while no daemon ran", |e| e.text == "emitted 500").await;
     assert_gapless(&entries);
     let numbered: Vec<usize> = entries.iter().filter_map(|e| e.text.strip_prefix("line ")?.parse().ok()).collect();
     assert_eq!(numbered, (0..500).collect::<Vec<_>>(), "each line exactly once");
@@ -168,7 +176,8 @@ async fn a_frozen_agent_keeps_its_messages_queued_until_it_thaws() {
     assert!(!fx.get("coder").await.paused);
     let entries = wait_for_entry(&fx, "coder", "the answer after thawing", result_with("echo: are you there")).await;
     assert_eq!(entries.iter().find(|e| e.seq == queued.seq).and_then(|e| e.delivery), Some(Delivery::Delivered));
-    let kinds: Vec<_> = fx.manager.events(Some("coder"), 0, 100).await.expect("events").into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<_> =
+        fx.manager.events(Some("coder"), 0, 100).await.expect("events").into_iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&agent_manager::EventKind::Paused) && kinds.contains(&agent_manager::EventKind::Unpaused));
 }
 

@@ -138,7 +138,11 @@ async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str
         while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
             let frame: Vec<u8> = buffer.drain(..end + 2).collect();
             let frame = String::from_utf8_lossy(&frame);
-            let data: Vec<&str> = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(|l| l.strip_prefix(' ').unwrap_or(l)).collect();
+            let data: Vec<&str> = frame
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                .collect();
             let event = frame.lines().find_map(|l| l.strip_prefix("event:")).map_or("message", str::trim);
             if !data.is_empty() && !each(event, &data.join("\n")) {
                 return Ok(());
@@ -155,8 +159,6 @@ pub fn conversation_line(e: &Value) -> String {
     let body: String = text(e, "text").chars().take(400).collect::<String>().replace('\n', " ");
     format!("{:>6} {} {arrow} {:<16} {body}{queued}", e["seq"], text(e, "at"), text(e, "kind"))
 }
-
-
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("-")

@@ -160,12 +160,7 @@ impl Default for AgentsConfig {
 
 impl Default for ReconcileSection {
     fn default() -> Self {
-        Self {
-            interval_secs: 10,
-            orphan_grace_secs: 300,
-            orphan_dry_run: false,
-            unhealthy_grace_secs: 30,
-        }
+        Self { interval_secs: 10, orphan_grace_secs: 300, orphan_dry_run: false, unhealthy_grace_secs: 30 }
     }
 }
 

@@ -355,9 +355,14 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                     }
                 })
                 .await?;
-            let result = result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
+            let result =
+                result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
             if result["data"]["is_error"].as_bool() == Some(true) {
-                bail!("the turn ended with an error ({}): {}", result["data"]["subtype"].as_str().unwrap_or("error"), result["text"].as_str().unwrap_or_default());
+                bail!(
+                    "the turn ended with an error ({}): {}",
+                    result["data"]["subtype"].as_str().unwrap_or("error"),
+                    result["text"].as_str().unwrap_or_default()
+                );
             }
         }
         Command::Conversation { name, follow, json } => {
@@ -370,7 +375,8 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             };
             let mut last = 0;
             loop {
-                let page = client.get_json(&format!("{}/conversation?after={last}&limit=1000", agent_path(&name))).await?;
+                let page =
+                    client.get_json(&format!("{}/conversation?after={last}&limit=1000", agent_path(&name))).await?;
                 let page = page.as_array().cloned().unwrap_or_default();
                 for entry in &page {
                     print(entry);
@@ -381,7 +387,8 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 }
             }
             if follow {
-                let stream = client.open_stream(&format!("{}/conversation/stream?after={last}", agent_path(&name))).await?;
+                let stream =
+                    client.open_stream(&format!("{}/conversation/stream?after={last}", agent_path(&name))).await?;
                 client
                     .follow_conversation(stream, |entry| {
                         print(&entry);

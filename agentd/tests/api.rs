@@ -323,7 +323,8 @@ async fn events_are_listed_filtered_and_streamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     let d = TestDaemon::start(Some(TOKEN)).await;
-    let body = json!({ "name": "talker", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE, "prompt": "start here" });
+    let body =
+        json!({ "name": "talker", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE, "prompt": "start here" });
     let (status, agent) = d.call(reqwest::Method::POST, "/v1/agents", Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{agent}");
     for field in ["session_id", "turn", "cost_usd", "usage", "last_result", "connected", "paused"] {
@@ -331,11 +332,14 @@ async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     }
     let id = agent["id"].as_str().expect("id").to_owned();
     assert_eq!(agent["session_id"], id.as_str(), "the session id is the agent id");
-    let answered = |text: &'static str| move |entries: &Value| {
-        entries.as_array().is_some_and(|a| a.iter().any(|e| e["kind"] == "result" && e["text"] == text))
+    let answered = |text: &'static str| {
+        move |entries: &Value| {
+            entries.as_array().is_some_and(|a| a.iter().any(|e| e["kind"] == "result" && e["text"] == text))
+        }
     };
     let entries = wait_conversation(&d, "talker", answered("echo: start here")).await;
-    let first_result = entries.as_array().expect("array").iter().find(|e| e["kind"] == "result").expect("result").clone();
+    let first_result =
+        entries.as_array().expect("array").iter().find(|e| e["kind"] == "result").expect("result").clone();
     for field in ["seq", "at", "kind", "text", "data"] {
         assert!(first_result.get(field).is_some(), "entry lacks {field}: {first_result}");
     }
@@ -354,7 +358,8 @@ async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     let entries = wait_conversation(&d, "talker", answered("echo: hello")).await;
     let all: Vec<i64> = entries.as_array().expect("array").iter().filter_map(|e| e["seq"].as_i64()).collect();
     assert_eq!(all, (1..=all.len() as i64).collect::<Vec<_>>());
-    let (_, page) = d.call(reqwest::Method::GET, &format!("/v1/agents/talker/conversation?after={seq}&limit=2"), None).await;
+    let (_, page) =
+        d.call(reqwest::Method::GET, &format!("/v1/agents/talker/conversation?after={seq}&limit=2"), None).await;
     let page: Vec<i64> = page.as_array().expect("array").iter().filter_map(|e| e["seq"].as_i64()).collect();
     assert_eq!(page, [seq + 1, seq + 2]);
 
@@ -370,16 +375,19 @@ async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     let mut ids = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while ids.last().copied() != all.last().copied() {
-        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("stream data in time").expect("chunk").expect("bytes");
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("stream data in time")
+            .expect("chunk")
+            .expect("bytes");
         text.push_str(&String::from_utf8_lossy(&chunk));
         ids = text.lines().filter_map(|l| l.strip_prefix("id:")).filter_map(|v| v.trim().parse::<i64>().ok()).collect();
     }
     assert_eq!(ids, all[(seq - 1) as usize..].to_vec(), "everything after Last-Event-ID, once, in order");
     drop(body);
 
-    let (status, body) = d
-        .call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "words": "hello" })))
-        .await;
+    let (status, body) =
+        d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "words": "hello" }))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = d.call(reqwest::Method::POST, "/v1/agents/talker/stop", None).await;
     assert_eq!(status, StatusCode::OK);

@@ -487,8 +487,12 @@ fn api_turn_latency(setup: &Setup, name: &str, turns: usize) -> Duration {
     for i in 0..turns {
         let before = from_agent(&conversation(setup, name), "result").len();
         let started = Instant::now();
-        http("POST", &format!("{}/v1/agents/{name}/messages", setup.base()), Some(json!({ "text": format!("ping {i}") })))
-            .expect("post message");
+        http(
+            "POST",
+            &format!("{}/v1/agents/{name}/messages", setup.base()),
+            Some(json!({ "text": format!("ping {i}") })),
+        )
+        .expect("post message");
         let deadline = Instant::now() + PATIENCE;
         while from_agent(&conversation(setup, name), "result").len() == before {
             assert!(Instant::now() < deadline, "no result for ping {i}");
@@ -506,7 +510,15 @@ fn direct_turn_latency(engine: Engine, model_url: &str, turns: usize) -> Duratio
     use std::io::{BufRead, BufReader, Write};
     let session = uuid::Uuid::new_v4().to_string();
     let mut cmd = engine.cli();
-    cmd.args(["run", "-i", "--rm", "-e", &format!("ANTHROPIC_BASE_URL={model_url}"), "-e", "ANTHROPIC_API_KEY=sk-direct"]);
+    cmd.args([
+        "run",
+        "-i",
+        "--rm",
+        "-e",
+        &format!("ANTHROPIC_BASE_URL={model_url}"),
+        "-e",
+        "ANTHROPIC_API_KEY=sk-direct",
+    ]);
     if engine == Engine::Docker {
         // agentd adds this for its agents on Docker; Podman adds host.containers.internal itself.
         cmd.args(["--add-host", "host.docker.internal:host-gateway"]);
@@ -563,7 +575,18 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     let daemon = setup.start();
     let spawned = Instant::now();
     let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
-    setup.cli(&["spawn", "coder", "--kind", "claude-code", "--image", CLAUDE_IMAGE, "--env", &env_url, "--env", "ANTHROPIC_API_KEY=sk-stand-in"]);
+    setup.cli(&[
+        "spawn",
+        "coder",
+        "--kind",
+        "claude-code",
+        "--image",
+        CLAUDE_IMAGE,
+        "--env",
+        &env_url,
+        "--env",
+        "ANTHROPIC_API_KEY=sk-stand-in",
+    ]);
     let reply = setup.cli(&["send", "coder", "hello"]);
     let first_reply = spawned.elapsed();
     assert!(reply.contains("Hello from the stand-in."), "agentd send printed: {reply}\nlog:\n{}", daemon.log_text());
@@ -599,7 +622,8 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     assert_eq!(agent["session_id"], session_id.as_str());
     assert_eq!(agent["restarts"], 0);
     assert_eq!(engine.inspect(agent["session"].as_str().expect("session"), "{{.Id}}"), container, "the same container");
-    let second_request = model.requests().into_iter().filter(|r| r.path.starts_with("/v1/messages")).last().expect("request");
+    let second_request =
+        model.requests().into_iter().filter(|r| r.path.starts_with("/v1/messages")).last().expect("request");
     assert!(
         second_request.message_texts().iter().any(|t| t.contains("hello")),
         "the same session's history reached the model: {:?}",

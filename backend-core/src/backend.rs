@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 
 use crate::{
-    BackendError, EventReceiver, OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach,
-    SessionExitInfo, SessionHealth, SessionSpec, SessionState,
+    BackendError, EventReceiver, OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo,
+    SessionHealth, SessionSpec, SessionState,
 };
 
 /// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.

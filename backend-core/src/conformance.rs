@@ -806,7 +806,8 @@ pub async fn attached_line_is_answered(h: &dyn Harness) {
             .await;
             assert!(lines.iter().any(|l| l.text.contains("\"assistant\"") && l.text.contains("echo: ping-1")));
             attach.input.send_line(&user_line("!stderr oops-on-stderr")).await.expect("send");
-            let lines = read_until(&mut attach.output, patience, "the stderr line", |l| l.text == "oops-on-stderr").await;
+            let lines =
+                read_until(&mut attach.output, patience, "the stderr line", |l| l.text == "oops-on-stderr").await;
             assert_eq!(lines.last().map(|l| l.stream), Some(OutputStream::Stderr));
             // Cursors only move forwards.
             let cursors: Vec<_> = first.iter().chain(&lines).map(|l| l.cursor).collect();
@@ -845,9 +846,16 @@ pub async fn reattach_reads_every_line_once(h: &dyn Harness) {
                     use futures_util::StreamExt;
                     let out = backend.session_output(&session, cursor, false).await.map_err(|e| e.to_string())?;
                     let lines: Vec<_> = out.collect().await;
-                    match lines.last() {
-                        Some(Ok(l)) if l.text.contains(&format!("emitted {LINES}")) => Ok(()),
-                        _ => Err(format!("{} lines so far", lines.len())),
+                    // The result line follows the marker.
+                    let done = lines
+                        .iter()
+                        .rev()
+                        .take(3)
+                        .any(|l| l.as_ref().is_ok_and(|l| l.text == format!("emitted {LINES}")));
+                    if done {
+                        Ok(())
+                    } else {
+                        Err(format!("{} lines so far", lines.len()))
                     }
                 }
             })
@@ -884,7 +892,8 @@ pub async fn a_five_megabyte_line_passes(h: &dyn Harness) {
             w.start(&spec).await;
             let patience = w.harness.patience();
             let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
-            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started")).await;
+            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started"))
+                .await;
             let big: String = (0..5 * 1024 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
             attach.input.send_line(&user_line(&big)).await.expect("send 5 MB");
             let lines = read_until(&mut attach.output, patience, "the 5 MB answer", |l| {
@@ -927,12 +936,10 @@ pub async fn attach_to_a_missing_session_is_not_found(h: &dyn Harness) {
             wait_status(w, &spec.session, SessionStatus::Exited).await;
             use futures_util::StreamExt;
             let out = w.backend.session_output(&spec.session, None, true).await.expect("output of an ended session");
-            let lines: Vec<_> =
-                tokio::time::timeout(w.harness.patience(), out.collect::<Vec<_>>()).await.expect("a followed ended session's output ends");
-            assert!(
-                lines.iter().any(|l| l.as_ref().is_ok_and(|l| l.text.contains("echo-agent started"))),
-                "{lines:?}"
-            );
+            let lines: Vec<_> = tokio::time::timeout(w.harness.patience(), out.collect::<Vec<_>>())
+                .await
+                .expect("a followed ended session's output ends");
+            assert!(lines.iter().any(|l| l.as_ref().is_ok_and(|l| l.text.contains("echo-agent started"))), "{lines:?}");
         })
         .await
 }

@@ -25,8 +25,8 @@ mod state;
 pub mod conformance;
 
 pub use attach::{
-    split_timestamp, timestamped_lines, LineWriter, OutputCursor, OutputDecoder, OutputLine, OutputLines, OutputStream, SessionAttach, SessionInput,
-    MAX_LINE_BYTES,
+    split_timestamp, timestamped_lines, LineWriter, OutputCursor, OutputDecoder, OutputLine, OutputLines, OutputStream,
+    SessionAttach, SessionInput, MAX_LINE_BYTES,
 };
 pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport, SHUTDOWN_CONCURRENCY};
 pub use error::{BackendError, BoxError, Result};

@@ -7,15 +7,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backend_core::{
     timestamped_lines, BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
-    OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result, SessionAttach,
-    SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
+    OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result, SessionAttach, SessionExitInfo,
+    SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
 };
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
-    LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions,
+    ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -438,7 +439,8 @@ impl ExecutionBackend for DockerBackend {
             });
         }
         // Stdin through the attach; output from the log, which carries positions.
-        let options = AttachContainerOptions { stdin: true, stream: true, stdout: false, stderr: false, ..Default::default() };
+        let options =
+            AttachContainerOptions { stdin: true, stream: true, stdout: false, stderr: false, ..Default::default() };
         let attached = self
             .docker
             .attach_container(session, Some(options))

@@ -231,8 +231,7 @@ async fn an_engine_that_goes_away_reads_unavailable_never_as_gone_sessions() {
     config.defaults.image = common::IMAGE.into();
     config.defaults.memory_mb = None;
     config.defaults.cpus = None;
-    let manager =
-        agent_manager::AgentManager::new(backend.clone(), store, config);
+    let manager = agent_manager::AgentManager::new(backend.clone(), store, config);
     let agent = manager
         .spawn(agent_manager::NewAgent { name: "watched".into(), ..agent_manager::NewAgent::default() })
         .await

@@ -129,13 +129,14 @@ impl ExecutionBackend for MockBackend {
     async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {
         self.engine.enter(MockCall::Attach(session.to_owned())).await?;
         let (input, log) = self.engine.attach(&self.owner, session)?;
-        Ok(SessionAttach { input: Box::new(input), output: output::lines(&log, from, true) })
+        let output = output::lines(&log, from, true, Some(input.epoch));
+        Ok(SessionAttach { input: Box::new(input), output })
     }
 
     async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {
         self.engine.enter(MockCall::Output(session.to_owned())).await?;
         let log = self.engine.output(&self.owner, session)?;
-        Ok(output::lines(&log, from, follow))
+        Ok(output::lines(&log, from, follow, None))
     }
 
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {

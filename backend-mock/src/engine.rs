@@ -557,6 +557,15 @@ impl MockEngine {
         }
     }
 
+    /// Drops every attach to `session`, as an engine restart or a broken connection
+    /// would: their output ends with an `Unavailable` error and their input fails. The
+    /// container and its agent run on, stdin still open; a new attach works.
+    pub fn drop_attachments(&self, session: &str) {
+        if let Some(c) = self.lock().containers.get(session) {
+            c.output.send_modify(|log| log.attach_epoch += 1);
+        }
+    }
+
     /// Pauses a running session, as `docker pause` would: it reads `Paused`, its health
     /// `Unknown`, and its agent reads and writes nothing until [`MockEngine::unpause`];
     /// input sent meanwhile is handled after, in order. Subscribers get the health change.
@@ -651,7 +660,8 @@ impl MockEngine {
                 message: format!("session {session} was created without an open stdin; it cannot be written to"),
             });
         }
-        let stdin = Stdin { output: c.output.clone(), run: c.generation, agent: c.stdin.clone() };
+        let epoch = c.output.borrow().attach_epoch;
+        let stdin = Stdin { output: c.output.clone(), run: c.generation, epoch, agent: c.stdin.clone() };
         Ok((stdin, c.output.clone()))
     }
 

@@ -21,7 +21,8 @@
 //!
 //! Tests script faults on the engine: [`MockEngine::exit`], [`MockEngine::oom_kill`],
 //! [`MockEngine::kill_from_outside`], [`MockEngine::set_health`], [`MockEngine::vanish`],
-//! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::fail_next`],
+//! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::drop_attachments`],
+//! [`MockEngine::fail_next`],
 //! [`MockEngine::set_latency`], and read back [`MockEngine::calls`] (the last
 //! [`MAX_CALLS`]).
 

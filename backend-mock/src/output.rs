@@ -44,6 +44,9 @@ pub(crate) struct Log {
     pub(crate) run: Option<u64>,
     /// The main process is paused: it reads and writes nothing.
     pub(crate) frozen: bool,
+    /// Bumped when the engine drops every attach ([`crate::MockEngine::drop_attachments`]):
+    /// an attach made before is lost.
+    pub(crate) attach_epoch: u64,
 }
 
 impl fmt::Debug for Log {
@@ -133,16 +136,19 @@ pub(crate) async fn thawed(rx: &mut watch::Receiver<Log>, run: u64) -> bool {
 
 /// The lines of `output` after `from`. Without `follow` the stream ends at what was
 /// written so far; with it, once the main process is no longer running and every line is
-/// read. A follower that falls behind the log's cap skips what was dropped.
-pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool) -> OutputLines {
+/// read. A follower that falls behind the log's cap skips what was dropped. The output
+/// of an attach (`attach` is the epoch it was made in) ends with an `Unavailable` error
+/// when the engine drops attaches.
+pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool, attach: Option<u64>) -> OutputLines {
     struct Reader {
         rx: watch::Receiver<Log>,
         from: Option<OutputCursor>,
         /// The index (counting dropped entries) of the next entry to read.
         next: Option<u64>,
         decoder: OutputDecoder,
-        ready: VecDeque<backend_core::OutputLine>,
+        ready: VecDeque<backend_core::Result<backend_core::OutputLine>>,
         follow: bool,
+        attach: Option<u64>,
         done: bool,
     }
     let reader = Reader {
@@ -152,6 +158,7 @@ pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool) -
         decoder: OutputDecoder::new(from),
         ready: VecDeque::new(),
         follow,
+        attach,
         done: false,
     };
     futures_util::stream::unfold(reader, |mut r| async move {
@@ -164,6 +171,11 @@ pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool) -
             }
             let (batch, caught_up, alive) = {
                 let log = r.rx.borrow_and_update();
+                if r.attach.is_some_and(|epoch| epoch != log.attach_epoch) {
+                    r.done = true;
+                    r.ready.push_back(Err(dropped()));
+                    continue;
+                }
                 let start = match r.next {
                     Some(next) => next.max(log.dropped),
                     // Start at the first entry stamped like the cursor: the decoder
@@ -184,19 +196,23 @@ pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool) -
             let had_batch = !batch.is_empty();
             for entry in batch {
                 let lines = r.decoder.push(entry.stream, entry.at, entry.line.as_bytes(), true);
-                r.ready.extend(lines);
+                r.ready.extend(lines.into_iter().map(Ok));
             }
             if !caught_up || had_batch {
                 continue;
             }
             if !r.follow || !alive || r.rx.changed().await.is_err() {
                 r.done = true;
-                r.ready.extend(r.decoder.finish());
+                let rest = r.decoder.finish();
+                r.ready.extend(rest.into_iter().map(Ok));
             }
         }
     })
-    .map(Ok)
     .boxed()
+}
+
+fn dropped() -> BackendError {
+    BackendError::unavailable(crate::engine::NAME, "scripted: the engine dropped the attach")
 }
 
 /// The stdin of a container run, as an attach writes to it. Lines go to the simulated
@@ -205,6 +221,8 @@ pub(crate) fn lines(output: &Output, from: Option<OutputCursor>, follow: bool) -
 pub(crate) struct Stdin {
     pub(crate) output: Output,
     pub(crate) run: u64,
+    /// The epoch of the attach: once the engine drops attaches, writes fail.
+    pub(crate) epoch: u64,
     pub(crate) agent: Option<mpsc::UnboundedSender<String>>,
 }
 
@@ -223,8 +241,14 @@ impl SessionInput for Stdin {
                 "writing to the session's stdin failed: its main process ended",
             )
         };
-        if self.output.borrow().run != Some(self.run) {
-            return Err(closed());
+        {
+            let log = self.output.borrow();
+            if log.attach_epoch != self.epoch {
+                return Err(dropped());
+            }
+            if log.run != Some(self.run) {
+                return Err(closed());
+            }
         }
         match &self.agent {
             Some(agent) => agent.send(line.to_owned()).map_err(|_| closed()),
@@ -262,12 +286,12 @@ mod tests {
             log.run = Some(1);
             log.append([(OutputStream::Stdout, "a".into()), (OutputStream::Stderr, "b".into())]);
         });
-        let all: Vec<_> = lines(&output, None, false).collect().await;
+        let all: Vec<_> = lines(&output, None, false, None).collect().await;
         let all: Vec<_> = all.into_iter().map(|l| l.expect("line")).collect();
         assert_eq!(all.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(all[1].stream, OutputStream::Stderr);
 
-        let mut follower = lines(&output, Some(all[0].cursor), true);
+        let mut follower = lines(&output, Some(all[0].cursor), true, None);
         assert_eq!(follower.next().await.expect("line").expect("ok").text, "b");
         let mut pending = vec![(OutputStream::Stdout, "c".to_owned())];
         output.send_modify(|log| log.frozen = true);

@@ -202,6 +202,25 @@ async fn a_stop_ends_followers_and_exit_ends_the_run_with_its_code() {
 }
 
 #[tokio::test]
+async fn dropped_attachments_fail_and_a_new_attach_goes_on() {
+    let b = backend();
+    let spec = stdio_spec("dropped");
+    start(&b, &spec).await;
+    let mut attach = b.attach_session(&spec.session, None).await.expect("attach");
+    let mut follower = b.session_output(&spec.session, None, true).await.expect("output");
+    let seen = until(&mut attach.output, "echo-agent started").await;
+    b.engine().drop_attachments(&spec.session);
+    let lost = tokio::time::timeout(Duration::from_secs(5), attach.output.next()).await.expect("in time");
+    assert!(matches!(lost, Some(Err(BackendError::Unavailable { .. }))), "{lost:?}");
+    assert!(attach.output.next().await.is_none(), "a lost attach ends");
+    assert!(attach.input.send_line(&user("lost")).await.expect_err("dropped").is_retryable());
+    let mut again = b.attach_session(&spec.session, seen.last().map(|l| l.cursor)).await.expect("attach again");
+    again.input.send_line(&user("back")).await.expect("send");
+    until(&mut again.output, "echo: back").await;
+    until(&mut follower, "echo: back").await;
+}
+
+#[tokio::test]
 async fn a_stdio_agent_without_an_open_stdin_reads_eof_and_exits_0() {
     let b = backend();
     let mut spec = stdio_spec("eof");

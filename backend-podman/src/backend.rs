@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
-    OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo, SessionHealth,
-    SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
+    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter, OutputCursor,
+    OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState,
+    SessionStatus, EVENT_BUFFER,
 };
 use futures_util::StreamExt;
 use podman_api::models::{InspectContainerData, Network};
 use podman_api::opts::{
-    ContainerAttachOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts,
-    NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
+    ContainerAttachOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts,
+    ExecCreateOpts, ExecStartOpts, NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
 };
 use podman_api::Podman;
 use time::OffsetDateTime;

@@ -56,9 +56,10 @@ fn human_text(kind: &str, data: &Value) -> String {
             }
             parts.join("")
         }
-        "result" => data["result"].as_str().map(str::to_owned).unwrap_or_else(|| {
-            format!("{} ({})", data["subtype"].as_str().unwrap_or("result"), error_text(data))
-        }),
+        "result" => data["result"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{} ({})", data["subtype"].as_str().unwrap_or("result"), error_text(data))),
         "user" => user_text(&data["message"]["content"]),
         "system" => data["subtype"].as_str().unwrap_or("system").to_owned(),
         "control_request" => {
@@ -86,9 +87,11 @@ fn human_text(kind: &str, data: &Value) -> String {
 
 fn error_text(data: &Value) -> String {
     match &data["errors"] {
-        Value::Array(errors) if !errors.is_empty() => {
-            errors.iter().map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string())).collect::<Vec<_>>().join("; ")
-        }
+        Value::Array(errors) if !errors.is_empty() => errors
+            .iter()
+            .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+            .collect::<Vec<_>>()
+            .join("; "),
         _ => if data["is_error"].as_bool() == Some(true) { "error" } else { "ok" }.to_owned(),
     }
 }
@@ -124,13 +127,15 @@ fn cut_to(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// A user message in stream-json.
+/// A user message in stream-json. Its `uuid` makes Claude Code acknowledge it with
+/// `command_lifecycle` lines (`queued`, `started`, `completed` or `cancelled`).
 pub(crate) fn user_message(text: &str) -> Value {
     json!({
         "type": "user",
         "message": {"role": "user", "content": text},
         "parent_tool_use_id": null,
         "session_id": "",
+        "uuid": uuid::Uuid::new_v4().to_string(),
     })
 }
 
@@ -204,7 +209,8 @@ mod tests {
 
     #[test]
     fn lines_are_classified_with_a_short_text() {
-        let assistant = r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Hel"},{"type":"text","text":"lo"}]}}"#;
+        let assistant =
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Hel"},{"type":"text","text":"lo"}]}}"#;
         let p = parse_line(assistant, false);
         assert_eq!((p.kind.as_str(), p.text.as_str()), ("assistant", "Hello"));
         let result = r#"{"type":"result","subtype":"success","is_error":false,"result":"done","total_cost_usd":0.5}"#;
@@ -223,7 +229,10 @@ mod tests {
         let mut record = SessionRecord::new("a");
         assert!(apply_to_agent(&mut record, "user", &user_message("hi")));
         assert_eq!(record.turn, Turn::Busy);
-        let ask = parse_line(r#"{"type":"control_request","request_id":"r","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{}}}"#, false);
+        let ask = parse_line(
+            r#"{"type":"control_request","request_id":"r","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{}}}"#,
+            false,
+        );
         apply_from_agent(&mut record, &ask, OffsetDateTime::UNIX_EPOCH);
         assert_eq!(record.turn, Turn::AwaitingApproval);
         for cost in [0.25, 0.75] {

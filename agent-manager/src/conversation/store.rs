@@ -16,10 +16,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 impl Store {
     /// The agent's session record, if one was stored.
     pub(crate) async fn load_session(&self, agent_id: &str) -> Result<Option<SessionRecord>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE agent_id = ?")
-            .bind(agent_id)
-            .fetch_optional(self.pool())
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM sessions WHERE agent_id = ?").bind(agent_id).fetch_optional(self.pool()).await?;
         row.as_ref().map(session_from_row).transpose()
     }
 
@@ -89,7 +87,12 @@ impl Store {
     }
 
     /// The agent's entries after `after`, oldest first, at most `limit`.
-    pub(crate) async fn list_conversation(&self, agent_id: &str, after: i64, limit: i64) -> Result<Vec<ConversationEntry>> {
+    pub(crate) async fn list_conversation(
+        &self,
+        agent_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ConversationEntry>> {
         let rows = sqlx::query("SELECT * FROM conversation WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?")
             .bind(agent_id)
             .bind(after)
@@ -112,7 +115,8 @@ impl Store {
 fn upsert_session(
     r: &SessionRecord,
 ) -> Result<sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'static>>> {
-    let last_result = r.last_result.as_ref().map(serde_json::to_string).transpose().map_err(|e| corrupt("last_result", e))?;
+    let last_result =
+        r.last_result.as_ref().map(serde_json::to_string).transpose().map_err(|e| corrupt("last_result", e))?;
     Ok(sqlx::query(
         "INSERT INTO sessions (agent_id, session_id, turn, cost_before_usd, run_cost_usd, input_tokens, output_tokens, \
          results, last_result, container_id, output_cursor, handshake_container) \

@@ -162,7 +162,10 @@ async fn drive<B: ExecutionBackend + ?Sized>(
     let mut output = output.ready_chunks(BATCH);
     if record.handshake_container.as_deref() != Some(target.container.as_str()) {
         record.handshake_container = Some(target.container.clone());
-        let data = protocol::initialize_request(&format!("agentd-init-{}", &target.container[..target.container.len().min(12)]));
+        let data = protocol::initialize_request(&format!(
+            "agentd-init-{}",
+            &target.container[..target.container.len().min(12)]
+        ));
         let entry = NewEntry {
             direction: Direction::ToAgent,
             kind: "control_request".into(),

@@ -1,8 +1,7 @@
 //! A small, deterministic stand-in for the Anthropic Messages API, for tests that run the
 //! real Claude Code CLI (or anything else that speaks the Messages API) against it.
 //!
-//! What Claude Code 2.1.328 was measured to need from it (see the report in
-//! `shared/docs/claude-code.md`):
+//! What Claude Code 2.1.328 was measured to need from it:
 //! - `HEAD /api/hello` once at start-up (not sent when `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`);
 //! - `POST /v1/messages?beta=true` with `"stream": true` for every model call, and after a
 //!   stalled stream (no bytes for 300 s) one retry with `"stream": false`;
@@ -216,7 +215,8 @@ impl StandIn {
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", 0)).await.expect("stand-in model: bind 0.0.0.0:0");
         let port = listener.local_addr().expect("stand-in model: local address").port();
         let (shutdown_tx, shutdown_rx) = watch::channel(());
-        let inner = Arc::new(Inner { shared: Mutex::new(Shared::default()), arrived: Notify::new(), shutdown: shutdown_rx });
+        let inner =
+            Arc::new(Inner { shared: Mutex::new(Shared::default()), arrived: Notify::new(), shutdown: shutdown_rx });
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -284,7 +284,10 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let body = if bytes.is_empty() {
         None
     } else {
-        Some(serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+        Some(
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        )
     };
     let recorded = Recorded {
         method: parts.method.to_string(),
@@ -297,7 +300,8 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let path = recorded.path.clone();
     let is_message = recorded.is_message();
     let stream = recorded.body.as_ref().and_then(|b| b.get("stream")).and_then(Value::as_bool).unwrap_or(false);
-    let model = recorded.body.as_ref().and_then(|b| b.get("model")).and_then(Value::as_str).unwrap_or(DEFAULT_MODEL).to_owned();
+    let model =
+        recorded.body.as_ref().and_then(|b| b.get("model")).and_then(Value::as_str).unwrap_or(DEFAULT_MODEL).to_owned();
 
     let (reply, n) = {
         let mut shared = inner.lock();
@@ -321,7 +325,9 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
                 whole(reply, n, &model, shutdown).await
             }
         }
-        (&Method::POST, "/v1/messages/count_tokens") => json_response(StatusCode::OK, &json!({ "input_tokens": INPUT_TOKENS })),
+        (&Method::POST, "/v1/messages/count_tokens") => {
+            json_response(StatusCode::OK, &json!({ "input_tokens": INPUT_TOKENS }))
+        }
         _ => error_response(404, "not_found_error", &format!("stand-in model: no route for {method} {path}")),
     }
 }
@@ -329,7 +335,9 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
 fn headers_of(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
-        .map(|(name, value)| (name.as_str().to_ascii_lowercase(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .map(|(name, value)| {
+            (name.as_str().to_ascii_lowercase(), String::from_utf8_lossy(value.as_bytes()).into_owned())
+        })
         .collect()
 }
 
@@ -348,7 +356,8 @@ fn json_response(status: StatusCode, value: &Value) -> Response {
 
 fn error_response(status: u16, error_type: &str, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = json_response(status, &json!({ "type": "error", "error": { "type": error_type, "message": message } }));
+    let mut response =
+        json_response(status, &json!({ "type": "error", "error": { "type": error_type, "message": message } }));
     response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
     response
 }
@@ -436,8 +445,10 @@ fn streamed(reply: Reply, n: usize, model: &str, shutdown: watch::Receiver<()>) 
             "usage": { "input_tokens": INPUT_TOKENS, "output_tokens": START_OUTPUT_TOKENS },
         },
     });
-    let text_start = json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } });
-    let text_delta = |t: &str| json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": t } });
+    let text_start =
+        json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } });
+    let text_delta =
+        |t: &str| json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": t } });
     let block_stop = json!({ "type": "content_block_stop", "index": 0 });
     let finish = |stop_reason: &str| {
         [

@@ -108,6 +108,10 @@ fn run(stdio: Option<String>) {
         std::thread::spawn(move || listen(port));
     }
 
+    if let Ok(target) = std::env::var("ECHO_CONNECT_TO") {
+        std::thread::spawn(move || connect_loop(&target));
+    }
+
     if let Some(session_id) = stdio {
         std::thread::spawn(move || stdio_loop(Session::new(session_id)));
     }
@@ -142,6 +146,25 @@ fn listen(port: u64) {
             }
         }
         Err(e) => say(&format!("cannot listen on port {port}: {e}")),
+    }
+}
+
+/// Tries to open a TCP connection to `target` (`HOST:PORT`) every 500 ms, logging each
+/// outcome (network tests use it as a client); attempts time out after 5 s, so a network
+/// that drops packets silently is reported too.
+fn connect_loop(target: &str) {
+    loop {
+        let outcome = std::net::ToSocketAddrs::to_socket_addrs(target)
+            .map_err(|e| e.to_string())
+            .and_then(|mut addrs| addrs.next().ok_or_else(|| "the name resolves to no address".to_owned()))
+            .and_then(|addr| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
+            });
+        match outcome {
+            Ok(_) => say(&format!("connected to {target}")),
+            Err(e) => say(&format!("cannot connect to {target}: {e}")),
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
