@@ -240,7 +240,7 @@ async fn list(
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("status: {e}")))?;
     let views = app.manager.list(status).await?;
-    Ok(Json(views.into_iter().map(|v| agent_json(v)).collect()))
+    Ok(Json(views.into_iter().map(agent_json).collect()))
 }
 
 async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {

@@ -622,8 +622,7 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     assert_eq!(agent["session_id"], session_id.as_str());
     assert_eq!(agent["restarts"], 0);
     assert_eq!(engine.inspect(agent["session"].as_str().expect("session"), "{{.Id}}"), container, "the same container");
-    let second_request =
-        model.requests().into_iter().filter(|r| r.path.starts_with("/v1/messages")).last().expect("request");
+    let second_request = model.requests().into_iter().rfind(|r| r.path.starts_with("/v1/messages")).expect("request");
     assert!(
         second_request.message_texts().iter().any(|t| t.contains("hello")),
         "the same session's history reached the model: {:?}",
