@@ -644,6 +644,27 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     let assistants: Vec<&str> = from_agent(&entries, "assistant").iter().filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(assistants, ["Hello from the stand-in.", "Second answer, same session."]);
 
+    // A frozen agent: seen as paused, its message queued, not reported delivered, and
+    // delivered once it thaws.
+    engine.run(&["pause", &container]);
+    setup.wait_agent(&daemon, "coder", "paused", |a| a["paused"] == true);
+    model.push(support::model::Reply::text("Thawed and answering."));
+    let queued =
+        http("POST", &format!("{}/v1/agents/coder/messages", setup.base()), Some(json!({ "text": "wake up" })))
+            .expect("post to a paused agent");
+    let seq = queued["seq"].as_i64().expect("seq");
+    std::thread::sleep(Duration::from_millis(1500));
+    let entry = conversation(&setup, "coder").into_iter().find(|e| e["seq"] == seq).expect("the queued entry");
+    assert_eq!(entry["delivery"], "queued", "a message to a frozen agent must not read delivered: {entry}");
+    engine.run(&["unpause", &container]);
+    let deadline = Instant::now() + PATIENCE;
+    while !from_agent(&conversation(&setup, "coder"), "assistant").iter().any(|e| e["text"] == "Thawed and answering.")
+    {
+        assert!(Instant::now() < deadline, "no answer after the thaw; log:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(setup.agent("coder")["paused"], false);
+
     // Latency side by side, in one run: through agentd's API, and claude in `run -i`.
     for _ in 0..6 {
         model.push(support::model::Reply::text("pong"));

@@ -25,6 +25,10 @@ pub enum BackendEvent {
     OomKilled { session: String },
     /// The session's health changed.
     HealthChanged { session: String, health: SessionHealth },
+    /// The session's main process was frozen (`docker pause`).
+    Paused { session: String },
+    /// The session's main process was thawed.
+    Unpaused { session: String },
     /// The session was removed.
     Removed { session: String },
     /// Events may have been lost (the stream reconnected, or the consumer was too slow):
@@ -40,6 +44,8 @@ impl BackendEvent {
             | Self::Died { session, .. }
             | Self::OomKilled { session }
             | Self::HealthChanged { session, .. }
+            | Self::Paused { session }
+            | Self::Unpaused { session }
             | Self::Removed { session } => Some(session),
             Self::Resync { .. } => None,
         }

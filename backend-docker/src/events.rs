@@ -36,6 +36,8 @@ pub(crate) fn map_event(event: &EventMessage) -> Option<BackendEvent> {
         }
         "oom" => BackendEvent::OomKilled { session },
         "destroy" => BackendEvent::Removed { session },
+        "pause" => BackendEvent::Paused { session },
+        "unpause" => BackendEvent::Unpaused { session },
         other => {
             let health = match other.strip_prefix("health_status")?.trim_start_matches(':').trim() {
                 "healthy" => SessionHealth::Healthy,

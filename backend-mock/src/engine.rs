@@ -594,6 +594,12 @@ impl MockEngine {
         c.output.send_modify(|log| log.frozen = paused);
         let after = c.health();
         let labels = c.labels.clone();
+        let frozen = if paused {
+            BackendEvent::Paused { session: session.to_owned() }
+        } else {
+            BackendEvent::Unpaused { session: session.to_owned() }
+        };
+        state.emit(&labels, frozen);
         if before != after {
             state.emit(&labels, BackendEvent::HealthChanged { session: session.to_owned(), health: after });
         }
