@@ -13,8 +13,10 @@ CREATE TABLE conversation (
     kind      TEXT NOT NULL,
     text      TEXT NOT NULL,
     data      TEXT NOT NULL,
-    -- For lines to the agent: 'queued' until written to its stdin, then 'delivered'.
-    delivery  TEXT CHECK (delivery IN ('queued', 'delivered')),
+    -- For lines to the agent: 'queued' until written to its stdin, then 'delivered';
+    -- 'expired' for a control response queued for a run that ended before it was
+    -- written (it answered a request of that run only).
+    delivery  TEXT CHECK (delivery IN ('queued', 'delivered', 'expired')),
     PRIMARY KEY (agent_id, seq)
 );
 CREATE INDEX conversation_queued ON conversation (agent_id, seq) WHERE delivery = 'queued';
@@ -36,3 +38,21 @@ CREATE TABLE sessions (
     output_cursor       TEXT,
     handshake_container TEXT
 );
+
+-- Tool-permission requests of claude-code agents and their decisions. `decision` is
+-- NULL while the request is pending.
+CREATE TABLE approvals (
+    id           TEXT PRIMARY KEY NOT NULL,
+    agent_id     TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    container_id TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    tool         TEXT NOT NULL,
+    input        TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    decision     TEXT CHECK (decision IN ('allow', 'deny')),
+    message      TEXT,
+    decided_by   TEXT,
+    decided_at   INTEGER,
+    UNIQUE (agent_id, container_id, request_id)
+);
+CREATE INDEX approvals_pending ON approvals (agent_id) WHERE decision IS NULL;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use backend_core::NetworkPolicy;
 
-use crate::model::{AgentKind, AgentSpec, NewAgent, RestartPolicy, UnhealthyAction};
+use crate::model::{AgentKind, AgentSpec, ApprovalPolicy, NewAgent, RestartPolicy, UnhealthyAction, PERMISSION_MODES};
 use crate::{Backoff, ManagerError};
 
 /// Defaults for fields a [`NewAgent`] leaves unset.
@@ -20,6 +20,10 @@ pub struct AgentDefaults {
     pub on_unhealthy: UnhealthyAction,
     pub stop_grace_secs: u64,
     pub read_only_rootfs: bool,
+    pub approvals: ApprovalPolicy,
+    pub permission_mode: Option<String>,
+    pub max_turns: Option<u32>,
+    pub max_budget_usd: Option<f64>,
 }
 
 impl Default for AgentDefaults {
@@ -35,6 +39,10 @@ impl Default for AgentDefaults {
             on_unhealthy: UnhealthyAction::Record,
             stop_grace_secs: 10,
             read_only_rootfs: false,
+            approvals: ApprovalPolicy::Ask,
+            permission_mode: None,
+            max_turns: None,
+            max_budget_usd: None,
         }
     }
 }
@@ -66,7 +74,12 @@ impl AgentDefaults {
             prompt: new.prompt,
             user: new.user,
             read_only_rootfs: new.read_only_rootfs.unwrap_or(self.read_only_rootfs),
+            approvals: new.approvals.unwrap_or(self.approvals),
+            permission_mode: new.permission_mode.or_else(|| self.permission_mode.clone()),
+            max_turns: new.max_turns.or(self.max_turns),
+            max_budget_usd: new.max_budget_usd.or(self.max_budget_usd),
         };
+        check_claude_options(&spec)?;
         if spec.image.trim().is_empty() || spec.image.contains(char::is_whitespace) {
             return invalid("image", format!("{:?} is not an image reference", spec.image));
         }
@@ -137,6 +150,38 @@ impl AgentDefaults {
     }
 }
 
+/// Checks the options only Claude Code takes.
+pub(crate) fn check_claude_options(spec: &AgentSpec) -> Result<(), ManagerError> {
+    let invalid = |field: &'static str, message: String| Err(ManagerError::Invalid { field, message });
+    if let Some(mode) = &spec.permission_mode {
+        if !PERMISSION_MODES.contains(&mode.as_str()) {
+            return invalid(
+                "permission_mode",
+                format!("{mode:?} is not a Claude Code permission mode; use one of: {}", PERMISSION_MODES.join(", ")),
+            );
+        }
+    }
+    if spec.max_turns == Some(0) {
+        return invalid("max_turns", "must be at least 1; leave it out for no limit".into());
+    }
+    if let Some(budget) = spec.max_budget_usd {
+        if !(budget.is_finite() && budget > 0.0) {
+            return invalid("max_budget_usd", format!("{budget} must be a positive number of US dollars"));
+        }
+    }
+    let claude_only = spec.permission_mode.is_some() || spec.max_turns.is_some() || spec.max_budget_usd.is_some();
+    if claude_only && spec.kind != AgentKind::ClaudeCode {
+        return invalid(
+            "kind",
+            format!(
+                "permission_mode, max_turns and max_budget_usd are Claude Code options; kind {} takes none",
+                spec.kind
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// When and how reconcile acts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReconcileConfig {
@@ -148,6 +193,13 @@ pub struct ReconcileConfig {
     pub orphan_dry_run: bool,
     /// How long an agent whose `on_unhealthy` is `restart` may stay unhealthy.
     pub unhealthy_grace: Duration,
+    /// How long a pending tool-permission request waits for a decision before it is
+    /// denied.
+    pub approval_timeout: Duration,
+    /// How long a busy turn may go without output before it is interrupted.
+    pub turn_idle_timeout: Duration,
+    /// How long an interrupted turn may take to end before the agent is restarted.
+    pub interrupt_grace: Duration,
 }
 
 impl Default for ReconcileConfig {
@@ -157,6 +209,9 @@ impl Default for ReconcileConfig {
             orphan_grace: Duration::from_secs(300),
             orphan_dry_run: false,
             unhealthy_grace: Duration::from_secs(30),
+            approval_timeout: Duration::from_secs(900),
+            turn_idle_timeout: Duration::from_secs(600),
+            interrupt_grace: Duration::from_secs(30),
         }
     }
 }

@@ -15,6 +15,10 @@ pub enum ManagerError {
     #[error("no agent with id or name {0:?}")]
     AgentNotFound(String),
 
+    /// No approval has this id.
+    #[error("no approval with id {0:?}; list them with `agentd approvals`")]
+    ApprovalNotFound(String),
+
     /// The name is taken.
     #[error("an agent named {0:?} already exists; pick another name or remove it first")]
     NameTaken(String),
@@ -62,6 +66,7 @@ impl From<StoreError> for ManagerError {
         match e {
             StoreError::NameTaken(name) => Self::NameTaken(name),
             StoreError::AgentGone(id) => Self::AgentNotFound(id),
+            StoreError::Conflict(message) => Self::Conflict(message),
             other => Self::Store(other),
         }
     }

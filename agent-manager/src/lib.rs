@@ -27,13 +27,14 @@ mod supervise;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, MAX_STOP_GRACE_SECS};
+pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use model::{
-    Agent, AgentKind, AgentSpec, AgentStatus, AgentView, Desired, EndedBy, EventKind, ExitView, LifecycleEvent,
-    NewAgent, RestartPolicy, Run, UnhealthyAction,
+    Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,
+    LifecycleEvent, NewAgent, RestartPolicy, Run, UnhealthyAction, PERMISSION_MODES,
 };
 pub use reconcile::ReconcileReport;
 pub use store::{Store, StoreError};

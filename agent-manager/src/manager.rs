@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use tokio::sync::{broadcast, OwnedMutexGuard};
 use tracing::{info, warn};
 
-use crate::conversation::task::{self, Target, TaskContext};
+use crate::conversation::approvals::{Approval, DecidedBy, Decision};
+use crate::conversation::task::{self, RestartRequest, Target, TaskContext};
 use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
@@ -116,6 +117,9 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     /// writing, so it waits for operations in flight and no new one starts after it.
     pub(crate) ops: tokio::sync::RwLock<()>,
     lifecycle: Lifecycle,
+    /// Restarts conversation tasks ask for; the supervisor takes the receiver.
+    restart_tx: tokio::sync::mpsc::UnboundedSender<RestartRequest>,
+    pub(crate) restart_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RestartRequest>>>,
     pub(crate) shutting_down: AtomicBool,
 }
 
@@ -137,6 +141,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub fn new(backend: Arc<B>, store: Store, config: ManagerConfig) -> Self {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let lifecycle = Lifecycle { store: store.clone(), events: broadcast::channel(1024).0, clock: clock.clone() };
+        let (restart_tx, restart_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             backend,
             conversations: Arc::new(Hub::new(store.clone())),
@@ -153,6 +158,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             liveness_streaks: Mutex::new(HashMap::new()),
             ops: tokio::sync::RwLock::new(()),
             lifecycle,
+            restart_tx,
+            restart_rx: Mutex::new(Some(restart_rx)),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -326,6 +333,15 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 if let Some(model) = &s.model {
                     command.extend(["--model".to_owned(), model.clone()]);
                 }
+                if let Some(mode) = &s.permission_mode {
+                    command.extend(["--permission-mode".to_owned(), mode.clone()]);
+                }
+                if let Some(turns) = s.max_turns {
+                    command.extend(["--max-turns".to_owned(), turns.to_string()]);
+                }
+                if let Some(budget) = s.max_budget_usd {
+                    command.extend(["--max-budget-usd".to_owned(), budget.to_string()]);
+                }
                 Some(command)
             }
         };
@@ -393,12 +409,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             backend: self.backend.clone(),
             hub: self.conversations.clone(),
             lifecycle: self.lifecycle.clone(),
+            restarts: self.restart_tx.clone(),
         };
+        let rules = &self.config.reconcile;
         let target = Target {
             agent_id: agent.id.clone(),
             agent_name: agent.name.clone(),
             session: agent.session.clone(),
             container: container.clone(),
+            approvals: agent.spec.approvals,
+            approval_timeout: rules.approval_timeout,
+            turn_idle_timeout: rules.turn_idle_timeout,
+            interrupt_grace: rules.interrupt_grace,
         };
         let wake = Arc::new(tokio::sync::Notify::new());
         let (previous_tx, previous_rx) = tokio::sync::oneshot::channel();
@@ -439,6 +461,91 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             return Err(ManagerError::Invalid { field: "text", message: "must not be empty".into() });
         }
         self.queue_user_message(&agent, text).await
+    }
+
+    /// Interrupts the agent's current turn (as Ctrl-C would): queues Claude Code's
+    /// `interrupt` control request.
+    pub async fn interrupt(&self, id_or_name: &str) -> Result<ConversationEntry> {
+        let agent = self.find(id_or_name).await?;
+        if !agent.speaks_stream_json() {
+            return Err(ManagerError::Conflict(format!(
+                "agent {} is of kind {} and has no turns",
+                agent.name, agent.kind
+            )));
+        }
+        if agent.status != AgentStatus::Running {
+            return Err(ManagerError::NotRunning { agent: agent.name.clone(), status: agent.status });
+        }
+        let entry = NewEntry {
+            direction: Direction::ToAgent,
+            kind: "control_request".into(),
+            text: "interrupt".into(),
+            data: crate::conversation::protocol::interrupt_request(&format!(
+                "agentd-interrupt-{}",
+                uuid::Uuid::new_v4().simple()
+            )),
+            delivery: Some(Delivery::Queued),
+            at: self.now(),
+        };
+        let mut stored = self.conversations.append(&agent.id, vec![entry], None).await?;
+        self.conversations.wake(&agent.id);
+        stored.pop().ok_or_else(|| ManagerError::Conflict("the interrupt was not stored".into()))
+    }
+
+    /// Tool-permission requests, newest first: of one agent (id or name) or all,
+    /// optionally only the pending ones.
+    pub async fn approvals(&self, agent: Option<&str>, pending: bool) -> Result<Vec<Approval>> {
+        let agent_id = match agent {
+            Some(a) => Some(self.find(a).await?.id),
+            None => None,
+        };
+        let mut approvals = self.store.list_approvals(agent_id.as_deref(), pending).await?;
+        for approval in &mut approvals {
+            approval.agent = self.store.cached_agent(&approval.agent_id).map(|a| a.name);
+        }
+        Ok(approvals)
+    }
+
+    /// Decides a pending tool-permission request; its answer reaches the run that asked.
+    /// One that is decided already is a [`ManagerError::Conflict`].
+    pub async fn decide(&self, id: &str, decision: Decision, message: Option<String>) -> Result<Approval> {
+        let approval = self.store.approval(id).await?.ok_or_else(|| ManagerError::ApprovalNotFound(id.to_owned()))?;
+        if approval.decision.is_some() {
+            return Err(ManagerError::Conflict(format!(
+                "approval {id} is decided already ({})",
+                approval.decision.map(Decision::as_str).unwrap_or_default()
+            )));
+        }
+        let agent = self.find(&approval.agent_id).await?;
+        task::decide_in(
+            &self.conversations,
+            &self.lifecycle,
+            &agent.name,
+            &agent.session,
+            &approval,
+            decision,
+            message,
+            DecidedBy::User,
+        )
+        .await?;
+        let mut decided =
+            self.store.approval(id).await?.ok_or_else(|| ManagerError::ApprovalNotFound(id.to_owned()))?;
+        decided.agent = Some(agent.name);
+        Ok(decided)
+    }
+
+    /// Restarts the run a conversation task found stuck, if it is still that run.
+    pub(crate) async fn restart_stuck(&self, request: RestartRequest) -> Result<()> {
+        let _op = self.ops.read().await;
+        self.check_accepting()?;
+        let _guard = self.lock_agent(&request.agent_id).await;
+        let Some(mut agent) = self.store.cached_agent(&request.agent_id) else {
+            return Ok(());
+        };
+        if agent.status != AgentStatus::Running || agent.container_id.as_deref() != Some(request.container.as_str()) {
+            return Ok(());
+        }
+        self.restart_locked(&mut agent, &request.why, AgentStatus::Failed).await
     }
 
     /// The agent's conversation entries after `after`, oldest first, at most `limit`.
@@ -771,6 +878,9 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
         EventKind::Disconnected => "Agent detached.",
         EventKind::Paused => "Agent paused.",
         EventKind::Unpaused => "Agent unpaused.",
+        EventKind::ApprovalRequested => "Agent asks for a tool permission.",
+        EventKind::ApprovalDecided => "Tool permission decided.",
+        EventKind::TurnInterrupted => "Stuck turn interrupted.",
         EventKind::Removed => "Agent removed.",
         EventKind::OrphanRemoved => "Orphaned session removed.",
         EventKind::OrphanFound => "Orphaned session found.",

@@ -113,6 +113,22 @@ text_enum! {
 }
 
 text_enum! {
+    /// How a claude-code agent's tool-permission requests are answered.
+    ApprovalPolicy {
+        /// Kept pending for a person (the default).
+        Ask = "ask",
+        /// Allowed at once.
+        Allow = "allow",
+        /// Denied at once.
+        Deny = "deny",
+    }
+}
+
+/// Claude Code's `--permission-mode` choices (2.1.328).
+pub const PERMISSION_MODES: &[&str] =
+    &["default", "acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"];
+
+text_enum! {
     /// Whether the agent should be running: set by spawn/restart, cleared by stop.
     Desired {
         Running = "running",
@@ -157,6 +173,9 @@ text_enum! {
         Disconnected = "disconnected",
         Paused = "paused",
         Unpaused = "unpaused",
+        ApprovalRequested = "approval_requested",
+        ApprovalDecided = "approval_decided",
+        TurnInterrupted = "turn_interrupted",
         Removed = "removed",
         OrphanRemoved = "orphan_removed",
         OrphanFound = "orphan_found",
@@ -186,6 +205,14 @@ pub struct NewAgent {
     pub prompt: Option<String>,
     pub user: Option<String>,
     pub read_only_rootfs: Option<bool>,
+    /// How tool-permission requests are answered (claude-code).
+    pub approvals: Option<ApprovalPolicy>,
+    /// Claude Code's `--permission-mode` (claude-code).
+    pub permission_mode: Option<String>,
+    /// Claude Code's `--max-turns` (claude-code).
+    pub max_turns: Option<u32>,
+    /// Claude Code's `--max-budget-usd` (claude-code).
+    pub max_budget_usd: Option<f64>,
 }
 
 /// The full, resolved description of an agent, stored with it.
@@ -207,6 +234,18 @@ pub struct AgentSpec {
     pub prompt: Option<String>,
     pub user: Option<String>,
     pub read_only_rootfs: bool,
+    #[serde(default = "default_approvals")]
+    pub approvals: ApprovalPolicy,
+    #[serde(default)]
+    pub permission_mode: Option<String>,
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    #[serde(default)]
+    pub max_budget_usd: Option<f64>,
+}
+
+fn default_approvals() -> ApprovalPolicy {
+    ApprovalPolicy::Ask
 }
 
 impl fmt::Debug for AgentSpec {
@@ -228,6 +267,10 @@ impl fmt::Debug for AgentSpec {
             .field("prompt", &self.prompt.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("user", &self.user)
             .field("read_only_rootfs", &self.read_only_rootfs)
+            .field("approvals", &self.approvals)
+            .field("permission_mode", &self.permission_mode)
+            .field("max_turns", &self.max_turns)
+            .field("max_budget_usd", &self.max_budget_usd)
             .finish()
     }
 }

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// The agent was deleted meanwhile.
     #[error("agent {0} no longer exists")]
     AgentGone(String),
+    /// A write that needs a state the row is no longer in.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -38,6 +38,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let mut next_allowed = Instant::now();
         let mut first_pass = true;
         let mut next_relist = Instant::now();
+        let mut restarts = crate::manager::lock(&self.restart_rx).take();
         loop {
             if *stop.borrow() {
                 break;
@@ -92,6 +93,19 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                         next_relist = Instant::now() + if ok { interval } else { gap };
                     }
                 }
+                request = recv_restart(&mut restarts) => match request {
+                    // Slow (a stop with its grace): its own task, so events keep flowing.
+                    Some(request) => {
+                        let manager = self.clone();
+                        tokio::spawn(async move {
+                            let agent_id = request.agent_id.clone();
+                            if let Err(e) = manager.restart_stuck(request).await {
+                                warn!(agent_id = %agent_id, error = %e, "Restart of a stuck agent failed.");
+                            }
+                        });
+                    }
+                    None => restarts = None,
+                },
                 event = recv(&mut events) => match event {
                     Some(first) => self.handle_events(first, events.as_mut()).await,
                     None => {
@@ -101,6 +115,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     }
                 },
             }
+        }
+        if let Some(rx) = restarts {
+            *crate::manager::lock(&self.restart_rx) = Some(rx);
         }
         debug!("Supervision loop stopped.");
     }
@@ -139,6 +156,15 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 warn!(session, error = %e, "Could not reconcile after an event; the next relist will.");
             }
         }
+    }
+}
+
+async fn recv_restart(
+    restarts: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::conversation::task::RestartRequest>>,
+) -> Option<crate::conversation::task::RestartRequest> {
+    match restarts {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -209,3 +209,103 @@ async fn garbage_huge_lines_and_a_lost_attach_never_stop_the_conversation() {
     assert_eq!(agent.agent.restarts, 0, "losing agentd's side of the stream never restarts an agent");
     assert!(agent.connected);
 }
+
+async fn wait_for_pending(fx: &Fixture, agent: &str) -> agent_manager::Approval {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending = fx.manager.approvals(Some(agent), true).await.expect("approvals");
+        if let Some(first) = pending.into_iter().next() {
+            return first;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no pending approval for {agent}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_request_waits_for_a_person_and_the_answer_reaches_the_run() {
+    use agent_manager::{Decision, EventKind};
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("coder", Some("!tool Bash touch x"))).await;
+    let approval = wait_for_pending(&fx, "coder").await;
+    assert_eq!((approval.tool.as_str(), approval.agent.as_deref()), ("Bash", Some("coder")));
+    assert_eq!(approval.input["command"], "touch x");
+    assert_eq!(approval.decision, None);
+    assert_eq!(fx.get("coder").await.session.expect("session").turn, Turn::AwaitingApproval);
+    let decided = fx.manager.decide(&approval.id, Decision::Allow, None).await.expect("allow");
+    assert_eq!(decided.decision, Some(Decision::Allow));
+    wait_for_entry(&fx, "coder", "the allowed tool's answer", |e| e.text == "tool Bash allowed: touch x").await;
+    match fx.manager.decide(&approval.id, Decision::Deny, None).await {
+        Err(ManagerError::Conflict(m)) => assert!(m.contains("decided already"), "{m}"),
+        other => panic!("deciding twice must conflict, got {other:?}"),
+    }
+    fx.manager.send_message("coder", "!tool Bash rm -rf /").await.expect("send");
+    let second = wait_for_pending(&fx, "coder").await;
+    fx.manager.decide(&second.id, Decision::Deny, Some("no thanks".into())).await.expect("deny");
+    let entries = wait_for_entry(&fx, "coder", "the denial", |e| e.text == "tool Bash denied: no thanks").await;
+    assert!(entries
+        .iter()
+        .any(|e| e.kind == "control_response" && e.direction == Direction::ToAgent && e.text == "deny"));
+    let kinds: Vec<_> =
+        fx.manager.events(Some("coder"), 0, 100).await.expect("events").into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == EventKind::ApprovalRequested).count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == EventKind::ApprovalDecided).count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_the_timeout_answer_without_a_person() {
+    let mut config = test_config();
+    config.reconcile.approval_timeout = Duration::from_millis(500);
+    let fx = Fixture::with_config(config).await;
+    let mut allow = claude("yes", Some("!tool Bash ls"));
+    allow.approvals = Some(agent_manager::ApprovalPolicy::Allow);
+    fx.spawn_with(allow).await;
+    let mut deny = claude("no", Some("!tool Bash ls"));
+    deny.approvals = Some(agent_manager::ApprovalPolicy::Deny);
+    fx.spawn_with(deny).await;
+    fx.spawn_with(claude("late", Some("!tool Bash ls"))).await;
+    wait_for_entry(&fx, "yes", "the policy's allow", |e| e.text == "tool Bash allowed: ls").await;
+    wait_for_entry(&fx, "no", "the policy's deny", |e| {
+        e.text.starts_with("tool Bash denied: denied by the agent's approvals policy")
+    })
+    .await;
+    let entries = wait_for_entry(&fx, "late", "the timeout's deny", |e| {
+        e.text.starts_with("tool Bash denied: no decision within")
+    })
+    .await;
+    assert!(entries.iter().any(|e| e.kind == "result"));
+    let decided = fx.manager.approvals(Some("late"), false).await.expect("approvals");
+    assert_eq!(decided[0].decided_by, Some(agent_manager::DecidedBy::Timeout));
+    assert!(fx.manager.approvals(None, true).await.expect("pending").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_approval_survives_a_leave_running_restart() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn_with(claude("coder", Some("!tool Bash make"))).await.agent;
+    let approval = wait_for_pending(&fx, "coder").await;
+    fx.manager.shutdown_all(true).await.expect("leave running");
+    let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
+    fx2.reconcile().await;
+    let pending = fx2.manager.approvals(Some("coder"), true).await.expect("approvals");
+    assert_eq!(pending.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), [approval.id.as_str()]);
+    fx2.manager.decide(&approval.id, agent_manager::Decision::Allow, None).await.expect("allow");
+    wait_for_entry(&fx2, "coder", "the answer after the restart", |e| e.text == "tool Bash allowed: make").await;
+    assert_eq!(fx2.get("coder").await.agent.container_id, agent.container_id, "the same run got the answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_turn_is_interrupted_and_the_agent_answers_again() {
+    let mut config = test_config();
+    config.reconcile.turn_idle_timeout = Duration::from_millis(500);
+    let fx = Fixture::with_config(config).await;
+    fx.spawn_with(claude("coder", Some("!stall"))).await;
+    let entries = wait_for_entry(&fx, "coder", "the interrupted turn's result", |e| e.kind == "result").await;
+    assert!(entries.iter().any(|e| e.direction == Direction::ToAgent && e.text == "interrupt"));
+    let kinds: Vec<_> =
+        fx.manager.events(Some("coder"), 0, 100).await.expect("events").into_iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&agent_manager::EventKind::TurnInterrupted), "{kinds:?}");
+    fx.manager.send_message("coder", "back?").await.expect("send");
+    wait_for_entry(&fx, "coder", "the next answer", result_with("echo: back?")).await;
+    assert_eq!(fx.get("coder").await.agent.restarts, 0);
+}

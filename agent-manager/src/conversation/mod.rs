@@ -10,6 +10,7 @@
 //! after a daemon restart that adopted the container) goes on from the stored cursor:
 //! nothing is lost or doubled.
 
+pub mod approvals;
 pub(crate) mod protocol;
 mod store;
 pub(crate) mod task;
@@ -84,6 +85,8 @@ simple_enum! {
         Queued = "queued",
         /// Written to the agent's stdin.
         Delivered = "delivered",
+        /// A control response for a run that ended before it was written.
+        Expired = "expired",
     }
 }
 
@@ -300,6 +303,17 @@ impl Hub {
         entries: Vec<NewEntry>,
         record: Option<&SessionRecord>,
     ) -> Result<Vec<ConversationEntry>, StoreError> {
+        self.append_with(agent_id, entries, record, &[]).await
+    }
+
+    /// [`Hub::append`] with approval changes in the same transaction.
+    pub(crate) async fn append_with(
+        &self,
+        agent_id: &str,
+        entries: Vec<NewEntry>,
+        record: Option<&SessionRecord>,
+        changes: &[approvals::ApprovalChange],
+    ) -> Result<Vec<ConversationEntry>, StoreError> {
         let mut next = self.next_seq.lock().await;
         let first = match next.get(agent_id) {
             Some(seq) => *seq,
@@ -319,7 +333,7 @@ impl Hub {
                 delivery: e.delivery,
             })
             .collect();
-        self.store.append_conversation(&stored, record).await?;
+        self.store.append_conversation(&stored, record, changes).await?;
         next.insert(agent_id.to_owned(), first + stored.len() as i64);
         if let Some(record) = record {
             lock(&self.records).insert(agent_id.to_owned(), record.clone());

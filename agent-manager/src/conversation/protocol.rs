@@ -144,6 +144,11 @@ pub(crate) fn initialize_request(request_id: &str) -> Value {
     json!({"type": "control_request", "request_id": request_id, "request": {"subtype": "initialize"}})
 }
 
+/// The `interrupt` control request: ends the current turn.
+pub(crate) fn interrupt_request(request_id: &str) -> Value {
+    json!({"type": "control_request", "request_id": request_id, "request": {"subtype": "interrupt"}})
+}
+
 /// Applies what a line the agent wrote says about the session. Returns whether the
 /// record changed.
 pub(crate) fn apply_from_agent(record: &mut SessionRecord, parsed: &Parsed, at: OffsetDateTime) -> bool {

@@ -4,6 +4,7 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
+use super::approvals::{approval_from_row, Approval, ApprovalChange};
 use super::{ConversationEntry, Delivery, LastResult, SessionRecord};
 use crate::store::{from_millis, millis, Store, StoreError};
 
@@ -36,13 +37,18 @@ impl Store {
         Ok(row.try_get("seq")?)
     }
 
-    /// Stores entries and, when given, the session record, in one transaction.
+    /// Stores entries, approval changes and, when given, the session record, in one
+    /// transaction.
     pub(crate) async fn append_conversation(
         &self,
         entries: &[ConversationEntry],
         record: Option<&SessionRecord>,
+        changes: &[ApprovalChange],
     ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
+        for change in changes {
+            change.apply(&mut tx).await?;
+        }
         for e in entries {
             let data = match &e.data {
                 serde_json::Value::String(raw) => raw.clone(),
@@ -74,6 +80,38 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Expires the control responses and requests still queued for the agent: they were
+    /// meant for a run that has ended.
+    pub(crate) async fn expire_queued_controls(&self, agent_id: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE conversation SET delivery = 'expired' WHERE agent_id = ? AND delivery = 'queued' \
+             AND kind IN ('control_response', 'control_request')",
+        )
+        .bind(agent_id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Approvals, newest first: of one agent (by id) or all, optionally only pending.
+    pub(crate) async fn list_approvals(&self, agent_id: Option<&str>, pending: bool) -> Result<Vec<Approval>> {
+        let rows = sqlx::query(
+            "SELECT * FROM approvals WHERE (?1 IS NULL OR agent_id = ?1) AND (?2 = 0 OR decision IS NULL) \
+             ORDER BY requested_at DESC, id LIMIT 10000",
+        )
+        .bind(agent_id)
+        .bind(pending)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    /// One approval.
+    pub(crate) async fn approval(&self, id: &str) -> Result<Option<Approval>> {
+        let row = sqlx::query("SELECT * FROM approvals WHERE id = ?").bind(id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(approval_from_row).transpose()
     }
 
     /// Marks a line to the agent as written.

@@ -14,10 +14,11 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
+use super::approvals::{Approval, ApprovalChange, DecidedBy, Decision};
 use super::protocol::{self, apply_from_agent, apply_to_agent, parse_line};
 use super::{Delivery, Direction, Hub, NewEntry, SessionRecord, Turn};
 use crate::manager::Lifecycle;
-use crate::model::EventKind;
+use crate::model::{ApprovalPolicy, EventKind};
 
 /// The first wait before attaching again; it doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(250);
@@ -32,15 +33,64 @@ pub(crate) struct TaskContext<B: ?Sized> {
     pub backend: Arc<B>,
     pub hub: Arc<Hub>,
     pub lifecycle: Lifecycle,
+    /// Where a task asks the supervisor to restart its agent (a turn that would not end).
+    pub restarts: tokio::sync::mpsc::UnboundedSender<RestartRequest>,
 }
 
-/// The agent a task talks to.
+/// A conversation task's request to restart its agent's run.
+#[derive(Debug, Clone)]
+pub(crate) struct RestartRequest {
+    pub agent_id: String,
+    pub container: String,
+    pub why: String,
+}
+
+/// The agent a task talks to, and its conversation rules.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub agent_id: String,
     pub agent_name: String,
     pub session: String,
     pub container: String,
+    pub approvals: ApprovalPolicy,
+    pub approval_timeout: Duration,
+    pub turn_idle_timeout: Duration,
+    pub interrupt_grace: Duration,
+}
+
+/// The timers of one attach: the stuck-turn rule.
+struct Watch {
+    /// The last time the agent wrote, or a turn began.
+    last_activity: tokio::time::Instant,
+    /// When an interrupt for a stuck turn was sent, while that turn has not ended.
+    interrupted_at: Option<tokio::time::Instant>,
+    /// When each pending approval of this run times out.
+    deadlines: std::collections::HashMap<String, tokio::time::Instant>,
+}
+
+impl Watch {
+    /// Reloads the pending approvals of this run: a new one gets its deadline (less the
+    /// time it already waited, for one that survived a daemon restart), a decided one
+    /// drops out.
+    async fn refresh<B: ExecutionBackend + ?Sized>(&mut self, ctx: &TaskContext<B>, target: &Target) {
+        let Ok(pending) = ctx.hub.store.list_approvals(Some(&target.agent_id), true).await else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let mut deadlines = std::collections::HashMap::new();
+        for approval in pending.into_iter().filter(|a| a.container_id == target.container) {
+            let at = self.deadlines.get(&approval.id).copied().unwrap_or_else(|| {
+                let waited = Duration::try_from(ctx.lifecycle.now() - approval.requested_at).unwrap_or(Duration::ZERO);
+                now + target.approval_timeout.saturating_sub(waited)
+            });
+            deadlines.insert(approval.id, at);
+        }
+        self.deadlines = deadlines;
+    }
+
+    fn next_approval_deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadlines.values().min().copied()
+    }
 }
 
 /// Why a drive of one attach ended.
@@ -78,6 +128,10 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
         if let Err(e) = ctx.hub.save(&record).await {
             warn!(agent_id = %target.agent_id, error = %e, "Cannot save the conversation state.");
             return;
+        }
+        // Answers and interrupts queued for an earlier run meant nothing to this one.
+        if let Err(e) = ctx.hub.store.expire_queued_controls(&target.agent_id).await {
+            debug!(agent_id = %target.agent_id, error = %e, "Could not expire earlier control lines.");
         }
     }
     let mut retry = RETRY_MIN;
@@ -129,6 +183,8 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
         record.turn = Turn::Idle;
         let _ = ctx.hub.save(&record).await;
     }
+    // Requests of this run can no longer be answered.
+    expire_approvals(&ctx, &target).await;
     if ctx.hub.set_connected(&target.agent_id, false) {
         debug!(agent_id = %target.agent_id, "Conversation task ended.");
     }
@@ -180,10 +236,18 @@ async fn drive<B: ExecutionBackend + ?Sized>(
     }
     let mut pending = true;
     let mut frozen_until: Option<tokio::time::Instant> = None;
+    let mut watch =
+        Watch { last_activity: tokio::time::Instant::now(), interrupted_at: None, deadlines: Default::default() };
+    watch.refresh(ctx, target).await;
     loop {
         if pending && frozen_until.is_none() {
             match deliver(ctx, target, record, input.as_mut()).await {
-                Ok(Delivered::All) => pending = false,
+                Ok(Delivered::All { started_turn }) => {
+                    pending = false;
+                    if started_turn {
+                        watch.last_activity = tokio::time::Instant::now();
+                    }
+                }
                 Ok(Delivered::Frozen) => frozen_until = Some(tokio::time::Instant::now() + FROZEN_RETRY),
                 Err(e) => return Ended::Lost(e),
             }
@@ -194,23 +258,195 @@ async fn drive<B: ExecutionBackend + ?Sized>(
                 None => std::future::pending().await,
             }
         };
+        let due = next_due(target, record, &watch, frozen_until.is_some());
+        let timer = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             chunk = output.next() => match chunk {
                 None => return Ended::Output,
                 Some(lines) => {
                     let (lines, failure) = split_failure(lines);
-                    if let Err(e) = store_lines(ctx, target, record, lines).await {
-                        return Ended::Lost(e);
+                    if !lines.is_empty() {
+                        watch.last_activity = tokio::time::Instant::now();
                     }
+                    match store_lines(ctx, target, record, lines).await {
+                        Ok(queued) => pending |= queued,
+                        Err(e) => return Ended::Lost(e),
+                    }
+                    if record.turn == Turn::Idle {
+                        watch.interrupted_at = None;
+                    }
+                    watch.refresh(ctx, target).await;
                     if let Some(e) = failure {
                         return Ended::Lost(e);
                     }
                 }
             },
-            _ = wake.notified() => pending = true,
+            _ = wake.notified() => {
+                pending = true;
+                watch.refresh(ctx, target).await;
+            }
             _ = retry_frozen => frozen_until = None,
+            _ = timer => {
+                if run_timers(ctx, target, record, &mut watch).await {
+                    pending = true;
+                }
+            }
         }
     }
+}
+
+/// The next time a timer of this attach falls due: a pending approval's timeout, a
+/// busy turn's idle timeout, an interrupted turn's grace. A frozen agent's turn is not
+/// timed: it cannot write.
+fn next_due(target: &Target, record: &SessionRecord, watch: &Watch, frozen: bool) -> Option<tokio::time::Instant> {
+    let mut due = watch.next_approval_deadline();
+    let mut earlier = |at: tokio::time::Instant| due = Some(due.map_or(at, |d| d.min(at)));
+    if record.turn == Turn::Busy && !frozen {
+        match watch.interrupted_at {
+            None => earlier(watch.last_activity + target.turn_idle_timeout),
+            Some(at) => earlier(at + target.interrupt_grace),
+        }
+    }
+    due
+}
+
+/// Runs the timers that fell due. Returns whether lines were queued for the agent.
+async fn run_timers<B: ExecutionBackend + ?Sized>(
+    ctx: &TaskContext<B>,
+    target: &Target,
+    record: &mut SessionRecord,
+    watch: &mut Watch,
+) -> bool {
+    let now = tokio::time::Instant::now();
+    let mut queued = false;
+    if watch.next_approval_deadline().is_some_and(|at| at <= now) {
+        let timeout = target.approval_timeout.as_secs_f64();
+        let pending = ctx.hub.store.list_approvals(Some(&target.agent_id), true).await.unwrap_or_default();
+        for approval in pending.into_iter().filter(|a| watch.deadlines.get(&a.id).is_some_and(|at| *at <= now)) {
+            let message = format!("no decision within {timeout} s; agentd denied the request");
+            match decide(ctx, target, &approval, Decision::Deny, Some(message), DecidedBy::Timeout).await {
+                Ok(()) => queued = true,
+                Err(e) => debug!(agent_id = %target.agent_id, error = %e, "Could not time out an approval."),
+            }
+        }
+        watch.refresh(ctx, target).await;
+    }
+    if record.turn != Turn::Busy {
+        return queued;
+    }
+    match watch.interrupted_at {
+        None if now >= watch.last_activity + target.turn_idle_timeout => {
+            let idle = target.turn_idle_timeout.as_secs();
+            let entry = NewEntry {
+                direction: Direction::ToAgent,
+                kind: "control_request".into(),
+                text: "interrupt".into(),
+                data: protocol::interrupt_request(&format!("agentd-interrupt-{}", uuid::Uuid::new_v4().simple())),
+                delivery: Some(Delivery::Queued),
+                at: ctx.lifecycle.now(),
+            };
+            if ctx.hub.append(&target.agent_id, vec![entry], None).await.is_ok() {
+                queued = true;
+                watch.interrupted_at = Some(now);
+                let why = format!(
+                    "the turn wrote nothing for {idle} s; interrupt sent (the agent is restarted if the turn does not end within {} s)",
+                    target.interrupt_grace.as_secs()
+                );
+                let _ = ctx
+                    .lifecycle
+                    .record(&target.agent_id, &target.agent_name, &target.session, EventKind::TurnInterrupted, why)
+                    .await;
+            }
+        }
+        Some(at) if now >= at + target.interrupt_grace => {
+            watch.interrupted_at = None;
+            watch.last_activity = now;
+            let why = format!(
+                "the interrupted turn did not end within {} s; restarting the agent",
+                target.interrupt_grace.as_secs()
+            );
+            warn!(agent_id = %target.agent_id, agent = %target.agent_name, "{why}");
+            let request =
+                RestartRequest { agent_id: target.agent_id.clone(), container: target.container.clone(), why };
+            let _ = ctx.restarts.send(request);
+        }
+        _ => {}
+    }
+    queued
+}
+
+/// Decides an approval and queues its answer for the agent, in one transaction.
+pub(crate) async fn decide<B: ExecutionBackend + ?Sized>(
+    ctx: &TaskContext<B>,
+    target: &Target,
+    approval: &Approval,
+    decision: Decision,
+    message: Option<String>,
+    by: DecidedBy,
+) -> Result<(), crate::store::StoreError> {
+    decide_in(&ctx.hub, &ctx.lifecycle, &target.agent_name, &target.session, approval, decision, message, by).await
+}
+
+/// Decides an approval and queues its answer, then announces it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn decide_in(
+    hub: &Hub,
+    lifecycle: &Lifecycle,
+    agent_name: &str,
+    session: &str,
+    approval: &Approval,
+    decision: Decision,
+    message: Option<String>,
+    by: DecidedBy,
+) -> Result<(), crate::store::StoreError> {
+    let at = lifecycle.now();
+    let data = approval.response(decision, message.as_deref());
+    let entry = NewEntry {
+        direction: Direction::ToAgent,
+        kind: "control_response".into(),
+        text: decision.as_str().into(),
+        data,
+        delivery: Some(Delivery::Queued),
+        at,
+    };
+    let change = ApprovalChange::Decide { id: approval.id.clone(), decision, message: message.clone(), by, at };
+    hub.append_with(&approval.agent_id, vec![entry], None, &[change]).await?;
+    hub.wake(&approval.agent_id);
+    let detail = format!(
+        "{} {} for {} ({}){}",
+        approval.id,
+        decision.as_str(),
+        approval.tool,
+        by_text(by),
+        message.map(|m| format!(": {m}")).unwrap_or_default()
+    );
+    let _ = lifecycle.record(&approval.agent_id, agent_name, session, EventKind::ApprovalDecided, detail).await;
+    Ok(())
+}
+
+fn by_text(by: DecidedBy) -> &'static str {
+    match by {
+        DecidedBy::User => "by a user",
+        DecidedBy::Policy => "by the approvals policy",
+        DecidedBy::Timeout => "timed out",
+        DecidedBy::Agent => "withdrawn by the agent",
+        DecidedBy::RunEnded => "the run ended",
+    }
+}
+
+/// Denies the pending approvals of a run that ended; their answers expire with it.
+async fn expire_approvals<B: ExecutionBackend + ?Sized>(ctx: &TaskContext<B>, target: &Target) {
+    let pending = ctx.hub.store.list_approvals(Some(&target.agent_id), true).await.unwrap_or_default();
+    for approval in pending.into_iter().filter(|a| a.container_id == target.container) {
+        let message = Some("the agent's run ended before a decision".to_owned());
+        let _ = decide(ctx, target, &approval, Decision::Deny, message, DecidedBy::RunEnded).await;
+    }
+    let _ = ctx.hub.store.expire_queued_controls(&target.agent_id).await;
 }
 
 fn split_failure(items: Vec<backend_core::Result<OutputLine>>) -> (Vec<OutputLine>, Option<String>) {
@@ -242,22 +478,36 @@ async fn drain<B: ExecutionBackend + ?Sized>(
     Ok(())
 }
 
-/// Stores the agent's lines with the cursor after the last, in one transaction.
+/// Stores the agent's lines with the cursor after the last, and the approvals they ask
+/// for (answered at once under an `allow` or `deny` policy), in one transaction. Returns
+/// whether lines were queued for the agent.
 async fn store_lines<B: ExecutionBackend + ?Sized>(
     ctx: &TaskContext<B>,
     target: &Target,
     record: &mut SessionRecord,
     lines: Vec<OutputLine>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let Some(last) = lines.last().map(|l| l.cursor) else {
-        return Ok(());
+        return Ok(false);
     };
     let mut next = record.clone();
     let mut entries = Vec::with_capacity(lines.len());
+    let mut changes = Vec::new();
+    let mut requested = Vec::new();
+    let mut withdrawn = Vec::new();
     for line in lines {
         let parsed = parse_line(&line.text, line.stream == OutputStream::Stderr);
         let at = line.at();
         apply_from_agent(&mut next, &parsed, at);
+        if let Some(approval) =
+            Approval::from_request(&target.agent_id, &target.container, &parsed.data, ctx.lifecycle.now())
+        {
+            changes.push(ApprovalChange::Create(approval.clone()));
+            requested.push(approval);
+        }
+        if parsed.kind == "control_cancel_request" {
+            withdrawn.extend(parsed.data["request_id"].as_str().map(str::to_owned));
+        }
         entries.push(NewEntry {
             direction: Direction::FromAgent,
             kind: parsed.kind,
@@ -268,9 +518,44 @@ async fn store_lines<B: ExecutionBackend + ?Sized>(
         });
     }
     next.output_cursor = Some(last);
-    ctx.hub.append(&target.agent_id, entries, Some(&next)).await.map_err(|e| format!("storing output failed: {e}"))?;
+    ctx.hub
+        .append_with(&target.agent_id, entries, Some(&next), &changes)
+        .await
+        .map_err(|e| format!("storing output failed: {e}"))?;
     *record = next;
-    Ok(())
+    let mut queued = false;
+    for approval in &requested {
+        let detail = format!("{} {}: {}", approval.id, approval.tool, cut(&approval.input.to_string(), 200));
+        let _ = ctx
+            .lifecycle
+            .record(&target.agent_id, &target.agent_name, &target.session, EventKind::ApprovalRequested, detail)
+            .await;
+        let decision = match target.approvals {
+            ApprovalPolicy::Ask => continue,
+            ApprovalPolicy::Allow => Decision::Allow,
+            ApprovalPolicy::Deny => Decision::Deny,
+        };
+        let message = (decision == Decision::Deny).then(|| "denied by the agent's approvals policy".to_owned());
+        decide(ctx, target, approval, decision, message, DecidedBy::Policy).await.map_err(|e| e.to_string())?;
+        queued = true;
+    }
+    if !withdrawn.is_empty() {
+        let pending = ctx.hub.store.list_approvals(Some(&target.agent_id), true).await.map_err(|e| e.to_string())?;
+        for approval in
+            pending.iter().filter(|a| a.container_id == target.container && withdrawn.contains(&a.request_id))
+        {
+            let message = Some("the agent withdrew the request (the turn was interrupted)".to_owned());
+            let _ = decide(ctx, target, approval, Decision::Deny, message, DecidedBy::Agent).await;
+        }
+    }
+    Ok(queued)
+}
+
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 fn is_handshake(entry: &super::ConversationEntry) -> bool {
@@ -278,7 +563,7 @@ fn is_handshake(entry: &super::ConversationEntry) -> bool {
 }
 
 enum Delivered {
-    All,
+    All { started_turn: bool },
     Frozen,
 }
 
@@ -294,7 +579,7 @@ async fn deliver<B: ExecutionBackend + ?Sized>(
     // spawn, messages sent before the attach).
     queued.sort_by_key(|e| (!is_handshake(e), e.seq));
     if queued.is_empty() {
-        return Ok(Delivered::All);
+        return Ok(Delivered::All { started_turn: false });
     }
     // A frozen process reads nothing: what is written now would only sit in a pipe and
     // read as delivered.
@@ -303,7 +588,9 @@ async fn deliver<B: ExecutionBackend + ?Sized>(
         Ok(_) => {}
         Err(e) => return Err(e.to_string()),
     }
+    let mut started_turn = false;
     for entry in queued {
+        started_turn |= entry.kind == "user";
         let line = match &entry.data {
             serde_json::Value::String(raw) => raw.clone(),
             other => other.to_string(),
@@ -314,5 +601,5 @@ async fn deliver<B: ExecutionBackend + ?Sized>(
             ctx.hub.save(record).await.map_err(|e| e.to_string())?;
         }
     }
-    Ok(Delivered::All)
+    Ok(Delivered::All { started_turn })
 }
