@@ -506,6 +506,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         Ok(approvals)
     }
 
+    /// One tool-permission request.
+    pub async fn approval(&self, id: &str) -> Result<Approval> {
+        let mut approval =
+            self.store.approval(id).await?.ok_or_else(|| ManagerError::ApprovalNotFound(id.to_owned()))?;
+        approval.agent = self.store.cached_agent(&approval.agent_id).map(|a| a.name);
+        Ok(approval)
+    }
+
     /// Decides a pending tool-permission request; its answer reaches the run that asked.
     /// One that is decided already is a [`ManagerError::Conflict`].
     pub async fn decide(&self, id: &str, decision: Decision, message: Option<String>) -> Result<Approval> {

@@ -48,6 +48,9 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agents/{id}/runs", get(runs))
         .route("/v1/agents/{id}/logs", get(logs))
         .route("/v1/agents/{id}/messages", post(send_message))
+        .route("/v1/agents/{id}/interrupt", post(interrupt))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/{id}", get(get_approval).post(decide))
         .route("/v1/agents/{id}/conversation", get(conversation))
         .route("/v1/agents/{id}/conversation/stream", get(conversation_stream))
         .route("/v1/events", get(events))
@@ -77,7 +80,7 @@ impl IntoResponse for ApiError {
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
         let status = match &e {
-            ManagerError::AgentNotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::AgentNotFound(_) | ManagerError::ApprovalNotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::NameTaken(_) | ManagerError::Conflict(_) | ManagerError::NotRunning { .. } => {
                 StatusCode::CONFLICT
             }
@@ -297,6 +300,49 @@ async fn send_message(
     let Json(body) = body.map_err(bad_json)?;
     let entry = app.manager.send_message(&id, &body.text).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq }))).into_response())
+}
+
+async fn interrupt(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let entry = app.manager.interrupt(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalsQuery {
+    agent: Option<String>,
+    pending: Option<bool>,
+}
+
+async fn approvals(
+    State(app): State<AppState>,
+    query: Result<Query<ApprovalsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<agent_manager::Approval>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(app.manager.approvals(q.agent.as_deref(), q.pending.unwrap_or(false)).await?))
+}
+
+async fn get_approval(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<agent_manager::Approval>, ApiError> {
+    Ok(Json(app.manager.approval(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    decision: agent_manager::Decision,
+    message: Option<String>,
+}
+
+async fn decide(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<DecisionBody>, JsonRejection>,
+) -> Result<Json<agent_manager::Approval>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    Ok(Json(app.manager.decide(&id, body.decision, body.message).await?))
 }
 
 #[derive(Debug, Deserialize)]

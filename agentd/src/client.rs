@@ -152,6 +152,40 @@ async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str
     Ok(())
 }
 
+/// The approvals table: ID, AGENT, TOOL, INPUT (cut short), AGE, DECISION.
+pub fn approvals_table(approvals: &[Value]) -> String {
+    let mut rows =
+        vec![["ID".to_owned(), "AGENT".into(), "TOOL".into(), "INPUT".into(), "AGE".into(), "DECISION".into()]];
+    for a in approvals {
+        let input = a["input"]
+            .get("command")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| a["input"].to_string());
+        let input: String = input.replace('\n', " ").chars().take(48).collect();
+        let decision = match a["decision"].as_str() {
+            Some(d) => format!("{d} ({})", a["decided_by"].as_str().unwrap_or("-")),
+            None => "pending".to_owned(),
+        };
+        rows.push([
+            text(a, "id").to_owned(),
+            a["agent"].as_str().unwrap_or(text(a, "agent_id")).to_owned(),
+            text(a, "tool").to_owned(),
+            input,
+            age(text(a, "requested_at")),
+            decision,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// One conversation entry as a line: `SEQ TIME → KIND TEXT` (→ to the agent, ← from it).
 pub fn conversation_line(e: &Value) -> String {
     let arrow = if text(e, "direction") == "to_agent" { "→" } else { "←" };

@@ -89,6 +89,18 @@ pub struct AgentsConfig {
     pub read_only_rootfs: bool,
     /// Daemon environment variables copied into every agent (API keys).
     pub forward_env: Vec<String>,
+    /// How claude-code tool-permission requests are answered: ask, allow or deny.
+    pub approvals: agent_manager::ApprovalPolicy,
+    /// Claude Code's `--permission-mode`; unset keeps the CLI's default.
+    pub permission_mode: Option<String>,
+    /// How long a pending tool-permission request waits before it is denied.
+    pub approval_timeout_secs: u64,
+    /// How long a busy turn may write nothing before it is interrupted.
+    pub turn_idle_timeout_secs: u64,
+    /// Claude Code's `--max-turns`.
+    pub max_turns: Option<u32>,
+    /// Claude Code's `--max-budget-usd`.
+    pub max_budget_usd: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +166,12 @@ impl Default for AgentsConfig {
             stop_grace_secs: d.stop_grace_secs,
             read_only_rootfs: false,
             forward_env: ManagerConfig::default().forward_env,
+            approvals: d.approvals,
+            permission_mode: None,
+            approval_timeout_secs: 900,
+            turn_idle_timeout_secs: 600,
+            max_turns: None,
+            max_budget_usd: None,
         }
     }
 }
@@ -378,6 +396,29 @@ impl Config {
         if a.pids_limit < 1 {
             bad("agents.pids_limit", a.pids_limit.to_string(), "at least 1");
         }
+        if let Some(mode) = &a.permission_mode {
+            if !agent_manager::PERMISSION_MODES.contains(&mode.as_str()) {
+                bad(
+                    "agents.permission_mode",
+                    format!("{mode:?}"),
+                    &format!("one of Claude Code's modes: {}", agent_manager::PERMISSION_MODES.join(", ")),
+                );
+            }
+        }
+        if !(1..=86_400).contains(&a.approval_timeout_secs) {
+            bad("agents.approval_timeout_secs", a.approval_timeout_secs.to_string(), "1 to 86400 (seconds)");
+        }
+        if !(1..=86_400).contains(&a.turn_idle_timeout_secs) {
+            bad("agents.turn_idle_timeout_secs", a.turn_idle_timeout_secs.to_string(), "1 to 86400 (seconds)");
+        }
+        if a.max_turns == Some(0) {
+            bad("agents.max_turns", "0".into(), "at least 1, or leave it unset for no limit");
+        }
+        if let Some(budget) = a.max_budget_usd {
+            if !(budget.is_finite() && budget > 0.0) {
+                bad("agents.max_budget_usd", budget.to_string(), "a positive number of US dollars, or unset");
+            }
+        }
         if a.stop_grace_secs > agent_manager::MAX_STOP_GRACE_SECS {
             bad("agents.stop_grace_secs", a.stop_grace_secs.to_string(), "at most 3600");
         }
@@ -448,12 +489,19 @@ impl Config {
                 on_unhealthy: a.on_unhealthy,
                 stop_grace_secs: a.stop_grace_secs,
                 read_only_rootfs: a.read_only_rootfs,
+                approvals: a.approvals,
+                permission_mode: a.permission_mode.clone(),
+                max_turns: a.max_turns,
+                max_budget_usd: a.max_budget_usd,
             },
             reconcile: ReconcileConfig {
                 interval: secs(r.interval_secs),
                 orphan_grace: secs(r.orphan_grace_secs),
                 orphan_dry_run: r.orphan_dry_run,
                 unhealthy_grace: secs(r.unhealthy_grace_secs),
+                approval_timeout: secs(a.approval_timeout_secs),
+                turn_idle_timeout: secs(a.turn_idle_timeout_secs),
+                ..ReconcileConfig::default()
             },
             forward_env: a.forward_env.clone(),
             ..ManagerConfig::default()

@@ -78,6 +78,35 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Talk to a claude-code agent: a prompt with history, replies as they stream,
+    /// approvals asked as `allow? [y/N]`; Ctrl-C interrupts the turn, Ctrl-D leaves.
+    /// Without a terminal, one message per line of stdin.
+    Chat { name: String },
+    /// List tool-permission requests (pending ones by default).
+    Approvals {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Decided ones too.
+        #[arg(short, long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow pending tool-permission requests.
+    Approve {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Deny pending tool-permission requests.
+    Deny {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Why, told to the agent.
+        #[arg(long)]
+        message: Option<String>,
+    },
     /// Print a claude-code agent's conversation.
     Conversation {
         name: String,
@@ -103,12 +132,27 @@ enum ConfigCommand {
 
 #[derive(Debug, Args)]
 struct SpawnArgs {
+    /// The agent's name: 1 to 63 of a-z, 0-9 and '-'.
     name: String,
-    /// claude-code or image.
+    /// claude-code or image [default: agents.kind, claude-code].
     #[arg(long)]
     kind: Option<String>,
+    /// A local image [default: agents.image, agentd-claude:latest].
     #[arg(long)]
     image: Option<String>,
+    /// How tool-permission requests are answered: ask, allow or deny [default: agents.approvals, ask].
+    #[arg(long)]
+    approvals: Option<String>,
+    /// Claude Code's --permission-mode (default, acceptEdits, auto, bypassPermissions, manual, dontAsk, plan)
+    /// [default: agents.permission_mode, the CLI's own].
+    #[arg(long)]
+    permission_mode: Option<String>,
+    /// Claude Code's --max-budget-usd [default: agents.max_budget_usd, none].
+    #[arg(long)]
+    max_budget_usd: Option<f64>,
+    /// Claude Code's --max-turns [default: agents.max_turns, none].
+    #[arg(long)]
+    max_turns: Option<u32>,
     /// Environment variable for the agent (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -218,7 +262,11 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 env.insert(k.to_owned(), Value::String(v.to_owned()));
             }
             let mut body = json!({ "name": args.name, "env": env });
-            let fields: [(&str, Option<Value>); 10] = [
+            let fields: [(&str, Option<Value>); 14] = [
+                ("approvals", args.approvals.map(Value::from)),
+                ("permission_mode", args.permission_mode.map(Value::from)),
+                ("max_budget_usd", args.max_budget_usd.map(Value::from)),
+                ("max_turns", args.max_turns.map(Value::from)),
                 ("kind", args.kind.map(Value::from)),
                 ("image", args.image.map(Value::from)),
                 ("memory_mb", args.memory_mb.map(Value::from)),
@@ -365,6 +413,36 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 );
             }
         }
+        Command::Approvals { agent, all, json } => {
+            let mut query = vec![];
+            if let Some(a) = &agent {
+                query.push(format!("agent={}", client::encode(a)));
+            }
+            if !all {
+                query.push("pending=true".to_owned());
+            }
+            let approvals = client.get_json(&format!("/v1/approvals?{}", query.join("&"))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&approvals)?);
+            } else {
+                print!("{}", client::approvals_table(approvals.as_array().map(Vec::as_slice).unwrap_or_default()));
+            }
+        }
+        Command::Approve { ids } => {
+            for id in ids {
+                let path = format!("/v1/approvals/{}", client::encode(&id));
+                client.call(Method::POST, &path, Some(json!({ "decision": "allow" }))).await?;
+                println!("{id} allowed");
+            }
+        }
+        Command::Deny { ids, message } => {
+            for id in ids {
+                let path = format!("/v1/approvals/{}", client::encode(&id));
+                client.call(Method::POST, &path, Some(json!({ "decision": "deny", "message": message }))).await?;
+                println!("{id} denied");
+            }
+        }
+        Command::Chat { name } => agentd::chat::run(&client, &name).await?,
         Command::Conversation { name, follow, json } => {
             let print = |entry: &Value| {
                 if json {

@@ -77,8 +77,7 @@ pub struct Approval {
     /// The container of the run that asked; only it can be answered.
     #[serde(skip)]
     pub container_id: String,
-    /// The CLI's `request_id`.
-    #[serde(skip)]
+    /// The CLI's `request_id`, as in the `control_request` entry that asked.
     pub request_id: String,
     pub tool: String,
     pub input: Value,
