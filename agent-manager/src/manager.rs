@@ -105,6 +105,8 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) metrics: Metrics,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
+    /// When orphaned volumes were last looked for.
+    pub(crate) last_volume_sweep: Mutex<Option<OffsetDateTime>>,
     /// Orphans already reported in dry-run mode, so each is reported once.
     pub(crate) reported_orphans: Mutex<HashSet<String>>,
     pub(crate) pass_lock: tokio::sync::Mutex<()>,
@@ -152,6 +154,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             locks: Mutex::new(HashMap::new()),
             runtime: Mutex::new(HashMap::new()),
             reported_orphans: Mutex::new(HashSet::new()),
+            last_volume_sweep: Mutex::new(None),
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),
             wakeup_changed: tokio::sync::Notify::new(),
@@ -315,6 +318,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             AgentKind::Image => s.command.clone(),
             AgentKind::ClaudeCode => {
                 spec.stdin_open = true;
+                // HOME (with the CLI's conversation files) outlives the containers, so a
+                // new run can resume the session.
+                spec.volumes.push(backend_core::VolumeMount { name: home_volume(agent), target: CLAUDE_HOME.into() });
+                // Once the session recorded a turn, later runs resume it.
+                let resume = self.conversations.view(&agent.id).is_some_and(|v| v.turns > 0);
+                let session_flag = if resume { "--resume" } else { "--session-id" };
                 let mut command: Vec<String> = [
                     "claude",
                     "-p",
@@ -325,7 +334,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     "--verbose",
                     "--permission-prompt-tool",
                     "stdio",
-                    "--session-id",
+                    session_flag,
                     &agent.id,
                 ]
                 .map(String::from)
@@ -360,6 +369,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Creates and starts a new run of the agent and records it running. On a failed
     /// start the run is recorded with the error and the agent is failed.
     pub(crate) async fn launch(&self, agent: &mut Agent, failure: EndedBy) -> Result<()> {
+        if agent.speaks_stream_json() {
+            // The session record decides between --session-id and --resume.
+            self.conversations.record(&agent.id).await?;
+        }
         let spec = self.session_spec_for(agent)?;
         agent.container_id = None;
         let container = self.backend.create_session(&spec).await?;
@@ -674,6 +687,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         agent.next_restart_at = None;
         self.stop_locked(&mut agent, EndedBy::Remove).await?;
         self.backend.remove_session(&agent.session).await?;
+        if agent.speaks_stream_json() {
+            match self.backend.remove_volume(&home_volume(&agent)).await {
+                Ok(()) | Err(backend_core::BackendError::Unsupported { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.store.delete_agent(&agent.id).await?;
         self.conversations.forget(&agent.id).await;
         lock(&self.runtime).remove(&agent.id);
@@ -898,6 +917,14 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
     } else {
         info!(target: LIFECYCLE_TARGET, agent_id = %event.agent_id, agent, session, kind = event.kind.as_str(), from, to, exit_code, oom_killed, reason = %event.detail, "{message}");
     }
+}
+
+/// Where a claude-code agent's HOME volume is mounted: the Claude Code image's HOME.
+pub const CLAUDE_HOME: &str = "/home/agent";
+
+/// The name of a claude-code agent's HOME volume.
+pub(crate) fn home_volume(agent: &Agent) -> String {
+    format!("{}-home", agent.session)
 }
 
 pub(crate) fn short(id: &str) -> &str {

@@ -233,7 +233,70 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 report.orphans_kept += 1;
             }
         }
+        self.sweep_orphan_volumes(now, &mut report).await;
         Ok(report)
+    }
+
+    /// Removes owned volumes whose agent has no record and that are older than the
+    /// orphan grace (or reports them, in dry-run mode). Runs at most once a minute: a
+    /// pass otherwise costs one snapshot. A failure is logged and counted; the next
+    /// sweep tries again.
+    async fn sweep_orphan_volumes(&self, now: OffsetDateTime, report: &mut ReconcileReport) {
+        {
+            let mut last = lock(&self.last_volume_sweep);
+            if last.is_some_and(|at| now - at < time::Duration::minutes(1)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let volumes = match self.backend.list_volumes().await {
+            Ok(volumes) => volumes,
+            Err(backend_core::BackendError::Unsupported { .. }) => return,
+            Err(e) => {
+                report.errors += 1;
+                warn!(error = %e, "Could not list volumes to look for orphans; the next sweep tries again.");
+                return;
+            }
+        };
+        let cfg = &self.config.reconcile;
+        for volume in volumes {
+            let owner = volume.agent_id().map(str::to_owned);
+            if owner.as_deref().is_some_and(|id| self.store.cached_agent(id).is_some()) {
+                continue;
+            }
+            let age = volume.created_at.map_or(time::Duration::ZERO, |c| now - c);
+            if age < cfg.orphan_grace {
+                continue;
+            }
+            let agent_id = owner.unwrap_or_else(|| volume.name.clone());
+            let (kind, detail) = if cfg.orphan_dry_run {
+                if !lock(&self.reported_orphans).insert(volume.name.clone()) {
+                    continue;
+                }
+                (
+                    EventKind::OrphanFound,
+                    format!("volume {} ({}s old) has no agent; dry run, not removed", volume.name, age.whole_seconds()),
+                )
+            } else {
+                if let Err(e) = self.backend.remove_volume(&volume.name).await {
+                    report.errors += 1;
+                    warn!(volume = %volume.name, error = %e, "Could not remove an orphaned volume.");
+                    continue;
+                }
+                Metrics::add(&self.metrics.orphans_removed);
+                report.orphans_removed += 1;
+                (
+                    EventKind::OrphanRemoved,
+                    format!("volume {} ({}s old) had no agent; removed", volume.name, age.whole_seconds()),
+                )
+            };
+            let event =
+                LifecycleEvent { id: 0, agent_id, agent_name: None, kind, from: None, to: None, detail, at: now };
+            match self.store.insert_event(&event).await {
+                Ok(stored) => self.announce(stored, &volume.name, None),
+                Err(e) => warn!(error = %e, "Could not record an orphaned volume."),
+            }
+        }
     }
 
     /// Reconciles the one session an engine event was about.
@@ -478,6 +541,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         now: OffsetDateTime,
     ) -> Result<Outcome> {
         let on_purpose = !agent.desired.is_running();
+        let mut exit = exit;
+        if !on_purpose && !exit.is_success() && exit.error.is_none() && agent.speaks_stream_json() {
+            // Why the CLI gave up is its last word on stderr (a refused --resume says
+            // "No conversation found with session ID …"): make it the run's error.
+            if let Ok(Some(said)) = self.store.last_stderr(&agent.id).await {
+                exit.error = Some(format!("claude said: {said}"));
+            }
+        }
         let (to, kind) = if on_purpose || exit.is_success() {
             (AgentStatus::Stopped, EventKind::Stopped)
         } else {

@@ -309,3 +309,42 @@ async fn a_stuck_turn_is_interrupted_and_the_agent_answers_again() {
     wait_for_entry(&fx, "coder", "the next answer", result_with("echo: back?")).await;
     assert_eq!(fx.get("coder").await.agent.restarts, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_runs_resume_the_session_and_rm_leaves_no_volume() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn_with(claude("coder", None)).await.agent;
+    let spec = fx.manager.session_spec_for(&fx.manager.agent("coder").await.expect("agent")).expect("spec");
+    assert!(spec.command.as_ref().expect("command").contains(&"--session-id".to_owned()), "no turn yet: a new session");
+    let home = format!("{}-home", agent.session);
+    assert_eq!(
+        spec.volumes.iter().map(|v| (v.name.as_str(), v.target.to_str())).collect::<Vec<_>>(),
+        [(home.as_str(), Some("/home/agent"))]
+    );
+    fx.manager.send_message("coder", "hi").await.expect("send");
+    wait_for_entry(&fx, "coder", "the first answer", result_with("echo: hi")).await;
+    fx.manager.restart("coder").await.expect("restart");
+    let spec = fx.manager.session_spec_for(&fx.manager.agent("coder").await.expect("agent")).expect("spec");
+    let command = spec.command.expect("command");
+    let at = command.iter().position(|a| a == "--resume").expect("a run after a recorded turn resumes");
+    assert_eq!(command[at + 1], agent.id);
+    let volumes = fx.manager.backend().list_volumes().await.expect("volumes");
+    assert_eq!(volumes.iter().filter(|v| v.name == home).count(), 1, "one HOME volume across runs");
+    fx.manager.remove("coder").await.expect("rm");
+    assert!(fx.manager.backend().list_volumes().await.expect("volumes").is_empty(), "rm leaves no volume behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_volume_is_removed_after_the_grace() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn_with(claude("gone", None)).await.agent;
+    // The record goes away behind the manager's back (a crash between the two).
+    fx.store.delete_agent(&agent.id).await.expect("delete record");
+    fx.manager.backend().kill_session(&agent.session, Duration::ZERO).await.expect("remove container");
+    fx.reconcile().await;
+    assert_eq!(fx.manager.backend().list_volumes().await.expect("volumes").len(), 1, "kept within the grace");
+    fx.clock.advance(Duration::from_secs(301));
+    let report = fx.reconcile().await;
+    assert_eq!(report.orphans_removed, 1, "{report:?}");
+    assert!(fx.manager.backend().list_volumes().await.expect("volumes").is_empty());
+}

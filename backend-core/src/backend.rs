@@ -8,7 +8,7 @@ use futures_util::stream::{self, StreamExt};
 
 use crate::{
     BackendError, EventReceiver, OutputCursor, OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo,
-    SessionHealth, SessionSpec, SessionState,
+    SessionHealth, SessionSpec, SessionState, VolumeState,
 };
 
 /// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.
@@ -32,6 +32,9 @@ pub struct Capabilities {
     pub network_isolation: bool,
     /// [`ExecutionBackend::attach_session`] and [`ExecutionBackend::session_output`] work.
     pub attach: bool,
+    /// [`SessionSpec::volumes`], [`ExecutionBackend::list_volumes`] and
+    /// [`ExecutionBackend::remove_volume`] work.
+    pub volumes: bool,
 }
 
 impl Capabilities {
@@ -44,6 +47,7 @@ impl Capabilities {
         logs: true,
         network_isolation: true,
         attach: true,
+        volumes: true,
     };
 }
 
@@ -179,6 +183,19 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
         let _ = (session, tail);
         Err(BackendError::Unsupported { backend: self.name(), operation: "session_logs" })
+    }
+
+    /// The named volumes this backend owns (prefix and instance), as sessions' specs
+    /// created them.
+    async fn list_volumes(&self) -> Result<Vec<VolumeState>> {
+        Err(BackendError::Unsupported { backend: self.name(), operation: "list_volumes" })
+    }
+
+    /// Removes an owned named volume. Removing a missing one succeeds; one that a
+    /// container still uses is an error.
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(BackendError::Unsupported { backend: self.name(), operation: "remove_volume" })
     }
 
     /// Attaches to the session's stdin and follows its output from `from` (from its first

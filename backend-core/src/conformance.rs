@@ -158,6 +158,11 @@ impl<'h> World<'h> {
     async fn cleanup(&self) {
         let backends: Vec<_> = std::iter::once(&self.backend).chain(&self.extra).cloned().collect();
         clean_up(self.harness, &backends, &self.fixtures).await;
+        for backend in &backends {
+            for volume in backend.list_volumes().await.unwrap_or_default() {
+                let _ = backend.remove_volume(&volume.name).await;
+            }
+        }
     }
 
     /// Runs `body`, then cleans up whether it passed or panicked.
@@ -944,6 +949,48 @@ pub async fn attach_to_a_missing_session_is_not_found(h: &dyn Harness) {
         .await
 }
 
+/// A named volume in a spec is created with the ownership labels, outlives the session,
+/// is listed only by its owner, and is removed on request.
+pub async fn volumes_outlive_sessions_and_are_removed_on_request(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            if !w.caps().volumes {
+                return skip("volumes_outlive_sessions_and_are_removed_on_request", "backend has no volumes");
+            }
+            let mut spec = w.spec("vol");
+            let volume = format!("{}-vol-home", w.backend.prefix());
+            spec.volumes.push(crate::VolumeMount { name: volume.clone(), target: "/data".into() });
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            let listed = w.backend.list_volumes().await.expect("list volumes");
+            let found =
+                listed.iter().find(|v| v.name == volume).unwrap_or_else(|| panic!("{volume} not listed: {listed:?}"));
+            assert_eq!(found.agent_id(), Some(spec.agent_id.as_str()), "the volume carries the ownership labels");
+            let other = w.other_backend(&format!("{}x", w.backend.prefix()), "other-instance").await;
+            assert!(
+                !other.list_volumes().await.expect("list").iter().any(|v| v.name == volume),
+                "listed by another owner"
+            );
+            // A container that uses it cannot lose it; gone with the session, it stays.
+            w.backend.kill_session(&spec.session, Duration::ZERO).await.expect("kill");
+            assert!(
+                w.backend.list_volumes().await.expect("list").iter().any(|v| v.name == volume),
+                "removed with its session"
+            );
+            w.start(&spec).await;
+            wait_status(w, &spec.session, SessionStatus::Running).await;
+            w.backend.kill_session(&spec.session, Duration::ZERO).await.expect("kill");
+            w.backend.remove_volume(&volume).await.expect("remove volume");
+            assert!(
+                !w.backend.list_volumes().await.expect("list").iter().any(|v| v.name == volume),
+                "still listed after removal"
+            );
+            w.backend.remove_volume(&volume).await.expect("removing a missing volume succeeds");
+        })
+        .await
+}
+
 /// One conformance function, as [`all`] lists it.
 pub type ConformanceTest = fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>;
 
@@ -978,6 +1025,7 @@ pub fn all() -> Vec<(&'static str, ConformanceTest)> {
         reattach_reads_every_line_once,
         a_five_megabyte_line_passes,
         attach_to_a_missing_session_is_not_found,
+        volumes_outlive_sessions_and_are_removed_on_request,
     ]
 }
 
@@ -1016,9 +1064,10 @@ macro_rules! conformance_tests {
             send_command_runs_in_the_session,
             logs_return_the_agent_output,
             attached_line_is_answered,
-        reattach_reads_every_line_once,
-        a_five_megabyte_line_passes,
-        attach_to_a_missing_session_is_not_found,
+            reattach_reads_every_line_once,
+            a_five_megabyte_line_passes,
+            attach_to_a_missing_session_is_not_found,
+            volumes_outlive_sessions_and_are_removed_on_request,
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

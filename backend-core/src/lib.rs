@@ -34,8 +34,8 @@ pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_
 pub use exit::SessionExitInfo;
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
-pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec};
-pub use state::{SessionState, SessionStatus};
+pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
+pub use state::{SessionState, SessionStatus, VolumeState};
 
 /// Formats a timestamp as RFC 3339, the form every agentd interface uses.
 pub fn format_time(at: time::OffsetDateTime) -> String {

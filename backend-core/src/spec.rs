@@ -66,6 +66,18 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// A named engine volume mounted into the session: it outlives the session's containers
+/// (an agent's HOME, with its conversation files). The backend creates it on first use
+/// with the ownership labels, and removes it only when asked
+/// ([`crate::ExecutionBackend::remove_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeMount {
+    /// The volume's name; it starts with the backend's prefix.
+    pub name: String,
+    /// Absolute path in the container.
+    pub target: PathBuf,
+}
+
 /// Resource limits. `None` means the engine's default (no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Resources {
@@ -125,6 +137,9 @@ pub struct SessionSpec {
     pub workdir: Option<PathBuf>,
     /// Further bind mounts.
     pub mounts: Vec<Mount>,
+    /// Named volumes, created with the ownership labels when missing.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
     /// Memory, CPU and process limits.
     pub resources: Resources,
     /// Network policy.
@@ -155,6 +170,7 @@ impl fmt::Debug for SessionSpec {
             .field("env_keys", &self.env.keys().collect::<Vec<_>>())
             .field("workdir", &self.workdir)
             .field("mounts", &self.mounts)
+            .field("volumes", &self.volumes)
             .field("resources", &self.resources)
             .field("network", &self.network)
             .field("user", &self.user)
@@ -183,6 +199,7 @@ impl SessionSpec {
             env: BTreeMap::new(),
             workdir: None,
             mounts: Vec::new(),
+            volumes: Vec::new(),
             resources: Resources::default(),
             network: NetworkPolicy::Internet,
             user: None,
@@ -237,6 +254,19 @@ impl SessionSpec {
                 return invalid(
                     "mounts",
                     format!("{} -> {}: both paths must be absolute", mount.source.display(), mount.target.display()),
+                );
+            }
+        }
+        for volume in &self.volumes {
+            let prefix = self.session.split('-').next().unwrap_or_default();
+            if !name_ok(&volume.name) || !volume.name.starts_with(prefix) || !volume.target.is_absolute() {
+                return invalid(
+                    "volumes",
+                    format!(
+                        "{:?} at {}: the name must use [A-Za-z0-9_.-] and start like the session's, the target must be absolute",
+                        volume.name,
+                        volume.target.display()
+                    ),
                 );
             }
         }

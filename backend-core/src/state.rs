@@ -91,3 +91,22 @@ impl SessionState {
         self.labels.get(LABEL_AGENT_ID).map(String::as_str)
     }
 }
+
+/// An owned named volume, as the engine lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeState {
+    /// The volume's name.
+    pub name: String,
+    /// When the engine created it, if it says.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub created_at: Option<OffsetDateTime>,
+    /// The volume's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl VolumeState {
+    /// The agent id label, if present.
+    pub fn agent_id(&self) -> Option<&str> {
+        self.labels.get(LABEL_AGENT_ID).map(String::as_str)
+    }
+}

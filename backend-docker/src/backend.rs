@@ -206,6 +206,38 @@ impl DockerBackend {
         self.docker.list_containers(Some(options)).await.map_err(|e| map_err(e, Subject::Other))
     }
 
+    /// Creates the spec's named volumes that do not exist yet, with the ownership
+    /// labels; one of that name that is not ours is [`BackendError::AlreadyExists`].
+    async fn ensure_volumes(&self, spec: &SessionSpec) -> Result<()> {
+        for volume in &spec.volumes {
+            match self.docker.inspect_volume(&volume.name).await {
+                Ok(found) => {
+                    let labels = found.labels.into_iter().collect();
+                    if !self.owner.owns(&labels) {
+                        return Err(BackendError::AlreadyExists {
+                            backend: NAME,
+                            session: volume.name.clone(),
+                            detail: "a volume of that name exists and is not owned by this agentd instance".into(),
+                        });
+                    }
+                }
+                Err(e) => match map_err(e, Subject::Session(&volume.name)) {
+                    e if e.is_not_found() => {
+                        let labels = self.owner.labels_for(&spec.session, &spec.agent_id).into_iter().collect();
+                        let request = bollard::models::VolumeCreateRequest {
+                            name: Some(volume.name.clone()),
+                            labels: Some(labels),
+                            ..Default::default()
+                        };
+                        self.docker.create_volume(request).await.map_err(|e| map_err(e, Subject::Other))?;
+                    }
+                    e => return Err(e),
+                },
+            }
+        }
+        Ok(())
+    }
+
     fn not_found(session: &str) -> BackendError {
         BackendError::NotFound { backend: NAME, session: session.to_owned() }
     }
@@ -247,6 +279,7 @@ impl ExecutionBackend for DockerBackend {
                 message: format!("{:?} must start with the prefix {:?}", spec.session, self.owner.prefix()),
             });
         }
+        self.ensure_volumes(spec).await?;
         let plan = convert::network_plan(spec.network, &self.isolated_network);
         let body = convert::create_body(spec, &self.owner, plan);
         let options = CreateContainerOptions { name: Some(spec.session.clone()), platform: String::new() };
@@ -424,6 +457,50 @@ impl ExecutionBackend for DockerBackend {
             text.push_str(&chunk.to_string());
         }
         Ok(text)
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<backend_core::VolumeState>> {
+        let filters = HashMap::from([("label".to_owned(), self.owner.label_filters())]);
+        let options = bollard::query_parameters::ListVolumesOptions { filters: Some(filters) };
+        let listed = self.docker.list_volumes(Some(options)).await.map_err(|e| map_err(e, Subject::Other))?;
+        Ok(listed
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| backend_core::VolumeState {
+                name: v.name,
+                created_at: v.created_at,
+                labels: v.labels.into_iter().collect(),
+            })
+            .filter(|v| self.owner.owns(&v.labels))
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        match self.docker.inspect_volume(name).await {
+            Ok(found) => {
+                if !self.owner.owns(&found.labels.into_iter().collect()) {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                return match map_err(e, Subject::Session(name)) {
+                    e if e.is_not_found() => Ok(()),
+                    e => Err(e),
+                }
+            }
+        }
+        let options = bollard::query_parameters::RemoveVolumeOptions { force: false };
+        match self.docker.remove_volume(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) => match map_err(e, Subject::Session(name)) {
+                e if e.is_not_found() => Ok(()),
+                BackendError::AlreadyExists { detail, .. } => {
+                    Err(BackendError::engine(NAME, format!("volume {name} is in use: {detail}")))
+                }
+                e => Err(e),
+            },
+        }
     }
 
     async fn attach_session(&self, session: &str, from: Option<OutputCursor>) -> Result<SessionAttach> {

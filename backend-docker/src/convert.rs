@@ -38,6 +38,15 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
             m.read_only,
         ));
     }
+    for v in &spec.volumes {
+        mounts.push(Mount {
+            source: Some(v.name.clone()),
+            target: Some(v.target.to_string_lossy().into_owned()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(false),
+            ..Mount::default()
+        });
+    }
     let memory = spec.resources.memory_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
     let host_config = HostConfig {
         memory,

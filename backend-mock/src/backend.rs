@@ -75,6 +75,16 @@ impl ExecutionBackend for MockBackend {
         self.engine.stop(session, grace).await
     }
 
+    async fn list_volumes(&self) -> Result<Vec<backend_core::VolumeState>> {
+        self.engine.enter(MockCall::Volumes).await?;
+        Ok(self.engine.volumes(&self.owner))
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        self.engine.enter(MockCall::RemoveVolume(name.to_owned())).await?;
+        self.engine.remove_volume(&self.owner, name)
+    }
+
     async fn remove_session(&self, session: &str) -> Result<()> {
         self.engine.enter(MockCall::Remove(session.to_owned())).await?;
         if self.engine.owned_state(&self.owner, session).status != SessionStatus::Missing {

@@ -47,6 +47,8 @@ pub enum MockCall {
     /// `session_output`.
     Output(String),
     Subscribe,
+    Volumes,
+    RemoveVolume(String),
 }
 
 impl MockCall {
@@ -65,7 +67,8 @@ impl MockCall {
             | Self::Logs(s)
             | Self::Attach(s)
             | Self::Output(s) => Some(s),
-            Self::ImageExists(_) | Self::Snapshot | Self::Subscribe => None,
+            Self::RemoveVolume(v) => Some(v),
+            Self::ImageExists(_) | Self::Snapshot | Self::Subscribe | Self::Volumes => None,
         }
     }
 }
@@ -128,6 +131,8 @@ struct Container {
     stdin: Option<mpsc::UnboundedSender<String>>,
     /// The environment the container was created with.
     env: BTreeMap<String, String>,
+    /// The named volumes it mounts.
+    volumes: Vec<String>,
 }
 
 impl Container {
@@ -155,6 +160,7 @@ impl Container {
             stdin_open,
             stdin: None,
             env,
+            volumes: Vec::new(),
         }
     }
 
@@ -204,6 +210,8 @@ struct State {
     subscribers: Vec<Subscriber>,
     capabilities: Capabilities,
     snapshot_exit_info: bool,
+    /// Named volumes: name → (labels, created at).
+    volumes: BTreeMap<String, (BTreeMap<String, String>, OffsetDateTime)>,
 }
 
 impl std::fmt::Debug for State {
@@ -252,6 +260,7 @@ impl MockEngine {
             subscribers: Vec::new(),
             capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             snapshot_exit_info: true,
+            volumes: BTreeMap::new(),
         };
         Self { state: Arc::new(Mutex::new(state)) }
     }
@@ -440,6 +449,34 @@ impl MockEngine {
         self.lock().images.contains_key(image)
     }
 
+    /// The owned volumes.
+    pub(crate) fn volumes(&self, owner: &OwnershipLabels) -> Vec<backend_core::VolumeState> {
+        let state = self.lock();
+        state
+            .volumes
+            .iter()
+            .filter(|(_, (labels, _))| owner.owns(labels))
+            .map(|(name, (labels, at))| backend_core::VolumeState {
+                name: name.clone(),
+                created_at: Some(*at),
+                labels: labels.clone(),
+            })
+            .collect()
+    }
+
+    /// Removes an owned volume; one in use by a container is an error.
+    pub(crate) fn remove_volume(&self, owner: &OwnershipLabels, name: &str) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        if !state.volumes.get(name).is_some_and(|(labels, _)| owner.owns(labels)) {
+            return Ok(());
+        }
+        if state.containers.values().any(|c| c.volumes.iter().any(|v| v == name)) {
+            return Err(BackendError::engine(NAME, format!("volume {name} is in use by a container")));
+        }
+        state.volumes.remove(name);
+        Ok(())
+    }
+
     pub(crate) fn create(
         &self,
         spec: &SessionSpec,
@@ -447,6 +484,20 @@ impl MockEngine {
         owner: &OwnershipLabels,
     ) -> Result<String, BackendError> {
         let mut state = self.lock();
+        for volume in &spec.volumes {
+            if let Some((existing, _)) = state.volumes.get(&volume.name) {
+                if !owner.owns(existing) {
+                    return Err(BackendError::AlreadyExists {
+                        backend: NAME,
+                        session: volume.name.clone(),
+                        detail: "a volume of that name exists and is not owned by this agentd instance".into(),
+                    });
+                }
+            } else {
+                let volume_labels = owner.labels_for(&spec.session, &spec.agent_id);
+                state.volumes.insert(volume.name.clone(), (volume_labels, OffsetDateTime::now_utc()));
+            }
+        }
         let Some(image_check) = state.images.get(&spec.image).cloned() else {
             return Err(BackendError::ImageNotFound { backend: NAME, image: spec.image.clone() });
         };
@@ -467,8 +518,9 @@ impl MockEngine {
             HealthCheckSpec::Disabled => None,
         };
         let id = state.new_id();
-        let c =
+        let mut c =
             Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open, spec.env.clone());
+        c.volumes = spec.volumes.iter().map(|v| v.name.clone()).collect();
         state.containers.insert(spec.session.clone(), c);
         Ok(id)
     }

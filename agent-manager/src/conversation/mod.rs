@@ -150,6 +150,8 @@ pub struct SessionView {
     pub cost_usd: f64,
     pub usage: Usage,
     pub last_result: Option<LastResult>,
+    /// Turns that ended with a result, over all runs.
+    pub turns: u64,
 }
 
 /// The stored state of one agent's conversation.
@@ -215,6 +217,7 @@ impl SessionRecord {
             cost_usd: self.cost_usd(),
             usage: Usage { input_tokens: self.input_tokens, output_tokens: self.output_tokens },
             last_result: self.last_result.clone(),
+            turns: self.results,
         }
     }
 }

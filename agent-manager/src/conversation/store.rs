@@ -108,6 +108,21 @@ impl Store {
         rows.iter().map(approval_from_row).collect()
     }
 
+    /// The last line the agent wrote on stderr since the latest handshake (so, in its
+    /// latest run), if any.
+    pub(crate) async fn last_stderr(&self, agent_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT text FROM conversation WHERE agent_id = ? AND kind = 'stderr' \
+             AND seq > COALESCE((SELECT MAX(seq) FROM conversation WHERE agent_id = ? AND kind = 'control_request' \
+             AND text = 'initialize'), 0) - 1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(agent_id)
+        .bind(agent_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| r.try_get("text")).transpose()?)
+    }
+
     /// One approval.
     pub(crate) async fn approval(&self, id: &str) -> Result<Option<Approval>> {
         let row = sqlx::query("SELECT * FROM approvals WHERE id = ?").bind(id).fetch_optional(self.pool()).await?;
