@@ -685,6 +685,223 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
+/// Waits until the agent's conversation satisfies `done`; returns it.
+fn wait_conversation(
+    setup: &Setup,
+    daemon: &Daemon,
+    name: &str,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let entries = conversation(setup, name);
+        if done(&entries) {
+            return entries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: never got {what}; conversation tail: {:#?}\nlog:\n{}",
+            entries
+                .iter()
+                .rev()
+                .take(8)
+                .map(|e| (e["seq"].clone(), e["kind"].clone(), e["text"].clone()))
+                .collect::<Vec<_>>(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pending approvals of an agent.
+fn pending_approvals(setup: &Setup, name: &str) -> Vec<Value> {
+    let approvals =
+        http("GET", &format!("{}/v1/approvals?agent={name}&pending=true", setup.base()), None).expect("approvals");
+    approvals.as_array().cloned().unwrap_or_default()
+}
+
+fn wait_pending(setup: &Setup, daemon: &Daemon, name: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(first) = pending_approvals(setup, name).into_iter().next() {
+            return first;
+        }
+        assert!(Instant::now() < deadline, "{name}: no pending approval; log:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn results(entries: &[Value]) -> usize {
+    from_agent(entries, "result").len()
+}
+
+/// The real Claude Code CLI asks for permissions, gets them answered through agentd
+/// (also across a daemon restart), resumes its session after an outside kill and after
+/// `agentd restart`, has a stalled turn interrupted, and leaves no volume behind.
+fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
+    if !engine.has_claude() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let model = rt.block_on(support::model::StandIn::start());
+    let model_url = format!("http://{}:{}", engine.host_alias(), model.port());
+    let mut setup = Setup::new(engine, "steer");
+    setup.set("AGENTD_SHUTDOWN_LEAVE_RUNNING", "true");
+    setup.set("AGENTD_AGENTS__TURN_IDLE_TIMEOUT_SECS", "3");
+    let workspace = std::env::temp_dir().join(format!("agentd-e2e-ws-{}", setup.prefix));
+    std::fs::create_dir_all(&workspace).expect("workspace");
+    // The agent runs as uid 1000.
+    std::fs::set_permissions(&workspace, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let daemon = setup.start();
+    let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
+    let ws = workspace.display().to_string();
+    setup.cli(&[
+        "spawn",
+        "coder",
+        "--kind",
+        "claude-code",
+        "--image",
+        CLAUDE_IMAGE,
+        "--env",
+        &env_url,
+        "--env",
+        "ANTHROPIC_API_KEY=sk-stand-in",
+        "--workdir",
+        &ws,
+        "--restart",
+        "on-failure",
+    ]);
+
+    // Allow: the tool runs in the workspace and its output reaches the model.
+    model.push(support::model::Reply::tool_use(
+        "Bash",
+        json!({"command": "touch /workspace/made-by-claude && echo touched-it", "description": "make a file"}),
+    ));
+    model.push(support::model::Reply::text("The file is made."));
+    http("POST", &format!("{}/v1/agents/coder/messages", setup.base()), Some(json!({"text": "make a file"})))
+        .expect("post");
+    let approval = wait_pending(&setup, &daemon, "coder");
+    assert_eq!(approval["tool"], "Bash", "{approval}");
+    assert_eq!(setup.agent("coder")["turn"], "awaiting_approval");
+    let id = approval["id"].as_str().expect("id").to_owned();
+    let out = setup.cli(&["approvals"]);
+    assert!(out.contains(&id) && out.contains("Bash"), "{out}");
+    setup.cli(&["approve", &id]);
+    let entries = wait_conversation(&setup, &daemon, "coder", "the allowed turn's result", |e| results(e) >= 1);
+    assert!(workspace.join("made-by-claude").exists(), "the allowed tool did not run in the workspace");
+    assert!(
+        entries.iter().any(|e| e["kind"] == "user"
+            && e["direction"] == "from_agent"
+            && e["text"].as_str().is_some_and(|t| t.contains("touched-it"))),
+        "the tool's output is in the conversation"
+    );
+    let tool_results: Vec<Value> = model.requests().iter().flat_map(|r| r.tool_results()).collect();
+    assert!(
+        tool_results.iter().any(|r| r.to_string().contains("touched-it")),
+        "the model got the tool's output: {tool_results:?}"
+    );
+    let again = reqwest_status("POST", &format!("{}/v1/approvals/{id}", setup.base()), json!({"decision": "allow"}));
+    assert_eq!(again, 409, "deciding again must conflict");
+
+    // Deny: the tool does not run, and the turn ends.
+    model.push(support::model::Reply::tool_use(
+        "Bash",
+        json!({"command": "touch /workspace/denied", "description": "no"}),
+    ));
+    model.push(support::model::Reply::text("Understood, not doing it."));
+    http("POST", &format!("{}/v1/agents/coder/messages", setup.base()), Some(json!({"text": "make another"})))
+        .expect("post");
+    let approval = wait_pending(&setup, &daemon, "coder");
+    setup.cli(&["deny", approval["id"].as_str().expect("id"), "--message", "not today"]);
+    wait_conversation(&setup, &daemon, "coder", "the denied turn's result", |e| results(e) >= 2);
+    assert!(!workspace.join("denied").exists(), "a denied tool ran");
+
+    // Pending across a leave-running restart of the daemon.
+    model.push(support::model::Reply::tool_use(
+        "Bash",
+        json!({"command": "touch /workspace/after-restart", "description": "later"}),
+    ));
+    model.push(support::model::Reply::text("Done after the restart."));
+    http("POST", &format!("{}/v1/agents/coder/messages", setup.base()), Some(json!({"text": "one more"})))
+        .expect("post");
+    let pending = wait_pending(&setup, &daemon, "coder");
+    daemon.terminate();
+    let daemon = setup.start();
+    let still = wait_pending(&setup, &daemon, "coder");
+    assert_eq!(still["id"], pending["id"], "the pending approval survived the restart");
+    setup.cli(&["approve", still["id"].as_str().expect("id")]);
+    wait_conversation(&setup, &daemon, "coder", "the turn after the restart", |e| results(e) >= 3);
+    assert!(workspace.join("after-restart").exists());
+
+    // Resume after an outside kill (restart = on-failure): the history reaches the model.
+    let container = engine.inspect(setup.agent("coder")["session"].as_str().expect("session"), "{{.Id}}");
+    engine.run(&["kill", &container]);
+    setup.wait_agent(&daemon, "coder", "restarted by its policy", |a| {
+        a["restarts"] == 1 && a["status"] == "running" && a["connected"] == true
+    });
+    model.push(support::model::Reply::text("I remember."));
+    let reply = setup.cli(&["send", "coder", "what did I ask first?"]);
+    assert!(reply.contains("I remember."), "{reply}");
+    let last = model.messages().last().cloned().expect("a request");
+    assert!(
+        last.message_texts().iter().any(|t| t.contains("make a file")),
+        "the resumed session's history: {:?}",
+        last.message_texts()
+    );
+
+    // And after `agentd restart`.
+    setup.cli(&["restart", "coder"]);
+    setup.wait_agent(&daemon, "coder", "attached after restart", |a| a["restarts"] == 2 && a["connected"] == true);
+    model.push(support::model::Reply::text("Still here."));
+    let reply = setup.cli(&["send", "coder", "and now?"]);
+    assert!(reply.contains("Still here."), "{reply}");
+    let last = model.messages().last().cloned().expect("a request");
+    assert!(
+        last.message_texts().iter().any(|t| t.contains("what did I ask first?")),
+        "history after agentd restart: {:?}",
+        last.message_texts()
+    );
+    let agent = setup.agent("coder");
+    assert!(agent["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "the cost is kept across runs: {agent}");
+
+    // A stalled model stream is interrupted after the (lowered) idle timeout.
+    model.push(support::model::Reply::Stall { text: Some("thinking".into()) });
+    let before = results(&conversation(&setup, "coder"));
+    http("POST", &format!("{}/v1/agents/coder/messages", setup.base()), Some(json!({"text": "stall please"})))
+        .expect("post");
+    wait_conversation(&setup, &daemon, "coder", "the interrupted turn's result", |e| results(e) > before);
+    let events = setup.cli(&["events", "--agent", "coder"]);
+    assert!(events.contains("turn_interrupted"), "{events}");
+    model.push(support::model::Reply::text("Back to work."));
+    let reply = setup.cli(&["send", "coder", "are you back?"]);
+    assert!(reply.contains("Back to work."), "{reply}");
+
+    // rm leaves no volume behind.
+    setup.cli(&["rm", "coder"]);
+    let filter = format!("label=agentd.prefix={}", setup.prefix);
+    let volumes = engine.run(&["volume", "ls", "-q", "--filter", &filter]);
+    assert!(
+        String::from_utf8_lossy(&volumes.stdout).trim().is_empty(),
+        "volumes left: {}",
+        String::from_utf8_lossy(&volumes.stdout)
+    );
+    daemon.terminate();
+    let _ = std::fs::remove_dir_all(&workspace);
+    drop(model);
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The HTTP status of a call with a JSON body.
+fn reqwest_status(method: &str, url: &str, body: Value) -> u16 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let response = client.request(method.parse().expect("method"), url).json(&body).send().await.expect("request");
+        response.status().as_u16()
+    })
+}
+
 macro_rules! per_engine {
     ($($scenario:ident),* $(,)?) => {
         mod docker {
@@ -712,4 +929,5 @@ per_engine!(
     sigterm_stops_all_agents_in_parallel,
     leave_running_then_restart_adopts_the_same_containers,
     claude_code_converses_and_survives_adoption,
+    claude_code_approvals_resume_and_stuck_turns,
 );
