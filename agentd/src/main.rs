@@ -153,25 +153,28 @@ struct SpawnArgs {
     /// Claude Code's --max-turns [default: agents.max_turns, none].
     #[arg(long)]
     max_turns: Option<u32>,
-    /// Environment variable for the agent (repeatable).
+    /// Environment variable for the agent, repeatable; wins over forwarded ones [default: none].
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Memory limit in MiB, no swap [default: agents.memory_mb, 2048].
     #[arg(long)]
     memory_mb: Option<u64>,
+    /// CPU limit in cores [default: agents.cpus, 2].
     #[arg(long)]
     cpus: Option<f64>,
-    /// internet, isolated, none or host.
+    /// internet, isolated, none or host [default: agents.network, internet].
     #[arg(long)]
     network: Option<String>,
-    /// never, on-failure or always.
+    /// never, on-failure or always [default: agents.restart, never].
     #[arg(long)]
     restart: Option<String>,
-    /// Host directory mounted at /workspace.
+    /// Host directory mounted read-write at /workspace, the agent's working directory [default: none].
     #[arg(long)]
     workdir: Option<PathBuf>,
+    /// Claude Code's --model [default: the CLI's own].
     #[arg(long)]
     model: Option<String>,
-    /// First message of a claude-code agent's conversation.
+    /// First message of a claude-code agent's conversation [default: none].
     #[arg(long)]
     prompt: Option<String>,
     /// Command to run instead of the image's entrypoint (kind image), after `--`.
