@@ -877,6 +877,33 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     let reply = setup.cli(&["send", "coder", "are you back?"]);
     assert!(reply.contains("Back to work."), "{reply}");
 
+    // A turn limit: the result that hits it is the turn's error, and the agent stays up.
+    setup.cli(&[
+        "spawn",
+        "limited",
+        "--kind",
+        "claude-code",
+        "--image",
+        CLAUDE_IMAGE,
+        "--env",
+        &env_url,
+        "--env",
+        "ANTHROPIC_API_KEY=sk-stand-in",
+        "--max-turns",
+        "1",
+        "--approvals",
+        "allow",
+    ]);
+    model.push(support::model::Reply::tool_use("Bash", json!({"command": "echo one", "description": "one"})));
+    model.push(support::model::Reply::text("never reached"));
+    let out = setup.command(&["send", "limited", "go on and on"]).output().expect("send");
+    assert_eq!(out.status.code(), Some(1), "an error result exits 1: {}", String::from_utf8_lossy(&out.stderr));
+    let limited = setup.agent("limited");
+    assert_eq!(limited["last_result"]["subtype"], "error_max_turns", "{limited}");
+    assert_eq!(limited["last_result"]["is_error"], true, "{limited}");
+    assert_eq!(limited["status"], "running", "the agent stays up: {limited}");
+    setup.cli(&["rm", "limited"]);
+
     // rm leaves no volume behind.
     setup.cli(&["rm", "coder"]);
     let filter = format!("label=agentd.prefix={}", setup.prefix);
