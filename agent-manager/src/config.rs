@@ -75,10 +75,17 @@ impl AgentDefaults {
             user: new.user,
             read_only_rootfs: new.read_only_rootfs.unwrap_or(self.read_only_rootfs),
             approvals: new.approvals.unwrap_or(self.approvals),
-            permission_mode: new.permission_mode.or_else(|| self.permission_mode.clone()),
-            max_turns: new.max_turns.or(self.max_turns),
-            max_budget_usd: new.max_budget_usd.or(self.max_budget_usd),
+            permission_mode: new.permission_mode,
+            max_turns: new.max_turns,
+            max_budget_usd: new.max_budget_usd,
         };
+        // The Claude Code defaults apply to Claude Code agents only.
+        let mut spec = spec;
+        if spec.kind == AgentKind::ClaudeCode {
+            spec.permission_mode = spec.permission_mode.or_else(|| self.permission_mode.clone());
+            spec.max_turns = spec.max_turns.or(self.max_turns);
+            spec.max_budget_usd = spec.max_budget_usd.or(self.max_budget_usd);
+        }
         check_claude_options(&spec)?;
         if spec.image.trim().is_empty() || spec.image.contains(char::is_whitespace) {
             return invalid("image", format!("{:?} is not an image reference", spec.image));

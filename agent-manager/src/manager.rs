@@ -447,7 +447,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let entry = NewEntry {
             direction: Direction::ToAgent,
             kind: "user".into(),
-            text: text.chars().take(crate::conversation::MAX_ENTRY_TEXT).collect(),
+            text: crate::conversation::protocol::cut(text),
             data: crate::conversation::protocol::user_message(text),
             delivery: Some(Delivery::Queued),
             at: self.now(),

@@ -299,7 +299,8 @@ async fn send_message(
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
     let entry = app.manager.send_message(&id, &body.text).await?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq }))).into_response())
+    let uuid = entry.data.get("uuid").cloned().unwrap_or(serde_json::Value::Null);
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq, "uuid": uuid }))).into_response())
 }
 
 async fn interrupt(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {

@@ -59,7 +59,8 @@ impl Asker {
 pub async fn run(client: &Client, name: &str) -> Result<()> {
     let agent = client.get_json(&format!("/v1/agents/{}", encode(name))).await?;
     if agent["kind"] != "claude-code" {
-        anyhow::bail!("agent {name} is of kind {}; only claude-code agents hold a conversation", agent["kind"]);
+        let kind = agent["kind"].as_str().unwrap_or("unknown");
+        anyhow::bail!("agent {name} is of kind {kind}; only claude-code agents hold a conversation");
     }
     if std::io::stdin().is_terminal() {
         let editor = Box::new(rustyline::DefaultEditor::new().context("setting up the terminal")?);
@@ -93,6 +94,7 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
     let agent_path = format!("/v1/agents/{}", encode(name));
     let queued = client.call(Method::POST, &format!("{agent_path}/messages"), Some(json!({ "text": text }))).await?;
     let mut after = queued["seq"].as_i64().context("the daemon answered without a seq")?;
+    let uuid = queued["uuid"].as_str().map(str::to_owned);
     loop {
         let stream = client.open_stream(&format!("{agent_path}/conversation/stream?after={after}")).await?;
         let mut next: Option<Value> = None;
@@ -109,7 +111,11 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
                         true
                     }
                     Some("result") | Some("control_request") if from_agent => {
-                        let ask = entry["kind"] == "result" || entry["data"]["request"]["subtype"] == "can_use_tool";
+                        let ask = if entry["kind"] == "result" {
+                            crate::client::ends_turn(&entry, uuid.as_deref())
+                        } else {
+                            entry["data"]["request"]["subtype"] == "can_use_tool"
+                        };
                         if ask {
                             next = Some(entry);
                         }
@@ -122,6 +128,9 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
                 false
             }
             _ = tokio::signal::ctrl_c() => true,
+            status = client.until_agent_stops(name) => {
+                anyhow::bail!("agent {name} is {status}: the turn ended without a result");
+            }
         };
         if interrupted {
             client.call(Method::POST, &format!("{agent_path}/interrupt"), None).await?;

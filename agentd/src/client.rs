@@ -152,6 +152,39 @@ async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str
     Ok(())
 }
 
+/// Whether a `result` entry ends the turn of the user message with `uuid`. Claude Code
+/// names the messages a result answers (`user_message_uuids`); a result that names none
+/// is taken as the next turn's end.
+pub fn ends_turn(result: &Value, uuid: Option<&str>) -> bool {
+    let Some(uuid) = uuid else {
+        return true;
+    };
+    let data = &result["data"];
+    match (data.get("user_message_uuids"), data.get("user_message_uuid")) {
+        (Some(Value::Array(ids)), _) if !ids.is_empty() => ids.iter().any(|id| id == uuid),
+        (_, Some(Value::String(id))) => id == uuid,
+        _ => true,
+    }
+}
+
+impl Client {
+    /// Returns once the agent no longer runs (polling every 2 s), with its status; a
+    /// turn being followed will then never end.
+    pub async fn until_agent_stops(&self, name: &str) -> String {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            match self.get_json(&format!("/v1/agents/{}", encode(name))).await {
+                Ok(agent) if agent["status"] == "running" => {}
+                Ok(agent) => return agent["status"].as_str().unwrap_or("gone").to_owned(),
+                Err(e) if e.to_string().contains("404") || e.to_string().contains("no agent") => {
+                    return "removed".into()
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 /// The approvals table: ID, AGENT, TOOL, INPUT (cut short), AGE, DECISION.
 pub fn approvals_table(approvals: &[Value]) -> String {
     let mut rows =
@@ -191,7 +224,8 @@ pub fn conversation_line(e: &Value) -> String {
     let arrow = if text(e, "direction") == "to_agent" { "→" } else { "←" };
     let queued = if e["delivery"] == "queued" { " (queued)" } else { "" };
     let body: String = text(e, "text").chars().take(400).collect::<String>().replace('\n', " ");
-    format!("{:>6} {} {arrow} {:<16} {body}{queued}", e["seq"], text(e, "at"), text(e, "kind"))
+    let seq = e["seq"].as_i64().unwrap_or_default();
+    format!("{seq:>6} {} {arrow} {:<16} {body}{queued}", text(e, "at"), text(e, "kind"))
 }
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {

@@ -379,33 +379,36 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 .call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text })))
                 .await?;
             let seq = queued["seq"].as_i64().context("the daemon answered without a seq")?;
+            let uuid = queued["uuid"].as_str().map(str::to_owned);
             if no_wait {
                 println!("message {seq} queued for {name}");
                 return Ok(());
             }
             let stream = client.open_stream(&format!("{}/conversation/stream?after={seq}", agent_path(&name))).await?;
             let mut result: Option<Value> = None;
-            client
-                .follow_conversation(stream, |entry| {
-                    if entry["direction"] != "from_agent" {
-                        return true;
-                    }
-                    match entry["kind"].as_str() {
-                        Some("assistant") => {
-                            let text = entry["text"].as_str().unwrap_or_default();
-                            if !text.is_empty() {
-                                println!("{text}");
-                            }
-                            true
+            let followed = client.follow_conversation(stream, |entry| {
+                if entry["direction"] != "from_agent" {
+                    return true;
+                }
+                match entry["kind"].as_str() {
+                    Some("assistant") => {
+                        let text = entry["text"].as_str().unwrap_or_default();
+                        if !text.is_empty() {
+                            println!("{text}");
                         }
-                        Some("result") => {
-                            result = Some(entry);
-                            false
-                        }
-                        _ => true,
+                        true
                     }
-                })
-                .await?;
+                    Some("result") if client::ends_turn(&entry, uuid.as_deref()) => {
+                        result = Some(entry);
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            tokio::select! {
+                followed = followed => { followed?; }
+                status = client.until_agent_stops(&name) => bail!("agent {name} is {status}: the turn ended without a result"),
+            }
             let result =
                 result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
             if result["data"]["is_error"].as_bool() == Some(true) {

@@ -31,7 +31,13 @@ pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> St
     let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: f64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     };
-    gauge(&mut out, "agentd_connected_agents", "Agents connected to the agent channel.", "gauge", connected as f64);
+    gauge(
+        &mut out,
+        "agentd_connected_agents",
+        "Agents whose stdin and output agentd holds attached.",
+        "gauge",
+        connected as f64,
+    );
     gauge(
         &mut out,
         "agentd_reconcile_passes_total",

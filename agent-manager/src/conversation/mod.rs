@@ -328,7 +328,8 @@ impl Hub {
             .map(|(i, e)| ConversationEntry {
                 agent_id: agent_id.to_owned(),
                 seq: first + i as i64,
-                at: e.at,
+                // The store keeps milliseconds: what is broadcast equals what is read back.
+                at: e.at.replace_nanosecond(e.at.millisecond() as u32 * 1_000_000).unwrap_or(e.at),
                 direction: e.direction,
                 kind: e.kind,
                 text: e.text,

@@ -112,7 +112,7 @@ fn user_text(content: &Value) -> String {
     parts.join("")
 }
 
-fn cut(text: &str) -> String {
+pub(crate) fn cut(text: &str) -> String {
     cut_to(text, MAX_ENTRY_TEXT)
 }
 

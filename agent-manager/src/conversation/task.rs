@@ -590,7 +590,8 @@ async fn deliver<B: ExecutionBackend + ?Sized>(
     }
     let mut started_turn = false;
     for entry in queued {
-        started_turn |= entry.kind == "user";
+        // A message, or an answered permission request, sets the turn going again.
+        started_turn |= entry.kind == "user" || entry.kind == "control_response";
         let line = match &entry.data {
             serde_json::Value::String(raw) => raw.clone(),
             other => other.to_string(),
