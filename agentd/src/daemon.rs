@@ -131,10 +131,31 @@ impl Daemon {
         });
         servers.spawn(async move { api_server.await });
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
-        let supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
+        let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
 
-        stop.await;
+        // A supervisor that dies takes the daemon with it: an API over a dead supervision
+        // loop would serve stale truth. The agents are left running for the next start
+        // (which a service manager brings) to adopt.
+        let died = tokio::select! {
+            _ = stop => None,
+            outcome = &mut supervisor => Some(outcome),
+        };
+        if let Some(outcome) = died {
+            let how = match &outcome {
+                Err(e) if e.is_panic() => "panicked",
+                _ => "ended unexpectedly",
+            };
+            error!(
+                how,
+                "The supervision loop {how}; agentd stops, leaving its agents running for the next start to adopt."
+            );
+            let _ = shutdown.send(true);
+            let _ = app.manager.shutdown_all(true).await;
+            servers.abort_all();
+            app.manager.store().close().await;
+            bail!("the supervision loop {how}; agents were left running for the next start to adopt");
+        }
         info!(leave_running, "Shutting down: no new requests; stopping the supervisor.");
         let _ = shutdown.send(true);
         let _ = stop_supervisor.send(true);

@@ -412,3 +412,57 @@ async fn wait_conversation(d: &TestDaemon, name: &str, done: impl Fn(&Value) -> 
     }
     panic!("the conversation of {name} never got there: {entries}");
 }
+
+/// A backend whose snapshot panics: the supervision loop dies on its first pass.
+#[derive(Debug)]
+struct PanickingBackend(MockBackend);
+
+#[async_trait::async_trait]
+impl ExecutionBackend for PanickingBackend {
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+    fn ownership(&self) -> &OwnershipLabels {
+        self.0.ownership()
+    }
+    fn capabilities(&self) -> backend_core::Capabilities {
+        self.0.capabilities()
+    }
+    async fn image_exists(&self, image: &str) -> backend_core::Result<bool> {
+        self.0.image_exists(image).await
+    }
+    async fn create_session(&self, spec: &backend_core::SessionSpec) -> backend_core::Result<String> {
+        self.0.create_session(spec).await
+    }
+    async fn start_session(&self, session: &str) -> backend_core::Result<()> {
+        self.0.start_session(session).await
+    }
+    async fn session_exists(&self, session: &str) -> backend_core::Result<bool> {
+        self.0.session_exists(session).await
+    }
+    async fn stop_session(&self, session: &str, grace: Duration) -> backend_core::Result<()> {
+        self.0.stop_session(session, grace).await
+    }
+    async fn remove_session(&self, session: &str) -> backend_core::Result<()> {
+        self.0.remove_session(session).await
+    }
+    async fn snapshot(&self) -> backend_core::Result<Vec<backend_core::SessionState>> {
+        panic!("a bug in the supervision path");
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_whose_supervisor_dies_exits_with_an_error() {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    let store = Store::in_memory().await.expect("store");
+    let instance = store.instance_id().await.expect("instance");
+    let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
+    let backend: Arc<dyn ExecutionBackend> = Arc::new(PanickingBackend(MockBackend::new(MockEngine::new(), owner)));
+    let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), daemon.run(std::future::pending()))
+        .await
+        .expect("the daemon must not keep serving over a dead supervisor");
+    let error = outcome.expect_err("a dead supervisor is an error").to_string();
+    assert!(error.contains("supervision loop panicked"), "{error}");
+}
