@@ -116,9 +116,6 @@ impl AgentDefaults {
             if !dir.is_absolute() {
                 return invalid("workdir", format!("{} must be an absolute path", dir.display()));
             }
-            if !dir.is_dir() {
-                return invalid("workdir", format!("{} is not an existing directory on this host", dir.display()));
-            }
         }
         if let Some(mb) = spec.memory_mb {
             if mb < 6 {

@@ -243,6 +243,17 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
         let spec = self.config.defaults.resolve(new.clone())?;
+        if let Some(dir) = spec.workdir.clone() {
+            // A file-system call: off the async workers.
+            let exists = tokio::task::spawn_blocking(move || dir.is_dir()).await.unwrap_or(false);
+            if !exists {
+                let dir = spec.workdir.as_deref().unwrap_or(std::path::Path::new("")).display();
+                return Err(ManagerError::Invalid {
+                    field: "workdir",
+                    message: format!("{dir} is not an existing directory on this host"),
+                });
+            }
+        }
         if !self.backend.image_exists(&spec.image).await? {
             let hint = if spec.image.starts_with("agentd-echo") {
                 "build it with `cargo xtask images`".to_owned()
@@ -718,15 +729,22 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Every agent, optionally only those with `status`, with their last exits.
     pub async fn list(&self, status: Option<AgentStatus>) -> Result<Vec<AgentView>> {
         let agents = self.store.list_agents(status).await?;
+        // One query for every agent's last exit, not one per agent.
+        let mut exits = self.store.last_exits().await?;
         let mut views = Vec::with_capacity(agents.len());
         for agent in agents {
-            views.push(self.view(agent).await?);
+            let exit = exits.remove(&agent.id);
+            views.push(self.view_with(agent, exit).await?);
         }
         Ok(views)
     }
 
     pub(crate) async fn view(&self, agent: Agent) -> Result<AgentView> {
         let exit = self.store.last_exit(&agent.id).await?;
+        self.view_with(agent, exit).await
+    }
+
+    async fn view_with(&self, agent: Agent, exit: Option<crate::model::ExitView>) -> Result<AgentView> {
         let session = if agent.speaks_stream_json() {
             self.conversations.record(&agent.id).await?;
             self.conversations.view(&agent.id)

@@ -227,10 +227,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.wake_at(at);
         }
         for state in snapshot.iter().filter(|s| !known.contains(&s.session)) {
-            if self.handle_orphan(state, now).await? {
-                report.orphans_removed += 1;
-            } else {
-                report.orphans_kept += 1;
+            match self.handle_orphan(state, now).await {
+                Ok(true) => report.orphans_removed += 1,
+                Ok(false) => report.orphans_kept += 1,
+                // The agents' changes above are applied; one orphan must not undo the pass.
+                Err(e) => {
+                    report.errors += 1;
+                    warn!(session = %state.session, error = %e, "Could not handle an orphaned session; the next pass tries again.");
+                }
             }
         }
         self.sweep_orphan_volumes(now, &mut report).await;

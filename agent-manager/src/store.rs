@@ -287,6 +287,24 @@ impl Store {
         Ok(row.as_ref().map(run_from_row).transpose()?.and_then(|r| r.exit))
     }
 
+    /// Every agent's last finished run's exit, in one query.
+    pub async fn last_exits(&self) -> Result<HashMap<String, ExitView>> {
+        let rows = sqlx::query(
+            "SELECT r.* FROM runs r JOIN (SELECT agent_id, MAX(id) AS id FROM runs WHERE finished_at IS NOT NULL \
+             GROUP BY agent_id) last ON r.id = last.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut exits = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let run = run_from_row(row)?;
+            if let Some(exit) = run.exit {
+                exits.insert(run.agent_id, exit);
+            }
+        }
+        Ok(exits)
+    }
+
     /// Applies one transition atomically: the agent's new fields, the end of its open run
     /// (if `finish` is given), and the event. Returns the stored event.
     pub async fn transition(

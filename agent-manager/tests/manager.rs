@@ -833,3 +833,21 @@ async fn a_spawn_interrupted_and_then_stopped_is_cleared_away() {
     assert_eq!(after.agent.status, AgentStatus::Stopped);
     assert_eq!(fx.engine.container_id(&record.session), None, "the never-started container stays");
 }
+
+#[tokio::test]
+async fn an_orphan_that_cannot_be_removed_does_not_fail_the_pass() {
+    let fx = Fixture::new().await;
+    let victim = fx.spawn("victim").await.agent;
+    let stray = MockBackend::new(fx.engine.clone(), fx.owner.clone());
+    stray.create_session(&SessionSpec::new("agentd-stray", "stray-id", PLAIN_IMAGE)).await.expect("create orphan");
+    stray.start_session("agentd-stray").await.expect("start orphan");
+    fx.clock.advance(Duration::from_secs(301));
+    // The agent died, and the engine refuses to remove the orphan.
+    fx.engine.exit(&victim.session, 2);
+    fx.engine.fail_next_matching(1, |call| *call == MockCall::Remove("agentd-stray".into()));
+    let report = fx.manager.reconcile().await.expect("the pass succeeds despite the orphan");
+    assert_eq!(report.errors, 1, "{report:?}");
+    assert_eq!(fx.status("victim").await, AgentStatus::Failed, "the agent's change is applied");
+    fx.reconcile().await;
+    assert_eq!(fx.engine.container_id("agentd-stray"), None, "the next pass removes the orphan");
+}
