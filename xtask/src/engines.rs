@@ -126,7 +126,10 @@ fn log_path(name: &str) -> Result<PathBuf> {
 fn spawn_detached(mut cmd: Command, log: &Path) -> Result<()> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+    // Not the project root: conmon drops files (an `oom` marker on OOM kills) into its
+    // working directory.
+    let dir = log.parent().unwrap_or(Path::new("/"));
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0).current_dir(dir);
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     println!("xtask: started {:?} as pid {}", cmd.get_program(), child.id());
     Ok(())
