@@ -1,8 +1,16 @@
-//! Attach and output for Podman: stdin through libpod's attach, output from libpod's log
-//! endpoint with timestamps, decoded by backend-core's shared decoder.
-
-use std::pin::Pin;
-use std::task::{Context, Poll};
+//! Attach and output for Podman: stdin through the session's stdin keeper (`stdin.rs`),
+//! output from libpod's log endpoint with timestamps, decoded by backend-core's shared
+//! decoder.
+//!
+//! libpod's log (k8s-file) as read here, measured on 4.3.1:
+//! - timestamps have whole seconds only (`2026-12-01T11:17:02Z `), so many entries share
+//!   one; the decoder counts them with the cursor's `skip`;
+//! - conmon writes a line longer than its 8 KiB buffer as several partial entries, and the
+//!   API sends one frame per entry (a partial one without, a full one with a trailing
+//!   `\n`, which may be a frame of its own). The entries are written once, so two reads
+//!   of the same log split it alike and entry counts are stable;
+//! - `since` is exclusive at its exact time. The decoder asks from a second before the
+//!   cursor's second, so every entry stamped like the cursor is replayed and counted.
 
 use backend_core::{timestamped_lines, BackendError, OutputCursor, OutputDecoder, OutputLines, OutputStream, Result};
 use futures_util::StreamExt;
@@ -48,24 +56,6 @@ pub(crate) fn output(podman: &Podman, session: &str, from: Option<OutputCursor>,
     });
     let entries = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     timestamped_lines(entries, from)
-}
-
-/// podman-api's attach writer (a `futures` writer) as a tokio writer, for
-/// [`backend_core::LineWriter`].
-pub(crate) struct FuturesWriter<W>(pub(crate) W);
-
-impl<W: futures_util::AsyncWrite + Unpin> tokio::io::AsyncWrite for FuturesWriter<W> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_close(cx)
-    }
 }
 
 /// The error for an attach to a session that is not running.

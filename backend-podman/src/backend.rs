@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter, OutputCursor,
+    BackendError, BackendEvent, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, OutputCursor,
     OutputLines, OwnershipLabels, Result, SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState,
     SessionStatus, EVENT_BUFFER,
 };
 use futures_util::StreamExt;
 use podman_api::models::{InspectContainerData, Network};
 use podman_api::opts::{
-    ContainerAttachOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts,
-    ExecCreateOpts, ExecStartOpts, NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
+    ContainerDeleteOpts, ContainerListFilter, ContainerListOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts,
+    NetworkCreateOpts, NetworkListFilter, NetworkListOpts,
 };
 use podman_api::Podman;
 use time::OffsetDateTime;
@@ -31,6 +31,7 @@ use crate::events::Pump;
 use crate::health::{self, HealthDriver, HealthScheduling};
 use crate::oom::OomJudge;
 use crate::raw::Libpod;
+use crate::stdin::Keepers;
 use crate::PodmanConfig;
 
 /// The oldest Podman this backend supports: the libpod API of 4.0 (netavark networks,
@@ -69,6 +70,8 @@ struct Inner {
     oom: OomJudge,
     /// Health changes the check driver makes, for event subscribers.
     health_events: broadcast::Sender<BackendEvent>,
+    /// The processes that hold the sessions' stdin open (see `stdin.rs`).
+    keepers: Keepers,
     /// Runs health checks while the backend lives.
     _driver: HealthDriver,
 }
@@ -201,6 +204,13 @@ impl PodmanBackend {
             config.request_timeout,
             health_events.clone(),
         );
+        let keepers = Keepers::new(
+            config.stdin_dir.clone(),
+            config.podman_command.clone(),
+            &address,
+            local,
+            config.request_timeout,
+        );
         let mut inner = Inner {
             podman,
             libpod,
@@ -213,6 +223,7 @@ impl PodmanBackend {
             scheduling,
             oom,
             health_events,
+            keepers,
             _driver: driver,
         };
         inner.bridge_gateway = inner.default_network_gateway().await?;
@@ -413,20 +424,23 @@ impl Inner {
         BackendError::NotFound { backend: NAME, session: session.to_owned() }
     }
 
-    async fn remove(&self, session: &str) -> Result<()> {
+    /// Removes the container, and the files of its stdin keeper (container `id`), which
+    /// ends with it.
+    async fn remove(&self, session: &str, id: Option<&str>) -> Result<()> {
         // Force, without waiting for a stop timeout: remove is a kill.
         let opts = ContainerDeleteOpts::builder().force(true).volumes(true).timeout(0).build();
         let container = self.podman.containers().get(session);
         match self.call("the container removal", Subject::Session(session), container.delete(&opts)).await {
-            Ok(()) => {
-                debug!(session = %session, "Container removed.");
-                Ok(())
-            }
-            Err(e) if e.is_not_found() => Ok(()),
+            Ok(()) => debug!(session = %session, "Container removed."),
+            Err(e) if e.is_not_found() => {}
             // Removal already in progress (two removers at once).
-            Err(BackendError::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e),
+            Err(BackendError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
         }
+        if let Some(id) = id {
+            self.keepers.forget(id);
+        }
+        Ok(())
     }
 }
 
@@ -462,6 +476,11 @@ impl ExecutionBackend for PodmanBackend {
             });
         }
         let inner = &self.inner;
+        inner
+            .call_within(inner.config.request_timeout, "the volume setup", Subject::Other, async {
+                Ok::<_, podman_api::Error>(crate::volumes::ensure(&inner.podman, &inner.owner, spec).await)
+            })
+            .await??;
         let plan = convert::network_plan(
             spec.network,
             &inner.config.isolated_network,
@@ -475,15 +494,15 @@ impl ExecutionBackend for PodmanBackend {
             Err(BackendError::AlreadyExists { detail, .. }) => {
                 // Never reuse a container built from old config: a stale one of ours is
                 // replaced; anyone else's is left alone and the create fails.
-                if inner.inspect(&spec.session).await?.is_none() {
+                let Some(stale) = inner.inspect(&spec.session).await? else {
                     return Err(BackendError::AlreadyExists {
                         backend: NAME,
                         session: spec.session.clone(),
                         detail: format!("{detail}; it is not owned by this agentd instance, so it is left alone"),
                     });
-                }
+                };
                 info!(session = %spec.session, "Replacing a stale container of the same session.");
-                inner.remove(&spec.session).await?;
+                inner.remove(&spec.session, stale.id.as_deref()).await?;
                 inner.call("the container creation", subject, inner.libpod.create(&body)).await?
             }
             Err(e) => return Err(e),
@@ -539,10 +558,10 @@ impl ExecutionBackend for PodmanBackend {
     }
 
     async fn remove_session(&self, session: &str) -> Result<()> {
-        if self.inner.inspect(session).await?.is_none() {
+        let Some(inspect) = self.inner.inspect(session).await? else {
             return Ok(());
-        }
-        self.inner.remove(session).await
+        };
+        self.inner.remove(session, inspect.id.as_deref()).await
     }
 
     async fn send_command(&self, session: &str, command: &[String]) -> Result<CommandOutput> {
@@ -637,13 +656,33 @@ impl ExecutionBackend for PodmanBackend {
                 message: format!("session {session} was created without an open stdin; it cannot be written to"),
             });
         }
-        let container = inner.podman.containers().get(session);
-        let opts = ContainerAttachOpts::builder().stdin(true).stdout(false).stderr(false).build();
-        let attached = inner.call("the attach", Subject::Session(session), container.attach(&opts)).await?;
-        // The attach's own output half is not read: the log carries positions.
-        let (_output, input) = attached.split();
+        let id = inspect.id.clone().unwrap_or_default();
+        // Never libpod's attach with stdin: its end would close the session's stdin. The
+        // session's keeper holds one attach for the whole run (see stdin.rs).
+        let input = match inner.keepers.input(&inner.podman, session, &id).await {
+            Ok(input) => input,
+            Err(e @ BackendError::Engine { .. }) => {
+                // The session may have ended or gone meanwhile: say that instead.
+                return Err(match inner.inspect(session).await {
+                    Ok(None) => Inner::not_found(session),
+                    Ok(Some(now)) if !now.state.as_ref().and_then(|s| s.running).unwrap_or(false) => {
+                        attach::not_running(session)
+                    }
+                    _ => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let output = attach::output(&inner.podman, session, from, true);
-        Ok(SessionAttach { input: Box::new(LineWriter::new(NAME, attach::FuturesWriter(Box::pin(input)))), output })
+        Ok(SessionAttach { input: Box::new(input), output })
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<backend_core::VolumeState>> {
+        crate::volumes::list(&self.inner.podman, &self.inner.owner).await
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        crate::volumes::remove(&self.inner.podman, &self.inner.owner, name).await
     }
 
     async fn session_output(&self, session: &str, from: Option<OutputCursor>, follow: bool) -> Result<OutputLines> {

@@ -1,5 +1,6 @@
 //! Configuration of the Podman backend.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The socket of the rootful Podman service, the last address tried.
@@ -8,6 +9,9 @@ pub const ROOTFUL_SOCKET: &str = "unix:///run/podman/podman.sock";
 /// The command that starts a Podman service on the rootful socket where nothing else
 /// (systemd's `podman.socket`) does.
 pub const START_SERVICE: &str = "podman system service --time=0 unix:///run/podman/podman.sock";
+
+/// Where the stdin keepers' FIFOs live unless [`PodmanConfig::stdin_dir`] says otherwise.
+pub const DEFAULT_STDIN_DIR: &str = "/run/agentd/podman-stdin";
 
 /// Where and how to reach the Podman service (libpod API).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +26,25 @@ pub struct PodmanConfig {
     /// gateway so that the host is reachable; shared by every agentd on the host, never
     /// removed).
     pub isolated_network: String,
+    /// The directory of the sessions' stdin FIFOs (`<container id>.stdin`, with the
+    /// keeper's diagnostics in `<container id>.log`), created with mode 0700. Every agentd
+    /// on the host may share it; it must be on a local file system (a tmpfs like `/run`
+    /// is best). See the README's "Attach closes the container's stdin".
+    pub stdin_dir: PathBuf,
+    /// The Podman command-line client that runs the stdin keepers (`podman attach`): a
+    /// name looked up in `PATH`, or a path.
+    pub podman_command: PathBuf,
 }
 
 impl Default for PodmanConfig {
     fn default() -> Self {
-        Self { socket: None, request_timeout: Duration::from_secs(30), isolated_network: "agentd-isolated".into() }
+        Self {
+            socket: None,
+            request_timeout: Duration::from_secs(30),
+            isolated_network: "agentd-isolated".into(),
+            stdin_dir: DEFAULT_STDIN_DIR.into(),
+            podman_command: "podman".into(),
+        }
     }
 }
 

@@ -22,9 +22,13 @@ pub(crate) const DEFAULT_NETWORK: &str = "podman";
 /// The signal `stop` sends first.
 const SIGTERM: i64 = 15;
 
-/// The session's output is kept in a k8s-file log of at most this size (libpod truncates
-/// it), like the Docker backend's bounded json-file log.
-const LOG_SIZE_MAX: i64 = 10 * 1024 * 1024;
+/// The session's output is kept in a k8s-file log of at most this size: a guard against
+/// runaway output only, far above what a session writes. Podman 4.3 does not rotate a
+/// k8s-file log: at the limit conmon replaces it with an empty file, so the output written
+/// before is gone, and a reader following the log while it is replaced loses and tears
+/// entries (measured). A 10 MiB limit like the Docker backend's rotated json-file log
+/// (which keeps 3 files) is reached by one 5 MB line echoed back.
+const LOG_SIZE_MAX: i64 = 1024 * 1024 * 1024;
 
 /// Where a session's network policy puts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +138,11 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, plan: &Ne
     let fields = body.as_object_mut().expect("a JSON object literal");
     if !resources.is_empty() {
         fields.insert("resource_limits".into(), Value::Object(resources));
+    }
+    if !spec.volumes.is_empty() {
+        let volumes: Vec<Value> =
+            spec.volumes.iter().map(|v| json!({ "Name": v.name, "Dest": v.target.to_string_lossy() })).collect();
+        fields.insert("volumes".into(), Value::Array(volumes));
     }
     if let Some(command) = &spec.command {
         fields.insert("command".into(), json!(command));

@@ -53,13 +53,15 @@ pub(crate) fn map_event(event: &Event, owner: &OwnershipLabels) -> Option<Mapped
         }
         "oom" => BackendEvent::OomKilled { session },
         "remove" | "destroy" => BackendEvent::Removed { session },
+        "pause" => BackendEvent::Paused { session },
+        "unpause" => BackendEvent::Unpaused { session },
         "health_status" => return Some(Mapped::HealthCheckRan { session, container: event.actor.id.clone() }),
         _ => return None,
     }))
 }
 
 /// `since` for libpod: unix seconds with nanoseconds.
-fn since_param(at: OffsetDateTime) -> String {
+pub(crate) fn since_param(at: OffsetDateTime) -> String {
     let nanos = at.unix_timestamp_nanos();
     format!("{}.{:09}", nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000))
 }

@@ -12,7 +12,9 @@
 //! - OOM kills told from the kernel log where Podman does not report them
 //!   (containers/podman#13102), see `oom.rs`;
 //! - stop's grace period and the no-new-privileges flag sent the way libpod reads them,
-//!   see `raw.rs`.
+//!   see `raw.rs`;
+//! - a session's stdin held open by a keeper process of its own, because libpod closes it
+//!   when an attach ends, see `stdin.rs`.
 //!
 //! The crate's README lists every workaround with the upstream issue it works around.
 //!
@@ -28,7 +30,9 @@ mod events;
 mod health;
 mod oom;
 mod raw;
+mod stdin;
+mod volumes;
 
 pub use backend::PodmanBackend;
-pub use config::{PodmanConfig, ROOTFUL_SOCKET, START_SERVICE};
+pub use config::{PodmanConfig, DEFAULT_STDIN_DIR, ROOTFUL_SOCKET, START_SERVICE};
 pub use health::HealthScheduling;
