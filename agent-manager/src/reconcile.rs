@@ -194,15 +194,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         // Wake-ups set from now on (by operations during the pass) are kept and merged.
         lock(&self.next_wakeup).take();
         let mut wakeup: Option<OffsetDateTime> = None;
+        let mut skipped = false;
         for (mut agent, version) in agents {
             let Some(_guard) = self.try_lock_agent(&agent.id) else {
                 report.busy += 1;
+                skipped = true;
                 continue;
             };
             // An operation that finished between the snapshot and the lock changed the
             // record: the snapshot predates it, so leave the agent to the next pass.
             if !self.store.is_current(&agent.id, version) {
                 report.busy += 1;
+                skipped = true;
                 continue;
             }
             let observed = by_session.get(agent.session.as_str()).copied();
@@ -222,6 +225,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             if let Some(due) = self.due_time(&agent) {
                 wakeup = Some(wakeup.map_or(due, |w| w.min(due)));
             }
+        }
+        if skipped {
+            // What the snapshot showed of a skipped agent is not lost with this pass's
+            // cleared wake-up: look again shortly, not at the next periodic relist.
+            let soon = now + std::time::Duration::from_secs(1);
+            wakeup = Some(wakeup.map_or(soon, |w| w.min(soon)));
         }
         if let Some(at) = wakeup {
             self.wake_at(at);
