@@ -469,6 +469,15 @@ fn leave_running_then_restart_adopts_the_same_containers(engine: Engine) {
     daemon.terminate();
 }
 
+/// Spawns a claude-code agent of the real image that talks to the stand-in model.
+fn spawn_claude(setup: &Setup, name: &str, model_url: &str, extra: &[&str]) {
+    let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
+    let mut args = vec!["spawn", name, "--kind", "claude-code", "--image", CLAUDE_IMAGE, "--env", &env_url];
+    args.extend(["--env", "ANTHROPIC_API_KEY=sk-stand-in"]);
+    args.extend(extra);
+    setup.cli(&args);
+}
+
 /// The conversation of an agent as the API lists it.
 fn conversation(setup: &Setup, name: &str) -> Vec<Value> {
     let entries = http("GET", &format!("{}/v1/agents/{name}/conversation?limit=10000", setup.base()), None)
@@ -574,19 +583,7 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     setup.set("AGENTD_SHUTDOWN_LEAVE_RUNNING", "true");
     let daemon = setup.start();
     let spawned = Instant::now();
-    let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
-    setup.cli(&[
-        "spawn",
-        "coder",
-        "--kind",
-        "claude-code",
-        "--image",
-        CLAUDE_IMAGE,
-        "--env",
-        &env_url,
-        "--env",
-        "ANTHROPIC_API_KEY=sk-stand-in",
-    ]);
+    spawn_claude(&setup, "coder", &model_url, &[]);
     let reply = setup.cli(&["send", "coder", "hello"]);
     let first_reply = spawned.elapsed();
     assert!(reply.contains("Hello from the stand-in."), "agentd send printed: {reply}\nlog:\n{}", daemon.log_text());
@@ -754,24 +751,8 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     // The agent runs as uid 1000.
     std::fs::set_permissions(&workspace, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let daemon = setup.start();
-    let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
     let ws = workspace.display().to_string();
-    setup.cli(&[
-        "spawn",
-        "coder",
-        "--kind",
-        "claude-code",
-        "--image",
-        CLAUDE_IMAGE,
-        "--env",
-        &env_url,
-        "--env",
-        "ANTHROPIC_API_KEY=sk-stand-in",
-        "--workdir",
-        &ws,
-        "--restart",
-        "on-failure",
-    ]);
+    spawn_claude(&setup, "coder", &model_url, &["--workdir", &ws, "--restart", "on-failure"]);
 
     // Allow: the tool runs in the workspace and its output reaches the model.
     model.push(support::model::Reply::tool_use(
@@ -878,22 +859,7 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     assert!(reply.contains("Back to work."), "{reply}");
 
     // A turn limit: the result that hits it is the turn's error, and the agent stays up.
-    setup.cli(&[
-        "spawn",
-        "limited",
-        "--kind",
-        "claude-code",
-        "--image",
-        CLAUDE_IMAGE,
-        "--env",
-        &env_url,
-        "--env",
-        "ANTHROPIC_API_KEY=sk-stand-in",
-        "--max-turns",
-        "1",
-        "--approvals",
-        "allow",
-    ]);
+    spawn_claude(&setup, "limited", &model_url, &["--max-turns", "1", "--approvals", "allow"]);
     model.push(support::model::Reply::tool_use("Bash", json!({"command": "echo one", "description": "one"})));
     model.push(support::model::Reply::text("never reached"));
     let out = setup.command(&["send", "limited", "go on and on"]).output().expect("send");

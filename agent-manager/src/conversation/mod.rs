@@ -16,8 +16,6 @@ mod store;
 pub(crate) mod task;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use backend_core::OutputCursor;
@@ -27,47 +25,12 @@ use time::OffsetDateTime;
 use tokio::sync::{broadcast, Notify};
 
 use crate::manager::lock;
+use crate::model::text_enum;
 use crate::store::{Store, StoreError};
 
 pub use protocol::MAX_ENTRY_TEXT;
 
-macro_rules! simple_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant),*
-        }
-
-        impl $name {
-            /// The name used in JSON and the database.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),*
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)*
-                    other => Err(format!("unknown {} {other:?}", stringify!($name))),
-                }
-            }
-        }
-    };
-}
-
-simple_enum! {
+text_enum! {
     /// Which way a line went.
     Direction {
         /// Written by the agent (its stdout or stderr).
@@ -77,7 +40,7 @@ simple_enum! {
     }
 }
 
-simple_enum! {
+text_enum! {
     /// Where a line to the agent is.
     Delivery {
         /// Stored, not yet written to the agent's stdin (the agent is frozen, or not
@@ -90,7 +53,7 @@ simple_enum! {
     }
 }
 
-simple_enum! {
+text_enum! {
     /// Where the session's current turn is.
     Turn {
         /// No turn in progress: the agent waits for a message.
