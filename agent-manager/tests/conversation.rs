@@ -348,3 +348,50 @@ async fn an_orphaned_volume_is_removed_after_the_grace() {
     assert_eq!(report.orphans_removed, 1, "{report:?}");
     assert!(fx.manager.backend().list_volumes().await.expect("volumes").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_ignores_the_interrupt_gets_the_agent_restarted() {
+    let mut config = test_config();
+    config.reconcile.turn_idle_timeout = Duration::from_millis(300);
+    config.reconcile.interrupt_grace = Duration::from_millis(500);
+    let fx = Fixture::with_config(config).await;
+    let before = fx.spawn_with(claude("stuck", Some("!hang"))).await.agent;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(fx.manager.clone().supervise(stopped));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let agent = fx.get("stuck").await.agent;
+        if agent.restarts == 1 && agent.status == agent_manager::AgentStatus::Running {
+            assert_ne!(agent.container_id, before.container_id, "a new run");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stuck agent was not restarted: {agent:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = fx.manager.events(Some("stuck"), 0, 100).await.expect("events");
+    assert!(events.iter().any(|e| e.kind == agent_manager::EventKind::TurnInterrupted));
+    let restarted = events.iter().find(|e| e.kind == agent_manager::EventKind::Restarted).expect("restarted event");
+    assert!(restarted.detail.contains("did not end"), "the event says why: {}", restarted.detail);
+    stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("stops").expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_records_what_claude_said_on_stderr() {
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("refused", Some("!stderr No conversation found with session ID: x"))).await;
+    wait_for_entry(&fx, "refused", "the stderr line", |e| e.kind == "stderr").await;
+    fx.manager.send_message("refused", "!exit 1").await.expect("send");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        fx.reconcile().await;
+        let view = fx.get("refused").await;
+        if view.agent.status == agent_manager::AgentStatus::Failed {
+            let error = view.exit.and_then(|e| e.error).unwrap_or_default();
+            assert!(error.contains("claude said: No conversation found"), "{error}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the run did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

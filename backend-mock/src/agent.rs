@@ -52,7 +52,13 @@ fn out(line: String) -> Step {
 enum Turn {
     Idle,
     Stalled,
-    Tool { request_id: String, name: String, input: String },
+    /// `!hang`: never ends, interrupts or not.
+    Hung,
+    Tool {
+        request_id: String,
+        name: String,
+        input: String,
+    },
 }
 
 /// One simulated session: the echo agent's `Session`.
@@ -104,7 +110,7 @@ impl EchoSession {
                         steps.push(out(format!(
                             r#"{{"type":"control_response","response":{{"subtype":"success","request_id":{id}}}}}"#
                         )));
-                        if !matches!(self.turn, Turn::Idle) {
+                        if !matches!(self.turn, Turn::Idle | Turn::Hung) {
                             self.turn = Turn::Idle;
                             let result = self.result("error_during_execution", "");
                             steps.push(out(result));
@@ -178,6 +184,7 @@ impl EchoSession {
                 self.turn = Turn::Tool { request_id: format!("tool-{k}"), name: name.into(), input: input.into() };
             }
             ("!stall", _) if rest.trim().is_empty() => self.turn = Turn::Stalled,
+            ("!hang", _) if rest.trim().is_empty() => self.turn = Turn::Hung,
             ("!exit", _) if rest.trim().is_empty() => steps.push(Step::Exit(0)),
             ("!exit", _) if rest.trim().parse::<i32>().is_ok() => {
                 steps.push(Step::Exit(rest.trim().parse::<i32>().map_or(0, i64::from)));

@@ -57,6 +57,8 @@ enum Turn {
     Idle,
     /// `!stall`: the turn ends only with an interrupt.
     Stalled,
+    /// `!hang`: the turn never ends, interrupts or not (a CLI that is stuck for good).
+    Hung,
     /// `!tool`: waiting for the `control_response` to `request_id`.
     Tool { request_id: String, name: String, input: String },
 }
@@ -137,7 +139,7 @@ impl Session {
                 out.push(Step::Stdout(format!(
                     r#"{{"type":"control_response","response":{{"subtype":"success","request_id":{id}}}}}"#
                 )));
-                if self.busy() {
+                if self.busy() && !matches!(self.turn, Turn::Hung) {
                     self.turn = Turn::Idle;
                     out.push(Step::Stdout(self.result("error_during_execution", "")));
                     self.drain(out);
@@ -202,6 +204,7 @@ impl Session {
                 self.turn = Turn::Tool { request_id, name: name.to_owned(), input: input.to_owned() };
             }
             Some(Command::Stall) => self.turn = Turn::Stalled,
+            Some(Command::Hang) => self.turn = Turn::Hung,
             Some(Command::Exit(code)) => out.push(Step::Exit(code)),
             None => self.answer(&format!("echo: {text}"), out),
         }
@@ -239,6 +242,7 @@ enum Command<'a> {
     Stderr(&'a str),
     Tool { name: &'a str, input: &'a str },
     Stall,
+    Hang,
     Exit(i32),
 }
 
@@ -261,6 +265,7 @@ impl<'a> Command<'a> {
                 (!name.is_empty()).then_some(Self::Tool { name, input })
             }
             "!stall" if rest.trim().is_empty() => Some(Self::Stall),
+            "!hang" if rest.trim().is_empty() => Some(Self::Hang),
             "!exit" if rest.trim().is_empty() => Some(Self::Exit(0)),
             "!exit" => rest.trim().parse().ok().map(Self::Exit),
             _ => None,
