@@ -62,6 +62,8 @@ fn human_text(kind: &str, data: &Value) -> String {
             .unwrap_or_else(|| format!("{} ({})", data["subtype"].as_str().unwrap_or("result"), error_text(data))),
         "user" => user_text(&data["message"]["content"]),
         "system" => data["subtype"].as_str().unwrap_or("system").to_owned(),
+        // Claude Code's acknowledgment of a user message: queued, started, completed…
+        "command_lifecycle" => data["state"].as_str().unwrap_or("command_lifecycle").to_owned(),
         "control_request" => {
             let request = &data["request"];
             match request["subtype"].as_str() {
