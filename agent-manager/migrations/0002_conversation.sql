@@ -33,6 +33,8 @@ CREATE TABLE sessions (
     input_tokens        INTEGER NOT NULL DEFAULT 0,
     output_tokens       INTEGER NOT NULL DEFAULT 0,
     results             INTEGER NOT NULL DEFAULT 0,
+    -- Whether the CLI began the session (wrote its system/init): later runs resume it.
+    started             INTEGER NOT NULL DEFAULT 0,
     last_result         TEXT,
     container_id        TEXT,
     output_cursor       TEXT,

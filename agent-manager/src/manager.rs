@@ -332,9 +332,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 // HOME (with the CLI's conversation files) outlives the containers, so a
                 // new run can resume the session.
                 spec.volumes.push(backend_core::VolumeMount { name: home_volume(agent), target: CLAUDE_HOME.into() });
-                // Once the session recorded a turn, later runs resume it.
-                let resume = self.conversations.view(&agent.id).is_some_and(|v| v.turns > 0);
+                // Once the CLI began the session (its files are in the HOME volume), later
+                // runs resume it: a second --session-id would be refused as in use.
+                let view = self.conversations.view(&agent.id);
+                let resume = view.as_ref().is_some_and(|v| v.started || v.turns > 0);
                 let session_flag = if resume { "--resume" } else { "--session-id" };
+                let session_id = view.map(|v| v.session_id).filter(|_| resume).unwrap_or_else(|| agent.id.clone());
                 let mut command: Vec<String> = [
                     "claude",
                     "-p",
@@ -346,7 +349,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     "--permission-prompt-tool",
                     "stdio",
                     session_flag,
-                    &agent.id,
+                    &session_id,
                 ]
                 .map(String::from)
                 .to_vec();
@@ -549,6 +552,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             )));
         }
         let agent = self.find(&approval.agent_id).await?;
+        if agent.status != AgentStatus::Running || agent.container_id.as_deref() != Some(approval.container_id.as_str())
+        {
+            return Err(ManagerError::Conflict(format!(
+                "approval {id} belongs to a run of {} that has ended; nothing waits for it any more",
+                agent.name
+            )));
+        }
         task::decide_in(
             &self.conversations,
             &self.lifecycle,

@@ -395,3 +395,30 @@ async fn a_failed_run_records_what_claude_said_on_stderr() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_an_ended_run_is_closed_and_never_answered_into_the_next() {
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("coder", Some("!tool Bash make"))).await;
+    let approval = wait_for_pending(&fx, "coder").await;
+    fx.manager.restart("coder").await.expect("restart");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let decided = fx.manager.approval(&approval.id).await.expect("approval");
+        if decided.decision.is_some() {
+            assert_eq!(decided.decided_by, Some(agent_manager::DecidedBy::RunEnded), "{decided:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the old run's request stayed pending");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match fx.manager.decide(&approval.id, agent_manager::Decision::Allow, None).await {
+        Err(ManagerError::Conflict(m)) => assert!(m.contains("decided already") || m.contains("has ended"), "{m}"),
+        other => panic!("deciding a closed request must conflict, got {other:?}"),
+    }
+    let entries = fx.manager.conversation("coder", 0, 1000).await.expect("conversation");
+    assert!(
+        !entries.iter().any(|e| e.kind == "control_response" && e.direction == Direction::ToAgent),
+        "no answer was queued for a request nobody waits for"
+    );
+}

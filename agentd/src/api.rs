@@ -421,13 +421,15 @@ async fn conversation_stream(
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Read what was missed from the store instead.
-                        match manager.conversation(&agent.id, after, 10_000).await {
-                            Ok(page) => for entry in page {
+                        // Read what was missed from the store instead, page by page.
+                        loop {
+                            let Ok(page) = manager.conversation(&agent.id, after, 500).await else { return };
+                            let done = page.len() < 500;
+                            for entry in page {
                                 after = entry.seq;
                                 if tx.send(event(&entry)).await.is_err() { return; }
-                            },
-                            Err(_) => break,
+                            }
+                            if done { break; }
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

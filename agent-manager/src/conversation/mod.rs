@@ -115,6 +115,8 @@ pub struct SessionView {
     pub last_result: Option<LastResult>,
     /// Turns that ended with a result, over all runs.
     pub turns: u64,
+    /// Whether the CLI began the session (its files exist): later runs resume it.
+    pub started: bool,
 }
 
 /// The stored state of one agent's conversation.
@@ -128,6 +130,7 @@ pub(crate) struct SessionRecord {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub results: u64,
+    pub started: bool,
     pub last_result: Option<LastResult>,
     /// The container whose output `output_cursor` is a position in.
     pub container_id: Option<String>,
@@ -148,6 +151,7 @@ impl SessionRecord {
             input_tokens: 0,
             output_tokens: 0,
             results: 0,
+            started: false,
             last_result: None,
             container_id: None,
             output_cursor: None,
@@ -181,6 +185,7 @@ impl SessionRecord {
             usage: Usage { input_tokens: self.input_tokens, output_tokens: self.output_tokens },
             last_result: self.last_result.clone(),
             turns: self.results,
+            started: self.started,
         }
     }
 }

@@ -156,13 +156,16 @@ pub(crate) fn interrupt_request(request_id: &str) -> Value {
 pub(crate) fn apply_from_agent(record: &mut SessionRecord, parsed: &Parsed, at: OffsetDateTime) -> bool {
     let data = &parsed.data;
     match parsed.kind.as_str() {
-        "system" if data["subtype"] == "init" => match data["session_id"].as_str() {
-            Some(id) if id != record.session_id && !id.is_empty() => {
+        "system" if data["subtype"] == "init" => {
+            // The CLI began the session: its files exist from here on.
+            let mut changed = !record.started;
+            record.started = true;
+            if let Some(id) = data["session_id"].as_str().filter(|id| *id != record.session_id && !id.is_empty()) {
                 record.session_id = id.to_owned();
-                true
+                changed = true;
             }
-            _ => false,
-        },
+            changed
+        }
         "assistant" | "user" | "stream_event" if record.turn == Turn::Idle => {
             record.turn = Turn::Busy;
             true

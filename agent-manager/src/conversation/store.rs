@@ -172,11 +172,12 @@ fn upsert_session(
         r.last_result.as_ref().map(serde_json::to_string).transpose().map_err(|e| corrupt("last_result", e))?;
     Ok(sqlx::query(
         "INSERT INTO sessions (agent_id, session_id, turn, cost_before_usd, run_cost_usd, input_tokens, output_tokens, \
-         results, last_result, container_id, output_cursor, handshake_container) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         results, started, last_result, container_id, output_cursor, handshake_container) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (agent_id) DO UPDATE SET session_id = excluded.session_id, turn = excluded.turn, \
          cost_before_usd = excluded.cost_before_usd, run_cost_usd = excluded.run_cost_usd, \
          input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens, results = excluded.results, \
+         started = excluded.started, \
          last_result = excluded.last_result, container_id = excluded.container_id, \
          output_cursor = excluded.output_cursor, handshake_container = excluded.handshake_container",
     )
@@ -188,6 +189,7 @@ fn upsert_session(
     .bind(i64::try_from(r.input_tokens).unwrap_or(i64::MAX))
     .bind(i64::try_from(r.output_tokens).unwrap_or(i64::MAX))
     .bind(i64::try_from(r.results).unwrap_or(i64::MAX))
+    .bind(r.started)
     .bind(last_result)
     .bind(r.container_id.clone())
     .bind(r.output_cursor.map(|c| c.to_string()))
@@ -207,6 +209,7 @@ fn session_from_row(row: &SqliteRow) -> Result<SessionRecord> {
         input_tokens: count("input_tokens")?,
         output_tokens: count("output_tokens")?,
         results: count("results")?,
+        started: row.try_get("started")?,
         last_result: last_result
             .map(|t| serde_json::from_str::<LastResult>(&t))
             .transpose()

@@ -111,10 +111,10 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
     previous: tokio::sync::oneshot::Receiver<Option<tokio::task::JoinHandle<()>>>,
 ) {
     if let Ok(Some(previous)) = previous.await {
-        let abort = previous.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(10), previous).await.is_err() {
-            abort.abort();
-        }
+        // Aborted with this task too, should it be aborted while it waits: an older
+        // task must never outlive a newer one.
+        let _guard = AbortOnDrop(previous.abort_handle());
+        let _ = tokio::time::timeout(Duration::from_secs(10), previous).await;
     }
     let mut record = match ctx.hub.record(&target.agent_id).await {
         Ok(record) => record,
@@ -129,9 +129,15 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
             warn!(agent_id = %target.agent_id, error = %e, "Cannot save the conversation state.");
             return;
         }
-        // Answers and interrupts queued for an earlier run meant nothing to this one.
+        // Answers and interrupts queued for an earlier run meant nothing to this one,
+        // and its pending requests can no longer be answered.
         if let Err(e) = ctx.hub.store.expire_queued_controls(&target.agent_id).await {
             debug!(agent_id = %target.agent_id, error = %e, "Could not expire earlier control lines.");
+        }
+        let pending = ctx.hub.store.list_approvals(Some(&target.agent_id), true).await.unwrap_or_default();
+        for approval in pending.iter().filter(|a| a.container_id != target.container) {
+            let message = Some("the agent's run ended before a decision".to_owned());
+            let _ = decide(&ctx, &target, approval, Decision::Deny, message, DecidedBy::RunEnded).await;
         }
     }
     let mut retry = RETRY_MIN;
@@ -174,9 +180,11 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
             Ended::Lost(e) => format!("the attach was lost: {e}"),
         };
         announce(&ctx, &target, false, why).await;
-        if let Ended::Lost(_) = ended {
-            retry = pause(retry).await;
-        }
+        // Either way, not at once: an engine whose log stream ends at once must not spin.
+        retry = match ended {
+            Ended::Lost(_) => pause(retry).await,
+            Ended::Output => pause(RETRY_MIN).await.min(RETRY_MIN * 2),
+        };
     }
     if record.turn != Turn::Idle {
         // The process is gone, and its turn with it.
@@ -187,6 +195,15 @@ pub(crate) async fn run<B: ExecutionBackend + ?Sized>(
     expire_approvals(&ctx, &target).await;
     if ctx.hub.set_connected(&target.agent_id, false) {
         debug!(agent_id = %target.agent_id, "Conversation task ended.");
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -217,7 +234,8 @@ async fn drive<B: ExecutionBackend + ?Sized>(
     let SessionAttach { mut input, output } = attach;
     let mut output = output.ready_chunks(BATCH);
     if record.handshake_container.as_deref() != Some(target.container.as_str()) {
-        record.handshake_container = Some(target.container.clone());
+        let mut next = record.clone();
+        next.handshake_container = Some(target.container.clone());
         let data = protocol::initialize_request(&format!(
             "agentd-init-{}",
             &target.container[..target.container.len().min(12)]
@@ -230,9 +248,10 @@ async fn drive<B: ExecutionBackend + ?Sized>(
             delivery: Some(Delivery::Queued),
             at: ctx.lifecycle.now(),
         };
-        if let Err(e) = ctx.hub.append(&target.agent_id, vec![entry], Some(record)).await {
+        if let Err(e) = ctx.hub.append(&target.agent_id, vec![entry], Some(&next)).await {
             return Ended::Lost(format!("storing the handshake failed: {e}"));
         }
+        *record = next;
     }
     let mut pending = true;
     let mut frozen_until: Option<tokio::time::Instant> = None;
@@ -306,7 +325,8 @@ async fn drive<B: ExecutionBackend + ?Sized>(
 fn next_due(target: &Target, record: &SessionRecord, watch: &Watch, frozen: bool) -> Option<tokio::time::Instant> {
     let mut due = watch.next_approval_deadline();
     let mut earlier = |at: tokio::time::Instant| due = Some(due.map_or(at, |d| d.min(at)));
-    if record.turn == Turn::Busy && !frozen {
+    // A turn that waits for a person is timed by the approval timeout, not the idle one.
+    if record.turn == Turn::Busy && !frozen && watch.deadlines.is_empty() {
         match watch.interrupted_at {
             None => earlier(watch.last_activity + target.turn_idle_timeout),
             Some(at) => earlier(at + target.interrupt_grace),
@@ -336,7 +356,13 @@ async fn run_timers<B: ExecutionBackend + ?Sized>(
         }
         watch.refresh(ctx, target).await;
     }
-    if record.turn != Turn::Busy {
+    if record.turn != Turn::Busy || !watch.deadlines.is_empty() {
+        return queued;
+    }
+    // A frozen agent writes nothing through no fault of its turn: its clock restarts.
+    if matches!(ctx.backend.session_state(&target.session).await, Ok(s) if s.status == SessionStatus::Paused) {
+        watch.last_activity = now;
+        watch.interrupted_at = None;
         return queued;
     }
     match watch.interrupted_at {
@@ -405,18 +431,26 @@ pub(crate) async fn decide_in(
     by: DecidedBy,
 ) -> Result<(), crate::store::StoreError> {
     let at = lifecycle.now();
-    let data = approval.response(decision, message.as_deref());
-    let entry = NewEntry {
-        direction: Direction::ToAgent,
-        kind: "control_response".into(),
-        text: decision.as_str().into(),
-        data,
-        delivery: Some(Delivery::Queued),
-        at,
-    };
     let change = ApprovalChange::Decide { id: approval.id.clone(), decision, message: message.clone(), by, at };
-    hub.append_with(&approval.agent_id, vec![entry], None, &[change]).await?;
-    hub.wake(&approval.agent_id);
+    // A request the agent withdrew, or whose run ended, is answered to nobody: the
+    // CLI that asked no longer waits.
+    let answered = !matches!(by, DecidedBy::Agent | DecidedBy::RunEnded);
+    let entries = if answered {
+        vec![NewEntry {
+            direction: Direction::ToAgent,
+            kind: "control_response".into(),
+            text: decision.as_str().into(),
+            data: approval.response(decision, message.as_deref()),
+            delivery: Some(Delivery::Queued),
+            at,
+        }]
+    } else {
+        Vec::new()
+    };
+    hub.append_with(&approval.agent_id, entries, None, &[change]).await?;
+    if answered {
+        hub.wake(&approval.agent_id);
+    }
     let detail = format!(
         "{} {} for {} ({}){}",
         approval.id,
