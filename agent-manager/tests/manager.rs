@@ -517,7 +517,7 @@ async fn the_claude_code_command_speaks_stream_json_on_stdio() {
             "opus"
         ]
     );
-    assert!(!command.iter().any(|a| a == "--sdk-url"));
+    assert!(!command.iter().any(|a| a.starts_with("--sdk")), "no dial-in flag: the CLI refuses it");
     assert!(!session_spec.env.keys().any(|k| k == "AGENTD_WS_URL" || k == "AGENTD_AGENT_TOKEN"));
 }
 
