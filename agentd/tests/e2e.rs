@@ -732,7 +732,8 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     let model_url = format!("http://{}:{}", engine.host_alias(), model.port());
     let mut setup = Setup::new(engine, "steer");
     setup.set("AGENTD_SHUTDOWN_LEAVE_RUNNING", "true");
-    setup.set("AGENTD_AGENTS__TURN_IDLE_TIMEOUT_SECS", "3");
+    // Low enough for a test, high enough that a busy CI machine does not look stuck.
+    setup.set("AGENTD_AGENTS__TURN_IDLE_TIMEOUT_SECS", "8");
     let workspace = std::env::temp_dir().join(format!("agentd-e2e-ws-{}", setup.prefix));
     std::fs::create_dir_all(&workspace).expect("workspace");
     // The agent runs as uid 1000.
@@ -845,7 +846,20 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     let events = setup.cli(&["events", "--agent", "coder"]);
     assert!(events.contains("turn_interrupted"), "{events}");
     model.push(support::model::Reply::text("Back to work."));
-    let reply = setup.cli(&["send", "coder", "are you back?"]);
+    let out = setup.command(&["send", "coder", "are you back?"]).output().expect("send");
+    assert!(
+        out.status.success(),
+        "the message after the interrupt was not answered: {}\nconversation tail: {:#?}\nevents:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        conversation(&setup, "coder")
+            .iter()
+            .rev()
+            .take(12)
+            .map(|e| (e["seq"].clone(), e["direction"].clone(), e["kind"].clone(), e["text"].clone()))
+            .collect::<Vec<_>>(),
+        setup.cli(&["events", "--agent", "coder"])
+    );
+    let reply = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(reply.contains("Back to work."), "{reply}");
 
     // A turn limit: the result that hits it is the turn's error, and the agent stays up.
