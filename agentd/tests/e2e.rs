@@ -845,6 +845,9 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     });
     let events = setup.cli(&["events", "--agent", "coder"]);
     assert!(events.contains("turn_interrupted"), "{events}");
+    // The stalled stream is given up by the model end, as a real endpoint times out: the
+    // CLI's next request must not queue behind a connection it abandoned.
+    model.cut_stalled();
     model.push(support::model::Reply::text("Back to work."));
     let out = setup.command(&["send", "coder", "are you back?"]).output().expect("send");
     assert!(

@@ -226,6 +226,11 @@ impl StandIn {
         StandIn { port, inner, server, _shutdown: shutdown_tx }
     }
 
+    /// Cuts every stalled reply's connection now (as a model endpoint that gives up would).
+    pub fn cut_stalled(&self) {
+        self._shutdown.send_replace(());
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -318,7 +323,9 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     match (&method, path.as_str()) {
         (&Method::HEAD | &Method::GET, "/api/hello") => empty(StatusCode::OK),
         (&Method::POST, "/v1/messages") => {
-            let shutdown = inner.shutdown.clone();
+            let mut shutdown = inner.shutdown.clone();
+            // Only a cut from now on ends this reply's stall.
+            shutdown.borrow_and_update();
             if stream {
                 streamed(reply, n, &model, shutdown)
             } else {
@@ -387,7 +394,8 @@ async fn whole(reply: Reply, n: usize, model: &str, mut shutdown: watch::Receive
         Reply::Stall { .. } => {
             // Headers now, then nothing until the stand-in is dropped; then the connection is cut.
             let body = futures_util::stream::once(async move {
-                while shutdown.changed().await.is_ok() {}
+                // Cut by `cut_stalled`, or when the stand-in is dropped.
+                let _ = shutdown.changed().await;
                 Err::<Bytes, _>(io::Error::other("stand-in model dropped"))
             });
             let mut response = Response::new(Body::from_stream(body));
@@ -517,7 +525,8 @@ fn streamed(reply: Reply, n: usize, model: &str, shutdown: watch::Receiver<()>) 
         }
         match tail.take() {
             Some(Tail::StallUntilDropped) => {
-                while shutdown.changed().await.is_ok() {}
+                // Cut by `cut_stalled`, or when the stand-in is dropped.
+                let _ = shutdown.changed().await;
                 Some((Err(io::Error::other("stand-in model dropped")), (events, None, shutdown, false)))
             }
             Some(Tail::End) | None => None,
