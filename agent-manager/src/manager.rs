@@ -456,34 +456,54 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let _ = previous_tx.send(previous);
     }
 
-    /// Stores a user message for the agent, queued for delivery.
-    async fn queue_user_message(&self, agent: &Agent, text: &str) -> Result<ConversationEntry> {
+    /// Stores a line for the agent, queued for delivery, and wakes its task.
+    async fn queue_line(
+        &self,
+        agent: &Agent,
+        kind: &str,
+        text: String,
+        data: serde_json::Value,
+    ) -> Result<ConversationEntry> {
         let entry = NewEntry {
             direction: Direction::ToAgent,
-            kind: "user".into(),
-            text: crate::conversation::protocol::cut(text),
-            data: crate::conversation::protocol::user_message(text),
+            kind: kind.into(),
+            text,
+            data,
             delivery: Some(Delivery::Queued),
             at: self.now(),
         };
         let mut stored = self.conversations.append(&agent.id, vec![entry], None).await?;
         self.conversations.wake(&agent.id);
-        stored.pop().ok_or_else(|| ManagerError::Conflict("the message was not stored".into()))
+        stored.pop().ok_or_else(|| ManagerError::Conflict(format!("the {kind} line was not stored")))
     }
 
-    /// Queues a user message for a running stream-json agent and returns its entry; it
-    /// is delivered as soon as agentd holds an attach and the container is not frozen.
-    pub async fn send_message(&self, id_or_name: &str, text: &str) -> Result<ConversationEntry> {
+    /// Stores a user message for the agent, queued for delivery.
+    async fn queue_user_message(&self, agent: &Agent, text: &str) -> Result<ConversationEntry> {
+        let data = crate::conversation::protocol::user_message(text);
+        self.queue_line(agent, "user", crate::conversation::protocol::cut(text), data).await
+    }
+
+    /// The agent, if it is a running claude-code agent; `refusal` says what a kind that
+    /// holds no conversation lacks.
+    async fn running_conversation(&self, id_or_name: &str, refusal: &str) -> Result<Agent> {
         let agent = self.find(id_or_name).await?;
         if !agent.speaks_stream_json() {
             return Err(ManagerError::Conflict(format!(
-                "agent {} is of kind {} and takes no messages; only claude-code agents hold a conversation",
+                "agent {} is of kind {} and {refusal}",
                 agent.name, agent.kind
             )));
         }
         if agent.status != AgentStatus::Running {
             return Err(ManagerError::NotRunning { agent: agent.name.clone(), status: agent.status });
         }
+        Ok(agent)
+    }
+
+    /// Queues a user message for a running stream-json agent and returns its entry; it
+    /// is delivered as soon as agentd holds an attach and the container is not frozen.
+    pub async fn send_message(&self, id_or_name: &str, text: &str) -> Result<ConversationEntry> {
+        let refusal = "takes no messages; only claude-code agents hold a conversation";
+        let agent = self.running_conversation(id_or_name, refusal).await?;
         if text.trim().is_empty() {
             return Err(ManagerError::Invalid { field: "text", message: "must not be empty".into() });
         }
@@ -493,30 +513,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Interrupts the agent's current turn (as Ctrl-C would): queues Claude Code's
     /// `interrupt` control request.
     pub async fn interrupt(&self, id_or_name: &str) -> Result<ConversationEntry> {
-        let agent = self.find(id_or_name).await?;
-        if !agent.speaks_stream_json() {
-            return Err(ManagerError::Conflict(format!(
-                "agent {} is of kind {} and has no turns",
-                agent.name, agent.kind
-            )));
-        }
-        if agent.status != AgentStatus::Running {
-            return Err(ManagerError::NotRunning { agent: agent.name.clone(), status: agent.status });
-        }
-        let entry = NewEntry {
-            direction: Direction::ToAgent,
-            kind: "control_request".into(),
-            text: "interrupt".into(),
-            data: crate::conversation::protocol::interrupt_request(&format!(
-                "agentd-interrupt-{}",
-                uuid::Uuid::new_v4().simple()
-            )),
-            delivery: Some(Delivery::Queued),
-            at: self.now(),
-        };
-        let mut stored = self.conversations.append(&agent.id, vec![entry], None).await?;
-        self.conversations.wake(&agent.id);
-        stored.pop().ok_or_else(|| ManagerError::Conflict("the interrupt was not stored".into()))
+        let agent = self.running_conversation(id_or_name, "has no turns").await?;
+        let request_id = format!("agentd-interrupt-{}", uuid::Uuid::new_v4().simple());
+        let data = crate::conversation::protocol::interrupt_request(&request_id);
+        self.queue_line(&agent, "control_request", "interrupt".into(), data).await
     }
 
     /// Tool-permission requests, newest first: of one agent (id or name) or all,
