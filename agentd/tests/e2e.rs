@@ -642,12 +642,8 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
     assert_eq!(assistants, ["Hello from the stand-in.", "Second answer, same session."]);
 
     // A frozen agent (`docker pause`): seen as paused, its message queued, not reported
-    // delivered, and delivered once it thaws. On Podman the thawed agent intermittently
-    // did not answer under parallel load (2 of 9 runs; see the closing note of issue G),
-    // so this part runs on Docker only until that is understood.
-    if engine == Engine::Docker {
-        frozen_agent_keeps_its_message(&setup, &daemon, engine, &model, &container);
-    }
+    // delivered, and delivered once it thaws.
+    frozen_agent_keeps_its_message(&setup, &daemon, engine, &model, &container);
 
     // Latency side by side, in one run: through agentd's API, and claude in `run -i`.
     for _ in 0..6 {
@@ -845,10 +841,7 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     });
     let events = setup.cli(&["events", "--agent", "coder"]);
     assert!(events.contains("turn_interrupted"), "{events}");
-    // The next message is answered. On Podman the CLI's first turn after the interrupt
-    // intermittently fails (`error_during_execution`, its model request never answered;
-    // see the closing note of issue H), so this runs on Docker until that is understood.
-    if engine == Engine::Docker {
+    {
         // The stalled stream is given up by the model end, as a real endpoint times out: the
         // CLI's next request must not queue behind a connection it abandoned.
         model.cut_stalled();
@@ -856,8 +849,9 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
         let out = setup.command(&["send", "coder", "are you back?"]).output().expect("send");
         assert!(
             out.status.success(),
-            "the message after the interrupt was not answered: {}\nconversation tail: {:#?}\nevents:\n{}",
+            "the message after the interrupt was not answered: {}\nmodel requests: {:#?}\nconversation tail: {:#?}\nevents:\n{}",
             String::from_utf8_lossy(&out.stderr),
+            model.requests().iter().rev().take(4).map(|r| (r.path.clone(), r.body.as_ref().map(|b| (b["stream"].clone(), b["messages"].as_array().map(|m| m.len())))) ).collect::<Vec<_>>(),
             conversation(&setup, "coder")
                 .iter()
                 .rev()
