@@ -1,8 +1,8 @@
 //! Time of one reconcile pass over N unchanged agents on the mock engine.
 //!
-//! `cargo xtask bench` runs it. A pass costs one backend snapshot and one database read;
-//! the test `an_unchanged_pass_costs_one_snapshot_and_no_per_agent_calls` asserts the call
-//! count, this measures the time.
+//! `cargo xtask bench` runs it. A pass costs one backend snapshot (the agents are held in
+//! memory); the test `an_unchanged_pass_costs_one_snapshot_and_no_per_agent_calls`
+//! asserts the call count, this measures the time.
 
 #[path = "../tests/common/mod.rs"]
 mod common;

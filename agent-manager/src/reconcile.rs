@@ -1,6 +1,6 @@
 //! Reconcile: compare what the store says with what the engine has, and act.
 //!
-//! Rules (the change request's, with the reference's mistakes fixed):
+//! Rules:
 //! - A live record whose session exited: exit 0 → stopped, non-zero or OOM → failed; a
 //!   session stopped on purpose → stopped whatever its code. The exit is written to the
 //!   run row before anything may remove the container.

@@ -3,8 +3,9 @@
 //!
 //! Each scenario runs an [`AgentManager`] with an in-memory store on the backend under
 //! test, with its own prefix and instance id, drives the echo agent, and asserts what the
-//! manager records. Backend crates generate one test per scenario with
-//! [`manager_scenarios!`](crate::manager_scenarios).
+//! manager records. [`cases`] lists them once; backend crates run the list with
+//! [`backend_core::conformance::main`], which reports a scenario whose capability the
+//! backend lacks as ignored.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -308,10 +309,6 @@ pub async fn kill_is_detected_from_events_without_a_relist(h: &dyn Harness) {
     Scene::new(h, cfg)
         .await
         .run(async |s| {
-            if !s.manager.backend().capabilities().events {
-                eprintln!("scenario: SKIPPED kill_is_detected_from_events_without_a_relist: backend has no events");
-                return;
-            }
             let agent = s.spawn("watched", &[]).await.agent;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let supervisor = tokio::spawn(s.manager.clone().supervise(stopped));
@@ -355,51 +352,19 @@ pub async fn kill_is_detected_from_events_without_a_relist(h: &dyn Harness) {
         .await
 }
 
-/// Every scenario, by name.
-pub fn all() -> Vec<(&'static str, backend_core::conformance::ConformanceTest)> {
-    macro_rules! entries {
-        ($($name:ident),* $(,)?) => {
-            vec![$((stringify!($name), (|h| Box::pin($name(h))) as backend_core::conformance::ConformanceTest)),*]
-        };
-    }
-    entries![
-        exit_zero_reads_stopped,
-        exit_three_reads_failed_with_code_3,
-        oom_reads_failed_and_oom_killed,
-        kill_from_outside_reads_failed,
-        removal_from_outside_reads_session_disappeared,
-        unhealthy_agent_is_recorded_unhealthy,
-        orphans_of_this_instance_only_are_removed,
-        leave_running_shutdown_is_adopted_by_the_next_manager,
-        kill_is_detected_from_events_without_a_relist,
+/// Every scenario, once, with the capabilities it needs; backend crates run them with
+/// [`backend_core::conformance::main`].
+pub fn cases() -> Vec<backend_core::conformance::Case> {
+    use backend_core::conformance_case as case;
+    vec![
+        case!(exit_zero_reads_stopped),
+        case!(exit_three_reads_failed_with_code_3),
+        case!(oom_reads_failed_and_oom_killed, needs: [OomDetection]),
+        case!(kill_from_outside_reads_failed),
+        case!(removal_from_outside_reads_session_disappeared),
+        case!(unhealthy_agent_is_recorded_unhealthy, needs: [HealthChecks]),
+        case!(orphans_of_this_instance_only_are_removed),
+        case!(leave_running_shutdown_is_adopted_by_the_next_manager),
+        case!(kill_is_detected_from_events_without_a_relist, needs: [Events]),
     ]
-}
-
-/// Generates one `#[tokio::test]` per manager scenario; `$harness` is an async expression
-/// yielding `Option<impl Harness>` (`None` skips, having printed why).
-#[macro_export]
-macro_rules! manager_scenarios {
-    ($harness:expr) => {
-        $crate::manager_scenarios!(@each $harness;
-            exit_zero_reads_stopped,
-            exit_three_reads_failed_with_code_3,
-            oom_reads_failed_and_oom_killed,
-            kill_from_outside_reads_failed,
-            removal_from_outside_reads_session_disappeared,
-            unhealthy_agent_is_recorded_unhealthy,
-            orphans_of_this_instance_only_are_removed,
-            leave_running_shutdown_is_adopted_by_the_next_manager,
-            kill_is_detected_from_events_without_a_relist,
-        );
-    };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                if let Some(harness) = $harness {
-                    $crate::scenarios::$name(&harness).await;
-                }
-            }
-        )*
-    };
 }

@@ -245,7 +245,7 @@ pub fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
         figment = figment.merge(Toml::file_exact(path));
     }
     let env = Env::prefixed("AGENTD_").ignore(NOT_CONFIG).map(|key| {
-        // The change request's variable keeps working.
+        // `AGENTD_SHUTDOWN_LEAVE_RUNNING` (one underscore) is accepted too, as a legacy name.
         if key == "shutdown_leave_running" {
             "shutdown.leave_running".into()
         } else {

@@ -14,8 +14,11 @@ use crate::{
 /// How many sessions the default [`ExecutionBackend::shutdown_all_sessions`] stops at once.
 pub const SHUTDOWN_CONCURRENCY: usize = 64;
 
-/// What a backend can do. A conformance test whose capability is missing is skipped with
-/// a printed reason, never passed silently.
+/// What a backend can do, and where its engine's lifecycle differs from Docker's. The
+/// conformance suite reads these: a test whose capability is missing is reported as
+/// ignored with the capability named, never passed silently; and the lifecycle flags
+/// (`two_phase_start`, `exit_info_after_stop`, `image_errors_at_create`) choose what the
+/// suite asserts, so that an engine such as Kubernetes can pass it honestly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
     /// Health reflects a running health check (not just "running").
@@ -28,17 +31,33 @@ pub struct Capabilities {
     pub exec: bool,
     /// [`ExecutionBackend::session_logs`] works.
     pub logs: bool,
-    /// [`NetworkPolicy::Isolated`] is enforced.
+    /// [`NetworkPolicy::Isolated`](crate::NetworkPolicy::Isolated) is enforced.
     pub network_isolation: bool,
     /// [`ExecutionBackend::attach_session`] and [`ExecutionBackend::session_output`] work.
     pub attach: bool,
     /// [`SessionSpec::volumes`], [`ExecutionBackend::list_volumes`] and
     /// [`ExecutionBackend::remove_volume`] work.
     pub volumes: bool,
+    /// Creating and starting are two steps: a created session reads
+    /// [`SessionStatus::Created`](crate::SessionStatus::Created) until
+    /// [`ExecutionBackend::start_session`] runs it (Docker, Podman). Without it, the
+    /// engine may run a session as soon as it is created (a Kubernetes pod), and
+    /// `start_session` of a session that runs already succeeds.
+    pub two_phase_start: bool,
+    /// A stopped session keeps its container and its exit info until it is removed
+    /// (Docker, Podman). Without it, a stop may take the session away with its exit
+    /// info (deleting a pod), so the caller reads the exit before it stops, or not at all.
+    pub exit_info_after_stop: bool,
+    /// A missing image fails [`ExecutionBackend::create_session`] with
+    /// [`BackendError::ImageNotFound`] (Docker, Podman). Without it, the create may
+    /// succeed and the missing image surface later: `start_session` fails with
+    /// `ImageNotFound`, or the session ends with exit info whose `error` names the image
+    /// (a pod that cannot pull).
+    pub image_errors_at_create: bool,
 }
 
 impl Capabilities {
-    /// Every capability.
+    /// Every capability, with Docker's lifecycle.
     pub const ALL: Capabilities = Capabilities {
         health_checks: true,
         events: true,
@@ -48,7 +67,84 @@ impl Capabilities {
         network_isolation: true,
         attach: true,
         volumes: true,
+        two_phase_start: true,
+        exit_info_after_stop: true,
+        image_errors_at_create: true,
     };
+
+    /// Whether the backend has `capability`.
+    pub fn has(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::HealthChecks => self.health_checks,
+            Capability::Events => self.events,
+            Capability::OomDetection => self.oom_detection,
+            Capability::Exec => self.exec,
+            Capability::Logs => self.logs,
+            Capability::NetworkIsolation => self.network_isolation,
+            Capability::Attach => self.attach,
+            Capability::Volumes => self.volumes,
+            Capability::TwoPhaseStart => self.two_phase_start,
+            Capability::ExitInfoAfterStop => self.exit_info_after_stop,
+            Capability::ImageErrorsAtCreate => self.image_errors_at_create,
+        }
+    }
+}
+
+/// One field of [`Capabilities`], by name: what a conformance test needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// [`Capabilities::health_checks`].
+    HealthChecks,
+    /// [`Capabilities::events`].
+    Events,
+    /// [`Capabilities::oom_detection`].
+    OomDetection,
+    /// [`Capabilities::exec`].
+    Exec,
+    /// [`Capabilities::logs`].
+    Logs,
+    /// [`Capabilities::network_isolation`].
+    NetworkIsolation,
+    /// [`Capabilities::attach`].
+    Attach,
+    /// [`Capabilities::volumes`].
+    Volumes,
+    /// [`Capabilities::two_phase_start`].
+    TwoPhaseStart,
+    /// [`Capabilities::exit_info_after_stop`].
+    ExitInfoAfterStop,
+    /// [`Capabilities::image_errors_at_create`].
+    ImageErrorsAtCreate,
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HealthChecks => "health_checks",
+            Self::Events => "events",
+            Self::OomDetection => "oom_detection",
+            Self::Exec => "exec",
+            Self::Logs => "logs",
+            Self::NetworkIsolation => "network_isolation",
+            Self::Attach => "attach",
+            Self::Volumes => "volumes",
+            Self::TwoPhaseStart => "two_phase_start",
+            Self::ExitInfoAfterStop => "exit_info_after_stop",
+            Self::ImageErrorsAtCreate => "image_errors_at_create",
+        })
+    }
+}
+
+/// The host's addresses on the engine's networks, where sessions reach services on the
+/// host: the gateway of the network `internet` sessions join, and of the one `isolated`
+/// sessions join. `None` where there is no such network, or the address is not this
+/// host's (a remote engine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkGateways {
+    /// On the network of [`NetworkPolicy::Internet`](crate::NetworkPolicy::Internet).
+    pub internet: Option<std::net::IpAddr>,
+    /// On the network of [`NetworkPolicy::Isolated`](crate::NetworkPolicy::Isolated).
+    pub isolated: Option<std::net::IpAddr>,
 }
 
 /// The result of running a command in a session.
@@ -83,9 +179,17 @@ pub struct ShutdownReport {
 ///   [`SessionStatus::Missing`].
 /// - Creating a session whose name is taken never reuses the old container: a stale
 ///   container of ours is removed and recreated, anything else fails with
-///   [`BackendError::AlreadyExists`].
-/// - Exit information stays readable until the session is removed.
-/// - Nothing is pulled: a missing image is [`BackendError::ImageNotFound`].
+///   [`BackendError::AlreadyExists`]. A name without the prefix is
+///   [`BackendError::InvalidSpec`].
+/// - Exit information stays readable until the session is removed (with
+///   [`Capabilities::exit_info_after_stop`], also after a stop).
+/// - Nothing is pulled: a missing image is [`BackendError::ImageNotFound`], from
+///   `create_session` with [`Capabilities::image_errors_at_create`].
+/// - [`ExecutionBackend::session_logs`] returns at most [`SESSION_LOGS_MAX_BYTES`](crate::SESSION_LOGS_MAX_BYTES)
+///   (the end of the output, after a [`LOGS_TRUNCATED`](crate::LOGS_TRUNCATED) line saying how much was left
+///   out).
+///
+/// Where an engine's lifecycle differs from Docker's, [`Capabilities`] says so.
 #[async_trait]
 pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// A short lowercase name: `docker`, `podman`, `mock`.
@@ -102,11 +206,10 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// What this backend supports.
     fn capabilities(&self) -> Capabilities;
 
-    /// The host addresses at which sessions reach the host (the engine networks'
-    /// gateways), for services the daemon offers to its agents. Empty means loopback is
-    /// enough (or the backend offers no such network).
-    async fn gateway_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
-        Ok(Vec::new())
+    /// The host's addresses on the engine's networks, for services offered to sessions.
+    /// All `None` means loopback is enough (or the backend offers no such network).
+    async fn gateway_addresses(&self) -> Result<NetworkGateways> {
+        Ok(NetworkGateways::default())
     }
 
     /// Whether `image` is present locally (nothing is ever pulled).
@@ -179,7 +282,11 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
-    /// The last `tail` lines (all when `None`) of the session's output.
+    /// The last `tail` lines (all when `None`) of the session's output, stdout and stderr
+    /// interleaved, capped at [`SESSION_LOGS_MAX_BYTES`](crate::SESSION_LOGS_MAX_BYTES): when the output is longer,
+    /// only its end is returned, after one line that starts with [`LOGS_TRUNCATED`](crate::LOGS_TRUNCATED) and
+    /// says how many bytes were left out (see [`LogsCollector`](crate::LogsCollector)). For all of a long
+    /// output, read [`ExecutionBackend::session_output`], which streams.
     async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
         let _ = (session, tail);
         Err(BackendError::Unsupported { backend: self.name(), operation: "session_logs" })

@@ -8,11 +8,18 @@
 //!
 //! The agent under test is the echo agent (`docker/echo-agent`), driven by environment
 //! variables: `ECHO_EXIT_AFTER_MS`, `ECHO_EXIT_CODE`, `ECHO_ALLOC_MB`,
-//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`, and `ECHO_STDIO` (stream-json on
-//! stdin and stdout, with the `!emit`, `!stderr` and `!tool` commands of its README). The
-//! mock backend simulates the same variables. A function whose capability the backend lacks prints why and returns.
+//! `ECHO_IGNORE_SIGTERM`, `ECHO_UNHEALTHY_AFTER_MS`, `ECHO_STDIO` (stream-json on stdin
+//! and stdout, with the `!emit`, `!stderr` and `!tool` commands of its README), and
+//! `ECHO_CONNECT_TO`/`ECHO_LISTEN_PORT` (network tests). The mock backend simulates the
+//! same variables, except the network ones.
 //!
-//! Backend crates generate one `#[tokio::test]` per function with [`conformance_tests!`].
+//! [`cases`] lists every function once, with the [`Capability`]s it needs (built with
+//! [`conformance_case!`](crate::conformance_case)). Backend crates run the list with
+//! [`main`], a test harness of its own (`harness = false`, on libtest-mimic): each case is
+//! one test, reported as passed, failed, or ignored with the reason (the capability the
+//! backend lacks, or the engine that cannot be reached). The lifecycle capabilities
+//! (`two_phase_start`, `exit_info_after_stop`, `image_errors_at_create`) choose what a
+//! case asserts instead. With `CI` set, an engine that cannot be reached fails every case.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,9 +31,13 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 
 use crate::{
-    BackendError, BackendEvent, Capabilities, ExecutionBackend, HealthCheck, HealthCheckSpec, OutputLine, OutputStream,
-    OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
+    BackendError, BackendEvent, Capabilities, Capability, ExecutionBackend, HealthCheck, HealthCheckSpec, NetworkPolicy,
+    OutputLine, OutputStream, OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
 };
+
+mod runner;
+
+pub use runner::main;
 
 /// Builds backends and fixtures on the engine under test.
 #[async_trait]
@@ -57,6 +68,20 @@ pub trait Harness: Send + Sync {
     /// Removes the session's container forcibly from outside the backend (as
     /// `docker rm -f` would).
     async fn remove_from_outside(&self, session: &str);
+
+    /// The session's address on the network of [`NetworkPolicy::Internet`] sessions, as
+    /// the engine reports it; what the isolation test needs of a backend with
+    /// [`Capabilities::network_isolation`].
+    async fn internet_address(&self, session: &str) -> Option<std::net::IpAddr> {
+        let _ = session;
+        None
+    }
+
+    /// What the suite left behind on the engine, checked after a run: only a harness
+    /// that owns its engine (the mock's) can tell.
+    async fn leftovers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Removes every session the backends own, then the fixtures: the end of every test
@@ -239,10 +264,6 @@ async fn wait_health(w: &World<'_>, session: &str, want: SessionHealth) {
     .await
 }
 
-fn skip(test: &str, why: &str) {
-    eprintln!("conformance: SKIPPED {test}: {why}");
-}
-
 fn fast_health_check(interval_ms: u64) -> HealthCheckSpec {
     HealthCheckSpec::Override(HealthCheck {
         command: vec!["/agent".into(), "--health".into()],
@@ -253,8 +274,9 @@ fn fast_health_check(interval_ms: u64) -> HealthCheckSpec {
     })
 }
 
-/// A created session exists and reads `created`; started, it reads `running`; a name
-/// never created reads `missing` and does not exist.
+/// A created session exists and reads `created` (with `two_phase_start`; else it may
+/// run already); started, it reads `running`; a name never created reads `missing` and
+/// does not exist.
 pub async fn create_start_exists(h: &dyn Harness) {
     World::new(h)
         .await
@@ -264,7 +286,11 @@ pub async fn create_start_exists(h: &dyn Harness) {
             assert!(!id.is_empty(), "create_session must return the engine's id");
             assert!(w.backend.session_exists(&spec.session).await.expect("exists"));
             let state = w.backend.session_state(&spec.session).await.expect("state");
-            assert_eq!(state.status, SessionStatus::Created, "{state:?}");
+            if w.caps().two_phase_start {
+                assert_eq!(state.status, SessionStatus::Created, "{state:?}");
+            } else {
+                assert!(matches!(state.status, SessionStatus::Created | SessionStatus::Running), "{state:?}");
+            }
             assert_eq!(state.id, id);
             w.backend.start_session(&spec.session).await.expect("start");
             wait_status(w, &spec.session, SessionStatus::Running).await;
@@ -299,8 +325,10 @@ pub async fn create_conflict_never_reuses_the_old_container(h: &dyn Harness) {
         .await
 }
 
-/// A missing image is `ImageNotFound` (nothing is pulled); an invalid spec is
-/// `InvalidSpec` naming the field.
+/// A missing image is `ImageNotFound` (nothing is pulled): from the create with
+/// `image_errors_at_create`, else from the start or as the session's end. An invalid
+/// spec, or a session name without the backend's prefix, is `InvalidSpec` naming the
+/// field.
 pub async fn bad_specs_are_refused_clearly(h: &dyn Harness) {
     World::new(h)
         .await
@@ -311,6 +339,7 @@ pub async fn bad_specs_are_refused_clearly(h: &dyn Harness) {
             assert!(w.backend.image_exists(&w.harness.image()).await.expect("image_exists"));
             match w.backend.create_session(&spec).await {
                 Err(BackendError::ImageNotFound { image, .. }) => assert_eq!(image, spec.image),
+                Ok(_) if !w.caps().image_errors_at_create => missing_image_surfaces_later(w, &spec).await,
                 other => panic!("expected ImageNotFound, got {other:?}"),
             }
             let mut spec = w.spec("badmem");
@@ -319,8 +348,37 @@ pub async fn bad_specs_are_refused_clearly(h: &dyn Harness) {
                 Err(BackendError::InvalidSpec { field, .. }) => assert_eq!(field, "resources.memory_bytes"),
                 other => panic!("expected InvalidSpec, got {other:?}"),
             }
+            let mut spec = w.spec("unprefixed");
+            spec.session = format!("x{}", spec.session);
+            match w.backend.create_session(&spec).await {
+                Err(BackendError::InvalidSpec { field, .. }) => assert_eq!(field, "session"),
+                other => panic!("a session name without the prefix must be InvalidSpec, got {other:?}"),
+            }
+            assert!(!w.backend.session_exists(&spec.session).await.expect("exists"));
         })
         .await
+}
+
+/// Without `image_errors_at_create`: the start of a session whose image is missing fails
+/// with `ImageNotFound`, or the session ends with an error that names the image.
+async fn missing_image_surfaces_later(w: &World<'_>, spec: &SessionSpec) {
+    match w.backend.start_session(&spec.session).await {
+        Err(BackendError::ImageNotFound { image, .. }) => return assert_eq!(image, spec.image),
+        Err(e) => panic!("start with a missing image: expected ImageNotFound, got {e}"),
+        Ok(()) => {}
+    }
+    let backend = w.backend.clone();
+    wait_for(w.harness.patience(), "the missing image to end the session", || {
+        let backend = backend.clone();
+        async move {
+            let state = backend.session_state(&spec.session).await.map_err(|e| e.to_string())?;
+            match &state.exit {
+                Some(exit) if exit.error.as_deref().is_some_and(|e| e.contains(&spec.image)) => Ok(()),
+                _ => Err(format!("{state:?}")),
+            }
+        }
+    })
+    .await
 }
 
 async fn exits_with(h: &dyn Harness, code: i64) {
@@ -403,9 +461,10 @@ pub async fn kill_is_idempotent(h: &dyn Harness) {
         .await
 }
 
-/// Stop sends SIGTERM: an agent that handles it exits 0 at once and keeps its exit
-/// info; one that ignores it is killed (137) after the grace period, not the engine's
-/// default.
+/// Stop sends SIGTERM: an agent that handles it exits 0 at once; one that ignores it is
+/// killed (137) after the grace period, not the engine's default. With
+/// `exit_info_after_stop`, both keep their exit info; without, a stopped session may be
+/// gone, but never reads running.
 pub async fn stop_honours_the_grace_period(h: &dyn Harness) {
     World::new(h)
         .await
@@ -418,25 +477,45 @@ pub async fn stop_honours_the_grace_period(h: &dyn Harness) {
             wait_status(w, &polite.session, SessionStatus::Running).await;
             wait_status(w, &stubborn.session, SessionStatus::Running).await;
 
+            let kept = w.caps().exit_info_after_stop;
             w.backend.stop_session(&polite.session, Duration::from_secs(10)).await.expect("stop");
-            let exit = w.backend.session_exit_info(&polite.session).await.expect("exit info");
-            assert_eq!(exit.as_ref().and_then(|e| e.exit_code), Some(0), "SIGTERM handled: {exit:?}");
+            let exit = stopped_exit(w, &polite.session, kept).await;
+            if let Some(exit) = &exit {
+                assert_eq!(exit.exit_code, Some(0), "SIGTERM handled: {exit:?}");
+            }
 
             let grace = Duration::from_secs(2);
             let started = Instant::now();
             w.backend.stop_session(&stubborn.session, grace).await.expect("stop");
             let took = started.elapsed();
-            let exit = w.backend.session_exit_info(&stubborn.session).await.expect("exit info");
-            assert_eq!(exit.as_ref().and_then(|e| e.exit_code), Some(137), "killed after grace: {exit:?}");
-            assert_eq!(exit.as_ref().map(|e| e.oom_killed), Some(false), "a stop is not an OOM: {exit:?}");
+            let exit = stopped_exit(w, &stubborn.session, kept).await;
+            if let Some(exit) = &exit {
+                assert_eq!(exit.exit_code, Some(137), "killed after grace: {exit:?}");
+                assert!(!exit.oom_killed, "a stop is not an OOM: {exit:?}");
+            }
             assert!(
                 took >= grace - Duration::from_millis(300) && took < grace + Duration::from_secs(6),
                 "stop with a {grace:?} grace took {took:?}: the grace period was not honoured"
             );
-            // Stopping a session that is no longer running succeeds.
-            w.backend.stop_session(&stubborn.session, grace).await.expect("second stop");
+            // Stopping a session that is no longer running succeeds (one that a stop took
+            // away is not found).
+            match w.backend.stop_session(&stubborn.session, grace).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() && !kept => {}
+                Err(e) => panic!("a second stop failed: {e}"),
+            }
         })
         .await
+}
+
+/// The exit info of a session just stopped: required when the backend keeps it
+/// (`kept`); otherwise whatever is left, and the session must not read running.
+async fn stopped_exit(w: &World<'_>, session: &str, kept: bool) -> Option<crate::SessionExitInfo> {
+    let state = w.backend.session_state(session).await.expect("state");
+    assert!(!state.status.is_alive(), "{session} still reads {} after its stop returned", state.status);
+    let exit = w.backend.session_exit_info(session).await.expect("exit info");
+    assert!(!kept || exit.is_some(), "{session}: the exit info must survive the stop ({state:?})");
+    exit
 }
 
 /// With a health check, health reads starting before the first check passes and healthy
@@ -445,9 +524,6 @@ pub async fn health_goes_from_starting_to_healthy(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().health_checks {
-                return skip("health_goes_from_starting_to_healthy", "backend runs no health checks");
-            }
             let mut spec = w.spec("healthy");
             spec.health_check = fast_health_check(3000);
             w.start(&spec).await;
@@ -463,9 +539,6 @@ pub async fn health_turns_unhealthy(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().health_checks {
-                return skip("health_turns_unhealthy", "backend runs no health checks");
-            }
             let mut spec = w.spec("unhealthy");
             spec.health_check = fast_health_check(500);
             spec.env.insert("ECHO_UNHEALTHY_AFTER_MS".into(), "1500".into());
@@ -495,9 +568,6 @@ pub async fn oom_kill_is_reported(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().oom_detection {
-                return skip("oom_kill_is_reported", "backend cannot detect OOM kills");
-            }
             let mut spec = w.spec("oom");
             spec.resources.memory_bytes = Some(64 * 1024 * 1024);
             spec.env.insert("ECHO_ALLOC_MB".into(), "256".into());
@@ -617,6 +687,7 @@ pub async fn snapshot_agrees_with_single_session_calls(h: &dyn Harness) {
 
             let snapshot = w.backend.snapshot().await.expect("snapshot");
             assert_eq!(snapshot.len(), 3, "{snapshot:#?}");
+            let two_phase = w.caps().two_phase_start;
             for state in snapshot {
                 let single = w.backend.session_state(&state.session).await.expect("state");
                 assert_eq!(state.status, single.status, "{}", state.session);
@@ -632,6 +703,10 @@ pub async fn snapshot_agrees_with_single_session_calls(h: &dyn Harness) {
                     assert_eq!(Some(exit.exit_code), single_exit.map(|e| e.exit_code), "{}", state.session);
                 }
                 let expected = if state.session == created.session {
+                    if !two_phase {
+                        // An engine without two-phase start may run it already.
+                        continue;
+                    }
                     SessionStatus::Created
                 } else if state.session == running.session {
                     SessionStatus::Running
@@ -666,9 +741,6 @@ pub async fn events_report_a_death(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().events {
-                return skip("events_report_a_death", "backend has no event stream");
-            }
             let mut events = w.backend.subscribe_events().await.expect("subscribe").expect("events capability");
             let mut spec = w.spec("dies");
             spec.env.insert("ECHO_EXIT_AFTER_MS".into(), "500".into());
@@ -694,9 +766,6 @@ pub async fn send_command_runs_in_the_session(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().exec {
-                return skip("send_command_runs_in_the_session", "backend cannot run commands");
-            }
             let spec = w.spec("exec");
             w.start(&spec).await;
             wait_status(w, &spec.session, SessionStatus::Running).await;
@@ -716,9 +785,6 @@ pub async fn logs_return_the_agent_output(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().logs {
-                return skip("logs_return_the_agent_output", "backend has no logs");
-            }
             let spec = w.spec("logs");
             w.start(&spec).await;
             let backend = w.backend.clone();
@@ -792,9 +858,6 @@ pub async fn attached_line_is_answered(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().attach {
-                return skip("attached_line_is_answered", "backend cannot attach");
-            }
             let spec = stdio_spec(w, "attach");
             w.start(&spec).await;
             let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
@@ -827,9 +890,6 @@ pub async fn reattach_reads_every_line_once(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().attach {
-                return skip("reattach_reads_every_line_once", "backend cannot attach");
-            }
             const LINES: usize = 10_000;
             let spec = stdio_spec(w, "reattach");
             w.start(&spec).await;
@@ -890,9 +950,6 @@ pub async fn a_five_megabyte_line_passes(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().attach {
-                return skip("a_five_megabyte_line_passes", "backend cannot attach");
-            }
             let spec = stdio_spec(w, "bigline");
             w.start(&spec).await;
             let patience = w.harness.patience();
@@ -921,9 +978,6 @@ pub async fn attach_to_a_missing_session_is_not_found(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().attach {
-                return skip("attach_to_a_missing_session_is_not_found", "backend cannot attach");
-            }
             let missing = format!("{}-nosuch", w.backend.prefix());
             match w.backend.attach_session(&missing, None).await {
                 Err(e) if e.is_not_found() => {}
@@ -955,9 +1009,6 @@ pub async fn volumes_outlive_sessions_and_are_removed_on_request(h: &dyn Harness
     World::new(h)
         .await
         .run(async |w| {
-            if !w.caps().volumes {
-                return skip("volumes_outlive_sessions_and_are_removed_on_request", "backend has no volumes");
-            }
             let mut spec = w.spec("vol");
             let volume = format!("{}-vol-home", w.backend.prefix());
             spec.volumes.push(crate::VolumeMount { name: volume.clone(), target: "/data".into() });
@@ -991,93 +1042,245 @@ pub async fn volumes_outlive_sessions_and_are_removed_on_request(h: &dyn Harness
         .await
 }
 
-/// One conformance function, as [`all`] lists it.
+/// A session that owns no container of the backend's but carries its labels (a
+/// container a crashed daemon of this instance left behind) is replaced by a create,
+/// never reused; a foreign container of the name is invisible, left alone, and the
+/// create fails.
+pub async fn a_stale_container_is_replaced_and_a_foreign_one_left_alone(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let stale = w.spec("stale");
+            let labels = w.backend.ownership().labels_for(&stale.session, "old");
+            // Not a fixture to remove: it carries our labels, so the cleanup removes it.
+            w.harness.start_fixture(&stale.session, labels).await;
+            let old = w.backend.session_state(&stale.session).await.expect("state");
+            assert!(old.status.is_alive(), "the stale container reads as ours: {old:?}");
+            let new_id = w.backend.create_session(&stale).await.expect("create over a stale container of ours");
+            assert_ne!(old.id, new_id, "the stale container was reused");
+            assert_eq!(w.backend.session_state(&stale.session).await.expect("state").id, new_id);
+
+            let foreign = w.spec("foreign");
+            let fixture = w.harness.start_fixture(&foreign.session, BTreeMap::new()).await;
+            w.fixtures.push(fixture);
+            assert!(!w.backend.session_exists(&foreign.session).await.expect("exists"), "a foreign container is invisible");
+            w.backend.remove_session(&foreign.session).await.expect("removing a foreign name is a no-op");
+            for attempt in ["create", "create after a remove"] {
+                match w.backend.create_session(&foreign).await {
+                    Err(BackendError::AlreadyExists { detail, .. }) => assert!(detail.contains("not owned"), "{detail}"),
+                    other => panic!("{attempt}: a foreign container must not be replaced: {other:?}"),
+                }
+            }
+        })
+        .await
+}
+
+/// Starts an echo agent under `policy` that keeps trying to connect to `target:port`.
+async fn start_client(w: &World<'_>, name: &str, policy: NetworkPolicy, target: std::net::IpAddr, port: u16) -> String {
+    let mut spec = w.spec(name);
+    spec.network = policy;
+    spec.env.insert("ECHO_CONNECT_TO".into(), format!("{target}:{port}"));
+    w.start(&spec).await;
+    spec.session
+}
+
+async fn logs_contain(w: &World<'_>, session: &str, needle: &str) -> bool {
+    w.backend.session_logs(session, None).await.is_ok_and(|logs| logs.contains(needle))
+}
+
+async fn wait_for_log(w: &World<'_>, session: &str, needle: &str, what: &str) {
+    wait_for(w.harness.patience(), what, || async {
+        if logs_contain(w, session, needle).await {
+            Ok(())
+        } else {
+            Err(format!("no {needle:?} in the logs of {session} yet"))
+        }
+    })
+    .await
+}
+
+/// An `isolated` agent reaches the host's side of its network (where the daemon would
+/// serve it) and nothing routed beyond it: a peer on the `internet` network, one
+/// forwarding hop away as the internet would be, is out of reach, while an `internet`
+/// agent reaches the same peer (so the test can tell).
+pub async fn isolated_agents_reach_the_host_and_nothing_routed_beyond_it(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            use std::net::TcpListener;
+            let gateways = w.backend.gateway_addresses().await.expect("gateway addresses");
+            assert!(gateways.internet.is_some(), "no host address on the internet network: {gateways:?}");
+            let isolated = gateways.isolated.unwrap_or_else(|| panic!("no host address on the isolated network: {gateways:?}"));
+            let patience = w.harness.patience();
+
+            // Half one: the host's side of the isolated network is reachable. Some
+            // engines bring the network's bridge (and so the address) up with its first
+            // container, so the listener binds once the client runs; the agent retries.
+            let port = TcpListener::bind(("127.0.0.1", 0)).expect("a free port").local_addr().expect("addr").port();
+            let client = start_client(w, "iso-host", NetworkPolicy::Isolated, isolated, port).await;
+            wait_status(w, &client, SessionStatus::Running).await;
+            let listener = wait_for(patience, "the isolated network's host address to be up", || async move {
+                TcpListener::bind((isolated, port)).map_err(|e| e.to_string())
+            })
+            .await;
+            listener.set_nonblocking(true).expect("nonblocking");
+            wait_for(patience, "the isolated agent to reach the host", || {
+                let accepted = listener.accept().map(|_| ()).map_err(|e| e.to_string());
+                async move { accepted }
+            })
+            .await;
+
+            // Half two: a peer beyond the isolated network is not reachable.
+            let mut target = w.spec("target");
+            target.env.insert("ECHO_LISTEN_PORT".into(), "8080".into());
+            w.start(&target).await;
+            wait_for_log(w, &target.session, "listening on port 8080", "the peer to listen").await;
+            let peer = w
+                .harness
+                .internet_address(&target.session)
+                .await
+                .expect("the harness names the peer's address on the internet network");
+            let blocked = start_client(w, "iso-out", NetworkPolicy::Isolated, peer, 8080).await;
+            wait_for_log(w, &blocked, "cannot connect", "the isolated agent's connection attempt to fail").await;
+            assert!(
+                !logs_contain(w, &target.session, "accepted connection").await,
+                "an isolated agent reached a peer outside its network"
+            );
+            // The control: the same peer is reachable under `internet`.
+            start_client(w, "net-out", NetworkPolicy::Internet, peer, 8080).await;
+            wait_for_log(w, &target.session, "accepted connection", "the internet agent to reach the peer").await;
+        })
+        .await
+}
+
+/// `session_logs` holds at most [`SESSION_LOGS_MAX_BYTES`](crate::SESSION_LOGS_MAX_BYTES):
+/// of a longer output, its end, after one line that says how much was left out.
+pub async fn long_logs_are_capped_with_a_marker(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let spec = stdio_spec(w, "biglogs");
+            w.start(&spec).await;
+            let patience = w.harness.patience();
+            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started"))
+                .await;
+            // Answered in full, this is more than the cap on its own.
+            let big = "z".repeat(crate::SESSION_LOGS_MAX_BYTES + 1024 * 1024);
+            attach.input.send_line(&user_line(&big)).await.expect("send");
+            read_until(&mut attach.output, patience, "the big answer", |l| {
+                l.text.len() > big.len() && l.text.contains("\"assistant\"")
+            })
+            .await;
+            let logs = w.backend.session_logs(&spec.session, None).await.expect("logs");
+            let (marker, kept) = logs.split_once('\n').expect("more than one line");
+            assert!(marker.starts_with(crate::LOGS_TRUNCATED), "no truncation line: {}", short_text(marker));
+            assert!(kept.len() <= crate::SESSION_LOGS_MAX_BYTES, "{} bytes kept", kept.len());
+            assert!(kept.len() >= crate::SESSION_LOGS_MAX_BYTES / 2, "only {} bytes kept", kept.len());
+            assert!(!logs.contains("echo-agent started"), "the start of the output was kept");
+            assert!(kept.ends_with('\n') && kept.contains("zzzz"), "the end of the output was not kept");
+            let dropped: u64 = marker
+                .split_whitespace()
+                .find_map(|word| word.parse().ok())
+                .unwrap_or_else(|| panic!("the truncation line counts what was left out: {marker}"));
+            assert!(dropped >= 1024 * 1024, "{marker}");
+        })
+        .await
+}
+
+/// One conformance function, as [`Case`] holds it.
 pub type ConformanceTest = fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>;
 
-/// Every conformance function, by name, in a stable order.
-pub fn all() -> Vec<(&'static str, ConformanceTest)> {
-    macro_rules! entries {
-        ($($name:ident),* $(,)?) => {
-            vec![$((stringify!($name), (|h| Box::pin($name(h))) as ConformanceTest)),*]
-        };
+/// One test of a suite: its name, what it needs of the backend, and its body.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// The test's name, as the harness reports and filters it.
+    pub name: &'static str,
+    /// The capabilities without which the test is reported as ignored.
+    pub needs: &'static [Capability],
+    /// The test.
+    pub run: ConformanceTest,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Case").field("name", &self.name).field("needs", &self.needs).finish_non_exhaustive()
     }
-    entries![
-        create_start_exists,
-        create_conflict_never_reuses_the_old_container,
-        bad_specs_are_refused_clearly,
-        exit_code_zero_is_reported,
-        nonzero_exit_code_is_reported,
-        exit_info_is_kept_until_removed,
-        kill_is_idempotent,
-        stop_honours_the_grace_period,
-        health_goes_from_starting_to_healthy,
-        health_turns_unhealthy,
-        no_health_check_reads_healthy_while_running,
-        oom_kill_is_reported,
-        external_kill_is_not_an_oom,
-        list_shows_only_owned_sessions,
-        shutdown_all_stops_every_owned_session,
-        snapshot_agrees_with_single_session_calls,
-        events_report_a_death,
-        send_command_runs_in_the_session,
-        logs_return_the_agent_output,
-        attached_line_is_answered,
-        reattach_reads_every_line_once,
-        a_five_megabyte_line_passes,
-        attach_to_a_missing_session_is_not_found,
-        volumes_outlive_sessions_and_are_removed_on_request,
+}
+
+impl Case {
+    /// The first capability this case needs that `caps` lacks.
+    pub fn missing(&self, caps: &Capabilities) -> Option<Capability> {
+        self.needs.iter().copied().find(|need| !caps.has(*need))
+    }
+}
+
+/// A [`Case`] for the async function `$name(&dyn Harness)`, named after it, optionally
+/// with the capabilities it needs: `conformance_case!(attach_works, needs: [Attach])`.
+#[macro_export]
+macro_rules! conformance_case {
+    ($name:ident $(, needs: [$($need:ident),* $(,)?])? $(,)?) => {
+        $crate::conformance::Case {
+            name: stringify!($name),
+            needs: &[$($($crate::Capability::$need),*)?],
+            run: |h| ::std::boxed::Box::pin($name(h)),
+        }
+    };
+}
+
+/// Every conformance test, once, in a stable order.
+pub fn cases() -> Vec<Case> {
+    use crate::conformance_case as case;
+    vec![
+        case!(create_start_exists),
+        case!(create_conflict_never_reuses_the_old_container),
+        case!(a_stale_container_is_replaced_and_a_foreign_one_left_alone),
+        case!(bad_specs_are_refused_clearly),
+        case!(exit_code_zero_is_reported),
+        case!(nonzero_exit_code_is_reported),
+        case!(exit_info_is_kept_until_removed),
+        case!(kill_is_idempotent),
+        case!(stop_honours_the_grace_period),
+        case!(health_goes_from_starting_to_healthy, needs: [HealthChecks]),
+        case!(health_turns_unhealthy, needs: [HealthChecks]),
+        case!(no_health_check_reads_healthy_while_running),
+        case!(oom_kill_is_reported, needs: [OomDetection]),
+        case!(external_kill_is_not_an_oom),
+        case!(list_shows_only_owned_sessions),
+        case!(shutdown_all_stops_every_owned_session),
+        case!(snapshot_agrees_with_single_session_calls),
+        case!(events_report_a_death, needs: [Events]),
+        case!(send_command_runs_in_the_session, needs: [Exec]),
+        case!(logs_return_the_agent_output, needs: [Logs]),
+        case!(long_logs_are_capped_with_a_marker, needs: [Logs, Attach]),
+        case!(attached_line_is_answered, needs: [Attach]),
+        case!(reattach_reads_every_line_once, needs: [Attach]),
+        case!(a_five_megabyte_line_passes, needs: [Attach]),
+        case!(attach_to_a_missing_session_is_not_found, needs: [Attach]),
+        case!(volumes_outlive_sessions_and_are_removed_on_request, needs: [Volumes]),
+        case!(isolated_agents_reach_the_host_and_nothing_routed_beyond_it, needs: [NetworkIsolation, Logs]),
     ]
 }
 
-/// Runs every conformance function one after another.
-pub async fn run_all(h: &dyn Harness) {
-    for (name, test) in all() {
-        eprintln!("conformance: {name}");
-        test(h).await;
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Generates one `#[tokio::test]` per conformance function. `$harness` is an async
-/// expression evaluated in each test that yields `Option<impl Harness>`; `None` skips the
-/// test (the expression prints why).
-#[macro_export]
-macro_rules! conformance_tests {
-    ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
-            create_start_exists,
-            create_conflict_never_reuses_the_old_container,
-            bad_specs_are_refused_clearly,
-            exit_code_zero_is_reported,
-            nonzero_exit_code_is_reported,
-            exit_info_is_kept_until_removed,
-            kill_is_idempotent,
-            stop_honours_the_grace_period,
-            health_goes_from_starting_to_healthy,
-            health_turns_unhealthy,
-            no_health_check_reads_healthy_while_running,
-            oom_kill_is_reported,
-            external_kill_is_not_an_oom,
-            list_shows_only_owned_sessions,
-            shutdown_all_stops_every_owned_session,
-            snapshot_agrees_with_single_session_calls,
-            events_report_a_death,
-            send_command_runs_in_the_session,
-            logs_return_the_agent_output,
-            attached_line_is_answered,
-            reattach_reads_every_line_once,
-            a_five_megabyte_line_passes,
-            attach_to_a_missing_session_is_not_found,
-            volumes_outlive_sessions_and_are_removed_on_request,
-        );
-    };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                if let Some(harness) = $harness {
-                    $crate::conformance::$name(&harness).await;
-                }
-            }
-        )*
-    };
+    #[test]
+    fn a_case_names_the_first_capability_the_backend_lacks() {
+        let case = crate::conformance_case!(create_start_exists, needs: [Attach, NetworkIsolation]);
+        assert_eq!(case.name, "create_start_exists");
+        assert_eq!(case.missing(&Capabilities::ALL), None);
+        let no_network = Capabilities { network_isolation: false, ..Capabilities::ALL };
+        assert_eq!(case.missing(&no_network), Some(Capability::NetworkIsolation));
+        let nothing = Capabilities { attach: false, ..no_network };
+        assert_eq!(case.missing(&nothing), Some(Capability::Attach));
+    }
+
+    #[test]
+    fn every_case_is_listed_once() {
+        let names: Vec<_> = cases().iter().map(|c| c.name).collect();
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+    }
 }

@@ -8,8 +8,14 @@
 //!
 //! Architecture invariant: this crate depends on no engine, database or HTTP crate.
 //!
+//! For the engine crates it also holds the plumbing they would otherwise each copy: the
+//! spec and prefix check ([`OwnershipLabels::validate_spec`]), the stale-container
+//! replacement ([`create_replacing_stale`]), the host's address on a network
+//! ([`host_address`]) and the cap on logs ([`LogsCollector`]).
+//!
 //! With the `testing` feature, [`conformance`] holds the suite of async test functions that
-//! every backend crate runs against its engine.
+//! every backend crate runs against its engine, and the test runner that reports each as
+//! passed, failed or ignored with its reason.
 
 mod attach;
 mod backend;
@@ -18,6 +24,8 @@ mod events;
 mod exit;
 mod health;
 mod labels;
+mod logs;
+mod plumbing;
 mod spec;
 mod state;
 
@@ -28,12 +36,16 @@ pub use attach::{
     split_timestamp, timestamped_lines, LineWriter, OutputCursor, OutputDecoder, OutputLine, OutputLines, OutputStream,
     SessionAttach, SessionInput, MAX_LINE_BYTES,
 };
-pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport, SHUTDOWN_CONCURRENCY};
+pub use backend::{
+    Capabilities, Capability, CommandOutput, ExecutionBackend, NetworkGateways, ShutdownReport, SHUTDOWN_CONCURRENCY,
+};
 pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
+pub use logs::{cap_logs, LogsCollector, LOGS_TRUNCATED, SESSION_LOGS_MAX_BYTES};
+pub use plumbing::{create_replacing_stale, host_address};
 pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
 pub use state::{SessionState, SessionStatus, VolumeState};
 

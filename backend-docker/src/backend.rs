@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backend_core::{
     timestamped_lines, BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
-    OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result, SessionAttach, SessionExitInfo,
-    SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
+    LogsCollector, NetworkGateways, OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result,
+    SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
 };
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
@@ -38,16 +38,14 @@ pub struct DockerBackend {
     config: DockerConfig,
     /// The id of the internal network for `isolated` sessions.
     isolated_network: String,
-    /// Host addresses on the engine's networks where sessions reach the daemon: the
-    /// default bridge's gateway, the isolated network's gateway.
-    bridge_gateway: Option<IpAddr>,
-    isolated_gateway: Option<IpAddr>,
+    /// The host's addresses on the default bridge and the isolated network.
+    gateways: NetworkGateways,
 }
 
 /// The address of this host on a network: its IPAM gateway, or else (the default bridge
-/// lists only its subnet) the subnet's first address, as Docker assigns it. A candidate
-/// counts only if it is an address of this host, which is checked by binding to it; with
-/// a remote engine there is none, and agents get no channel URL.
+/// lists only its subnet) the subnet's first address, as Docker assigns it. Docker brings
+/// a network's bridge up when it creates the network, so the address counts only if it
+/// is bound here (with a remote engine there is none).
 fn host_gateway(configs: Vec<bollard::models::IpamConfig>) -> Option<IpAddr> {
     let candidates = configs.into_iter().flat_map(|c| {
         let gateway = c.gateway.and_then(|g| g.parse::<IpAddr>().ok());
@@ -58,7 +56,7 @@ fn host_gateway(configs: Vec<bollard::models::IpamConfig>) -> Option<IpAddr> {
         });
         gateway.into_iter().chain(first)
     });
-    candidates.filter(IpAddr::is_ipv4).find(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
+    backend_core::host_address(candidates, false)
 }
 
 fn parse_api(version: &str) -> Option<(u32, u32)> {
@@ -106,13 +104,12 @@ impl DockerBackend {
             docker,
             owner,
             config,
-            bridge_gateway: None,
-            isolated_gateway: None,
+            gateways: NetworkGateways::default(),
         };
-        backend.bridge_gateway = backend.network_gateway("bridge").await?;
+        backend.gateways.internet = backend.network_gateway("bridge").await?;
         let (network, gateway) = backend.ensure_isolated_network().await?;
         backend.isolated_network = network;
-        backend.isolated_gateway = gateway;
+        backend.gateways.isolated = gateway;
         Ok(backend)
     }
 
@@ -214,11 +211,7 @@ impl DockerBackend {
                 Ok(found) => {
                     let labels = found.labels.into_iter().collect();
                     if !self.owner.owns(&labels) {
-                        return Err(BackendError::AlreadyExists {
-                            backend: NAME,
-                            session: volume.name.clone(),
-                            detail: "a volume of that name exists and is not owned by this agentd instance".into(),
-                        });
+                        return Err(BackendError::not_owned(NAME, "volume", &volume.name));
                     }
                 }
                 Err(e) => match map_err(e, Subject::Session(&volume.name)) {
@@ -239,7 +232,7 @@ impl DockerBackend {
     }
 
     fn not_found(session: &str) -> BackendError {
-        BackendError::NotFound { backend: NAME, session: session.to_owned() }
+        BackendError::not_found(NAME, session)
     }
 }
 
@@ -257,8 +250,8 @@ impl ExecutionBackend for DockerBackend {
         Capabilities::ALL
     }
 
-    async fn gateway_addresses(&self) -> Result<Vec<IpAddr>> {
-        Ok(self.bridge_gateway.into_iter().chain(self.isolated_gateway).collect())
+    async fn gateway_addresses(&self) -> Result<NetworkGateways> {
+        Ok(self.gateways)
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool> {
@@ -272,42 +265,25 @@ impl ExecutionBackend for DockerBackend {
     }
 
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
-        spec.validate()?;
-        if !spec.session.starts_with(self.owner.prefix()) {
-            return Err(BackendError::InvalidSpec {
-                field: "session",
-                message: format!("{:?} must start with the prefix {:?}", spec.session, self.owner.prefix()),
-            });
-        }
+        self.owner.validate_spec(spec)?;
         self.ensure_volumes(spec).await?;
         let plan = convert::network_plan(spec.network, &self.isolated_network);
         let body = convert::create_body(spec, &self.owner, plan);
         let options = CreateContainerOptions { name: Some(spec.session.clone()), platform: String::new() };
-        let created = match self.docker.create_container(Some(options.clone()), body.clone()).await {
-            Ok(created) => created,
-            Err(e) => match map_err(e, Subject::Session(&spec.session)) {
-                BackendError::AlreadyExists { detail, .. } => {
-                    // Never reuse a container built from old config: a stale one of ours is
-                    // replaced; anyone else's is left alone and the create fails.
-                    if self.inspect(&spec.session).await?.is_none() {
-                        return Err(BackendError::AlreadyExists {
-                            backend: NAME,
-                            session: spec.session.clone(),
-                            detail: format!("{detail}; it is not owned by this agentd instance, so it is left alone"),
-                        });
-                    }
-                    info!(session = %spec.session, "Replacing a stale container of the same session.");
-                    self.remove_session(&spec.session).await?;
-                    self.docker
-                        .create_container(Some(options), body)
-                        .await
-                        .map_err(|e| map_err(e, Subject::Session(&spec.session)))?
-                }
-                other => return Err(other),
-            },
+        let create = || async {
+            let created = self.docker.create_container(Some(options.clone()), body.clone()).await;
+            created.map(|c| c.id).map_err(|e| map_err(e, Subject::Session(&spec.session)))
         };
-        debug!(session = %spec.session, id = %created.id, "Container created.");
-        Ok(created.id)
+        let id = backend_core::create_replacing_stale(
+            NAME,
+            &spec.session,
+            create,
+            || self.inspect(&spec.session),
+            |_| self.remove_session(&spec.session),
+        )
+        .await?;
+        debug!(session = %spec.session, id = %id, "Container created.");
+        Ok(id)
     }
 
     async fn start_session(&self, session: &str) -> Result<()> {
@@ -451,12 +427,12 @@ impl ExecutionBackend for DockerBackend {
             ..LogsOptions::default()
         };
         let mut stream = self.docker.logs(session, Some(options));
-        let mut text = String::new();
+        let mut logs = LogsCollector::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| map_err(e, Subject::Session(session)))?;
-            text.push_str(&chunk.to_string());
+            logs.push(&chunk.into_bytes());
         }
-        Ok(text)
+        Ok(logs.finish())
     }
 
     async fn list_volumes(&self) -> Result<Vec<backend_core::VolumeState>> {

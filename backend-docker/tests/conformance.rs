@@ -2,4 +2,6 @@
 
 mod common;
 
-backend_core::conformance_tests!(common::harness().await);
+fn main() -> std::process::ExitCode {
+    backend_core::conformance::main("Docker", common::connect, backend_core::conformance::cases())
+}

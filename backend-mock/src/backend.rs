@@ -51,7 +51,7 @@ impl ExecutionBackend for MockBackend {
     }
 
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
-        spec.validate()?;
+        self.owner.validate_spec(spec)?;
         self.engine.enter(MockCall::Create(spec.session.clone())).await?;
         let mut labels = spec.labels.clone();
         labels.extend(self.owner.labels_for(&spec.session, &spec.agent_id));

@@ -129,8 +129,6 @@ struct Container {
     /// The stdin of the current run's simulated agent (stdio mode with an open stdin).
     /// Dropped when the run ends, never by a detach.
     stdin: Option<mpsc::UnboundedSender<String>>,
-    /// The environment the container was created with.
-    env: BTreeMap<String, String>,
     /// The named volumes it mounts.
     volumes: Vec<String>,
 }
@@ -142,7 +140,6 @@ impl Container {
         check: Option<HealthCheck>,
         behaviour: Behaviour,
         stdin_open: bool,
-        env: BTreeMap<String, String>,
     ) -> Self {
         Container {
             id,
@@ -159,7 +156,6 @@ impl Container {
             output: output::new_output(),
             stdin_open,
             stdin: None,
-            env,
             volumes: Vec::new(),
         }
     }
@@ -286,11 +282,6 @@ impl MockEngine {
         self.lock().snapshot_exit_info = included;
     }
 
-    /// Adds a local image, optionally with a health check.
-    pub fn add_image(&self, image: &str, check: Option<HealthCheck>) {
-        self.lock().images.insert(image.to_owned(), check);
-    }
-
     /// The next `n` backend calls fail as "engine unavailable".
     pub fn fail_next(&self, n: u32) {
         self.lock().fail_next = n;
@@ -331,11 +322,6 @@ impl MockEngine {
     /// The engine id of a container, if it exists.
     pub fn container_id(&self, name: &str) -> Option<String> {
         self.lock().containers.get(name).map(|c| c.id.clone())
-    }
-
-    /// The environment a container was created with (what its agent sees).
-    pub fn container_env(&self, name: &str) -> Option<BTreeMap<String, String>> {
-        self.lock().containers.get(name).map(|c| c.env.clone())
     }
 
     /// Makes a running session's agent exit by itself with `code`.
@@ -387,18 +373,11 @@ impl MockEngine {
     pub fn insert_foreign(&self, name: &str, labels: BTreeMap<String, String>) {
         let mut state = self.lock();
         let id = state.new_id();
-        let mut c = Container::new(id, labels, None, Behaviour::default(), false, BTreeMap::new());
+        let mut c = Container::new(id, labels, None, Behaviour::default(), false);
         c.status = SessionStatus::Running;
         c.health = SessionHealth::Healthy;
         c.output.send_modify(|log| log.run = Some(0));
         state.containers.insert(name.to_owned(), c);
-    }
-
-    /// Sets a container's creation time (to test creation grace periods).
-    pub fn set_created_at(&self, session: &str, at: OffsetDateTime) {
-        if let Some(c) = self.lock().containers.get_mut(session) {
-            c.created_at = at;
-        }
     }
 
     /// Tells every subscriber that events may have been lost.
@@ -487,11 +466,7 @@ impl MockEngine {
         for volume in &spec.volumes {
             if let Some((existing, _)) = state.volumes.get(&volume.name) {
                 if !owner.owns(existing) {
-                    return Err(BackendError::AlreadyExists {
-                        backend: NAME,
-                        session: volume.name.clone(),
-                        detail: "a volume of that name exists and is not owned by this agentd instance".into(),
-                    });
+                    return Err(BackendError::not_owned(NAME, "volume", &volume.name));
                 }
             } else {
                 let volume_labels = owner.labels_for(&spec.session, &spec.agent_id);
@@ -503,11 +478,7 @@ impl MockEngine {
         };
         if let Some(existing) = state.containers.get(&spec.session) {
             if !owner.owns(&existing.labels) {
-                return Err(BackendError::AlreadyExists {
-                    backend: NAME,
-                    session: spec.session.clone(),
-                    detail: "a container of that name exists and is not owned by this agentd instance".into(),
-                });
+                return Err(BackendError::not_owned(NAME, "container", &spec.session));
             }
             // A stale container of ours: replace it, never reuse it.
             state.containers.remove(&spec.session);
@@ -518,8 +489,7 @@ impl MockEngine {
             HealthCheckSpec::Disabled => None,
         };
         let id = state.new_id();
-        let mut c =
-            Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open, spec.env.clone());
+        let mut c = Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open);
         c.volumes = spec.volumes.iter().map(|v| v.name.clone()).collect();
         state.containers.insert(spec.session.clone(), c);
         Ok(id)
@@ -694,7 +664,7 @@ impl MockEngine {
         session: &str,
         tail: Option<usize>,
     ) -> Result<String, BackendError> {
-        Ok(self.output(owner, session)?.borrow().text(tail))
+        Ok(backend_core::cap_logs(&self.output(owner, session)?.borrow().text(tail)))
     }
 
     /// The output log of an owned session.
@@ -899,5 +869,5 @@ fn end_run(c: &Container) {
 }
 
 fn not_found(session: &str) -> BackendError {
-    BackendError::NotFound { backend: NAME, session: session.to_owned() }
+    BackendError::not_found(NAME, session)
 }

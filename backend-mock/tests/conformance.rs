@@ -1,6 +1,8 @@
-//! The backend-core conformance suite against the mock engine.
+//! The backend-core conformance suite against the mock engine: every case on one shared
+//! engine, which must be empty afterwards (the suite cleans up after itself).
 
 use std::collections::BTreeMap;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -38,17 +40,21 @@ impl Harness for MockHarness {
     async fn remove_from_outside(&self, session: &str) {
         self.engine.vanish(session, true);
     }
+
+    async fn leftovers(&self) -> Vec<String> {
+        let count = self.engine.container_count();
+        if count == 0 {
+            Vec::new()
+        } else {
+            vec![format!("{count} containers")]
+        }
+    }
 }
 
-fn harness() -> Option<MockHarness> {
-    Some(MockHarness { engine: MockEngine::new() })
-}
-
-backend_core::conformance_tests!(harness());
-
-#[tokio::test]
-async fn run_all_passes_on_one_shared_engine() {
-    let harness = MockHarness { engine: MockEngine::new() };
-    backend_core::conformance::run_all(&harness).await;
-    assert_eq!(harness.engine.container_count(), 0, "the suite cleans up after itself");
+fn main() -> ExitCode {
+    backend_core::conformance::main(
+        "mock",
+        || async { Ok(MockHarness { engine: MockEngine::new() }) },
+        backend_core::conformance::cases(),
+    )
 }

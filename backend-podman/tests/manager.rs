@@ -2,4 +2,6 @@
 
 mod common;
 
-agent_manager::manager_scenarios!(common::harness().await);
+fn main() -> std::process::ExitCode {
+    backend_core::conformance::main("Podman", common::connect, agent_manager::scenarios::cases())
+}

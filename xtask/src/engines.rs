@@ -1,6 +1,6 @@
 //! Installing and starting Docker Engine and Podman without systemd.
 //!
-//! What works on these machines is written down in `ci/podman/containers.conf` and
+//! What works on these machines is written down in `.ci/podman/containers.conf` and
 //! `backend-podman/README.md`: Debian's `docker.io` and `podman` packages, `dockerd`
 //! started directly, and `podman system service` with a project-owned containers.conf.
 
@@ -43,7 +43,7 @@ impl Engines {
 /// Installs what is missing (as root, with apt), starts what does not answer, and waits
 /// until both engines answer.
 pub fn provision() -> Result<Engines> {
-    let containers_conf = project_root().join("ci/podman/containers.conf");
+    let containers_conf = project_root().join(".ci/podman/containers.conf");
     let containers_conf = containers_conf.to_string_lossy().to_string();
     let missing: Vec<&str> = ["dockerd", "podman", "runc"].into_iter().filter(|b| which(b).is_none()).collect();
     if !missing.is_empty() {

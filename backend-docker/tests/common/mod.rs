@@ -2,6 +2,7 @@
 //! testcontainers, and outside interference through bollard.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -20,22 +21,22 @@ pub struct DockerHarness {
     fixtures: Mutex<HashMap<String, ContainerAsync<GenericImage>>>,
 }
 
+/// A harness on the local Docker Engine, or why there is none.
+pub async fn connect() -> Result<DockerHarness, String> {
+    let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
+    let probe = DockerBackend::connect(DockerConfig::default(), owner).await.map_err(|e| e.to_string())?;
+    match probe.image_exists(IMAGE).await {
+        Ok(true) => Ok(DockerHarness { probe, fixtures: Mutex::new(HashMap::new()) }),
+        Ok(false) => Err(format!("image {IMAGE} is missing; build it with `cargo xtask images`")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A harness on the local Docker Engine, or `None` (after printing why) when there is
 /// none and engines are not required.
+#[allow(dead_code)]
 pub async fn harness() -> Option<DockerHarness> {
-    let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
-    let probe = match DockerBackend::connect(DockerConfig::default(), owner).await {
-        Ok(backend) => backend,
-        Err(e) => return skip_or_fail("Docker", e),
-    };
-    match probe.image_exists(IMAGE).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return skip_or_fail("Docker", format!("image {IMAGE} is missing; build it with `cargo xtask images`"))
-        }
-        Err(e) => return skip_or_fail("Docker", e),
-    }
-    Some(DockerHarness { probe, fixtures: Mutex::new(HashMap::new()) })
+    connect().await.map_or_else(|why| skip_or_fail("Docker", why), Some)
 }
 
 #[async_trait]
@@ -77,5 +78,11 @@ impl Harness for DockerHarness {
     async fn remove_from_outside(&self, session: &str) {
         let options = RemoveContainerOptions { force: true, ..RemoveContainerOptions::default() };
         self.probe.client().remove_container(session, Some(options)).await.expect("docker rm -f");
+    }
+
+    async fn internet_address(&self, session: &str) -> Option<IpAddr> {
+        let inspect = self.probe.client().inspect_container(session, None).await.ok()?;
+        let networks = inspect.network_settings?.networks?;
+        networks.get("bridge")?.ip_address.as_deref()?.parse().ok()
     }
 }

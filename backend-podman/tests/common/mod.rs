@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,22 +21,21 @@ pub struct PodmanHarness {
     probe: PodmanBackend,
 }
 
+/// A harness on the local Podman service, or why there is none.
+pub async fn connect() -> Result<PodmanHarness, String> {
+    let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
+    let probe = PodmanBackend::connect(PodmanConfig::default(), owner).await.map_err(|e| e.to_string())?;
+    match probe.image_exists(IMAGE).await {
+        Ok(true) => Ok(PodmanHarness { probe }),
+        Ok(false) => Err(format!("image {IMAGE} is missing; build it with `cargo xtask images`")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A harness on the local Podman service, or `None` (after printing why) when there is
 /// none and engines are not required.
 pub async fn harness() -> Option<PodmanHarness> {
-    let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
-    let probe = match PodmanBackend::connect(PodmanConfig::default(), owner).await {
-        Ok(backend) => backend,
-        Err(e) => return skip_or_fail("Podman", e),
-    };
-    match probe.image_exists(IMAGE).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return skip_or_fail("Podman", format!("image {IMAGE} is missing; build it with `cargo xtask images`"))
-        }
-        Err(e) => return skip_or_fail("Podman", e),
-    }
-    Some(PodmanHarness { probe })
+    connect().await.map_or_else(|why| skip_or_fail("Podman", why), Some)
 }
 
 impl PodmanHarness {
@@ -86,5 +86,11 @@ impl Harness for PodmanHarness {
     async fn remove_from_outside(&self, session: &str) {
         let opts = ContainerDeleteOpts::builder().force(true).timeout(0).build();
         self.client().containers().get(session).delete(&opts).await.expect("podman rm -f");
+    }
+
+    async fn internet_address(&self, session: &str) -> Option<IpAddr> {
+        let inspect = self.client().containers().get(session).inspect().await.ok()?;
+        let networks = inspect.network_settings?.networks?;
+        networks.get("podman")?.ip_address.as_deref()?.parse().ok()
     }
 }
