@@ -1168,8 +1168,10 @@ pub async fn long_logs_are_capped_with_a_marker(h: &dyn Harness) {
             // Answered in full, this is more than the cap on its own.
             let big = "z".repeat(crate::SESSION_LOGS_MAX_BYTES + 1024 * 1024);
             attach.input.send_line(&user_line(&big)).await.expect("send");
-            read_until(&mut attach.output, patience, "the big answer", |l| {
-                l.text.len() > big.len() && l.text.contains("\"assistant\"")
+            // The turn's result line (which repeats the answer) is its last: then the log
+            // is complete.
+            read_until(&mut attach.output, patience, "the big answer's result line", |l| {
+                l.text.len() > big.len() && l.text.starts_with("{\"type\":\"result\"")
             })
             .await;
             let logs = w.backend.session_logs(&spec.session, None).await.expect("logs");
@@ -1178,7 +1180,8 @@ pub async fn long_logs_are_capped_with_a_marker(h: &dyn Harness) {
             assert!(kept.len() <= crate::SESSION_LOGS_MAX_BYTES, "{} bytes kept", kept.len());
             assert!(kept.len() >= crate::SESSION_LOGS_MAX_BYTES / 2, "only {} bytes kept", kept.len());
             assert!(!logs.contains("echo-agent started"), "the start of the output was kept");
-            assert!(kept.ends_with('\n') && kept.contains("zzzz"), "the end of the output was not kept");
+            let end: String = kept.chars().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
+            assert!(kept.ends_with('\n') && kept.contains("zzzz"), "the end of the output was not kept: …{end:?}");
             let dropped: u64 = marker
                 .split_whitespace()
                 .find_map(|word| word.parse().ok())

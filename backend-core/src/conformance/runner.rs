@@ -48,14 +48,20 @@ where
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
+    let mut code = conclusion.exit_code();
     if let Some(Ok(ready)) = suite.ready.get() {
         let left = suite.runtime.block_on(ready.harness.leftovers());
         if !left.is_empty() {
             eprintln!("conformance: the tests left behind on {engine}: {left:?}");
-            return ExitCode::FAILURE;
+            code = ExitCode::FAILURE;
         }
     }
-    conclusion.exit_code()
+    // The harness goes on the runtime: its fixtures may need one to drop.
+    match Arc::try_unwrap(suite) {
+        Ok(Suite { runtime, ready, .. }) => runtime.block_on(async move { drop(ready) }),
+        Err(suite) => std::mem::forget(suite),
+    }
+    code
 }
 
 struct Suite<H, C> {
