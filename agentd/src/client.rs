@@ -321,9 +321,73 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
+/// How much of what it printed a [`LogsFollower`] remembers, to find its place again.
+const FOLLOW_TAIL: usize = 4096;
+
+/// What `agentd logs -f` prints of each new read of an agent's logs: what came after
+/// what it printed before. The logs are capped ([`backend_core::SESSION_LOGS_MAX_BYTES`]),
+/// so a long log no longer grows at the front; the follower then finds its place by the
+/// end of what it printed, and when it cannot (more than the cap was written between two
+/// reads, or the container was replaced), prints what the logs hold now.
+#[derive(Debug, Default)]
+pub struct LogsFollower {
+    /// The length of the last read.
+    seen: usize,
+    /// The end of what was printed.
+    tail: String,
+}
+
+impl LogsFollower {
+    /// The part of `now`, the logs as read now, that was not printed yet; it counts as
+    /// printed from here on.
+    pub fn news(&mut self, now: &str) -> String {
+        let truncated = now.starts_with(backend_core::LOGS_TRUNCATED);
+        let grown = !truncated
+            && now.len() >= self.seen
+            && now.is_char_boundary(self.seen)
+            && now[..self.seen].ends_with(self.tail.as_str());
+        let new = if grown {
+            &now[self.seen..]
+        } else {
+            let body = if truncated { now.split_once('\n').map_or("", |(_, body)| body) } else { now };
+            match body.rfind(self.tail.as_str()) {
+                Some(at) if !self.tail.is_empty() => &body[at + self.tail.len()..],
+                _ => body,
+            }
+        };
+        self.seen = now.len();
+        let mut tail = std::mem::take(&mut self.tail);
+        tail.push_str(new);
+        let mut cut = tail.len().saturating_sub(FOLLOW_TAIL);
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        self.tail = tail.split_off(cut);
+        new.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_prints_what_is_new_also_once_the_logs_are_capped() {
+        let mut follow = LogsFollower::default();
+        assert_eq!(follow.news("one\n"), "one\n");
+        assert_eq!(follow.news("one\ntwo\n"), "two\n");
+        assert_eq!(follow.news("one\ntwo\n"), "");
+        let long = "x".repeat(2 * FOLLOW_TAIL);
+        assert_eq!(follow.news(&format!("one\ntwo\n{long}\nA\n")), format!("{long}\nA\n"));
+        // Capped: the front is gone, the follower finds its place by the end it printed.
+        let marker = format!("{} the first 9000 bytes are left out; …]\n", backend_core::LOGS_TRUNCATED);
+        let kept = &long[FOLLOW_TAIL / 2..];
+        assert_eq!(follow.news(&format!("{marker}{kept}\nA\nB\n")), "B\n");
+        assert_eq!(follow.news(&format!("{marker}{kept}\nA\nB\nC\n")), "C\n");
+        // Lost track (a new container): everything the logs hold now.
+        assert_eq!(follow.news("fresh\n"), "fresh\n");
+        assert_eq!(follow.news("fresh\nmore\n"), "more\n");
+    }
 
     #[test]
     fn the_exit_column_says_how_it_ended() {

@@ -320,14 +320,12 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             let text = client.get_text(&path).await?;
             print!("{text}");
             if follow {
-                let mut seen = client.get_text(&format!("{}/logs", agent_path(&name))).await?.len();
+                let mut follower = client::LogsFollower::default();
+                follower.news(&client.get_text(&format!("{}/logs", agent_path(&name))).await?);
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let all = client.get_text(&format!("{}/logs", agent_path(&name))).await?;
-                    if all.len() > seen {
-                        print!("{}", &all[seen..]);
-                    }
-                    seen = all.len();
+                    print!("{}", follower.news(&all));
                 }
             }
         }

@@ -31,8 +31,8 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 
 use crate::{
-    BackendError, BackendEvent, Capabilities, Capability, ExecutionBackend, HealthCheck, HealthCheckSpec, NetworkPolicy,
-    OutputLine, OutputStream, OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
+    BackendError, BackendEvent, Capabilities, Capability, ExecutionBackend, HealthCheck, HealthCheckSpec,
+    NetworkPolicy, OutputLine, OutputStream, OwnershipLabels, SessionHealth, SessionSpec, SessionStatus,
 };
 
 mod runner;
@@ -1063,11 +1063,16 @@ pub async fn a_stale_container_is_replaced_and_a_foreign_one_left_alone(h: &dyn 
             let foreign = w.spec("foreign");
             let fixture = w.harness.start_fixture(&foreign.session, BTreeMap::new()).await;
             w.fixtures.push(fixture);
-            assert!(!w.backend.session_exists(&foreign.session).await.expect("exists"), "a foreign container is invisible");
+            assert!(
+                !w.backend.session_exists(&foreign.session).await.expect("exists"),
+                "a foreign container is invisible"
+            );
             w.backend.remove_session(&foreign.session).await.expect("removing a foreign name is a no-op");
             for attempt in ["create", "create after a remove"] {
                 match w.backend.create_session(&foreign).await {
-                    Err(BackendError::AlreadyExists { detail, .. }) => assert!(detail.contains("not owned"), "{detail}"),
+                    Err(BackendError::AlreadyExists { detail, .. }) => {
+                        assert!(detail.contains("not owned"), "{detail}")
+                    }
                     other => panic!("{attempt}: a foreign container must not be replaced: {other:?}"),
                 }
             }
@@ -1110,7 +1115,8 @@ pub async fn isolated_agents_reach_the_host_and_nothing_routed_beyond_it(h: &dyn
             use std::net::TcpListener;
             let gateways = w.backend.gateway_addresses().await.expect("gateway addresses");
             assert!(gateways.internet.is_some(), "no host address on the internet network: {gateways:?}");
-            let isolated = gateways.isolated.unwrap_or_else(|| panic!("no host address on the isolated network: {gateways:?}"));
+            let isolated =
+                gateways.isolated.unwrap_or_else(|| panic!("no host address on the isolated network: {gateways:?}"));
             let patience = w.harness.patience();
 
             // Half one: the host's side of the isolated network is reachable. Some

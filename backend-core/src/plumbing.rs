@@ -40,7 +40,9 @@ impl BackendError {
         Self::AlreadyExists {
             backend,
             session: name.to_owned(),
-            detail: format!("a {what} of that name exists and is not owned by this agentd instance, so it is left alone"),
+            detail: format!(
+                "a {what} of that name exists and is not owned by this agentd instance, so it is left alone"
+            ),
         }
     }
 }
@@ -124,7 +126,8 @@ mod tests {
     #[tokio::test]
     async fn a_stale_container_is_replaced_and_a_foreign_one_left_alone() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let taken = || async { Err(BackendError::AlreadyExists { backend: "t", session: "s".into(), detail: "taken".into() }) };
+        let taken =
+            || async { Err(BackendError::AlreadyExists { backend: "t", session: "s".into(), detail: "taken".into() }) };
         // Foreign: nothing of ours under that name.
         let outcome = create_replacing_stale("t", "s", taken, || async { Ok(None::<()>) }, |()| async { Ok(()) }).await;
         match outcome {

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use backend_core::{
     timestamped_lines, BackendError, Capabilities, CommandOutput, EventReceiver, ExecutionBackend, LineWriter,
     LogsCollector, NetworkGateways, OutputCursor, OutputDecoder, OutputLines, OutputStream, OwnershipLabels, Result,
-    SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER, LABEL_PREFIX,
+    SessionAttach, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
+    LABEL_PREFIX,
 };
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};

@@ -20,7 +20,7 @@ use crate::{Capabilities, OwnershipLabels};
 /// [`Case::needs`] the backend lacks is ignored, naming the capability. After the tests,
 /// [`Harness::leftovers`] must be empty.
 ///
-/// ```ignore
+/// ```text
 /// fn main() -> std::process::ExitCode {
 ///     backend_core::conformance::main("Docker", common::connect, backend_core::conformance::cases())
 /// }
