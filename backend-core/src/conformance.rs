@@ -274,6 +274,30 @@ fn fast_health_check(interval_ms: u64) -> HealthCheckSpec {
     })
 }
 
+/// A spec with every field a backend maps into its create call set: limits (64 MiB,
+/// 1.5 CPUs, 100 pids), a workdir, a read-only mount `/a` at `/b`, `A=1`, a 2.5 s stop
+/// grace, a read-only root filesystem, and a health check (`/agent --health` every
+/// second, 2 s timeout, 3 retries), for the engine crates' tests of that mapping.
+pub fn full_spec() -> SessionSpec {
+    let mut spec = SessionSpec::new("agentd-a", "id-1", "img:1");
+    spec.resources.memory_bytes = Some(64 << 20);
+    spec.resources.cpus = Some(1.5);
+    spec.resources.pids_limit = Some(100);
+    spec.workdir = Some("/tmp/work".into());
+    spec.mounts.push(crate::Mount { source: "/a".into(), target: "/b".into(), read_only: true });
+    spec.env.insert("A".into(), "1".into());
+    spec.stop_grace = Duration::from_millis(2500);
+    spec.read_only_rootfs = true;
+    spec.health_check = HealthCheckSpec::Override(HealthCheck {
+        command: vec!["/agent".into(), "--health".into()],
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+        retries: 3,
+        start_period: Duration::ZERO,
+    });
+    spec
+}
+
 /// A created session exists and reads `created` (with `two_phase_start`; else it may
 /// run already); started, it reads `running`; a name never created reads `missing` and
 /// does not exist.
@@ -813,6 +837,19 @@ fn stdio_spec(w: &World<'_>, name: &str) -> SessionSpec {
     spec
 }
 
+/// Starts a stdio echo agent `name`, attaches from its first line, and reads up to its
+/// start-up line: the spec, the attach, and the lines read.
+async fn start_attached(w: &World<'_>, name: &str) -> (SessionSpec, crate::SessionAttach, Vec<OutputLine>) {
+    let spec = stdio_spec(w, name);
+    w.start(&spec).await;
+    let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+    let lines = read_until(&mut attach.output, w.harness.patience(), "the start-up line", |l| {
+        l.text.contains("echo-agent started")
+    })
+    .await;
+    (spec, attach, lines)
+}
+
 /// A stream-json user message.
 fn user_line(text: &str) -> String {
     serde_json::json!({"type": "user", "message": {"role": "user", "content": text}, "parent_tool_use_id": null, "session_id": ""})
@@ -858,14 +895,8 @@ pub async fn attached_line_is_answered(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            let spec = stdio_spec(w, "attach");
-            w.start(&spec).await;
-            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
+            let (_, mut attach, first) = start_attached(w, "attach").await;
             let patience = w.harness.patience();
-            let first = read_until(&mut attach.output, patience, "the start-up line", |l| {
-                l.text.contains("echo-agent started")
-            })
-            .await;
             assert_eq!(first.last().map(|l| l.stream), Some(OutputStream::Stdout));
             attach.input.send_line(&user_line("ping-1")).await.expect("send");
             let lines = read_until(&mut attach.output, patience, "the answer to ping-1", |l| {
@@ -891,14 +922,8 @@ pub async fn reattach_reads_every_line_once(h: &dyn Harness) {
         .await
         .run(async |w| {
             const LINES: usize = 10_000;
-            let spec = stdio_spec(w, "reattach");
-            w.start(&spec).await;
+            let (spec, mut attach, seen) = start_attached(w, "reattach").await;
             let patience = w.harness.patience();
-            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
-            let seen = read_until(&mut attach.output, patience, "the start-up line", |l| {
-                l.text.contains("echo-agent started")
-            })
-            .await;
             let cursor = seen.last().map(|l| l.cursor);
             // Ask for the lines, and detach before they come.
             attach.input.send_line(&user_line(&format!("!emit {LINES} 500"))).await.expect("send");
@@ -950,12 +975,8 @@ pub async fn a_five_megabyte_line_passes(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            let spec = stdio_spec(w, "bigline");
-            w.start(&spec).await;
+            let (_, mut attach, _) = start_attached(w, "bigline").await;
             let patience = w.harness.patience();
-            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
-            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started"))
-                .await;
             let big: String = (0..5 * 1024 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
             attach.input.send_line(&user_line(&big)).await.expect("send 5 MB");
             let lines = read_until(&mut attach.output, patience, "the 5 MB answer", |l| {
@@ -1165,12 +1186,8 @@ pub async fn long_logs_are_capped_with_a_marker(h: &dyn Harness) {
     World::new(h)
         .await
         .run(async |w| {
-            let spec = stdio_spec(w, "biglogs");
-            w.start(&spec).await;
+            let (spec, mut attach, _) = start_attached(w, "biglogs").await;
             let patience = w.harness.patience();
-            let mut attach = w.backend.attach_session(&spec.session, None).await.expect("attach");
-            read_until(&mut attach.output, patience, "the start-up line", |l| l.text.contains("echo-agent started"))
-                .await;
             // Answered in full, this is more than the cap on its own.
             let big = "z".repeat(crate::SESSION_LOGS_MAX_BYTES + 1024 * 1024);
             attach.input.send_line(&user_line(&big)).await.expect("send");

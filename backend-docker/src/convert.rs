@@ -230,9 +230,6 @@ pub(crate) fn state_of_summary(summary: &ContainerSummary, health: SessionHealth
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use backend_core::{HealthCheck, Mount as SpecMount};
     use bollard::models::Health;
 
     use super::*;
@@ -279,20 +276,7 @@ mod tests {
     #[test]
     fn the_container_is_hardened_and_labelled() {
         let owner = OwnershipLabels::new("agentd", "i1").expect("labels");
-        let mut spec = SessionSpec::new("agentd-a", "id-1", "img:1");
-        spec.resources.memory_bytes = Some(64 << 20);
-        spec.resources.cpus = Some(1.5);
-        spec.resources.pids_limit = Some(100);
-        spec.workdir = Some("/tmp/work".into());
-        spec.mounts.push(SpecMount { source: "/a".into(), target: "/b".into(), read_only: true });
-        spec.stop_grace = Duration::from_millis(2500);
-        spec.health_check = HealthCheckSpec::Override(HealthCheck {
-            command: vec!["/agent".into(), "--health".into()],
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(2),
-            retries: 3,
-            start_period: Duration::ZERO,
-        });
+        let spec = backend_core::conformance::full_spec();
         let body = create_body(&spec, &owner, network_plan(NetworkPolicy::Internet, "agentd-isolated"));
         let host = body.host_config.expect("host config");
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
@@ -303,6 +287,8 @@ mod tests {
         assert_eq!(host.pids_limit, Some(100));
         assert_eq!(host.extra_hosts, Some(vec!["host.docker.internal:host-gateway".to_owned()]));
         assert_eq!(host.mounts.as_ref().map(Vec::len), Some(2));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(body.env, Some(vec!["A=1".to_owned()]), "exactly the spec's environment");
         assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
         assert_eq!(body.stop_timeout, Some(3), "grace rounds up to whole seconds");
         let labels = body.labels.expect("labels");

@@ -324,8 +324,6 @@ pub(crate) fn state_of_summary(summary: &ListContainer) -> Option<SessionState> 
 
 #[cfg(test)]
 mod tests {
-    use backend_core::{HealthCheck, Mount as SpecMount};
-
     use super::*;
 
     fn plan() -> NetworkPlan {
@@ -335,22 +333,7 @@ mod tests {
     #[test]
     fn the_container_is_hardened_and_labelled() {
         let owner = OwnershipLabels::new("agentd", "i1").expect("labels");
-        let mut spec = SessionSpec::new("agentd-a", "id-1", "img:1");
-        spec.resources.memory_bytes = Some(64 << 20);
-        spec.resources.cpus = Some(1.5);
-        spec.resources.pids_limit = Some(100);
-        spec.workdir = Some("/tmp/work".into());
-        spec.mounts.push(SpecMount { source: "/a".into(), target: "/b".into(), read_only: true });
-        spec.env.insert("A".into(), "1".into());
-        spec.stop_grace = Duration::from_millis(2500);
-        spec.read_only_rootfs = true;
-        spec.health_check = HealthCheckSpec::Override(HealthCheck {
-            command: vec!["/agent".into(), "--health".into()],
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(2),
-            retries: 3,
-            start_period: Duration::ZERO,
-        });
+        let spec = backend_core::conformance::full_spec();
         let body = create_body(&spec, &owner, &plan());
         assert_eq!(body["cap_drop"], json!(["ALL"]));
         assert_eq!(body["no_new_privileges"], json!(true), "libpod's spelling, not podman-api's");
