@@ -185,11 +185,14 @@ pub struct ShutdownReport {
 ///   [`Capabilities::exit_info_after_stop`], also after a stop).
 /// - Nothing is pulled: a missing image is [`BackendError::ImageNotFound`], from
 ///   `create_session` with [`Capabilities::image_errors_at_create`].
-/// - [`ExecutionBackend::session_logs`] returns at most [`SESSION_LOGS_MAX_BYTES`](crate::SESSION_LOGS_MAX_BYTES)
-///   (the end of the output, after a [`LOGS_TRUNCATED`](crate::LOGS_TRUNCATED) line saying how much was left
-///   out).
+/// - [`ExecutionBackend::session_logs`] returns at most [`SESSION_LOGS_MAX_BYTES`] (the
+///   end of the output, after a [`LOGS_TRUNCATED`] line saying how much was left out).
 ///
 /// Where an engine's lifecycle differs from Docker's, [`Capabilities`] says so.
+///
+/// [`SESSION_LOGS_MAX_BYTES`]: crate::SESSION_LOGS_MAX_BYTES
+/// [`LOGS_TRUNCATED`]: crate::LOGS_TRUNCATED
+/// [`SessionStatus::Missing`]: crate::SessionStatus::Missing
 #[async_trait]
 pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// A short lowercase name: `docker`, `podman`, `mock`.
@@ -260,6 +263,8 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     async fn snapshot(&self) -> Result<Vec<SessionState>>;
 
     /// The state of one session; [`SessionStatus::Missing`] when the engine has none.
+    ///
+    /// [`SessionStatus::Missing`]: crate::SessionStatus::Missing
     async fn session_state(&self, session: &str) -> Result<SessionState> {
         Ok(self
             .snapshot()
@@ -283,10 +288,14 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     }
 
     /// The last `tail` lines (all when `None`) of the session's output, stdout and stderr
-    /// interleaved, capped at [`SESSION_LOGS_MAX_BYTES`](crate::SESSION_LOGS_MAX_BYTES): when the output is longer,
-    /// only its end is returned, after one line that starts with [`LOGS_TRUNCATED`](crate::LOGS_TRUNCATED) and
-    /// says how many bytes were left out (see [`LogsCollector`](crate::LogsCollector)). For all of a long
-    /// output, read [`ExecutionBackend::session_output`], which streams.
+    /// interleaved, capped at [`SESSION_LOGS_MAX_BYTES`]: when the output is longer, only
+    /// its end is returned, after one line that starts with [`LOGS_TRUNCATED`] and says how
+    /// many bytes were left out (see [`LogsCollector`]). For all of a long output, read
+    /// [`ExecutionBackend::session_output`], which streams.
+    ///
+    /// [`SESSION_LOGS_MAX_BYTES`]: crate::SESSION_LOGS_MAX_BYTES
+    /// [`LOGS_TRUNCATED`]: crate::LOGS_TRUNCATED
+    /// [`LogsCollector`]: crate::LogsCollector
     async fn session_logs(&self, session: &str, tail: Option<usize>) -> Result<String> {
         let _ = (session, tail);
         Err(BackendError::Unsupported { backend: self.name(), operation: "session_logs" })
