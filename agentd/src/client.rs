@@ -346,23 +346,22 @@ impl LogsFollower {
             && now.len() >= self.seen
             && now.is_char_boundary(self.seen)
             && now[..self.seen].ends_with(self.tail.as_str());
+        let body = if truncated { now.split_once('\n').map_or("", |(_, body)| body) } else { now };
         let new = if grown {
             &now[self.seen..]
         } else {
-            let body = if truncated { now.split_once('\n').map_or("", |(_, body)| body) } else { now };
             match body.rfind(self.tail.as_str()) {
                 Some(at) if !self.tail.is_empty() => &body[at + self.tail.len()..],
                 _ => body,
             }
         };
+        // What is printed now ends where the logs end.
         self.seen = now.len();
-        let mut tail = std::mem::take(&mut self.tail);
-        tail.push_str(new);
-        let mut cut = tail.len().saturating_sub(FOLLOW_TAIL);
-        while !tail.is_char_boundary(cut) {
+        let mut cut = body.len().saturating_sub(FOLLOW_TAIL);
+        while !body.is_char_boundary(cut) {
             cut += 1;
         }
-        self.tail = tail.split_off(cut);
+        self.tail = body[cut..].to_owned();
         new.to_owned()
     }
 }

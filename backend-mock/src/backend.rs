@@ -150,9 +150,6 @@ impl ExecutionBackend for MockBackend {
     }
 
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
-        if !self.engine.capabilities().events {
-            return Ok(None);
-        }
         self.engine.enter(MockCall::Subscribe).await?;
         Ok(Some(self.engine.subscribe(&self.owner)))
     }

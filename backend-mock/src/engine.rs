@@ -51,28 +51,6 @@ pub enum MockCall {
     RemoveVolume(String),
 }
 
-impl MockCall {
-    /// The session the call was about, if any.
-    pub fn session(&self) -> Option<&str> {
-        match self {
-            Self::Create(s)
-            | Self::Start(s)
-            | Self::Exists(s)
-            | Self::Stop(s)
-            | Self::Remove(s)
-            | Self::Exec(s)
-            | Self::State(s)
-            | Self::Health(s)
-            | Self::ExitInfo(s)
-            | Self::Logs(s)
-            | Self::Attach(s)
-            | Self::Output(s) => Some(s),
-            Self::RemoveVolume(v) => Some(v),
-            Self::ImageExists(_) | Self::Snapshot | Self::Subscribe | Self::Volumes => None,
-        }
-    }
-}
-
 /// The simulated echo-agent behaviour of one container, from its environment.
 #[derive(Debug, Clone, Default)]
 struct Behaviour {
@@ -204,7 +182,6 @@ struct State {
     latency: Duration,
     calls: VecDeque<MockCall>,
     subscribers: Vec<Subscriber>,
-    capabilities: Capabilities,
     snapshot_exit_info: bool,
     /// Named volumes: name → (labels, created at).
     volumes: BTreeMap<String, (BTreeMap<String, String>, OffsetDateTime)>,
@@ -254,7 +231,6 @@ impl MockEngine {
             latency: Duration::ZERO,
             calls: VecDeque::new(),
             subscribers: Vec::new(),
-            capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             snapshot_exit_info: true,
             volumes: BTreeMap::new(),
         };
@@ -267,13 +243,10 @@ impl MockEngine {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sets what backends on this engine report they can do.
-    pub fn set_capabilities(&self, capabilities: Capabilities) {
-        self.lock().capabilities = capabilities;
-    }
-
+    /// What backends on this engine can do: everything but network isolation, with
+    /// Docker's lifecycle.
     pub(crate) fn capabilities(&self) -> Capabilities {
-        self.lock().capabilities
+        Capabilities { network_isolation: false, ..Capabilities::ALL }
     }
 
     /// Whether snapshots carry exit info (like Podman) or leave it to `session_exit_info`

@@ -13,8 +13,10 @@
 //! Every container keeps one output log (capped at [`MAX_LOG_ENTRIES`] entries and
 //! [`MAX_LOG_BYTES`] bytes, oldest dropped first), stamped by the engine with
 //! non-decreasing nanosecond times and read through backend-core's `OutputDecoder`: it
-//! serves `session_logs`, `session_output` and `attach_session` alike. Stdin stays open
-//! for the whole run; a detach does nothing to the container.
+//! serves `session_logs` (capped as the contract says), `session_output` and
+//! `attach_session` alike. Stdin stays open for the whole run; a detach does nothing to
+//! the container. It has every capability but network isolation, with Docker's
+//! lifecycle.
 //!
 //! [`MockBackend`] is one daemon's view of the engine, filtered by its ownership labels;
 //! clones share the engine.
