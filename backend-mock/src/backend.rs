@@ -55,7 +55,11 @@ impl ExecutionBackend for MockBackend {
         self.engine.enter(MockCall::Create(spec.session.clone())).await?;
         let mut labels = spec.labels.clone();
         labels.extend(self.owner.labels_for(&spec.session, &spec.agent_id));
-        self.engine.create(spec, labels, &self.owner)
+        let id = self.engine.create(spec, labels, &self.owner)?;
+        if !self.engine.capabilities().two_phase_start {
+            self.engine.start(&spec.session)?;
+        }
+        Ok(id)
     }
 
     async fn start_session(&self, session: &str) -> Result<()> {
@@ -72,7 +76,11 @@ impl ExecutionBackend for MockBackend {
     async fn stop_session(&self, session: &str, grace: Duration) -> Result<()> {
         self.engine.enter(MockCall::Stop(session.to_owned())).await?;
         self.engine.is_running(&self.owner, session)?;
-        self.engine.stop(session, grace).await
+        self.engine.stop(session, grace).await?;
+        if !self.engine.capabilities().exit_info_after_stop {
+            self.engine.remove(session);
+        }
+        Ok(())
     }
 
     async fn list_volumes(&self) -> Result<Vec<backend_core::VolumeState>> {

@@ -109,6 +109,8 @@ struct Container {
     stdin: Option<mpsc::UnboundedSender<String>>,
     /// The named volumes it mounts.
     volumes: Vec<String>,
+    /// The image, when it is missing (a pod-like engine creates the container anyway).
+    missing_image: Option<String>,
 }
 
 impl Container {
@@ -135,6 +137,7 @@ impl Container {
             stdin_open,
             stdin: None,
             volumes: Vec::new(),
+            missing_image: None,
         }
     }
 
@@ -183,6 +186,8 @@ struct State {
     calls: VecDeque<MockCall>,
     subscribers: Vec<Subscriber>,
     snapshot_exit_info: bool,
+    /// What backends report, and the lifecycle the engine follows.
+    capabilities: Capabilities,
     /// Named volumes: name → (labels, created at).
     volumes: BTreeMap<String, (BTreeMap<String, String>, OffsetDateTime)>,
 }
@@ -232,6 +237,7 @@ impl MockEngine {
             calls: VecDeque::new(),
             subscribers: Vec::new(),
             snapshot_exit_info: true,
+            capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             volumes: BTreeMap::new(),
         };
         Self { state: Arc::new(Mutex::new(state)) }
@@ -243,10 +249,25 @@ impl MockEngine {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// What backends on this engine can do: everything but network isolation, with
-    /// Docker's lifecycle.
+    /// An engine with a pod's lifecycle instead of Docker's, as a Kubernetes backend
+    /// would have: a session runs as soon as it is created, a stop deletes it with its
+    /// exit info, and a missing image is created anyway and ends the session when it
+    /// starts, with an error that names the image.
+    pub fn pod_like() -> Self {
+        let engine = Self::new();
+        engine.lock().capabilities = Capabilities {
+            two_phase_start: false,
+            exit_info_after_stop: false,
+            image_errors_at_create: false,
+            ..engine.capabilities()
+        };
+        engine
+    }
+
+    /// What backends on this engine can do: everything but network isolation; the
+    /// lifecycle is Docker's unless the engine is [`MockEngine::pod_like`].
     pub(crate) fn capabilities(&self) -> Capabilities {
-        Capabilities { network_isolation: false, ..Capabilities::ALL }
+        self.lock().capabilities
     }
 
     /// Whether snapshots carry exit info (like Podman) or leave it to `session_exit_info`
@@ -446,9 +467,11 @@ impl MockEngine {
                 state.volumes.insert(volume.name.clone(), (volume_labels, OffsetDateTime::now_utc()));
             }
         }
-        let Some(image_check) = state.images.get(&spec.image).cloned() else {
+        let missing_image = !state.images.contains_key(&spec.image);
+        if missing_image && state.capabilities.image_errors_at_create {
             return Err(BackendError::ImageNotFound { backend: NAME, image: spec.image.clone() });
-        };
+        }
+        let image_check = state.images.get(&spec.image).cloned().flatten();
         if let Some(existing) = state.containers.get(&spec.session) {
             if !owner.owns(&existing.labels) {
                 return Err(BackendError::not_owned(NAME, "container", &spec.session));
@@ -464,6 +487,7 @@ impl MockEngine {
         let id = state.new_id();
         let mut c = Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open);
         c.volumes = spec.volumes.iter().map(|v| v.name.clone()).collect();
+        c.missing_image = missing_image.then(|| spec.image.clone());
         state.containers.insert(spec.session.clone(), c);
         Ok(id)
     }
@@ -474,6 +498,18 @@ impl MockEngine {
             return Err(not_found(session));
         };
         if c.status.is_alive() {
+            return Ok(());
+        }
+        if let Some(image) = &c.missing_image {
+            let error = format!("image {image} is not present; nothing is pulled");
+            let exit = SessionExitInfo {
+                exit_code: None,
+                error: Some(error),
+                finished_at: Some(OffsetDateTime::now_utc()),
+                ..SessionExitInfo::default()
+            };
+            c.status = SessionStatus::Running;
+            state.finish(session, exit);
             return Ok(());
         }
         c.generation += 1;

@@ -16,7 +16,9 @@
 //! serves `session_logs` (capped as the contract says), `session_output` and
 //! `attach_session` alike. Stdin stays open for the whole run; a detach does nothing to
 //! the container. It has every capability but network isolation, with Docker's
-//! lifecycle.
+//! lifecycle, or with a pod's ([`MockEngine::pod_like`]: sessions run when created, a stop
+//! deletes them, a missing image surfaces at the start), which shows the conformance
+//! suite passing on a Kubernetes-like lifecycle.
 //!
 //! [`MockBackend`] is one daemon's view of the engine, filtered by its ownership labels;
 //! clones share the engine.

@@ -1,55 +1,12 @@
 //! The backend-core conformance suite against the mock engine: every case on one shared
 //! engine, which must be empty afterwards (the suite cleans up after itself).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use async_trait::async_trait;
-use backend_core::conformance::Harness;
-use backend_core::{ExecutionBackend, OwnershipLabels};
-use backend_mock::{MockBackend, MockEngine, ECHO_IMAGE};
-
-struct MockHarness {
-    engine: MockEngine,
-}
-
-#[async_trait]
-impl Harness for MockHarness {
-    async fn backend(&self, owner: OwnershipLabels) -> Arc<dyn ExecutionBackend> {
-        Arc::new(MockBackend::new(self.engine.clone(), owner))
-    }
-
-    fn image(&self) -> String {
-        ECHO_IMAGE.to_owned()
-    }
-
-    async fn start_fixture(&self, name: &str, labels: BTreeMap<String, String>) -> String {
-        self.engine.insert_foreign(name, labels);
-        name.to_owned()
-    }
-
-    async fn remove_fixture(&self, handle: &str) {
-        self.engine.vanish(handle, false);
-    }
-
-    async fn kill_from_outside(&self, session: &str) {
-        self.engine.kill_from_outside(session);
-    }
-
-    async fn remove_from_outside(&self, session: &str) {
-        self.engine.vanish(session, true);
-    }
-
-    async fn leftovers(&self) -> Vec<String> {
-        let count = self.engine.container_count();
-        if count == 0 {
-            Vec::new()
-        } else {
-            vec![format!("{count} containers")]
-        }
-    }
-}
+use backend_mock::MockEngine;
+use common::MockHarness;
 
 fn main() -> ExitCode {
     backend_core::conformance::main(
