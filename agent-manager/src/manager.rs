@@ -317,7 +317,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub fn session_spec_for(&self, agent: &Agent) -> Result<SessionSpec> {
         let s = &agent.spec;
         let mut spec = SessionSpec::new(&agent.session, &agent.id, &s.image);
-        for key in &self.config.forward_env {
+        for key in &self.config.defaults.forward_env {
             if let Ok(value) = std::env::var(key) {
                 spec.env.insert(key.clone(), value);
             }
@@ -438,7 +438,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             lifecycle: self.lifecycle.clone(),
             restarts: self.restart_tx.clone(),
         };
-        let rules = &self.config.reconcile;
+        let rules = &self.config.defaults;
         let target = Target {
             agent_id: agent.id.clone(),
             agent_name: agent.name.clone(),
@@ -835,7 +835,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 .await;
                 (name, outcome)
             })
-            .buffer_unordered(self.config.shutdown_concurrency.max(1))
+            .buffer_unordered(SHUTDOWN_CONCURRENCY)
             .collect()
             .await;
         self.conversations.abort_all();
@@ -949,6 +949,9 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
 
 /// Where a claude-code agent's HOME volume is mounted: the Claude Code image's HOME.
 pub const CLAUDE_HOME: &str = "/home/agent";
+
+/// How many agents shutdown stops at once.
+pub const SHUTDOWN_CONCURRENCY: usize = 256;
 
 /// The name of a claude-code agent's HOME volume.
 pub(crate) fn home_volume(agent: &Agent) -> String {

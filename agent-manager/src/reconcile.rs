@@ -540,7 +540,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub(crate) fn liveness_backoff(&self, agent: &Agent) -> std::time::Duration {
         match lock(&self.liveness_streaks).get(&agent.id).copied().unwrap_or(0) {
             0 => std::time::Duration::ZERO,
-            streak => self.config.backoff.delay(streak),
+            streak => self.config.reconcile.restart_backoff.delay(streak),
         }
     }
 
@@ -615,11 +615,11 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             Some(run) => now - run.started_at,
             None => time::Duration::ZERO,
         };
-        if ran_for >= self.config.backoff.reset_after {
+        if ran_for >= self.config.reconcile.restart_backoff.reset_after {
             agent.crash_streak = 0;
         }
         agent.crash_streak += 1;
-        agent.next_restart_at = Some(now + self.config.backoff.delay(agent.crash_streak));
+        agent.next_restart_at = Some(now + self.config.reconcile.restart_backoff.delay(agent.crash_streak));
         Ok(())
     }
 
@@ -681,7 +681,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         {
             let mut streaks = lock(&self.liveness_streaks);
             let streak = streaks.entry(agent.id.clone()).or_default();
-            if now - since >= self.config.backoff.reset_after {
+            if now - since >= self.config.reconcile.restart_backoff.reset_after {
                 *streak = 0;
             }
             *streak += 1;

@@ -16,6 +16,7 @@ mod backend;
 mod error;
 mod events;
 mod exit;
+mod factory;
 mod health;
 mod labels;
 mod spec;
@@ -32,9 +33,13 @@ pub use backend::{Capabilities, CommandOutput, ExecutionBackend, ShutdownReport,
 pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
+pub use factory::{
+    check_engine_address, check_section, connect_config, parse_section, parse_to_section, BackendConfig,
+    BackendFactory, ConfigProblem, Section,
+};
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
-pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
+pub use spec::{rules, HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
 pub use state::{SessionState, SessionStatus, VolumeState};
 
 /// Formats a timestamp as RFC 3339, the form every agentd interface uses.

@@ -29,8 +29,10 @@
 mod agent;
 mod backend;
 mod engine;
+mod factory;
 mod output;
 
 pub use backend::MockBackend;
 pub use engine::{MockCall, MockEngine, ECHO_IMAGE, MAX_CALLS, PLAIN_IMAGE};
+pub use factory::{Factory, MockConfig};
 pub use output::{MAX_LOG_BYTES, MAX_LOG_ENTRIES};
