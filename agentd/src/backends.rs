@@ -70,3 +70,92 @@ pub async fn connect_with(
         unavailable.join("\n")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use backend_core::{BackendConfig, ConfigProblem, Section};
+
+    use super::*;
+    use crate::config::{load_with, Sources};
+
+    /// A backend that exists only in this test: its own section type and constructor.
+    #[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct TestingConfig {
+        greeting: String,
+    }
+
+    impl BackendConfig for TestingConfig {
+        fn check(&self) -> Vec<ConfigProblem> {
+            if self.greeting.len() > 8 {
+                return vec![ConfigProblem::value("greeting", format!("{:?}", self.greeting), "at most 8 bytes")];
+            }
+            Vec::new()
+        }
+    }
+
+    struct Testing {
+        connected_with: Mutex<Option<TestingConfig>>,
+    }
+
+    #[async_trait]
+    impl BackendFactory for Testing {
+        fn name(&self) -> &'static str {
+            "testing"
+        }
+
+        fn parse(&self, section: &Section) -> Result<Section, ConfigProblem> {
+            backend_core::parse_to_section::<TestingConfig>(section)
+        }
+
+        fn check(&self, section: &Section) -> Vec<ConfigProblem> {
+            backend_core::check_section::<TestingConfig>(section)
+        }
+
+        async fn connect(
+            &self,
+            section: Section,
+            owner: OwnershipLabels,
+        ) -> backend_core::Result<Arc<dyn ExecutionBackend>> {
+            let config: TestingConfig = backend_core::connect_config("testing", &section)?;
+            *self.connected_with.lock().expect("lock") = Some(config);
+            Ok(Arc::new(backend_mock::MockBackend::new(backend_mock::MockEngine::new(), owner)))
+        }
+    }
+
+    fn sources(dir: &std::path::Path, text: &str) -> Sources {
+        let path = dir.join("agentd.toml");
+        std::fs::write(&path, text).expect("write");
+        Sources { system: dir.join("none.toml"), user: None, explicit: Some(path) }
+    }
+
+    #[tokio::test]
+    async fn a_backend_registered_with_one_line_is_configured_and_selected_by_name() {
+        let dir = std::env::temp_dir().join(format!("agentd-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let testing = Testing { connected_with: Mutex::new(None) };
+        let registry: &[&dyn BackendFactory] = &[&testing, &backend_mock::Factory];
+
+        let config = load_with(&sources(&dir, "backend = \"testing\"\n[testing]\ngreeting = \"hello\"\n"), registry)
+            .expect("a registered backend's section is configuration");
+        let owner = OwnershipLabels::new("agentd", "k-b").expect("labels");
+        let backend = connect_with(registry, &config, owner.clone()).await.expect("connect");
+        assert_eq!(backend.ownership(), &owner);
+        assert_eq!(
+            testing.connected_with.lock().expect("lock").take(),
+            Some(TestingConfig { greeting: "hello".into() }),
+            "the factory got its own section"
+        );
+
+        let bad = load_with(&sources(&dir, "[testing]\ngreeting = \"far too long\"\n"), registry).expect_err("check");
+        assert!(bad.to_string().contains("testing.greeting = \"far too long\""), "{bad}");
+        let unknown = load_with(&sources(&dir, "backend = \"docker\"\n"), registry).expect_err("not registered");
+        assert!(unknown.to_string().contains("use one of: auto, testing, mock"), "{unknown}");
+        let section = load_with(&sources(&dir, "[docker]\nsocket = \"unix:///x\"\n"), registry).expect_err("section");
+        assert!(section.to_string().contains("unknown key \"docker\""), "{section}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
