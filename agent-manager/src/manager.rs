@@ -602,6 +602,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.conversations.subscribe()
     }
 
+    /// How many receivers the two broadcasts have now: lifecycle events
+    /// ([`Self::subscribe`]) and conversation entries ([`Self::subscribe_conversations`]).
+    /// Every open API stream holds one; a closed one must give it back.
+    pub fn subscribers(&self) -> (usize, usize) {
+        (self.lifecycle.events.receiver_count(), self.conversations.subscribers())
+    }
+
     /// Stops the agent's container (SIGTERM, then SIGKILL after the agent's grace period),
     /// records the run's exit, and marks the agent stopped. The container stays, with its
     /// logs, until the agent is restarted or removed.
