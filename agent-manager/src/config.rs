@@ -358,3 +358,46 @@ pub struct ManagerConfig {
     pub defaults: AgentDefaults,
     pub reconcile: ReconcileConfig,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_spawns_are_checked_by_the_same_rules() {
+        let mut defaults = AgentDefaults { memory_mb: Some(4), cpus: Some(2000.0), ..AgentDefaults::default() };
+        defaults.forward_env.push("AGENTD_TOKEN".into());
+        defaults.interrupt_grace = Duration::ZERO;
+        let fields: Vec<&str> = defaults.check().iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["memory_mb", "cpus", "forward_env", "interrupt_grace_secs"]);
+
+        let spawn = |new: NewAgent| AgentDefaults::default().resolve(new).expect_err("invalid");
+        let message = |e: ManagerError| match e {
+            ManagerError::Invalid { field, message } => format!("{field}: {message}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let base = || NewAgent { name: "a".into(), ..NewAgent::default() };
+        let memory = defaults.check().into_iter().next().expect("memory");
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), "memory_mb: 4: at least 6 (MiB)");
+        assert_eq!(memory.allowed, "at least 6 (MiB)");
+        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("at most 1024"));
+        let mut env = base();
+        env.env.insert("AGENTD_TOKEN".into(), "x".into());
+        assert!(message(spawn(env)).starts_with("env: \"AGENTD_TOKEN\": not AGENTD_*"));
+        assert!(AgentDefaults::default().check().is_empty());
+        assert!(ReconcileConfig::default().check().is_empty());
+    }
+
+    #[test]
+    fn the_sections_read_durations_as_seconds_and_refuse_unknown_keys() {
+        let reconcile: ReconcileConfig = serde_json::from_value(serde_json::json!({
+            "interval_secs": 3, "restart_backoff": { "max_secs": 60 }
+        }))
+        .expect("parses");
+        assert_eq!(reconcile.interval, Duration::from_secs(3));
+        assert_eq!(reconcile.restart_backoff.max, Duration::from_secs(60));
+        assert_eq!(reconcile.restart_backoff.initial, Backoff::default().initial);
+        let unknown = serde_json::from_value::<AgentDefaults>(serde_json::json!({ "memroy_mb": 1 }));
+        assert!(unknown.expect_err("unknown key").to_string().contains("memroy_mb"));
+    }
+}
