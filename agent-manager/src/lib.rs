@@ -15,6 +15,7 @@ mod clock;
 mod config;
 pub mod conversation;
 mod error;
+mod locks;
 mod manager;
 mod metrics;
 pub mod model;

@@ -8,12 +8,13 @@ use std::time::Duration;
 use backend_core::{ExecutionBackend, SessionExitInfo, SessionHealth, SessionSpec};
 use futures_util::stream::{self, StreamExt};
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, OwnedMutexGuard};
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::conversation::approvals::{Approval, DecidedBy, Decision};
 use crate::conversation::task::{self, RestartRequest, Target, TaskContext};
 use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
+use crate::locks::{AgentGuard, AgentLocks};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
 };
@@ -103,7 +104,8 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: ManagerConfig,
     pub(crate) metrics: Metrics,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-agent locks; see [`AgentLocks`] for when an entry lives.
+    pub(crate) locks: AgentLocks,
     pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
     /// When orphaned volumes were last looked for.
     pub(crate) last_volume_sweep: Mutex<Option<OffsetDateTime>>,
@@ -151,7 +153,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             clock,
             config,
             metrics: Metrics::default(),
-            locks: Mutex::new(HashMap::new()),
+            locks: AgentLocks::default(),
             runtime: Mutex::new(HashMap::new()),
             reported_orphans: Mutex::new(HashSet::new()),
             last_volume_sweep: Mutex::new(None),
@@ -206,15 +208,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
     }
 
-    pub(crate) async fn lock_agent(&self, id: &str) -> OwnedMutexGuard<()> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.lock_owned().await
+    pub(crate) async fn lock_agent(&self, id: &str) -> AgentGuard {
+        self.locks.lock(id).await
     }
 
     /// The agent's lock if nobody holds it.
-    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.try_lock_owned().ok()
+    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<AgentGuard> {
+        self.locks.try_lock(id)
     }
 
     fn check_accepting(&self) -> Result<()> {
@@ -230,7 +230,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     /// The agent's lock and its record as it is under that lock.
-    async fn find_locked(&self, id_or_name: &str) -> Result<(OwnedMutexGuard<()>, Agent)> {
+    async fn find_locked(&self, id_or_name: &str) -> Result<(AgentGuard, Agent)> {
         let found = self.find(id_or_name).await?;
         let guard = self.lock_agent(&found.id).await;
         let agent = self.find(&found.id).await?;
@@ -720,8 +720,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         lock(&self.liveness_streaks).remove(&agent.id);
         self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
             .await?;
+        // The lock's entry goes with the last guard or waiter (see `AgentLocks`).
         drop(guard);
-        lock(&self.locks).remove(&agent.id);
         Ok(())
     }
 
