@@ -129,6 +129,7 @@ mod tests {
         use backend_core::{ExecutionBackend, OwnershipLabels};
         use backend_mock::{MockBackend, MockCall, MockEngine, PLAIN_IMAGE};
 
+
         let engine = MockEngine::new();
         let store = crate::Store::in_memory().await.expect("store");
         let owner = OwnershipLabels::new("agentd", "locks-test").expect("labels");
@@ -137,12 +138,16 @@ mod tests {
         config.defaults.kind = crate::AgentKind::Image;
         config.defaults.image = PLAIN_IMAGE.into();
         let manager = Arc::new(crate::AgentManager::new(backend, store, config));
-        let agent = manager.spawn(crate::NewAgent { name: "gone".into(), ..Default::default() }).await.expect("spawn");
+        // An agent that ignores SIGTERM: `remove` holds its lock through the 1 s grace.
+        let new = crate::NewAgent {
+            name: "gone".into(),
+            env: [("ECHO_IGNORE_SIGTERM".to_owned(), "1".to_owned())].into(),
+            stop_grace_secs: Some(1),
+            ..Default::default()
+        };
+        let agent = manager.spawn(new).await.expect("spawn");
         let (id, session) = (agent.agent.id.clone(), agent.agent.session.clone());
-
-        // `remove` holds the agent's lock through a slow stop; an operation waits for it.
-        let stop = MockCall::Stop(session.clone());
-        engine.slow_calls(Duration::from_millis(300), move |c| *c == stop);
+        // While `remove` waits out the grace, an operation waits for the agent's lock.
         let removal = {
             let manager = manager.clone();
             tokio::spawn(async move { manager.remove("gone").await })
