@@ -231,7 +231,13 @@ pub struct ManagerConfig {
     pub forward_env: Vec<String>,
     /// How many agents shutdown stops at once.
     pub shutdown_concurrency: usize,
+    /// Stored lifecycle events older than this are deleted (at start and hourly);
+    /// `None` keeps them forever.
+    pub events_retention: Option<Duration>,
 }
+
+/// How long lifecycle events are kept by default: 30 days.
+pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -241,6 +247,7 @@ impl Default for ManagerConfig {
             backoff: Backoff::default(),
             forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
             shutdown_concurrency: 256,
+            events_retention: Some(DEFAULT_EVENTS_RETENTION),
         }
     }
 }

@@ -89,6 +89,13 @@ pub struct ShutdownSummary {
     pub left_running: Vec<String>,
     /// Agents that could not be stopped, with why.
     pub failed: Vec<(String, String)>,
+    /// Containers the closing sweep stopped and removed: after a shutdown that stops the
+    /// agents, no container of this instance is left, recorded or not.
+    pub removed: Vec<String>,
+    /// Containers the sweep could not remove, with why.
+    pub not_removed: Vec<(String, String)>,
+    /// Why the sweep could not list the containers, if it could not.
+    pub sweep_error: Option<String>,
 }
 
 /// Spawns, watches, restarts and stops agents on backend `B`, recording everything in a
@@ -848,7 +855,47 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        self.sweep_at_shutdown(&mut summary).await;
         Ok(summary)
+    }
+
+    /// The end of a shutdown that stops the agents: stops and removes every container of
+    /// this instance that is left (the stopped agents' own, whose exits are recorded,
+    /// and any without a record), so none survives the daemon.
+    async fn sweep_at_shutdown(&self, summary: &mut ShutdownSummary) {
+        let grace = Duration::from_secs(self.config.defaults.stop_grace_secs);
+        match self.backend.shutdown_all_sessions(grace).await {
+            Ok(report) => {
+                for (session, e) in report.failed {
+                    warn!(session, error = %e, "Container could not be removed at shutdown.");
+                    summary.not_removed.push((session, e.to_string()));
+                }
+                summary.removed = report.stopped;
+                info!(removed = summary.removed.len(), failed = summary.not_removed.len(), "Containers swept at shutdown.");
+            }
+            Err(e) => {
+                warn!(error = %e, "Could not list the containers left at shutdown; some may survive the daemon.");
+                summary.sweep_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Deletes the stored events older than `events_retention` (by the manager's clock)
+    /// and returns how many; with no retention, none. The supervisor runs it at start and
+    /// hourly.
+    pub async fn prune_events(&self) -> Result<u64> {
+        let Some(retention) = self.config.events_retention else {
+            return Ok(0);
+        };
+        let Some(before) = self.now().checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        else {
+            return Ok(0);
+        };
+        let deleted = self.store.prune_events(before).await?;
+        if deleted > 0 {
+            info!(deleted, retention_days = retention.as_secs() / 86_400, "Old events pruned.");
+        }
+        Ok(deleted)
     }
 
     /// Saves the agent with its new status (and, with `finish`, the end of its open run)
