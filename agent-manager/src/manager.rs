@@ -116,8 +116,11 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
     /// When orphaned volumes were last looked for.
     pub(crate) last_volume_sweep: Mutex<Option<OffsetDateTime>>,
-    /// Orphans already reported in dry-run mode, so each is reported once.
+    /// Orphaned sessions already reported in dry-run mode, so each is reported once;
+    /// every full pass forgets those that are gone.
     pub(crate) reported_orphans: Mutex<HashSet<String>>,
+    /// The same for orphaned volumes; every volume sweep forgets those that are gone.
+    pub(crate) reported_orphan_volumes: Mutex<HashSet<String>>,
     pub(crate) pass_lock: tokio::sync::Mutex<()>,
     pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
     /// Wakes the supervisor when `next_wakeup` moves earlier.
@@ -163,6 +166,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             locks: AgentLocks::default(),
             runtime: Mutex::new(HashMap::new()),
             reported_orphans: Mutex::new(HashSet::new()),
+            reported_orphan_volumes: Mutex::new(HashSet::new()),
             last_volume_sweep: Mutex::new(None),
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),

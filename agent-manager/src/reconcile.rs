@@ -252,6 +252,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        // Forget the reports of orphans that are gone: one that comes back is news again,
+        // and the set stays as small as the orphans are few.
+        lock(&self.reported_orphans).retain(|s| by_session.contains_key(s.as_str()) && !known.contains(s));
         self.sweep_orphan_volumes(now, &mut report).await;
         Ok(report)
     }
@@ -277,6 +280,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 return;
             }
         };
+        {
+            let listed: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            lock(&self.reported_orphan_volumes).retain(|name| listed.contains(name.as_str()));
+        }
         let cfg = &self.config.reconcile;
         for volume in volumes {
             let owner = volume.agent_id().map(str::to_owned);
@@ -289,7 +296,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
             let agent_id = owner.unwrap_or_else(|| volume.name.clone());
             let (kind, detail) = if cfg.orphan_dry_run {
-                if !lock(&self.reported_orphans).insert(volume.name.clone()) {
+                if !lock(&self.reported_orphan_volumes).insert(volume.name.clone()) {
                     continue;
                 }
                 (
