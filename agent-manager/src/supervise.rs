@@ -344,3 +344,73 @@ async fn recv(events: &mut Option<EventReceiver>) -> Option<BackendEvent> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use backend_core::{ExecutionBackend, OwnershipLabels};
+    use backend_mock::{MockBackend, MockCall, MockEngine, PLAIN_IMAGE};
+
+    use crate::{AgentKind, AgentManager, AgentStatus, ManagerConfig, ManualClock, NewAgent, RestartPolicy, Store};
+
+    async fn until(what: &str, bound: Duration, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + bound;
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// K3 with the actions off the loop: a pass that finds a due agent held by an
+    /// operation looks again about a second later, not at the next periodic relist.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_restart_of_a_busy_agent_follows_about_a_second_after_the_operation() {
+        let engine = MockEngine::new();
+        let store = Store::in_memory().await.expect("store");
+        let owner = OwnershipLabels::new("agentd", "supervise-test").expect("labels");
+        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
+        let mut config = ManagerConfig::default();
+        config.defaults.kind = AgentKind::Image;
+        config.defaults.image = PLAIN_IMAGE.into();
+        config.reconcile.interval = Duration::from_secs(3600);
+        let clock = ManualClock::new();
+        let manager = Arc::new(AgentManager::new(backend, store, config).with_clock(Arc::new(clock.clone())));
+        let new = NewAgent { name: "crashy".into(), restart: Some(RestartPolicy::OnFailure), ..NewAgent::default() };
+        let agent = manager.spawn(new).await.expect("spawn").agent;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let supervisor = tokio::spawn(manager.clone().supervise(stopped));
+        until("the supervisor to subscribe", Duration::from_secs(5), async || {
+            engine.calls().contains(&MockCall::Subscribe)
+        })
+        .await;
+
+        // It crashes; its restart is due in 10 s (by the manager's clock).
+        engine.exit(&agent.session, 1);
+        until("the crash to be recorded", Duration::from_secs(5), async || {
+            manager.agent("crashy").await.is_ok_and(|a| a.status == AgentStatus::Failed && a.next_restart_at.is_some())
+        })
+        .await;
+        // When the restart falls due, an operation holds the agent: the pass skips it.
+        let held = manager.lock_agent(&agent.id).await;
+        let passes = manager.metrics().snapshot().reconcile_passes;
+        clock.advance(Duration::from_secs(10));
+        manager.wake_at(manager.now());
+        until("the pass that skips the held agent", Duration::from_secs(5), async || {
+            manager.metrics().snapshot().reconcile_passes > passes
+        })
+        .await;
+        assert_eq!(manager.agent("crashy").await.expect("agent").status, AgentStatus::Failed);
+
+        // The operation ends; a second later (by both clocks) the restart is done.
+        drop(held);
+        clock.advance(Duration::from_secs(1));
+        until("the restart after the operation", Duration::from_secs(5), async || {
+            manager.agent("crashy").await.is_ok_and(|a| a.status == AgentStatus::Running && a.restarts == 1)
+        })
+        .await;
+        stop.send(true).expect("stop");
+        tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("stops").expect("join");
+    }
+}
