@@ -129,7 +129,6 @@ mod tests {
         use backend_core::{ExecutionBackend, OwnershipLabels};
         use backend_mock::{MockBackend, MockCall, MockEngine, PLAIN_IMAGE};
 
-
         let engine = MockEngine::new();
         let store = crate::Store::in_memory().await.expect("store");
         let owner = OwnershipLabels::new("agentd", "locks-test").expect("labels");
@@ -170,7 +169,10 @@ mod tests {
             })
         };
         removal.await.expect("join").expect("remove");
-        tokio::time::timeout(Duration::from_secs(5), acquired_rx).await.expect("the waiter gets the lock").expect("sent");
+        tokio::time::timeout(Duration::from_secs(5), acquired_rx)
+            .await
+            .expect("the waiter gets the lock")
+            .expect("sent");
         assert!(manager.try_lock_agent(&id).is_none(), "a second lock of the removed agent was handed out");
         let _ = release_tx.send(());
         waiter.await.expect("waiter");

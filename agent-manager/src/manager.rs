@@ -875,7 +875,11 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     summary.not_removed.push((session, e.to_string()));
                 }
                 summary.removed = report.stopped;
-                info!(removed = summary.removed.len(), failed = summary.not_removed.len(), "Containers swept at shutdown.");
+                info!(
+                    removed = summary.removed.len(),
+                    failed = summary.not_removed.len(),
+                    "Containers swept at shutdown."
+                );
             }
             Err(e) => {
                 warn!(error = %e, "Could not list the containers left at shutdown; some may survive the daemon.");
