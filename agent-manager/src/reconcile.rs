@@ -146,6 +146,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
 
     pub(crate) async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
         let _op = self.ops.read().await;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            // Shutdown stops every live agent and removes every container itself.
+            return Ok(false);
+        }
         let _guard = self.lock_agent(id).await;
         let Some(mut agent) = self.store.cached_agent(id) else {
             return Ok(false);

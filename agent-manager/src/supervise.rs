@@ -25,6 +25,9 @@ const RESUBSCRIBE_MIN: Duration = Duration::from_millis(500);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(30);
 /// The least time between two passes that are not periodic relists.
 const MIN_GAP: Duration = Duration::from_millis(250);
+/// The least time before the next such pass when what fell due waits for an action in
+/// flight.
+const BUSY_GAP: Duration = Duration::from_secs(1);
 /// How many slow actions (stops, restarts) run at once.
 const ACTION_CONCURRENCY: usize = 16;
 /// How often old events are pruned (by the manager's clock), besides once at start.
@@ -160,13 +163,17 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                         match outcome {
                             Ok((_, actions)) => {
                                 answered = Some(true);
-                                self.queue_actions(&mut work, actions);
+                                if self.queue_actions(&mut work, actions) > 0 {
+                                    // What fell due waits for an action in flight: look
+                                    // again in a second, not at every gap.
+                                    next_allowed = next_allowed.max(Instant::now() + BUSY_GAP);
+                                }
                             }
                             Err(e) if e.is_engine_unavailable() => answered = Some(false),
                             Err(_) => {}
                         }
                         gap = if ok { MIN_GAP } else { (gap * 2).max(Duration::from_secs(1)).min(interval) };
-                        next_allowed = Instant::now() + gap;
+                        next_allowed = next_allowed.max(Instant::now() + gap);
                         // A failed relist is retried after the gap, not a whole interval.
                         next_relist = Instant::now() + if ok { interval } else { gap };
                     }
@@ -181,7 +188,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                         engine_down = false;
                         let (actions, outcome) = self.handle_events(first, events.as_mut()).await;
                         answered = outcome;
-                        self.queue_actions(&mut work, actions);
+                        let _ = self.queue_actions(&mut work, actions);
                     }
                     None => {
                         warn!("Backend event stream ended; resubscribing.");
@@ -227,11 +234,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     /// Starts the actions a pass decided on, each in a task of its own, unless an action
-    /// for the same agent is in flight.
-    fn queue_actions(self: &Arc<Self>, work: &mut Work, actions: Vec<(String, Action)>) {
+    /// for the same agent is in flight. Returns how many were left for that reason.
+    fn queue_actions(self: &Arc<Self>, work: &mut Work, actions: Vec<(String, Action)>) -> usize {
+        let mut left = 0;
         for (agent_id, action) in actions {
             if !work.busy.insert(agent_id.clone()) {
                 debug!(agent_id = %agent_id, "An action for this agent is in flight; the next pass looks again.");
+                left += 1;
                 continue;
             }
             let manager = self.clone();
@@ -245,6 +254,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             });
             work.action_of.insert(task.id(), agent_id);
         }
+        left
     }
 
     /// Starts a restart a conversation task asked for (a stuck turn), in a task of its own.
