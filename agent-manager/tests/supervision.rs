@@ -100,7 +100,8 @@ async fn the_event_stream_is_back_within_a_second_of_the_engine_answering_after_
     let before = subscribes(&fx);
 
     // The engine goes away, taking the event stream with it; resubscribing fails, with
-    // a backoff that doubles (0.5 s, 1 s, 2 s, 4 s: the next try is 8 s away).
+    // a backoff that doubles: after four tries (at 0.5 s, 1 s, 2 s and 4 s) the next is
+    // 4 s away.
     fx.engine.fail_next(u32::MAX);
     fx.engine.end_event_streams();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
