@@ -351,12 +351,33 @@ impl ReconcileConfig {
 
 /// Everything the manager needs to know besides its backend and store: the daemon's
 /// `[agents]` and `[reconcile]` sections.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
     #[serde(rename = "agents")]
     pub defaults: AgentDefaults,
     pub reconcile: ReconcileConfig,
+    /// Stored lifecycle events older than this are deleted (at start and hourly);
+    /// `None` keeps them forever. Set from the daemon's `store.events_retention_days`.
+    #[serde(skip, default = "default_events_retention")]
+    pub events_retention: Option<Duration>,
+}
+
+/// How long lifecycle events are kept by default: 30 days.
+pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn default_events_retention() -> Option<Duration> {
+    Some(DEFAULT_EVENTS_RETENTION)
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            defaults: AgentDefaults::default(),
+            reconcile: ReconcileConfig::default(),
+            events_retention: default_events_retention(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod clock;
 mod config;
 pub mod conversation;
 mod error;
+mod locks;
 mod manager;
 mod metrics;
 pub mod model;
@@ -26,7 +27,7 @@ mod supervise;
 
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, Violation, MAX_STOP_GRACE_SECS};
+pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, Violation, DEFAULT_EVENTS_RETENTION, MAX_STOP_GRACE_SECS};
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};

@@ -8,12 +8,13 @@ use std::time::Duration;
 use backend_core::{ExecutionBackend, SessionExitInfo, SessionHealth, SessionSpec};
 use futures_util::stream::{self, StreamExt};
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, OwnedMutexGuard};
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::conversation::approvals::{Approval, DecidedBy, Decision};
 use crate::conversation::task::{self, RestartRequest, Target, TaskContext};
 use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
+use crate::locks::{AgentGuard, AgentLocks};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
 };
@@ -88,6 +89,13 @@ pub struct ShutdownSummary {
     pub left_running: Vec<String>,
     /// Agents that could not be stopped, with why.
     pub failed: Vec<(String, String)>,
+    /// Containers the closing sweep stopped and removed: after a shutdown that stops the
+    /// agents, no container of this instance is left, recorded or not.
+    pub removed: Vec<String>,
+    /// Containers the sweep could not remove, with why.
+    pub not_removed: Vec<(String, String)>,
+    /// Why the sweep could not list the containers, if it could not.
+    pub sweep_error: Option<String>,
 }
 
 /// Spawns, watches, restarts and stops agents on backend `B`, recording everything in a
@@ -103,12 +111,16 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: ManagerConfig,
     pub(crate) metrics: Metrics,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-agent locks; see [`AgentLocks`] for when an entry lives.
+    pub(crate) locks: AgentLocks,
     pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
     /// When orphaned volumes were last looked for.
     pub(crate) last_volume_sweep: Mutex<Option<OffsetDateTime>>,
-    /// Orphans already reported in dry-run mode, so each is reported once.
+    /// Orphaned sessions already reported in dry-run mode, so each is reported once;
+    /// every full pass forgets those that are gone.
     pub(crate) reported_orphans: Mutex<HashSet<String>>,
+    /// The same for orphaned volumes; every volume sweep forgets those that are gone.
+    pub(crate) reported_orphan_volumes: Mutex<HashSet<String>>,
     pub(crate) pass_lock: tokio::sync::Mutex<()>,
     pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
     /// Wakes the supervisor when `next_wakeup` moves earlier.
@@ -151,9 +163,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             clock,
             config,
             metrics: Metrics::default(),
-            locks: Mutex::new(HashMap::new()),
+            locks: AgentLocks::default(),
             runtime: Mutex::new(HashMap::new()),
             reported_orphans: Mutex::new(HashSet::new()),
+            reported_orphan_volumes: Mutex::new(HashSet::new()),
             last_volume_sweep: Mutex::new(None),
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),
@@ -206,15 +219,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
     }
 
-    pub(crate) async fn lock_agent(&self, id: &str) -> OwnedMutexGuard<()> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.lock_owned().await
+    pub(crate) async fn lock_agent(&self, id: &str) -> AgentGuard {
+        self.locks.lock(id).await
     }
 
     /// The agent's lock if nobody holds it.
-    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.try_lock_owned().ok()
+    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<AgentGuard> {
+        self.locks.try_lock(id)
     }
 
     fn check_accepting(&self) -> Result<()> {
@@ -230,7 +241,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     /// The agent's lock and its record as it is under that lock.
-    async fn find_locked(&self, id_or_name: &str) -> Result<(OwnedMutexGuard<()>, Agent)> {
+    async fn find_locked(&self, id_or_name: &str) -> Result<(AgentGuard, Agent)> {
         let found = self.find(id_or_name).await?;
         let guard = self.lock_agent(&found.id).await;
         let agent = self.find(&found.id).await?;
@@ -727,8 +738,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         lock(&self.liveness_streaks).remove(&agent.id);
         self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
             .await?;
+        // The lock's entry goes with the last guard or waiter (see `AgentLocks`).
         drop(guard);
-        lock(&self.locks).remove(&agent.id);
         Ok(())
     }
 
@@ -855,7 +866,51 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        self.sweep_at_shutdown(&mut summary).await;
         Ok(summary)
+    }
+
+    /// The end of a shutdown that stops the agents: stops and removes every container of
+    /// this instance that is left (the stopped agents' own, whose exits are recorded,
+    /// and any without a record), so none survives the daemon.
+    async fn sweep_at_shutdown(&self, summary: &mut ShutdownSummary) {
+        let grace = Duration::from_secs(self.config.defaults.stop_grace_secs);
+        match self.backend.shutdown_all_sessions(grace).await {
+            Ok(report) => {
+                for (session, e) in report.failed {
+                    warn!(session, error = %e, "Container could not be removed at shutdown.");
+                    summary.not_removed.push((session, e.to_string()));
+                }
+                summary.removed = report.stopped;
+                info!(
+                    removed = summary.removed.len(),
+                    failed = summary.not_removed.len(),
+                    "Containers swept at shutdown."
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "Could not list the containers left at shutdown; some may survive the daemon.");
+                summary.sweep_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Deletes the stored events older than `events_retention` (by the manager's clock)
+    /// and returns how many; with no retention, none. The supervisor runs it at start and
+    /// hourly.
+    pub async fn prune_events(&self) -> Result<u64> {
+        let Some(retention) = self.config.events_retention else {
+            return Ok(0);
+        };
+        let Some(before) = self.now().checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        else {
+            return Ok(0);
+        };
+        let deleted = self.store.prune_events(before).await?;
+        if deleted > 0 {
+            info!(deleted, retention_days = retention.as_secs() / 86_400, "Old events pruned.");
+        }
+        Ok(deleted)
     }
 
     /// Saves the agent with its new status (and, with `finish`, the end of its open run)

@@ -78,10 +78,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// changed. When the engine is unavailable the pass changes nothing and returns the
     /// error. Restarts and stops the pass decides on run after it, concurrently.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let (mut report, actions) = self.reconcile_decide().await?;
+        report.restarted += self.run_actions(actions).await;
+        Ok(report)
+    }
+
+    /// One pass, without its slow actions: they are returned, for the caller to run (the
+    /// supervision loop runs them in tasks of their own, so that no pass waits for them).
+    pub(crate) async fn reconcile_decide(&self) -> Result<(ReconcileReport, Vec<(String, Action)>)> {
         let (outcome, actions) = {
             let _pass = self.pass_lock.lock().await;
             if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(ReconcileReport::default());
+                return Ok((ReconcileReport::default(), Vec::new()));
             }
             let started = Instant::now();
             let mut actions = Vec::new();
@@ -89,9 +97,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.record_pass(&outcome, started);
             (outcome, actions)
         };
-        let mut report = outcome?;
-        report.restarted += self.run_actions(actions).await;
-        Ok(report)
+        Ok((outcome?, actions))
     }
 
     fn record_pass(&self, outcome: &Result<ReconcileReport>, started: Instant) {
@@ -138,8 +144,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             .await
     }
 
-    async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
+    pub(crate) async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
         let _op = self.ops.read().await;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            // Shutdown stops every live agent and removes every container itself.
+            return Ok(false);
+        }
         let _guard = self.lock_agent(id).await;
         let Some(mut agent) = self.store.cached_agent(id) else {
             return Ok(false);
@@ -246,6 +256,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        // Forget the reports of orphans that are gone: one that comes back is news again,
+        // and the set stays as small as the orphans are few.
+        lock(&self.reported_orphans).retain(|s| by_session.contains_key(s.as_str()) && !known.contains(s));
         self.sweep_orphan_volumes(now, &mut report).await;
         Ok(report)
     }
@@ -271,6 +284,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 return;
             }
         };
+        {
+            let listed: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            lock(&self.reported_orphan_volumes).retain(|name| listed.contains(name.as_str()));
+        }
         let cfg = &self.config.reconcile;
         for volume in volumes {
             let owner = volume.agent_id().map(str::to_owned);
@@ -283,7 +300,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
             let agent_id = owner.unwrap_or_else(|| volume.name.clone());
             let (kind, detail) = if cfg.orphan_dry_run {
-                if !lock(&self.reported_orphans).insert(volume.name.clone()) {
+                if !lock(&self.reported_orphan_volumes).insert(volume.name.clone()) {
                     continue;
                 }
                 (
@@ -314,21 +331,30 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
 
     /// Reconciles the one session an engine event was about.
     pub async fn reconcile_session(&self, session: &str) -> Result<()> {
+        if let Some(action) = self.reconcile_session_decide(session).await? {
+            self.run_actions(vec![action]).await;
+        }
+        Ok(())
+    }
+
+    /// [`Self::reconcile_session`] without the slow action: it is returned, for the
+    /// caller to run.
+    pub(crate) async fn reconcile_session_decide(&self, session: &str) -> Result<Option<(String, Action)>> {
         let action = {
             let _pass = self.pass_lock.lock().await;
             if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(());
+                return Ok(None);
             }
             let Some(found) = self.store.find_agent_by_session(session).await? else {
-                return Ok(());
+                return Ok(None);
             };
             let Some(_guard) = self.try_lock_agent(&found.id) else {
                 // An operation holds the agent: look again shortly, not at the next relist.
                 self.wake_at(self.now() + std::time::Duration::from_secs(1));
-                return Ok(());
+                return Ok(None);
             };
             let Some(mut agent) = self.store.cached_agent(&found.id) else {
-                return Ok(());
+                return Ok(None);
             };
             let state = self.backend.session_state(session).await?;
             let observed = (state.status != SessionStatus::Missing).then_some(&state);
@@ -341,10 +367,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 _ => None,
             }
         };
-        if let Some(action) = action {
-            self.run_actions(vec![action]).await;
-        }
-        Ok(())
+        Ok(action)
     }
 
     /// When the manager must look at this agent again without being told: a scheduled

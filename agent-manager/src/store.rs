@@ -357,6 +357,26 @@ impl Store {
         .await?;
         rows.iter().map(event_from_row).collect()
     }
+
+    /// Deletes the events stored before `before`, in batches (so that no write waits
+    /// long behind one), and returns how many.
+    pub async fn prune_events(&self, before: OffsetDateTime) -> Result<u64> {
+        const BATCH: i64 = 10_000;
+        let mut deleted = 0;
+        loop {
+            // Oldest first: the scan in id order finds a batch early and stops there.
+            let done = sqlx::query("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 LIMIT ?2)")
+                .bind(millis(before))
+                .bind(BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            deleted += done;
+            if done < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
 }
 
 fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {

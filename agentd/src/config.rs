@@ -59,11 +59,20 @@ pub struct ServerConfig {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// The SQLite file; default `$XDG_DATA_HOME/agentd/agentd.db`.
     pub path: Option<PathBuf>,
+    /// Lifecycle events older than this many days are deleted; 0 keeps them forever.
+    pub events_retention_days: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let days = agent_manager::DEFAULT_EVENTS_RETENTION.as_secs() / 86_400;
+        Self { path: None, events_retention_days: days }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -390,7 +399,14 @@ impl Config {
 
     /// The manager's settings from this configuration: its own sections, as they are.
     pub fn manager_config(&self) -> ManagerConfig {
-        ManagerConfig { defaults: self.agents.clone(), reconcile: self.reconcile.clone() }
+        ManagerConfig {
+            defaults: self.agents.clone(),
+            reconcile: self.reconcile.clone(),
+            events_retention: match self.store.events_retention_days {
+                0 => None,
+                days => Some(std::time::Duration::from_secs(days.saturating_mul(86_400))),
+            },
+        }
     }
 
     /// The selected backend's section (`Null` for `auto`, which reads each candidate's

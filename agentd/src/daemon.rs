@@ -126,6 +126,7 @@ impl Daemon {
             stopped = summary.stopped.len(),
             left_running = summary.left_running.len(),
             failed = summary.failed.len(),
+            containers_removed = summary.removed.len(),
             "Agents handled."
         );
         let drained = tokio::time::timeout(Duration::from_secs(5), async {

@@ -401,6 +401,17 @@ impl MockEngine {
         }
     }
 
+    /// Ends every event stream, as an engine restart ends its connections: each
+    /// subscriber's receiver reads `None`.
+    pub fn end_event_streams(&self) {
+        self.lock().subscribers.clear();
+    }
+
+    /// How many event streams are open (subscribed and not dropped).
+    pub fn open_event_streams(&self) -> usize {
+        self.lock().subscribers.iter().filter(|sub| !sub.tx.is_closed()).count()
+    }
+
     /// Tells every subscriber that events may have been lost.
     pub fn announce_resync(&self, reason: &str) {
         let mut state = self.lock();
