@@ -77,6 +77,19 @@ pub(crate) struct Runtime {
     pub paused: bool,
     /// When the agent was first seen unhealthy in a row of unhealthy observations.
     pub unhealthy_since: Option<OffsetDateTime>,
+    /// The engine was asked to signal this container (a stop, kill or forced removal),
+    /// with the signal when the engine told it. Whether agentd asked is decided when the
+    /// run's end is recorded: an agent agentd did not stop was stopped from outside.
+    pub signalled: Option<Option<i32>>,
+    /// When a pass first saw this run ended with success and no word of a signal: its
+    /// record waits [`crate::reconcile::EXIT_SETTLE`] for the engine to tell more.
+    pub exit_seen: Option<OffsetDateTime>,
+}
+
+impl Runtime {
+    pub(crate) fn new(container: String, since: OffsetDateTime) -> Self {
+        Self { container, since, paused: false, unhealthy_since: None, signalled: None, exit_seen: None }
+    }
 }
 
 /// What [`AgentManager::shutdown_all`] did.
@@ -408,10 +421,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.announce_schedule(agent).await?;
             return Err(e.into());
         }
-        lock(&self.runtime).insert(
-            agent.id.clone(),
-            Runtime { container: container.clone(), since: started_at, paused: false, unhealthy_since: None },
-        );
+        lock(&self.runtime).insert(agent.id.clone(), Runtime::new(container.clone(), started_at));
         agent.reason = None;
         agent.health = SessionHealth::Unknown;
         let detail = format!("container {}", short(&container));
