@@ -239,7 +239,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     async fn find(&self, id_or_name: &str) -> Result<Agent> {
-        self.store.find_agent(id_or_name).await?.ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
+        self.store.find_agent(id_or_name).ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
     }
 
     /// The agent's lock and its record as it is under that lock.
@@ -281,13 +281,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             session: format!("{}-{}-{}", self.backend.prefix(), new.name, &id[..8]),
             id,
             name: new.name,
-            kind: spec.kind,
             status: AgentStatus::Pending,
             desired: Desired::Running,
             health: SessionHealth::Unknown,
             container_id: None,
-            image: spec.image.clone(),
-            restart: spec.restart,
             spec,
             restarts: 0,
             crash_streak: 0,
@@ -300,8 +297,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         // new container for an orphan; the lock keeps passes off it until it runs.
         let _guard = self.lock_agent(&agent.id).await;
         self.store.insert_agent(&agent).await?;
-        self.record(&agent, EventKind::Spawned, None, Some(AgentStatus::Pending), format!("image {}", agent.image))
-            .await?;
+        self.record(
+            &agent,
+            EventKind::Spawned,
+            None,
+            Some(AgentStatus::Pending),
+            format!("image {}", agent.spec.image),
+        )
+        .await?;
         if agent.speaks_stream_json() {
             // The conversation exists from the start; the prompt is its first message,
             // delivered once the agent is attached.
@@ -500,7 +503,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         if !agent.speaks_stream_json() {
             return Err(ManagerError::Conflict(format!(
                 "agent {} is of kind {} and {refusal}",
-                agent.name, agent.kind
+                agent.name, agent.spec.kind
             )));
         }
         if agent.status != AgentStatus::Running {
@@ -834,7 +837,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 let _guard = self.lock_agent(&agent.id).await;
                 let outcome = async {
                     let mut agent = self.find(&agent.id).await?;
-                    if agent.restart == RestartPolicy::Always {
+                    if agent.spec.restart == RestartPolicy::Always {
                         // Like an engine's "always": it comes back when the daemon does.
                         agent.next_restart_at = Some(self.now());
                     } else {

@@ -285,16 +285,14 @@ impl fmt::Debug for AgentSpec {
 pub struct Agent {
     pub id: String,
     pub name: String,
-    pub kind: AgentKind,
     pub status: AgentStatus,
     pub desired: Desired,
     pub health: SessionHealth,
     /// The session (container) name; stable across the agent's runs.
     pub session: String,
     pub container_id: Option<String>,
-    pub image: String,
+    /// What the agent runs (kind, image, restart policy, limits, ...), as resolved at spawn.
     pub spec: AgentSpec,
-    pub restart: RestartPolicy,
     /// Restarts performed, by users and by the restart policy.
     pub restarts: u32,
     /// Consecutive failed runs, for crash-loop backoff.
@@ -332,7 +330,7 @@ impl Agent {
     /// Whether the agent speaks stream-json over its stdin and stdout, so that agentd
     /// holds a conversation with it.
     pub fn speaks_stream_json(&self) -> bool {
-        self.kind == AgentKind::ClaudeCode
+        self.spec.kind == AgentKind::ClaudeCode
     }
 }
 

@@ -335,7 +335,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(found) = self.store.find_agent_by_session(session).await? else {
+            let Some(found) = self.store.find_agent_by_session(session) else {
                 return Ok(());
             };
             let Some(_guard) = self.try_lock_agent(&found.id) else {
@@ -695,7 +695,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Sets `next_restart_at` by the restart policy and the crash-loop backoff.
     pub(crate) async fn schedule_restart(&self, agent: &mut Agent, failed: bool, now: OffsetDateTime) -> Result<()> {
         let wanted = agent.desired.is_running()
-            && match agent.restart {
+            && match agent.spec.restart {
                 RestartPolicy::Never => false,
                 RestartPolicy::OnFailure => failed,
                 RestartPolicy::Always => true,
@@ -719,8 +719,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub(crate) async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
         if let Some(at) = agent.next_restart_at {
             let delay = (at - agent.updated_at).whole_seconds().max(0);
-            let detail =
-                format!("restart policy {}: restarting in {delay}s (attempt {})", agent.restart, agent.crash_streak);
+            let detail = format!(
+                "restart policy {}: restarting in {delay}s (attempt {})",
+                agent.spec.restart, agent.crash_streak
+            );
             self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail).await?;
             self.wake_at(at);
         }
@@ -730,7 +732,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Starts an ended agent again as its restart policy asked. Returns whether it did.
     async fn restart_by_policy(&self, agent: &mut Agent) -> Result<bool> {
         let due = agent.next_restart_at.take();
-        let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
+        let why = format!("restart policy {} (attempt {})", agent.spec.restart, agent.crash_streak);
         match self.restart_locked(agent, &why, AgentStatus::Failed).await {
             Ok(()) => Ok(true),
             Err(e) if e.is_engine_unavailable() => {

@@ -860,7 +860,7 @@ async fn a_failed_record_whose_container_runs_is_adopted_not_left_unsupervised()
     // As a start that timed out but happened leaves it.
     let mut record = fx.manager.agent("timedout").await.expect("agent");
     record.status = AgentStatus::Failed;
-    record.restart = RestartPolicy::OnFailure;
+    record.spec.restart = RestartPolicy::OnFailure;
     record.next_restart_at = Some(fx.manager_now());
     fx.store.update_agent(&record).await.expect("update");
     let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;
