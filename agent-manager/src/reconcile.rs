@@ -526,6 +526,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             let mut runtime = lock(&self.runtime);
             let rt =
                 runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
+            // Live again (started from outside after the exit a pass saw): no exit waits.
+            rt.exit_seen = None;
             rt.unhealthy_since = match state.health {
                 SessionHealth::Unhealthy => Some(rt.unhealthy_since.unwrap_or(now)),
                 _ => None,
