@@ -32,7 +32,7 @@ pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
 pub use model::{
     Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,
     LifecycleEvent, NewAgent, RestartPolicy, Run, UnhealthyAction, PERMISSION_MODES,

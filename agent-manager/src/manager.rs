@@ -78,6 +78,19 @@ pub(crate) struct Runtime {
     pub paused: bool,
     /// When the agent was first seen unhealthy in a row of unhealthy observations.
     pub unhealthy_since: Option<OffsetDateTime>,
+    /// The engine was asked to signal this container (a stop, kill or forced removal),
+    /// with the signal when the engine told it. Whether agentd asked is decided when the
+    /// run's end is recorded: an agent agentd did not stop was stopped from outside.
+    pub signalled: Option<Option<i32>>,
+    /// When a pass first saw this run ended with success and no word of a signal: its
+    /// record waits [`crate::reconcile::EXIT_SETTLE`] for the engine to tell more.
+    pub exit_seen: Option<OffsetDateTime>,
+}
+
+impl Runtime {
+    pub(crate) fn new(container: String, since: OffsetDateTime) -> Self {
+        Self { container, since, paused: false, unhealthy_since: None, signalled: None, exit_seen: None }
+    }
 }
 
 /// What [`AgentManager::shutdown_all`] did.
@@ -237,7 +250,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     async fn find(&self, id_or_name: &str) -> Result<Agent> {
-        self.store.find_agent(id_or_name).await?.ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
+        self.store.find_agent(id_or_name).ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
     }
 
     /// The agent's lock and its record as it is under that lock.
@@ -279,13 +292,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             session: format!("{}-{}-{}", self.backend.prefix(), new.name, &id[..8]),
             id,
             name: new.name,
-            kind: spec.kind,
             status: AgentStatus::Pending,
             desired: Desired::Running,
             health: SessionHealth::Unknown,
             container_id: None,
-            image: spec.image.clone(),
-            restart: spec.restart,
             spec,
             restarts: 0,
             crash_streak: 0,
@@ -298,8 +308,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         // new container for an orphan; the lock keeps passes off it until it runs.
         let _guard = self.lock_agent(&agent.id).await;
         self.store.insert_agent(&agent).await?;
-        self.record(&agent, EventKind::Spawned, None, Some(AgentStatus::Pending), format!("image {}", agent.image))
-            .await?;
+        self.record(
+            &agent,
+            EventKind::Spawned,
+            None,
+            Some(AgentStatus::Pending),
+            format!("image {}", agent.spec.image),
+        )
+        .await?;
         if agent.speaks_stream_json() {
             // The conversation exists from the start; the prompt is its first message,
             // delivered once the agent is attached.
@@ -419,10 +435,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.announce_schedule(agent).await?;
             return Err(e.into());
         }
-        lock(&self.runtime).insert(
-            agent.id.clone(),
-            Runtime { container: container.clone(), since: started_at, paused: false, unhealthy_since: None },
-        );
+        lock(&self.runtime).insert(agent.id.clone(), Runtime::new(container.clone(), started_at));
         agent.reason = None;
         agent.health = SessionHealth::Unknown;
         let detail = format!("container {}", short(&container));
@@ -501,7 +514,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         if !agent.speaks_stream_json() {
             return Err(ManagerError::Conflict(format!(
                 "agent {} is of kind {} and {refusal}",
-                agent.name, agent.kind
+                agent.name, agent.spec.kind
             )));
         }
         if agent.status != AgentStatus::Running {
@@ -842,7 +855,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 let _guard = self.lock_agent(&agent.id).await;
                 let outcome = async {
                     let mut agent = self.find(&agent.id).await?;
-                    if agent.restart == RestartPolicy::Always {
+                    if agent.spec.restart == RestartPolicy::Always {
                         // Like an engine's "always": it comes back when the daemon does.
                         agent.next_restart_at = Some(self.now());
                     } else {

@@ -299,6 +299,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     Metrics::add(&self.metrics.relists_after_resync);
                     relist = true;
                 }
+                // Noted at once, before the exit it causes is looked at: who ended the run
+                // is decided when its end is recorded.
+                BackendEvent::Killed { container, signal, .. } => self.note_signalled(&container, signal),
                 other => {
                     if let Some(session) = other.session() {
                         sessions.insert(session.to_owned());

@@ -218,13 +218,13 @@ fn agent_json(view: AgentView) -> AgentJson {
         }),
         id: a.id,
         name: a.name,
-        kind: a.kind,
+        kind: a.spec.kind,
         status: a.status,
         health: a.health,
         session: a.session,
-        image: a.image,
+        image: a.spec.image,
         network: a.spec.network,
-        restart: a.restart,
+        restart: a.spec.restart,
         restarts: a.restarts,
         reason: a.reason,
         next_restart_at: a.next_restart_at,
@@ -614,9 +614,8 @@ async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let agents = app.manager.list(None).await?;
-    let connected = agents.iter().filter(|a| a.connected).count();
-    let text = crate::metrics::render(&agents, &app.manager.metrics().snapshot(), connected);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+/// Counted from memory: a scrape costs no database query, however many agents there are.
+async fn metrics(State(app): State<AppState>) -> Response {
+    let text = crate::metrics::render(&app.manager.agent_counts(), &app.manager.metrics().snapshot());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

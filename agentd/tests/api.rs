@@ -18,6 +18,7 @@ const TOKEN: &str = "test-token-0123456789";
 struct TestDaemon {
     base: String,
     engine: MockEngine,
+    store: Store,
     http: reqwest::Client,
     token: Option<String>,
     stop: Option<oneshot::Sender<()>>,
@@ -37,7 +38,7 @@ impl TestDaemon {
         let instance = store.instance_id().await.expect("instance");
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
-        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
+        let daemon = Daemon::bind(&config, backend, store.clone(), instance).await.expect("bind");
         let base = format!("http://{}", daemon.api_addr());
         let manager = daemon.manager();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -47,6 +48,7 @@ impl TestDaemon {
         Self {
             base,
             engine,
+            store,
             http: reqwest::Client::new(),
             token: token.map(str::to_owned),
             stop: Some(stop),
@@ -289,6 +291,25 @@ async fn metrics_count_agents_by_status_and_health() {
         "agentd_relists_after_dropped_events_total",
         "agentd_running_agents_health{health=",
     ] {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    d.stop().await;
+}
+
+/// A scrape counts from memory: it answers, and counts right, without the database.
+#[tokio::test]
+async fn metrics_are_counted_from_memory() {
+    let d = TestDaemon::start(None).await;
+    d.spawn("c1").await;
+    d.spawn("c2").await;
+    d.call(reqwest::Method::POST, "/v1/agents/c2/stop", None).await;
+    d.store.close().await;
+    let response = d.req(reqwest::Method::GET, "/metrics").send().await.expect("send");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("text");
+    for line in
+        ["agentd_agents{status=\"running\"} 1", "agentd_agents{status=\"stopped\"} 1", "agentd_connected_agents 0"]
+    {
         assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
     }
     d.stop().await;

@@ -20,7 +20,8 @@
 //! clones share the engine.
 //!
 //! Tests script faults on the engine: [`MockEngine::exit`], [`MockEngine::oom_kill`],
-//! [`MockEngine::kill_from_outside`], [`MockEngine::set_health`], [`MockEngine::vanish`],
+//! [`MockEngine::kill_from_outside`], [`MockEngine::stop_from_outside`],
+//! [`MockEngine::set_health`], [`MockEngine::vanish`],
 //! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::drop_attachments`],
 //! [`MockEngine::fail_next`],
 //! [`MockEngine::set_latency`], and read back [`MockEngine::calls`] (the last

@@ -38,6 +38,10 @@ impl Harness for MockHarness {
     async fn remove_from_outside(&self, session: &str) {
         self.engine.vanish(session, true);
     }
+
+    async fn stop_from_outside(&self, session: &str) {
+        self.engine.stop_from_outside(session);
+    }
 }
 
 fn harness() -> Option<MockHarness> {
