@@ -5,10 +5,21 @@ use std::time::Duration;
 /// Exponential restart backoff, as kubelet's CrashLoopBackOff: the first restart waits
 /// `initial`, each further consecutive failure doubles the wait up to `max`, and a run
 /// that lasted `reset_after` clears the streak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[serde_with::serde_as]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Backoff {
+    /// The first wait. Key `initial_secs`.
+    #[serde(rename = "initial_secs")]
+    #[serde_as(as = "serde_with::DurationSeconds<u64>")]
     pub initial: Duration,
+    /// The longest wait. Key `max_secs`.
+    #[serde(rename = "max_secs")]
+    #[serde_as(as = "serde_with::DurationSeconds<u64>")]
     pub max: Duration,
+    /// A run at least this long clears the streak. Key `reset_after_secs`.
+    #[serde(rename = "reset_after_secs")]
+    #[serde_as(as = "serde_with::DurationSeconds<u64>")]
     pub reset_after: Duration,
 }
 

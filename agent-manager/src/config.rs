@@ -4,12 +4,25 @@ use std::time::Duration;
 
 use backend_core::NetworkPolicy;
 
+use serde::{Deserialize, Serialize};
+use serde_with::{serde_as, DurationSeconds};
+
 use crate::model::{AgentKind, AgentSpec, ApprovalPolicy, NewAgent, RestartPolicy, UnhealthyAction, PERMISSION_MODES};
 use crate::{Backoff, ManagerError};
 
-/// Defaults for fields a [`NewAgent`] leaves unset.
-#[derive(Debug, Clone, PartialEq)]
+/// The longest stop grace period an agent may ask for.
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+
+/// The `[agents]` section: defaults for fields a [`NewAgent`] leaves unset, and the
+/// settings that apply to every agent. Every key is optional; see
+/// `docs/configuration.md`.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentDefaults {
+    /// Starts every container name and is the `agentd.prefix` label: the daemon makes
+    /// its backend's ownership labels from it (the manager takes names from the backend).
+    pub prefix: String,
     pub kind: AgentKind,
     pub image: String,
     pub memory_mb: Option<u64>,
@@ -20,15 +33,38 @@ pub struct AgentDefaults {
     pub on_unhealthy: UnhealthyAction,
     pub stop_grace_secs: u64,
     pub read_only_rootfs: bool,
+    /// Variables copied from the daemon's environment into every agent's, when set
+    /// there and not set by the agent's own env (API keys).
+    pub forward_env: Vec<String>,
+    /// How claude-code tool-permission requests are answered: ask, allow or deny.
     pub approvals: ApprovalPolicy,
+    /// Claude Code's `--permission-mode`; unset keeps the CLI's default.
     pub permission_mode: Option<String>,
+    /// How long a pending tool-permission request waits for a decision before it is
+    /// denied. Key `approval_timeout_secs`.
+    #[serde(rename = "approval_timeout_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
+    pub approval_timeout: Duration,
+    /// How long a busy turn may go without output before it is interrupted. Key
+    /// `turn_idle_timeout_secs`.
+    #[serde(rename = "turn_idle_timeout_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
+    pub turn_idle_timeout: Duration,
+    /// How long an interrupted turn may take to end before the agent is restarted. Key
+    /// `interrupt_grace_secs`.
+    #[serde(rename = "interrupt_grace_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
+    pub interrupt_grace: Duration,
+    /// Claude Code's `--max-turns`.
     pub max_turns: Option<u32>,
+    /// Claude Code's `--max-budget-usd`.
     pub max_budget_usd: Option<f64>,
 }
 
 impl Default for AgentDefaults {
     fn default() -> Self {
         Self {
+            prefix: "agentd".into(),
             kind: AgentKind::ClaudeCode,
             image: "agentd-claude:latest".into(),
             memory_mb: Some(2048),
@@ -39,18 +75,142 @@ impl Default for AgentDefaults {
             on_unhealthy: UnhealthyAction::Record,
             stop_grace_secs: 10,
             read_only_rootfs: false,
+            forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
             approvals: ApprovalPolicy::Ask,
             permission_mode: None,
+            approval_timeout: Duration::from_secs(900),
+            turn_idle_timeout: Duration::from_secs(600),
+            interrupt_grace: Duration::from_secs(30),
             max_turns: None,
             max_budget_usd: None,
         }
     }
 }
 
-/// The longest stop grace period an agent may ask for.
-pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+/// A value that breaks a rule: the field (or config key within its section), the value
+/// as shown, and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl Violation {
+    fn new(field: &'static str, value: impl Into<String>, allowed: impl Into<String>) -> Self {
+        Self { field, value: value.into(), allowed: allowed.into() }
+    }
+
+    /// The violation as the API reports it: the field and `value: allowed`.
+    pub fn into_error(self) -> ManagerError {
+        ManagerError::Invalid { field: self.field, message: format!("{}: {}", self.value, self.allowed) }
+    }
+}
+
+/// The rules of every agent setting that the spec of an agent and the `[agents]`
+/// defaults share: limits (`backend_core::rules`), image, grace, Claude Code's options
+/// and the kind/network pair. One validator for the API's spawns and the daemon's
+/// configuration.
+fn check_common(spec: &AgentSpec, out: &mut Vec<Violation>) {
+    use backend_core::rules;
+    if let Err(allowed) = rules::image(&spec.image) {
+        out.push(Violation::new("image", format!("{:?}", spec.image), allowed));
+    }
+    if let Some(Err(allowed)) = spec.memory_mb.map(rules::memory_mb) {
+        out.push(Violation::new("memory_mb", spec.memory_mb.unwrap_or_default().to_string(), allowed));
+    }
+    if let Some(Err(allowed)) = spec.cpus.map(rules::cpus) {
+        out.push(Violation::new("cpus", spec.cpus.unwrap_or_default().to_string(), allowed));
+    }
+    if let Some(Err(allowed)) = spec.pids_limit.map(rules::pids_limit) {
+        out.push(Violation::new("pids_limit", spec.pids_limit.unwrap_or_default().to_string(), allowed));
+    }
+    if spec.stop_grace_secs > MAX_STOP_GRACE_SECS {
+        out.push(Violation::new("stop_grace_secs", spec.stop_grace_secs.to_string(), "at most 3600 (seconds)"));
+    }
+    if let Some(mode) = &spec.permission_mode {
+        if !PERMISSION_MODES.contains(&mode.as_str()) {
+            let allowed = format!("one of Claude Code's modes: {}", PERMISSION_MODES.join(", "));
+            out.push(Violation::new("permission_mode", format!("{mode:?}"), allowed));
+        }
+    }
+    if spec.max_turns == Some(0) {
+        out.push(Violation::new("max_turns", "0", "at least 1, or leave it unset for no limit"));
+    }
+    if let Some(budget) = spec.max_budget_usd {
+        if !(budget.is_finite() && budget > 0.0) {
+            out.push(Violation::new("max_budget_usd", budget.to_string(), "a positive number of US dollars, or unset"));
+        }
+    }
+    if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
+        out.push(Violation::new(
+            "network",
+            "\"none\"",
+            "kind claude-code needs to reach its model API; use internet, isolated or host",
+        ));
+    }
+}
+
+/// Checks a variable name an agent's environment gets.
+fn check_env_name(field: &'static str, name: &str) -> Option<Violation> {
+    if let Err(allowed) = backend_core::rules::env_name(name) {
+        return Some(Violation::new(field, format!("{name:?}"), allowed));
+    }
+    name.starts_with("AGENTD_")
+        .then(|| Violation::new(field, format!("{name:?}"), "not AGENTD_*: agentd sets AGENTD_* variables itself"))
+}
 
 impl AgentDefaults {
+    /// Checks every value of the section; each violation names its key within
+    /// `[agents]`.
+    pub fn check(&self) -> Vec<Violation> {
+        let mut out = Vec::new();
+        let prefix_ok = backend_core::OwnershipLabels::new(self.prefix.clone(), "x").is_ok()
+            && self.prefix.len() <= 30
+            && self.prefix.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !prefix_ok {
+            out.push(Violation::new(
+                "prefix",
+                format!("{:?}", self.prefix),
+                "use 1 to 30 characters from [A-Za-z0-9_.-], starting with a letter or digit (it starts container names)",
+            ));
+        }
+        let spec = AgentSpec {
+            kind: self.kind,
+            image: self.image.clone(),
+            command: None,
+            env: Default::default(),
+            workdir: None,
+            memory_mb: self.memory_mb,
+            cpus: self.cpus,
+            pids_limit: self.pids_limit,
+            network: self.network,
+            restart: self.restart,
+            on_unhealthy: self.on_unhealthy,
+            stop_grace_secs: self.stop_grace_secs,
+            model: None,
+            prompt: None,
+            user: None,
+            read_only_rootfs: self.read_only_rootfs,
+            approvals: self.approvals,
+            permission_mode: self.permission_mode.clone(),
+            max_turns: self.max_turns,
+            max_budget_usd: self.max_budget_usd,
+        };
+        check_common(&spec, &mut out);
+        out.extend(self.forward_env.iter().filter_map(|name| check_env_name("forward_env", name)));
+        for (field, value) in [
+            ("approval_timeout_secs", self.approval_timeout),
+            ("turn_idle_timeout_secs", self.turn_idle_timeout),
+            ("interrupt_grace_secs", self.interrupt_grace),
+        ] {
+            if !(1..=86_400).contains(&value.as_secs()) {
+                out.push(Violation::new(field, value.as_secs().to_string(), "1 to 86400 (seconds)"));
+            }
+        }
+        out
+    }
+
     /// Fills the unset fields of `new` and checks every value; errors name the field.
     pub fn resolve(&self, new: NewAgent) -> Result<AgentSpec, ManagerError> {
         fn invalid<T>(field: &'static str, message: String) -> Result<T, ManagerError> {
@@ -86,10 +246,6 @@ impl AgentDefaults {
             spec.max_turns = spec.max_turns.or(self.max_turns);
             spec.max_budget_usd = spec.max_budget_usd.or(self.max_budget_usd);
         }
-        check_claude_options(&spec)?;
-        if spec.image.trim().is_empty() || spec.image.contains(char::is_whitespace) {
-            return invalid("image", format!("{:?} is not an image reference", spec.image));
-        }
         if let Some(command) = &spec.command {
             if command.is_empty() || command[0].is_empty() {
                 return invalid("command", "must name a program; leave it out to run the image's entrypoint".into());
@@ -101,47 +257,27 @@ impl AgentDefaults {
                 );
             }
         }
-        for key in spec.env.keys() {
-            let ok = !key.is_empty()
-                && !key.starts_with(|c: char| c.is_ascii_digit())
-                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
-                return invalid("env", format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
-            }
-            if key.starts_with("AGENTD_") {
-                return invalid("env", format!("{key} is reserved: agentd sets AGENTD_* variables itself"));
-            }
+        if let Some(violation) = spec.env.keys().find_map(|key| check_env_name("env", key)) {
+            return Err(violation.into_error());
         }
         if let Some(dir) = &spec.workdir {
             if !dir.is_absolute() {
                 return invalid("workdir", format!("{} must be an absolute path", dir.display()));
             }
         }
-        if let Some(mb) = spec.memory_mb {
-            if mb < 6 {
-                return invalid("memory_mb", format!("{mb} MiB is below the 6 MiB engines accept"));
-            }
+        let mut violations = Vec::new();
+        check_common(&spec, &mut violations);
+        if let Some(violation) = violations.into_iter().next() {
+            return Err(violation.into_error());
         }
-        if let Some(cpus) = spec.cpus {
-            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
-                return invalid("cpus", format!("{cpus} must be a number of cores above 0 and at most 1024"));
-            }
-        }
-        if let Some(pids) = spec.pids_limit {
-            if pids < 1 {
-                return invalid("pids_limit", format!("{pids} must be at least 1"));
-            }
-        }
-        if spec.stop_grace_secs > MAX_STOP_GRACE_SECS {
+        let claude_only = spec.permission_mode.is_some() || spec.max_turns.is_some() || spec.max_budget_usd.is_some();
+        if claude_only && spec.kind != AgentKind::ClaudeCode {
             return invalid(
-                "stop_grace_secs",
-                format!("{} is above the {MAX_STOP_GRACE_SECS} s maximum", spec.stop_grace_secs),
-            );
-        }
-        if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
-            return invalid(
-                "network",
-                "kind claude-code needs to reach its model API, which network \"none\" cannot".into(),
+                "kind",
+                format!(
+                    "permission_mode, max_turns and max_budget_usd are Claude Code options; kind {} takes none",
+                    spec.kind
+                ),
             );
         }
         if spec.prompt.is_some() && spec.kind != AgentKind::ClaudeCode {
@@ -154,56 +290,28 @@ impl AgentDefaults {
     }
 }
 
-/// Checks the options only Claude Code takes.
-pub(crate) fn check_claude_options(spec: &AgentSpec) -> Result<(), ManagerError> {
-    let invalid = |field: &'static str, message: String| Err(ManagerError::Invalid { field, message });
-    if let Some(mode) = &spec.permission_mode {
-        if !PERMISSION_MODES.contains(&mode.as_str()) {
-            return invalid(
-                "permission_mode",
-                format!("{mode:?} is not a Claude Code permission mode; use one of: {}", PERMISSION_MODES.join(", ")),
-            );
-        }
-    }
-    if spec.max_turns == Some(0) {
-        return invalid("max_turns", "must be at least 1; leave it out for no limit".into());
-    }
-    if let Some(budget) = spec.max_budget_usd {
-        if !(budget.is_finite() && budget > 0.0) {
-            return invalid("max_budget_usd", format!("{budget} must be a positive number of US dollars"));
-        }
-    }
-    let claude_only = spec.permission_mode.is_some() || spec.max_turns.is_some() || spec.max_budget_usd.is_some();
-    if claude_only && spec.kind != AgentKind::ClaudeCode {
-        return invalid(
-            "kind",
-            format!(
-                "permission_mode, max_turns and max_budget_usd are Claude Code options; kind {} takes none",
-                spec.kind
-            ),
-        );
-    }
-    Ok(())
-}
-
-/// When and how reconcile acts.
-#[derive(Debug, Clone, PartialEq)]
+/// The `[reconcile]` section: when and how reconcile acts.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReconcileConfig {
-    /// Time between periodic relists.
+    /// Time between periodic relists. Key `interval_secs`.
+    #[serde(rename = "interval_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
     pub interval: Duration,
-    /// An orphaned session younger than this is left alone.
+    /// An orphaned session younger than this is left alone. Key `orphan_grace_secs`.
+    #[serde(rename = "orphan_grace_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
     pub orphan_grace: Duration,
     /// Report orphans without removing them.
     pub orphan_dry_run: bool,
-    /// How long an agent whose `on_unhealthy` is `restart` may stay unhealthy.
+    /// How long an agent whose `on_unhealthy` is `restart` may stay unhealthy. Key
+    /// `unhealthy_grace_secs`.
+    #[serde(rename = "unhealthy_grace_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
     pub unhealthy_grace: Duration,
-    /// How long a pending tool-permission request waits for a decision before it is
-    /// denied.
-    pub approval_timeout: Duration,
-    /// How long a busy turn may go without output before it is interrupted.
-    pub turn_idle_timeout: Duration,
-    /// How long an interrupted turn may take to end before the agent is restarted.
-    pub interrupt_grace: Duration,
+    /// The crash-loop back-off of restarts (`[reconcile.restart_backoff]`).
+    pub restart_backoff: Backoff,
 }
 
 impl Default for ReconcileConfig {
@@ -213,24 +321,53 @@ impl Default for ReconcileConfig {
             orphan_grace: Duration::from_secs(300),
             orphan_dry_run: false,
             unhealthy_grace: Duration::from_secs(30),
-            approval_timeout: Duration::from_secs(900),
-            turn_idle_timeout: Duration::from_secs(600),
-            interrupt_grace: Duration::from_secs(30),
+            restart_backoff: Backoff::default(),
         }
     }
 }
 
-/// Everything the manager needs to know besides its backend and store.
-#[derive(Debug, Clone, PartialEq)]
+impl ReconcileConfig {
+    /// Checks every value of the section; each violation names its key within
+    /// `[reconcile]`.
+    pub fn check(&self) -> Vec<Violation> {
+        let mut out = Vec::new();
+        if self.interval.is_zero() {
+            out.push(Violation::new("interval_secs", "0", "at least 1 (seconds)"));
+        }
+        let b = &self.restart_backoff;
+        if b.initial.is_zero() {
+            out.push(Violation::new("restart_backoff.initial_secs", "0", "at least 1 (seconds)"));
+        }
+        if b.max < b.initial {
+            out.push(Violation::new(
+                "restart_backoff.max_secs",
+                b.max.as_secs().to_string(),
+                format!("at least restart_backoff.initial_secs ({})", b.initial.as_secs()),
+            ));
+        }
+        out
+    }
+}
+
+/// Everything the manager needs to know besides its backend and store: the daemon's
+/// `[agents]` and `[reconcile]` sections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
+    #[serde(rename = "agents")]
     pub defaults: AgentDefaults,
     pub reconcile: ReconcileConfig,
-    pub backoff: Backoff,
-    /// Variables copied from the daemon's environment into every agent's, when set
-    /// there and not set by the agent's own env (API keys).
-    pub forward_env: Vec<String>,
-    /// How many agents shutdown stops at once.
-    pub shutdown_concurrency: usize,
+    /// Stored lifecycle events older than this are deleted (at start and hourly);
+    /// `None` keeps them forever. Set from the daemon's `store.events_retention_days`.
+    #[serde(skip, default = "default_events_retention")]
+    pub events_retention: Option<Duration>,
+}
+
+/// How long lifecycle events are kept by default: 30 days.
+pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn default_events_retention() -> Option<Duration> {
+    Some(DEFAULT_EVENTS_RETENTION)
 }
 
 impl Default for ManagerConfig {
@@ -238,9 +375,50 @@ impl Default for ManagerConfig {
         Self {
             defaults: AgentDefaults::default(),
             reconcile: ReconcileConfig::default(),
-            backoff: Backoff::default(),
-            forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
-            shutdown_concurrency: 256,
+            events_retention: default_events_retention(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_spawns_are_checked_by_the_same_rules() {
+        let mut defaults = AgentDefaults { memory_mb: Some(4), cpus: Some(2000.0), ..AgentDefaults::default() };
+        defaults.forward_env.push("AGENTD_TOKEN".into());
+        defaults.interrupt_grace = Duration::ZERO;
+        let fields: Vec<&str> = defaults.check().iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["memory_mb", "cpus", "forward_env", "interrupt_grace_secs"]);
+
+        let spawn = |new: NewAgent| AgentDefaults::default().resolve(new).expect_err("invalid");
+        let message = |e: ManagerError| match e {
+            ManagerError::Invalid { field, message } => format!("{field}: {message}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let base = || NewAgent { name: "a".into(), ..NewAgent::default() };
+        let memory = defaults.check().into_iter().next().expect("memory");
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), "memory_mb: 4: at least 6 (MiB)");
+        assert_eq!(memory.allowed, "at least 6 (MiB)");
+        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("at most 1024"));
+        let mut env = base();
+        env.env.insert("AGENTD_TOKEN".into(), "x".into());
+        assert!(message(spawn(env)).starts_with("env: \"AGENTD_TOKEN\": not AGENTD_*"));
+        assert!(AgentDefaults::default().check().is_empty());
+        assert!(ReconcileConfig::default().check().is_empty());
+    }
+
+    #[test]
+    fn the_sections_read_durations_as_seconds_and_refuse_unknown_keys() {
+        let reconcile: ReconcileConfig = serde_json::from_value(serde_json::json!({
+            "interval_secs": 3, "restart_backoff": { "max_secs": 60 }
+        }))
+        .expect("parses");
+        assert_eq!(reconcile.interval, Duration::from_secs(3));
+        assert_eq!(reconcile.restart_backoff.max, Duration::from_secs(60));
+        assert_eq!(reconcile.restart_backoff.initial, Backoff::default().initial);
+        let unknown = serde_json::from_value::<AgentDefaults>(serde_json::json!({ "memroy_mb": 1 }));
+        assert!(unknown.expect_err("unknown key").to_string().contains("memroy_mb"));
     }
 }

@@ -15,6 +15,7 @@ mod clock;
 mod config;
 pub mod conversation;
 mod error;
+mod locks;
 mod manager;
 mod metrics;
 pub mod model;
@@ -26,12 +27,14 @@ mod supervise;
 
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{AgentDefaults, ManagerConfig, ReconcileConfig, MAX_STOP_GRACE_SECS};
+pub use config::{
+    AgentDefaults, ManagerConfig, ReconcileConfig, Violation, DEFAULT_EVENTS_RETENTION, MAX_STOP_GRACE_SECS,
+};
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
 pub use model::{
     Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,
     LifecycleEvent, NewAgent, RestartPolicy, Run, UnhealthyAction, PERMISSION_MODES,

@@ -8,12 +8,13 @@ use std::time::Duration;
 use backend_core::{ExecutionBackend, SessionExitInfo, SessionHealth, SessionSpec};
 use futures_util::stream::{self, StreamExt};
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, OwnedMutexGuard};
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::conversation::approvals::{Approval, DecidedBy, Decision};
 use crate::conversation::task::{self, RestartRequest, Target, TaskContext};
 use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
+use crate::locks::{AgentGuard, AgentLocks};
 use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
 };
@@ -77,6 +78,19 @@ pub(crate) struct Runtime {
     pub paused: bool,
     /// When the agent was first seen unhealthy in a row of unhealthy observations.
     pub unhealthy_since: Option<OffsetDateTime>,
+    /// The engine was asked to signal this container (a stop, kill or forced removal),
+    /// with the signal when the engine told it. Whether agentd asked is decided when the
+    /// run's end is recorded: an agent agentd did not stop was stopped from outside.
+    pub signalled: Option<Option<i32>>,
+    /// When a pass first saw this run ended with success and no word of a signal: its
+    /// record waits [`crate::reconcile::EXIT_SETTLE`] for the engine to tell more.
+    pub exit_seen: Option<OffsetDateTime>,
+}
+
+impl Runtime {
+    pub(crate) fn new(container: String, since: OffsetDateTime) -> Self {
+        Self { container, since, paused: false, unhealthy_since: None, signalled: None, exit_seen: None }
+    }
 }
 
 /// What [`AgentManager::shutdown_all`] did.
@@ -88,6 +102,13 @@ pub struct ShutdownSummary {
     pub left_running: Vec<String>,
     /// Agents that could not be stopped, with why.
     pub failed: Vec<(String, String)>,
+    /// Containers the closing sweep stopped and removed: after a shutdown that stops the
+    /// agents, no container of this instance is left, recorded or not.
+    pub removed: Vec<String>,
+    /// Containers the sweep could not remove, with why.
+    pub not_removed: Vec<(String, String)>,
+    /// Why the sweep could not list the containers, if it could not.
+    pub sweep_error: Option<String>,
 }
 
 /// Spawns, watches, restarts and stops agents on backend `B`, recording everything in a
@@ -103,12 +124,16 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: ManagerConfig,
     pub(crate) metrics: Metrics,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-agent locks; see [`AgentLocks`] for when an entry lives.
+    pub(crate) locks: AgentLocks,
     pub(crate) runtime: Mutex<HashMap<String, Runtime>>,
     /// When orphaned volumes were last looked for.
     pub(crate) last_volume_sweep: Mutex<Option<OffsetDateTime>>,
-    /// Orphans already reported in dry-run mode, so each is reported once.
+    /// Orphaned sessions already reported in dry-run mode, so each is reported once;
+    /// every full pass forgets those that are gone.
     pub(crate) reported_orphans: Mutex<HashSet<String>>,
+    /// The same for orphaned volumes; every volume sweep forgets those that are gone.
+    pub(crate) reported_orphan_volumes: Mutex<HashSet<String>>,
     pub(crate) pass_lock: tokio::sync::Mutex<()>,
     pub(crate) next_wakeup: Mutex<Option<OffsetDateTime>>,
     /// Wakes the supervisor when `next_wakeup` moves earlier.
@@ -151,9 +176,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             clock,
             config,
             metrics: Metrics::default(),
-            locks: Mutex::new(HashMap::new()),
+            locks: AgentLocks::default(),
             runtime: Mutex::new(HashMap::new()),
             reported_orphans: Mutex::new(HashSet::new()),
+            reported_orphan_volumes: Mutex::new(HashSet::new()),
             last_volume_sweep: Mutex::new(None),
             pass_lock: tokio::sync::Mutex::new(()),
             next_wakeup: Mutex::new(None),
@@ -206,15 +232,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
     }
 
-    pub(crate) async fn lock_agent(&self, id: &str) -> OwnedMutexGuard<()> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.lock_owned().await
+    pub(crate) async fn lock_agent(&self, id: &str) -> AgentGuard {
+        self.locks.lock(id).await
     }
 
     /// The agent's lock if nobody holds it.
-    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
-        let mutex = lock(&self.locks).entry(id.to_owned()).or_default().clone();
-        mutex.try_lock_owned().ok()
+    pub(crate) fn try_lock_agent(&self, id: &str) -> Option<AgentGuard> {
+        self.locks.try_lock(id)
     }
 
     fn check_accepting(&self) -> Result<()> {
@@ -226,11 +250,11 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     async fn find(&self, id_or_name: &str) -> Result<Agent> {
-        self.store.find_agent(id_or_name).await?.ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
+        self.store.find_agent(id_or_name).ok_or_else(|| ManagerError::AgentNotFound(id_or_name.to_owned()))
     }
 
     /// The agent's lock and its record as it is under that lock.
-    async fn find_locked(&self, id_or_name: &str) -> Result<(OwnedMutexGuard<()>, Agent)> {
+    async fn find_locked(&self, id_or_name: &str) -> Result<(AgentGuard, Agent)> {
         let found = self.find(id_or_name).await?;
         let guard = self.lock_agent(&found.id).await;
         let agent = self.find(&found.id).await?;
@@ -268,13 +292,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             session: format!("{}-{}-{}", self.backend.prefix(), new.name, &id[..8]),
             id,
             name: new.name,
-            kind: spec.kind,
             status: AgentStatus::Pending,
             desired: Desired::Running,
             health: SessionHealth::Unknown,
             container_id: None,
-            image: spec.image.clone(),
-            restart: spec.restart,
             spec,
             restarts: 0,
             crash_streak: 0,
@@ -287,8 +308,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         // new container for an orphan; the lock keeps passes off it until it runs.
         let _guard = self.lock_agent(&agent.id).await;
         self.store.insert_agent(&agent).await?;
-        self.record(&agent, EventKind::Spawned, None, Some(AgentStatus::Pending), format!("image {}", agent.image))
-            .await?;
+        self.record(
+            &agent,
+            EventKind::Spawned,
+            None,
+            Some(AgentStatus::Pending),
+            format!("image {}", agent.spec.image),
+        )
+        .await?;
         if agent.speaks_stream_json() {
             // The conversation exists from the start; the prompt is its first message,
             // delivered once the agent is attached.
@@ -317,7 +344,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub fn session_spec_for(&self, agent: &Agent) -> Result<SessionSpec> {
         let s = &agent.spec;
         let mut spec = SessionSpec::new(&agent.session, &agent.id, &s.image);
-        for key in &self.config.forward_env {
+        for key in &self.config.defaults.forward_env {
             if let Ok(value) = std::env::var(key) {
                 spec.env.insert(key.clone(), value);
             }
@@ -408,10 +435,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.announce_schedule(agent).await?;
             return Err(e.into());
         }
-        lock(&self.runtime).insert(
-            agent.id.clone(),
-            Runtime { container: container.clone(), since: started_at, paused: false, unhealthy_since: None },
-        );
+        lock(&self.runtime).insert(agent.id.clone(), Runtime::new(container.clone(), started_at));
         agent.reason = None;
         agent.health = SessionHealth::Unknown;
         let detail = format!("container {}", short(&container));
@@ -438,7 +462,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             lifecycle: self.lifecycle.clone(),
             restarts: self.restart_tx.clone(),
         };
-        let rules = &self.config.reconcile;
+        let rules = &self.config.defaults;
         let target = Target {
             agent_id: agent.id.clone(),
             agent_name: agent.name.clone(),
@@ -490,7 +514,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         if !agent.speaks_stream_json() {
             return Err(ManagerError::Conflict(format!(
                 "agent {} is of kind {} and {refusal}",
-                agent.name, agent.kind
+                agent.name, agent.spec.kind
             )));
         }
         if agent.status != AgentStatus::Running {
@@ -600,6 +624,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// sent here.
     pub fn subscribe_conversations(&self) -> broadcast::Receiver<ConversationEntry> {
         self.conversations.subscribe()
+    }
+
+    /// How many receivers the two broadcasts have now: lifecycle events
+    /// ([`Self::subscribe`]) and conversation entries ([`Self::subscribe_conversations`]).
+    /// Every open API stream holds one; a closed one must give it back.
+    pub fn subscribers(&self) -> (usize, usize) {
+        (self.lifecycle.events.receiver_count(), self.conversations.subscribers())
     }
 
     /// Stops the agent's container (SIGTERM, then SIGKILL after the agent's grace period),
@@ -720,8 +751,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         lock(&self.liveness_streaks).remove(&agent.id);
         self.record(&agent, EventKind::Removed, Some(agent.status), None, "container and record removed".into())
             .await?;
+        // The lock's entry goes with the last guard or waiter (see `AgentLocks`).
         drop(guard);
-        lock(&self.locks).remove(&agent.id);
         Ok(())
     }
 
@@ -824,7 +855,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 let _guard = self.lock_agent(&agent.id).await;
                 let outcome = async {
                     let mut agent = self.find(&agent.id).await?;
-                    if agent.restart == RestartPolicy::Always {
+                    if agent.spec.restart == RestartPolicy::Always {
                         // Like an engine's "always": it comes back when the daemon does.
                         agent.next_restart_at = Some(self.now());
                     } else {
@@ -835,7 +866,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 .await;
                 (name, outcome)
             })
-            .buffer_unordered(self.config.shutdown_concurrency.max(1))
+            .buffer_unordered(SHUTDOWN_CONCURRENCY)
             .collect()
             .await;
         self.conversations.abort_all();
@@ -848,7 +879,51 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        self.sweep_at_shutdown(&mut summary).await;
         Ok(summary)
+    }
+
+    /// The end of a shutdown that stops the agents: stops and removes every container of
+    /// this instance that is left (the stopped agents' own, whose exits are recorded,
+    /// and any without a record), so none survives the daemon.
+    async fn sweep_at_shutdown(&self, summary: &mut ShutdownSummary) {
+        let grace = Duration::from_secs(self.config.defaults.stop_grace_secs);
+        match self.backend.shutdown_all_sessions(grace).await {
+            Ok(report) => {
+                for (session, e) in report.failed {
+                    warn!(session, error = %e, "Container could not be removed at shutdown.");
+                    summary.not_removed.push((session, e.to_string()));
+                }
+                summary.removed = report.stopped;
+                info!(
+                    removed = summary.removed.len(),
+                    failed = summary.not_removed.len(),
+                    "Containers swept at shutdown."
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "Could not list the containers left at shutdown; some may survive the daemon.");
+                summary.sweep_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Deletes the stored events older than `events_retention` (by the manager's clock)
+    /// and returns how many; with no retention, none. The supervisor runs it at start and
+    /// hourly.
+    pub async fn prune_events(&self) -> Result<u64> {
+        let Some(retention) = self.config.events_retention else {
+            return Ok(0);
+        };
+        let Some(before) = self.now().checked_sub(time::Duration::try_from(retention).unwrap_or(time::Duration::MAX))
+        else {
+            return Ok(0);
+        };
+        let deleted = self.store.prune_events(before).await?;
+        if deleted > 0 {
+            info!(deleted, retention_days = retention.as_secs() / 86_400, "Old events pruned.");
+        }
+        Ok(deleted)
     }
 
     /// Saves the agent with its new status (and, with `finish`, the end of its open run)
@@ -949,6 +1024,9 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
 
 /// Where a claude-code agent's HOME volume is mounted: the Claude Code image's HOME.
 pub const CLAUDE_HOME: &str = "/home/agent";
+
+/// How many agents shutdown stops at once.
+pub const SHUTDOWN_CONCURRENCY: usize = 256;
 
 /// The name of a claude-code agent's HOME volume.
 pub(crate) fn home_volume(agent: &Agent) -> String {

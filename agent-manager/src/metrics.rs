@@ -1,6 +1,11 @@
-//! Counters the daemon exports.
+//! Counters the daemon exports, and the agent counts it reports, both read from memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use backend_core::{ExecutionBackend, SessionHealth};
+
+use crate::model::AgentStatus;
+use crate::AgentManager;
 
 /// Supervision counters, updated by the manager.
 #[derive(Debug, Default)]
@@ -54,5 +59,39 @@ impl Metrics {
 
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many agents there are in each status, how many of the running ones in each health,
+/// and to how many agentd holds a live attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCounts {
+    /// Every status, with its count (0 included).
+    pub by_status: Vec<(AgentStatus, u64)>,
+    /// Every health, with the count of running agents in it (0 included).
+    pub running_by_health: Vec<(SessionHealth, u64)>,
+    /// Agents whose stdin and output agentd holds attached.
+    pub connected: u64,
+}
+
+impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
+    /// Counts the agents from memory: a `/metrics` scrape costs no database query, however
+    /// many agents there are.
+    pub fn agent_counts(&self) -> AgentCounts {
+        let mut by_status: Vec<(AgentStatus, u64)> = AgentStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        let mut running_by_health: Vec<(SessionHealth, u64)> = SessionHealth::ALL.iter().map(|h| (*h, 0)).collect();
+        let mut connected = 0;
+        for (id, status, health) in self.store.agent_states() {
+            if let Some((_, n)) = by_status.iter_mut().find(|(s, _)| *s == status) {
+                *n += 1;
+            }
+            if status == AgentStatus::Running {
+                if let Some((_, n)) = running_by_health.iter_mut().find(|(h, _)| *h == health) {
+                    *n += 1;
+                }
+            }
+            connected += u64::from(self.conversations.is_connected(&id));
+        }
+        AgentCounts { by_status, running_by_health, connected }
     }
 }

@@ -67,7 +67,8 @@ text_enum! {
     ///
     /// An agent stopped on purpose (stop, remove, daemon shutdown) reads `Stopped` whatever
     /// its exit code; `Failed` is for agents that ended by themselves with a non-zero code,
-    /// were OOM-killed, were killed from outside, or vanished.
+    /// were OOM-killed, or were stopped, killed or removed from outside agentd (whatever
+    /// their exit code).
     AgentStatus {
         /// Recorded, container not started yet.
         Pending = "pending",
@@ -75,7 +76,8 @@ text_enum! {
         Running = "running",
         /// Ended on purpose or with exit code 0.
         Stopped = "stopped",
-        /// Ended by itself with an error, an OOM kill, an outside kill, or vanished.
+        /// Ended by itself with an error or an OOM kill, or stopped, killed or removed from
+        /// outside.
         Failed = "failed",
     }
 }
@@ -140,8 +142,10 @@ text_enum! {
 text_enum! {
     /// Who ended a run.
     EndedBy {
-        /// The agent ended by itself (exit, OOM) or was killed from outside.
+        /// The agent ended by itself (exit, OOM).
         Itself = "itself",
+        /// Someone other than agentd stopped, killed or removed its container.
+        Outside = "outside",
         /// A user stopped the agent.
         Stop = "stop",
         /// A restart (by a user or by the manager) replaced the run.
@@ -150,7 +154,7 @@ text_enum! {
         Remove = "remove",
         /// The daemon shut down.
         Shutdown = "shutdown",
-        /// The container disappeared without a trace.
+        /// The container of an interrupted spawn disappeared without a trace.
         Vanished = "vanished",
         /// The container could not be started.
         StartError = "start_error",
@@ -281,16 +285,14 @@ impl fmt::Debug for AgentSpec {
 pub struct Agent {
     pub id: String,
     pub name: String,
-    pub kind: AgentKind,
     pub status: AgentStatus,
     pub desired: Desired,
     pub health: SessionHealth,
     /// The session (container) name; stable across the agent's runs.
     pub session: String,
     pub container_id: Option<String>,
-    pub image: String,
+    /// What the agent runs (kind, image, restart policy, limits, ...), as resolved at spawn.
     pub spec: AgentSpec,
-    pub restart: RestartPolicy,
     /// Restarts performed, by users and by the restart policy.
     pub restarts: u32,
     /// Consecutive failed runs, for crash-loop backoff.
@@ -298,7 +300,7 @@ pub struct Agent {
     /// When the restart policy starts the agent again.
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_restart_at: Option<OffsetDateTime>,
-    /// Why the agent is in its status, in words (for example "session disappeared").
+    /// Why the agent is in its status, in words (for example "stopped from outside").
     pub reason: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -328,7 +330,7 @@ impl Agent {
     /// Whether the agent speaks stream-json over its stdin and stdout, so that agentd
     /// holds a conversation with it.
     pub fn speaks_stream_json(&self) -> bool {
-        self.kind == AgentKind::ClaudeCode
+        self.spec.kind == AgentKind::ClaudeCode
     }
 }
 

@@ -4,7 +4,14 @@
 //! - A live record whose session exited: exit 0 → stopped, non-zero or OOM → failed; a
 //!   session stopped on purpose → stopped whatever its code. The exit is written to the
 //!   run row before anything may remove the container.
-//! - A live record without a session → failed, "session disappeared".
+//! - A session stopped, killed or removed from outside (the engine told of a signal
+//!   agentd did not send, the main process ended by SIGTERM or SIGKILL, or the container
+//!   is gone) → failed, "stopped from outside", whatever its exit code. A successful
+//!   exit of an agent that should run is recorded only once it is [`EXIT_SETTLE`] old,
+//!   so that a forced removal racing the exit, or the engine's word of a signal, is seen
+//!   first: the same outside action always gives the same record.
+//! - A live record without a session → failed, "stopped from outside" (the run's error:
+//!   "session disappeared").
 //! - A pending record left by a crash is resolved: a running session is adopted, a created
 //!   one is started, a missing one fails.
 //! - Engine unavailable → nothing changes; the pass reports the error and is retried.
@@ -71,6 +78,15 @@ pub(crate) enum Action {
 /// How many slow actions run at once after a pass.
 const ACTION_CONCURRENCY: usize = 16;
 
+/// How long a successful exit of an agent that should run waits before it is recorded,
+/// for a forced removal racing it (Podman's `rm -f` sends SIGTERM, and the echo agent
+/// exits 0 on it) or the engine's word of a signal to show.
+pub(crate) const EXIT_SETTLE: Duration = Duration::from_secs(2);
+
+/// The signals engines stop and kill containers with: a main process that ended by one
+/// of them was ended from outside (a container's PID 1 cannot be sent them from inside).
+const STOP_SIGNALS: [i32; 2] = [9, 15];
+
 impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Runs one reconcile pass over every agent and every owned session.
     ///
@@ -78,10 +94,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// changed. When the engine is unavailable the pass changes nothing and returns the
     /// error. Restarts and stops the pass decides on run after it, concurrently.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let (mut report, actions) = self.reconcile_decide().await?;
+        report.restarted += self.run_actions(actions).await;
+        Ok(report)
+    }
+
+    /// One pass, without its slow actions: they are returned, for the caller to run (the
+    /// supervision loop runs them in tasks of their own, so that no pass waits for them).
+    pub(crate) async fn reconcile_decide(&self) -> Result<(ReconcileReport, Vec<(String, Action)>)> {
         let (outcome, actions) = {
             let _pass = self.pass_lock.lock().await;
             if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(ReconcileReport::default());
+                return Ok((ReconcileReport::default(), Vec::new()));
             }
             let started = Instant::now();
             let mut actions = Vec::new();
@@ -89,9 +113,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             self.record_pass(&outcome, started);
             (outcome, actions)
         };
-        let mut report = outcome?;
-        report.restarted += self.run_actions(actions).await;
-        Ok(report)
+        Ok((outcome?, actions))
     }
 
     fn record_pass(&self, outcome: &Result<ReconcileReport>, started: Instant) {
@@ -138,8 +160,12 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             .await
     }
 
-    async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
+    pub(crate) async fn run_action(&self, id: &str, action: Action) -> Result<bool> {
         let _op = self.ops.read().await;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            // Shutdown stops every live agent and removes every container itself.
+            return Ok(false);
+        }
         let _guard = self.lock_agent(id).await;
         let Some(mut agent) = self.store.cached_agent(id) else {
             return Ok(false);
@@ -246,6 +272,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
+        // Forget the reports of orphans that are gone: one that comes back is news again,
+        // and the set stays as small as the orphans are few.
+        lock(&self.reported_orphans).retain(|s| by_session.contains_key(s.as_str()) && !known.contains(s));
         self.sweep_orphan_volumes(now, &mut report).await;
         Ok(report)
     }
@@ -271,6 +300,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 return;
             }
         };
+        {
+            let listed: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            lock(&self.reported_orphan_volumes).retain(|name| listed.contains(name.as_str()));
+        }
         let cfg = &self.config.reconcile;
         for volume in volumes {
             let owner = volume.agent_id().map(str::to_owned);
@@ -283,7 +316,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
             let agent_id = owner.unwrap_or_else(|| volume.name.clone());
             let (kind, detail) = if cfg.orphan_dry_run {
-                if !lock(&self.reported_orphans).insert(volume.name.clone()) {
+                if !lock(&self.reported_orphan_volumes).insert(volume.name.clone()) {
                     continue;
                 }
                 (
@@ -314,21 +347,30 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
 
     /// Reconciles the one session an engine event was about.
     pub async fn reconcile_session(&self, session: &str) -> Result<()> {
+        if let Some(action) = self.reconcile_session_decide(session).await? {
+            self.run_actions(vec![action]).await;
+        }
+        Ok(())
+    }
+
+    /// [`Self::reconcile_session`] without the slow action: it is returned, for the
+    /// caller to run.
+    pub(crate) async fn reconcile_session_decide(&self, session: &str) -> Result<Option<(String, Action)>> {
         let action = {
             let _pass = self.pass_lock.lock().await;
             if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(());
+                return Ok(None);
             }
-            let Some(found) = self.store.find_agent_by_session(session).await? else {
-                return Ok(());
+            let Some(found) = self.store.find_agent_by_session(session) else {
+                return Ok(None);
             };
             let Some(_guard) = self.try_lock_agent(&found.id) else {
                 // An operation holds the agent: look again shortly, not at the next relist.
                 self.wake_at(self.now() + std::time::Duration::from_secs(1));
-                return Ok(());
+                return Ok(None);
             };
             let Some(mut agent) = self.store.cached_agent(&found.id) else {
-                return Ok(());
+                return Ok(None);
             };
             let state = self.backend.session_state(session).await?;
             let observed = (state.status != SessionStatus::Missing).then_some(&state);
@@ -341,10 +383,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 _ => None,
             }
         };
-        if let Some(action) = action {
-            self.run_actions(vec![action]).await;
-        }
-        Ok(())
+        Ok(action)
     }
 
     /// When the manager must look at this agent again without being told: a scheduled
@@ -357,6 +396,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             return None;
         }
         let rt = lock(&self.runtime).get(&agent.id).cloned()?;
+        if let Some(seen) = rt.exit_seen {
+            return Some(seen + EXIT_SETTLE);
+        }
         let cfg = &self.config.reconcile;
         let extra = self.liveness_backoff(agent);
         if agent.spec.on_unhealthy != UnhealthyAction::Restart {
@@ -385,7 +427,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                     None => self.backend.session_exit_info(&agent.session).await?,
                 };
                 match exit {
-                    Some(exit) => self.record_end(agent, exit, EndedBy::Itself, now).await,
+                    Some(exit) => {
+                        if let Some(until) = self.settling(agent, &exit, now) {
+                            self.wake_at(until);
+                            return Ok(Outcome::Unchanged);
+                        }
+                        self.record_end(agent, exit, EndedBy::Itself, now).await
+                    }
                     None => self.record_vanished(agent, now).await,
                 }
             }
@@ -465,8 +513,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     fn remember_run(&self, agent: &Agent, container: String, since: OffsetDateTime) {
-        lock(&self.runtime)
-            .insert(agent.id.clone(), Runtime { container, since, paused: false, unhealthy_since: None });
+        lock(&self.runtime).insert(agent.id.clone(), Runtime::new(container, since));
     }
 
     /// A live session: adoption, health, freezing, stop convergence, the conversation.
@@ -502,6 +549,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             let mut runtime = lock(&self.runtime);
             let rt =
                 runtime.get_mut(&agent.id).ok_or_else(|| ManagerError::Conflict("runtime entry vanished".into()))?;
+            // Live again (started from outside after the exit a pass saw): no exit waits.
+            rt.exit_seen = None;
             rt.unhealthy_since = match state.health {
                 SessionHealth::Unhealthy => Some(rt.unhealthy_since.unwrap_or(now)),
                 _ => None,
@@ -540,8 +589,48 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub(crate) fn liveness_backoff(&self, agent: &Agent) -> std::time::Duration {
         match lock(&self.liveness_streaks).get(&agent.id).copied().unwrap_or(0) {
             0 => std::time::Duration::ZERO,
-            streak => self.config.backoff.delay(streak),
+            streak => self.config.reconcile.restart_backoff.delay(streak),
         }
+    }
+
+    /// Notes that the engine was asked to signal `container` (a `Killed` event). Whether
+    /// agentd asked is decided when the run's end is recorded.
+    pub(crate) fn note_signalled(&self, container: &str, signal: Option<i32>) {
+        let mut runtime = lock(&self.runtime);
+        if let Some(rt) = runtime.values_mut().find(|rt| rt.container == container) {
+            // The last signal the engine named is the one that ended the process.
+            rt.signalled = Some(signal.or(rt.signalled.flatten()));
+        }
+    }
+
+    /// Whether a successful exit of an agent that should run must wait before it is
+    /// recorded; if so, until when.
+    fn settling(&self, agent: &Agent, exit: &SessionExitInfo, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        if !agent.desired.is_running() || !exit.is_success() {
+            return None;
+        }
+        let mut runtime = lock(&self.runtime);
+        let rt = runtime.get_mut(&agent.id).filter(|rt| Some(&rt.container) == agent.container_id.as_ref())?;
+        if rt.signalled.is_some() {
+            return None;
+        }
+        let until = *rt.exit_seen.get_or_insert(now) + EXIT_SETTLE;
+        (now < until).then_some(until)
+    }
+
+    /// Whether the run that ended was stopped from outside: the engine told of a signal to
+    /// its container, or the process ended by a stop signal (`Some(signal)` when the
+    /// engine named it). Takes the note.
+    fn take_signalled(&self, agent: &Agent, exit: Option<&SessionExitInfo>) -> Option<Option<i32>> {
+        let noted = {
+            let mut runtime = lock(&self.runtime);
+            runtime
+                .get_mut(&agent.id)
+                .filter(|rt| Some(&rt.container) == agent.container_id.as_ref())
+                .and_then(|rt| rt.signalled.take())
+        };
+        let by_signal = exit.is_some_and(|e| !e.oom_killed && e.signal.is_some_and(|s| STOP_SIGNALS.contains(&s)));
+        noted.or(by_signal.then_some(None))
     }
 
     /// A run ended: record it, decide the status, and schedule a restart if the policy
@@ -553,56 +642,85 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         ended_by: EndedBy,
         now: OffsetDateTime,
     ) -> Result<Outcome> {
+        let outside = self.take_signalled(agent, Some(&exit));
+        self.record_end_as(agent, exit, ended_by, outside, now).await
+    }
+
+    /// [`Self::record_end`] with what is known of an outside stop: `Some(signal)` when the
+    /// agent was stopped from outside.
+    async fn record_end_as(
+        &self,
+        agent: &mut Agent,
+        exit: SessionExitInfo,
+        ended_by: EndedBy,
+        outside: Option<Option<i32>>,
+        now: OffsetDateTime,
+    ) -> Result<Outcome> {
         let on_purpose = !agent.desired.is_running();
+        let outside = if on_purpose { None } else { outside };
+        if let Some(rt) = lock(&self.runtime).get_mut(&agent.id) {
+            rt.exit_seen = None;
+        }
         let mut exit = exit;
-        if !on_purpose && !exit.is_success() && exit.error.is_none() && agent.speaks_stream_json() {
+        if !on_purpose && outside.is_none() && !exit.is_success() && exit.error.is_none() && agent.speaks_stream_json()
+        {
             // Why the CLI gave up is its last word on stderr (a refused --resume says
             // "No conversation found with session ID …"): make it the run's error.
             if let Ok(Some(said)) = self.store.last_stderr(&agent.id).await {
                 exit.error = Some(format!("claude said: {said}"));
             }
         }
-        let (to, kind) = if on_purpose || exit.is_success() {
+        let (to, kind) = if on_purpose || (outside.is_none() && exit.is_success()) {
             (AgentStatus::Stopped, EventKind::Stopped)
         } else {
             (AgentStatus::Failed, EventKind::Failed)
         };
-        let ended_by = if on_purpose { EndedBy::Stop } else { ended_by };
-        agent.reason = Some(match (&exit.error, on_purpose) {
-            (_, true) => format!("stopped on request; {}", exit.summary()),
-            (Some(error), false) => format!("{}: {error}", exit.summary()),
-            (None, false) => exit.summary(),
+        let ended_by = match (on_purpose, outside) {
+            (true, _) => EndedBy::Stop,
+            (false, Some(_)) => EndedBy::Outside,
+            (false, None) => ended_by,
+        };
+        agent.reason = Some(match (&exit.error, on_purpose, outside) {
+            (_, true, _) => format!("stopped on request; {}", exit.summary()),
+            (_, false, Some(Some(signal))) => format!("stopped from outside (signal {signal})"),
+            (_, false, Some(None)) => "stopped from outside".to_owned(),
+            (Some(error), false, None) => format!("{}: {error}", exit.summary()),
+            (None, false, None) => exit.summary(),
         });
         agent.health = SessionHealth::Unknown;
-        let detail = agent.reason.clone().unwrap_or_default();
+        let detail = match outside {
+            // The event says how the run ended; the reason says who ended it.
+            Some(_) => format!("{}; {}", agent.reason.as_deref().unwrap_or_default(), exit_detail(&exit)),
+            None => agent.reason.clone().unwrap_or_default(),
+        };
         self.schedule_restart(agent, to == AgentStatus::Failed, now).await?;
         self.transition(agent, to, kind, detail, Some((&exit, ended_by))).await?;
         self.announce_schedule(agent).await?;
         Ok(Outcome::Changed)
     }
 
-    /// A live record whose session is gone without a trace.
+    /// A live record whose session is gone without a trace: removed from outside (or, for
+    /// a pending record, a spawn interrupted before its container was created).
     async fn record_vanished(&self, agent: &mut Agent, now: OffsetDateTime) -> Result<Outcome> {
-        let reason = if agent.status == AgentStatus::Pending {
-            "spawn interrupted before its container was created"
-        } else {
-            "session disappeared"
-        };
+        let pending = agent.status == AgentStatus::Pending;
+        let reason = if pending { "spawn interrupted before its container was created" } else { "session disappeared" };
         let exit =
             SessionExitInfo { error: Some(reason.to_owned()), finished_at: Some(now), ..SessionExitInfo::default() };
+        // What the engine told of a signal before the removal names it.
+        let outside = if pending { None } else { Some(self.take_signalled(agent, None).flatten()) };
         agent.container_id = None;
         lock(&self.runtime).remove(&agent.id);
         if self.store.open_run(&agent.id).await?.is_none() {
             // A pending record never got a run: give the failure one, so it is kept.
             self.store.start_run(agent, now).await?;
         }
-        self.record_end(agent, exit, EndedBy::Vanished, now).await
+        self.record_end_as(agent, exit, EndedBy::Vanished, outside, now).await
     }
 
     /// Sets `next_restart_at` by the restart policy and the crash-loop backoff.
     pub(crate) async fn schedule_restart(&self, agent: &mut Agent, failed: bool, now: OffsetDateTime) -> Result<()> {
         let wanted = agent.desired.is_running()
-            && match agent.restart {
+            && match agent.spec.restart {
                 RestartPolicy::Never => false,
                 RestartPolicy::OnFailure => failed,
                 RestartPolicy::Always => true,
@@ -615,19 +733,21 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             Some(run) => now - run.started_at,
             None => time::Duration::ZERO,
         };
-        if ran_for >= self.config.backoff.reset_after {
+        if ran_for >= self.config.reconcile.restart_backoff.reset_after {
             agent.crash_streak = 0;
         }
         agent.crash_streak += 1;
-        agent.next_restart_at = Some(now + self.config.backoff.delay(agent.crash_streak));
+        agent.next_restart_at = Some(now + self.config.reconcile.restart_backoff.delay(agent.crash_streak));
         Ok(())
     }
 
     pub(crate) async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
         if let Some(at) = agent.next_restart_at {
             let delay = (at - agent.updated_at).whole_seconds().max(0);
-            let detail =
-                format!("restart policy {}: restarting in {delay}s (attempt {})", agent.restart, agent.crash_streak);
+            let detail = format!(
+                "restart policy {}: restarting in {delay}s (attempt {})",
+                agent.spec.restart, agent.crash_streak
+            );
             self.record(agent, EventKind::RestartScheduled, Some(agent.status), Some(agent.status), detail).await?;
             self.wake_at(at);
         }
@@ -637,7 +757,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// Starts an ended agent again as its restart policy asked. Returns whether it did.
     async fn restart_by_policy(&self, agent: &mut Agent) -> Result<bool> {
         let due = agent.next_restart_at.take();
-        let why = format!("restart policy {} (attempt {})", agent.restart, agent.crash_streak);
+        let why = format!("restart policy {} (attempt {})", agent.spec.restart, agent.crash_streak);
         match self.restart_locked(agent, &why, AgentStatus::Failed).await {
             Ok(()) => Ok(true),
             Err(e) if e.is_engine_unavailable() => {
@@ -681,7 +801,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         {
             let mut streaks = lock(&self.liveness_streaks);
             let streak = streaks.entry(agent.id.clone()).or_default();
-            if now - since >= self.config.backoff.reset_after {
+            if now - since >= self.config.reconcile.restart_backoff.reset_after {
                 *streak = 0;
             }
             *streak += 1;
@@ -764,5 +884,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// The next time a pass must run for a scheduled restart or a grace period to end.
     pub fn next_wakeup(&self) -> Option<OffsetDateTime> {
         *lock(&self.next_wakeup)
+    }
+}
+
+/// How a run ended, for an event's detail: the exit summary, with the error if any.
+fn exit_detail(exit: &SessionExitInfo) -> String {
+    match &exit.error {
+        Some(error) => format!("{}: {error}", exit.summary()),
+        None => exit.summary(),
     }
 }

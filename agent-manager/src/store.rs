@@ -42,27 +42,44 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Agents, runs and events in SQLite (WAL mode, foreign keys on).
 ///
 /// The agents table is also kept in memory (loaded when the store opens, written through
-/// on every change), so a reconcile pass lists agents without a database round trip per
-/// row. The database stays the record: every write reaches it first, and the memory copy
-/// changes only after the write succeeded. One `Store` (and its clones) per database file
-/// and process.
+/// on every change), indexed by id, name and session. Every read of an agent, by
+/// operations and reconcile passes alike, is served from memory: there is one read path,
+/// and no database round trip per agent. The database stays the record: every write
+/// reaches it first, and the memory copy changes only after the write succeeded. One
+/// `Store` (and its clones) per database file and process.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
     agents: Arc<Mutex<AgentCache>>,
 }
 
-/// The agents in memory, each with the version of its last write.
+/// The agents in memory, each with the version of its last write, with the id of each
+/// name and session (neither changes in an agent's life).
 #[derive(Debug, Default)]
 struct AgentCache {
     agents: HashMap<String, (Agent, u64)>,
+    by_name: HashMap<String, String>,
+    by_session: HashMap<String, String>,
     next_version: u64,
 }
 
 impl AgentCache {
     fn put(&mut self, agent: Agent) {
         self.next_version += 1;
+        self.by_name.insert(agent.name.clone(), agent.id.clone());
+        self.by_session.insert(agent.session.clone(), agent.id.clone());
         self.agents.insert(agent.id.clone(), (agent, self.next_version));
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some((agent, _)) = self.agents.remove(id) {
+            self.by_name.remove(&agent.name);
+            self.by_session.remove(&agent.session);
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Agent> {
+        self.agents.get(id).map(|(agent, _)| agent.clone())
     }
 }
 
@@ -78,8 +95,8 @@ fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T> {
     text.parse().map_err(StoreError::Corrupt)
 }
 
-const AGENT_COLUMNS: &str = "id, name, kind, status, desired, health, session, container_id, image, spec, \
-     restart_policy, restarts, crash_streak, next_restart_at, reason, created_at, updated_at";
+const AGENT_COLUMNS: &str = "id, name, status, desired, health, session, container_id, spec, restarts, \
+     crash_streak, next_restart_at, reason, created_at, updated_at";
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it.
@@ -150,21 +167,18 @@ impl Store {
     pub async fn insert_agent(&self, agent: &Agent) -> Result<()> {
         let spec = serde_json::to_string(&agent.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let outcome = sqlx::query(
-            "INSERT INTO agents (id, name, kind, status, desired, health, session, container_id, image, spec, \
-             restart_policy, restarts, crash_streak, next_restart_at, reason, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO agents (id, name, status, desired, health, session, container_id, spec, restarts, \
+             crash_streak, next_restart_at, reason, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&agent.id)
         .bind(&agent.name)
-        .bind(agent.kind.as_str())
         .bind(agent.status.as_str())
         .bind(agent.desired.as_str())
         .bind(agent.health.as_str())
         .bind(&agent.session)
         .bind(&agent.container_id)
-        .bind(&agent.image)
         .bind(spec)
-        .bind(agent.restart.as_str())
         .bind(agent.restarts)
         .bind(agent.crash_streak)
         .bind(agent.next_restart_at.map(millis))
@@ -195,22 +209,19 @@ impl Store {
 
     /// The agent with this id as the store holds it now (no database round trip).
     pub fn cached_agent(&self, id: &str) -> Option<Agent> {
-        self.cache().agents.get(id).map(|(agent, _)| agent.clone())
+        self.cache().get(id)
     }
 
-    /// The agent with this id, or else this name.
-    pub async fn find_agent(&self, id_or_name: &str) -> Result<Option<Agent>> {
-        let sql =
-            format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
-        let row = sqlx::query(&sql).bind(id_or_name).fetch_optional(&self.pool).await?;
-        row.as_ref().map(agent_from_row).transpose()
+    /// The agent with this id, or else this name (from memory).
+    pub fn find_agent(&self, id_or_name: &str) -> Option<Agent> {
+        let cache = self.cache();
+        cache.get(id_or_name).or_else(|| cache.by_name.get(id_or_name).and_then(|id| cache.get(id)))
     }
 
-    /// The agent whose session (container name) this is.
-    pub async fn find_agent_by_session(&self, session: &str) -> Result<Option<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE session = ?");
-        let row = sqlx::query(&sql).bind(session).fetch_optional(&self.pool).await?;
-        row.as_ref().map(agent_from_row).transpose()
+    /// The agent whose session (container name) this is (from memory).
+    pub fn find_agent_by_session(&self, session: &str) -> Option<Agent> {
+        let cache = self.cache();
+        cache.by_session.get(session).and_then(|id| cache.get(id))
     }
 
     /// Every agent, optionally only those with `status`, oldest first (from memory).
@@ -229,6 +240,11 @@ impl Store {
         agents
     }
 
+    /// Every agent's id, status and health (from memory, without copying the records).
+    pub(crate) fn agent_states(&self) -> Vec<(String, AgentStatus, SessionHealth)> {
+        self.cache().agents.values().map(|(a, _)| (a.id.clone(), a.status, a.health)).collect()
+    }
+
     /// Whether the agent still exists unchanged since `version` was read.
     pub fn is_current(&self, id: &str, version: u64) -> bool {
         self.cache().agents.get(id).is_some_and(|(_, v)| *v == version)
@@ -241,7 +257,7 @@ impl Store {
     /// Deletes an agent and its runs (its events stay).
     pub async fn delete_agent(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&self.pool).await?;
-        self.cache().agents.remove(id);
+        self.cache().remove(id);
         Ok(())
     }
 
@@ -357,6 +373,26 @@ impl Store {
         .await?;
         rows.iter().map(event_from_row).collect()
     }
+
+    /// Deletes the events stored before `before`, in batches (so that no write waits
+    /// long behind one), and returns how many.
+    pub async fn prune_events(&self, before: OffsetDateTime) -> Result<u64> {
+        const BATCH: i64 = 10_000;
+        let mut deleted = 0;
+        loop {
+            // Oldest first: the scan in id order finds a batch early and stops there.
+            let done = sqlx::query("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 LIMIT ?2)")
+                .bind(millis(before))
+                .bind(BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            deleted += done;
+            if done < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
 }
 
 fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
@@ -398,15 +434,12 @@ fn agent_from_row(row: &SqliteRow) -> Result<Agent> {
     Ok(Agent {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
-        kind: parse(&row.try_get::<String, _>("kind")?)?,
         status: parse(&row.try_get::<String, _>("status")?)?,
         desired: parse(&row.try_get::<String, _>("desired")?)?,
         health: health.parse::<SessionHealth>().map_err(|e| StoreError::Corrupt(e.to_string()))?,
         session: row.try_get("session")?,
         container_id: row.try_get("container_id")?,
-        image: row.try_get("image")?,
         spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(format!("agent spec: {e}")))?,
-        restart: parse(&row.try_get::<String, _>("restart_policy")?)?,
         restarts: row.try_get("restarts")?,
         crash_streak: row.try_get("crash_streak")?,
         next_restart_at: row.try_get::<Option<i64>, _>("next_restart_at")?.map(from_millis),

@@ -255,7 +255,7 @@ async fn a_tool_request_waits_for_a_person_and_the_answer_reaches_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_and_the_timeout_answer_without_a_person() {
     let mut config = test_config();
-    config.reconcile.approval_timeout = Duration::from_millis(500);
+    config.defaults.approval_timeout = Duration::from_millis(500);
     let fx = Fixture::with_config(config).await;
     let mut allow = claude("yes", Some("!tool Bash ls"));
     allow.approvals = Some(agent_manager::ApprovalPolicy::Allow);
@@ -297,7 +297,7 @@ async fn a_pending_approval_survives_a_leave_running_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_turn_is_interrupted_and_the_agent_answers_again() {
     let mut config = test_config();
-    config.reconcile.turn_idle_timeout = Duration::from_millis(500);
+    config.defaults.turn_idle_timeout = Duration::from_millis(500);
     let fx = Fixture::with_config(config).await;
     fx.spawn_with(claude("coder", Some("!stall"))).await;
     let entries = wait_for_entry(&fx, "coder", "the interrupted turn's result", |e| e.kind == "result").await;
@@ -352,8 +352,8 @@ async fn an_orphaned_volume_is_removed_after_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_that_ignores_the_interrupt_gets_the_agent_restarted() {
     let mut config = test_config();
-    config.reconcile.turn_idle_timeout = Duration::from_millis(300);
-    config.reconcile.interrupt_grace = Duration::from_millis(500);
+    config.defaults.turn_idle_timeout = Duration::from_millis(300);
+    config.defaults.interrupt_grace = Duration::from_millis(500);
     let fx = Fixture::with_config(config).await;
     let before = fx.spawn_with(claude("stuck", Some("!hang"))).await.agent;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -68,6 +68,11 @@ async fn ended_runs_are_classified_by_how_they_ended() {
                 Ending::KilledFromOutside => fx.engine.kill_from_outside(&agent.session),
                 Ending::Vanished => fx.engine.vanish(&agent.session, false),
             }
+            if matches!(ending, Ending::Exit(0)) {
+                // A clean exit waits a moment, for a removal racing it to show.
+                assert_eq!(fx.reconcile().await.changed, 0, "a clean exit is recorded at once");
+                fx.clock.advance(Duration::from_secs(2));
+            }
             let report = fx.reconcile().await;
             assert_eq!(report.changed, 1, "{ending:?}");
             let view = fx.get("worker").await;
@@ -81,10 +86,11 @@ async fn ended_runs_are_classified_by_how_they_ended() {
             assert!(exit.finished_at.is_some(), "{case}");
             let runs = fx.manager.runs("worker").await.expect("runs");
             assert_eq!(runs.len(), 1, "{case}");
-            let ended_by = if matches!(ending, Ending::Vanished) { EndedBy::Vanished } else { EndedBy::Itself };
+            let outside = matches!(ending, Ending::Vanished | Ending::KilledFromOutside);
+            let ended_by = if outside { EndedBy::Outside } else { EndedBy::Itself };
             assert_eq!(runs[0].ended_by, Some(ended_by), "{case}");
-            if matches!(ending, Ending::Vanished) {
-                assert_eq!(view.agent.reason.as_deref(), Some("exit code unknown: session disappeared"), "{case}");
+            if outside {
+                assert_eq!(view.agent.reason.as_deref(), Some("stopped from outside"), "{case}");
             }
             // The container of an ended run is kept (logs stay readable) until restart or removal.
             if !matches!(ending, Ending::Vanished) {
@@ -94,6 +100,101 @@ async fn ended_runs_are_classified_by_how_they_ended() {
             assert_eq!(fx.reconcile().await.changed, 0, "{case}");
         }
     }
+}
+
+/// Runs the supervision loop of `fx` until the returned sender is told to stop.
+fn supervise(fx: &Fixture) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    (stop_tx, tokio::spawn(fx.manager.clone().supervise(stop_rx)))
+}
+
+#[tokio::test]
+async fn an_outside_stop_reads_failed_whatever_the_exit_code() {
+    let mut config = test_config();
+    config.reconcile.interval = Duration::from_secs(3600);
+    let fx = Fixture::with_config(config).await;
+    let agent = fx.spawn("graceful").await.agent;
+    let (stop_tx, supervisor) = supervise(&fx);
+    eventually("the supervisor to subscribe", || async { fx.engine.calls().contains(&MockCall::Subscribe) }).await;
+    // `docker stop` from outside: the engine tells of SIGTERM, the agent exits 0 on it.
+    fx.engine.stop_from_outside(&agent.session);
+    eventually("the stop to be recorded", || async { fx.status("graceful").await != AgentStatus::Running }).await;
+    let view = fx.get("graceful").await;
+    assert_eq!(view.agent.status, AgentStatus::Failed, "{:?}", view.agent.reason);
+    assert_eq!(view.agent.reason.as_deref(), Some("stopped from outside (signal 15)"));
+    assert_eq!(view.exit.and_then(|e| e.code), Some(0), "the exit itself is kept as it was");
+    let runs = fx.manager.runs("graceful").await.expect("runs");
+    assert_eq!(runs[0].ended_by, Some(EndedBy::Outside));
+    let events = fx.manager.events(Some("graceful"), 0, 100).await.expect("events");
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::Failed && e.detail == "stopped from outside (signal 15); exit 0"),
+        "{events:#?}"
+    );
+
+    // agentd's own stops and restarts signal too: those are not from outside, and the
+    // signal of a replaced run is not held against the next one.
+    fx.spawn("kept").await;
+    fx.manager.restart("kept").await.expect("restart");
+    let session = fx.get("kept").await.agent.session;
+    let restarted = fx.get("kept").await.agent.container_id;
+    fx.engine.exit(&session, 0);
+    fx.manager.reconcile().await.expect("pass");
+    fx.clock.advance(Duration::from_secs(2));
+    fx.manager.reconcile().await.expect("pass");
+    let view = fx.get("kept").await;
+    assert_eq!(view.agent.status, AgentStatus::Stopped, "{:?} ({restarted:?})", view.agent.reason);
+    assert_eq!(view.agent.reason.as_deref(), Some("exit 0"));
+    fx.spawn("asked").await;
+    let view = fx.manager.stop("asked").await.expect("stop");
+    assert_eq!(view.agent.status, AgentStatus::Stopped);
+    fx.manager.reconcile().await.expect("pass");
+    let view = fx.get("asked").await;
+    assert_eq!((view.agent.status, view.agent.reason.as_deref()), (AgentStatus::Stopped, Some("stopped on request")));
+
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), supervisor).await.expect("supervisor stops").expect("join");
+}
+
+/// Podman's `rm -f` sends SIGTERM and no event about it; the echo agent exits 0 and the
+/// container is removed a moment later. Whichever a pass sees first, the record is the
+/// same.
+#[tokio::test]
+async fn a_removal_racing_a_clean_exit_reads_stopped_from_outside() {
+    let fx = Fixture::new().await;
+    let agent = fx.spawn("raced").await.agent;
+    fx.engine.exit(&agent.session, 0);
+    assert_eq!(fx.reconcile().await.changed, 0);
+    assert_eq!(fx.status("raced").await, AgentStatus::Running, "the clean exit waits");
+    let due = fx.manager.next_wakeup().expect("a pass is due when the wait ends");
+    assert_eq!((due - fx.manager_now()).whole_seconds(), 2);
+    fx.engine.vanish(&agent.session, true);
+    fx.clock.advance(Duration::from_secs(2));
+    assert_eq!(fx.reconcile().await.changed, 1);
+    let view = fx.get("raced").await;
+    assert_eq!(view.agent.status, AgentStatus::Failed);
+    assert_eq!(view.agent.reason.as_deref(), Some("stopped from outside"));
+    assert_eq!(view.exit.and_then(|e| e.error).as_deref(), Some("session disappeared"));
+    assert_eq!(fx.manager.runs("raced").await.expect("runs")[0].ended_by, Some(EndedBy::Outside));
+
+    // Removed at once: the same record.
+    let agent = fx.spawn("removed").await.agent;
+    fx.engine.vanish(&agent.session, true);
+    fx.reconcile().await;
+    let view = fx.get("removed").await;
+    assert_eq!((view.agent.status, view.agent.reason.as_deref()), (AgentStatus::Failed, Some("stopped from outside")));
+
+    // A clean exit nobody raced reads stopped once the wait is over.
+    let agent = fx.spawn("done").await.agent;
+    fx.engine.exit(&agent.session, 0);
+    fx.reconcile().await;
+    fx.clock.advance(Duration::from_secs(1));
+    fx.reconcile().await;
+    assert_eq!(fx.status("done").await, AgentStatus::Running, "one second is not the whole wait");
+    fx.clock.advance(Duration::from_secs(1));
+    fx.reconcile().await;
+    let view = fx.get("done").await;
+    assert_eq!((view.agent.status, view.agent.reason.as_deref()), (AgentStatus::Stopped, Some("exit 0")));
+    assert_eq!(fx.manager.runs("done").await.expect("runs")[0].ended_by, Some(EndedBy::Itself));
 }
 
 #[tokio::test]
@@ -469,6 +570,8 @@ async fn crash_loop_backoff_doubles_from_10s_to_a_300s_cap_and_resets_after_10_m
     let agent = fx.get("crashy").await.agent;
     fx.engine.exit(&agent.session, 0);
     fx.reconcile().await;
+    fx.clock.advance(Duration::from_secs(2));
+    fx.reconcile().await;
     let done = fx.get("crashy").await.agent;
     assert_eq!(done.status, AgentStatus::Stopped);
     assert_eq!(done.next_restart_at, None);
@@ -757,7 +860,7 @@ async fn a_failed_record_whose_container_runs_is_adopted_not_left_unsupervised()
     // As a start that timed out but happened leaves it.
     let mut record = fx.manager.agent("timedout").await.expect("agent");
     record.status = AgentStatus::Failed;
-    record.restart = RestartPolicy::OnFailure;
+    record.spec.restart = RestartPolicy::OnFailure;
     record.next_restart_at = Some(fx.manager_now());
     fx.store.update_agent(&record).await.expect("update");
     let fx2 = Fixture::on(fx.engine.clone(), fx.store.clone(), test_config(), fx.clock.clone()).await;

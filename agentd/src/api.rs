@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_manager::{AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, ManagerError, NewAgent};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -14,10 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use backend_core::{BackendError, ExecutionBackend};
-use futures_util::{Stream, StreamExt};
+use futures_util::{stream, Stream, StreamExt};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
 use tracing::warn;
 
 /// Everything the handlers share.
@@ -100,8 +103,36 @@ impl From<ManagerError> for ApiError {
     }
 }
 
-fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", rejection.body_text()))
+/// A JSON request body; a body that does not parse is a `400` [`ApiError`] saying why.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => {
+                Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", rejection.body_text())))
+            }
+        }
+    }
+}
+
+/// A query string; one that does not parse is a `400` [`ApiError`] saying why.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError(StatusCode::BAD_REQUEST, rejection.body_text())),
+        }
+    }
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -187,13 +218,13 @@ fn agent_json(view: AgentView) -> AgentJson {
         }),
         id: a.id,
         name: a.name,
-        kind: a.kind,
+        kind: a.spec.kind,
         status: a.status,
         health: a.health,
         session: a.session,
-        image: a.image,
+        image: a.spec.image,
         network: a.spec.network,
-        restart: a.restart,
+        restart: a.spec.restart,
         restarts: a.restarts,
         reason: a.reason,
         next_restart_at: a.next_restart_at,
@@ -203,8 +234,7 @@ fn agent_json(view: AgentView) -> AgentJson {
     }
 }
 
-async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRejection>) -> Result<Response, ApiError> {
-    let Json(new) = body.map_err(bad_json)?;
+async fn spawn(State(app): State<AppState>, ApiJson(new): ApiJson<NewAgent>) -> Result<Response, ApiError> {
     let network = new.network.unwrap_or(app.manager.config().defaults.network);
     if network == backend_core::NetworkPolicy::Host && app.token.is_none() {
         return Err(ApiError(
@@ -226,17 +256,18 @@ async fn spawn(State(app): State<AppState>, body: Result<Json<NewAgent>, JsonRej
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/agents` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
-    status: Option<String>,
+pub struct ListQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 async fn list(
     State(app): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<AgentJson>>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = query
         .status
         .map(|s| s.parse::<AgentStatus>())
@@ -270,56 +301,73 @@ async fn runs(State(app): State<AppState>, Path(id): Path<String>) -> Result<Jso
     Ok(Json(app.manager.runs(&id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/agents/{id}/logs` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LogsQuery {
-    tail: Option<usize>,
+pub struct LogsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
 }
 
 async fn logs(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let text = app.manager.logs(&id, query.tail).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /v1/agents/{id}/messages` body.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageBody {
-    text: String,
+pub struct MessageRequest {
+    pub text: String,
+}
+
+/// The answer to a message: its entry's `seq`, and the `uuid` the agent's `result`
+/// names when it answers it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessageAccepted {
+    pub seq: i64,
+    pub uuid: Option<String>,
+}
+
+/// The answer to an interrupt: its entry's `seq`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterruptAccepted {
+    pub seq: i64,
 }
 
 async fn send_message(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<MessageBody>, JsonRejection>,
+    ApiJson(body): ApiJson<MessageRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
     let entry = app.manager.send_message(&id, &body.text).await?;
-    let uuid = entry.data.get("uuid").cloned().unwrap_or(serde_json::Value::Null);
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq, "uuid": uuid }))).into_response())
+    let uuid = entry.data.get("uuid").and_then(serde_json::Value::as_str).map(str::to_owned);
+    Ok((StatusCode::ACCEPTED, Json(MessageAccepted { seq: entry.seq, uuid })).into_response())
 }
 
 async fn interrupt(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let entry = app.manager.interrupt(&id).await?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "seq": entry.seq }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(InterruptAccepted { seq: entry.seq })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/approvals` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ApprovalsQuery {
-    agent: Option<String>,
-    pending: Option<bool>,
+pub struct ApprovalsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<bool>,
 }
 
 async fn approvals(
     State(app): State<AppState>,
-    query: Result<Query<ApprovalsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ApprovalsQuery>,
 ) -> Result<Json<Vec<agent_manager::Approval>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     Ok(Json(app.manager.approvals(q.agent.as_deref(), q.pending.unwrap_or(false)).await?))
 }
 
@@ -330,35 +378,38 @@ async fn get_approval(
     Ok(Json(app.manager.approval(&id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /v1/approvals/{id}` body.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DecisionBody {
-    decision: agent_manager::Decision,
-    message: Option<String>,
+pub struct DecisionRequest {
+    pub decision: agent_manager::Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 async fn decide(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<DecisionBody>, JsonRejection>,
+    ApiJson(body): ApiJson<DecisionRequest>,
 ) -> Result<Json<agent_manager::Approval>, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
     Ok(Json(app.manager.decide(&id, body.decision, body.message).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/agents/{id}/conversation` (and `/stream`) query.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConversationQuery {
-    after: Option<i64>,
-    limit: Option<i64>,
+pub struct ConversationQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
 }
 
 async fn conversation(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<ConversationQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ConversationQuery>,
 ) -> Result<Json<Vec<agent_manager::ConversationEntry>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     Ok(Json(app.manager.conversation(&id, q.after.unwrap_or(0), limit).await?))
 }
@@ -367,13 +418,15 @@ async fn conversation(
 /// each with its `seq` as the event id. A client that reconnects with `Last-Event-ID`
 /// (or `?after=`) gets everything after it: the stored entries first, then live ones,
 /// with nothing lost or doubled between the two.
+///
+/// The stream is the response body itself (no task of its own): when the client goes
+/// away, the body is dropped, and with it the subscription.
 async fn conversation_stream(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    query: Result<Query<ConversationQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ConversationQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let last_id = match headers.get("last-event-id") {
         Some(value) => Some(value.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
             ApiError(StatusCode::BAD_REQUEST, "Last-Event-ID must be the seq of a conversation entry".into())
@@ -382,83 +435,111 @@ async fn conversation_stream(
     };
     let agent = app.manager.agent(&id).await?;
     // Subscribe before reading the store, so no entry falls between the two.
-    let mut live = app.manager.subscribe_conversations();
-    let mut after = last_id.or(q.after).unwrap_or(0);
-    let manager = app.manager.clone();
-    let mut shutdown = app.shutdown.clone();
-    let stream = async_stream(move |tx| async move {
-        let event = |entry: &agent_manager::ConversationEntry| {
-            let json = serde_json::to_string(entry).unwrap_or_default();
-            Event::default().id(entry.seq.to_string()).event(entry.kind.clone()).data(json)
-        };
-        // The stored backlog, in pages.
-        loop {
-            let page = match manager.conversation(&agent.id, after, 500).await {
-                Ok(page) => page,
-                Err(e) => {
-                    let _ = tx.send(Event::default().event("error").data(e.to_string())).await;
-                    return;
-                }
-            };
-            let done = page.len() < 500;
-            for entry in &page {
-                if tx.send(event(entry)).await.is_err() {
-                    return;
-                }
-                after = entry.seq;
-            }
-            if done {
-                break;
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                entry = live.recv() => match entry {
-                    Ok(entry) if entry.agent_id == agent.id && entry.seq > after => {
-                        after = entry.seq;
-                        if tx.send(event(&entry)).await.is_err() { break; }
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Read what was missed from the store instead, page by page.
-                        loop {
-                            let Ok(page) = manager.conversation(&agent.id, after, 500).await else { return };
-                            let done = page.len() < 500;
-                            for entry in page {
-                                after = entry.seq;
-                                if tx.send(event(&entry)).await.is_err() { return; }
-                            }
-                            if done { break; }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        }
-    });
+    let live = BroadcastStream::new(app.manager.subscribe_conversations());
+    let state = ConversationFeed {
+        manager: app.manager.clone(),
+        agent_id: agent.id,
+        after: last_id.or(q.after).unwrap_or(0),
+        live,
+        from_store: true,
+        ready: std::collections::VecDeque::new(),
+        failed: false,
+    };
+    let stream = stream::unfold(state, ConversationFeed::next).take_until(shut_down(app.shutdown.clone()));
     Ok(Sse::new(stream.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsQuery {
-    agent: Option<String>,
-    since: Option<i64>,
-    limit: Option<i64>,
+/// Completes when the daemon shuts down: streams end then.
+async fn shut_down(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|down| *down).await;
 }
 
-#[derive(Debug, Serialize)]
-struct EventJson {
-    id: i64,
+/// The state of one conversation stream: the store is read page by page (at the start,
+/// and again after the live feed lagged), then live entries follow.
+struct ConversationFeed {
+    manager: Arc<AgentManager<dyn ExecutionBackend>>,
     agent_id: String,
-    agent: Option<String>,
-    kind: agent_manager::EventKind,
-    from: Option<AgentStatus>,
-    to: Option<AgentStatus>,
-    detail: String,
+    /// The last seq sent.
+    after: i64,
+    live: BroadcastStream<agent_manager::ConversationEntry>,
+    /// Read the store until a page is not full.
+    from_store: bool,
+    ready: std::collections::VecDeque<Event>,
+    /// The store failed: the stream ends after saying so.
+    failed: bool,
+}
+
+/// A page of the store.
+const PAGE: i64 = 500;
+
+impl ConversationFeed {
+    fn event(entry: &agent_manager::ConversationEntry) -> Event {
+        let json = serde_json::to_string(entry).unwrap_or_default();
+        Event::default().id(entry.seq.to_string()).event(entry.kind.clone()).data(json)
+    }
+
+    async fn next(mut self) -> Option<(Event, Self)> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some((event, self));
+            }
+            if self.failed {
+                return None;
+            }
+            if self.from_store {
+                match self.manager.conversation(&self.agent_id, self.after, PAGE).await {
+                    Ok(page) => {
+                        self.from_store = page.len() as i64 == PAGE;
+                        for entry in &page {
+                            self.after = entry.seq;
+                            self.ready.push_back(Self::event(entry));
+                        }
+                    }
+                    Err(e) => {
+                        // Say why, then end.
+                        self.failed = true;
+                        return Some((Event::default().event("error").data(e.to_string()), self));
+                    }
+                }
+                continue;
+            }
+            match self.live.next().await? {
+                Ok(entry) if entry.agent_id == self.agent_id && entry.seq > self.after => {
+                    self.after = entry.seq;
+                    return Some((Self::event(&entry), self));
+                }
+                Ok(_) => {}
+                // Read what was missed from the store instead.
+                Err(BroadcastStreamRecvError::Lagged(_)) => self.from_store = true,
+            }
+        }
+    }
+}
+
+/// `GET /v1/events` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+/// A lifecycle event as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventJson {
+    pub id: i64,
+    pub agent_id: String,
+    pub agent: Option<String>,
+    pub kind: agent_manager::EventKind,
+    pub from: Option<AgentStatus>,
+    pub to: Option<AgentStatus>,
+    pub detail: String,
     #[serde(with = "time::serde::rfc3339")]
-    at: OffsetDateTime,
+    pub at: OffsetDateTime,
 }
 
 impl From<LifecycleEvent> for EventJson {
@@ -478,60 +559,50 @@ impl From<LifecycleEvent> for EventJson {
 
 async fn events(
     State(app): State<AppState>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Json<Vec<EventJson>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit).await?;
     Ok(Json(events.into_iter().map(EventJson::from).collect()))
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/events/stream` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StreamQuery {
-    agent: Option<String>,
+pub struct StreamQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
+/// `GET /v1/events/stream`: lifecycle events as they happen. The stream is the response
+/// body itself: a client that goes away takes its subscription with it.
 async fn event_stream(
     State(app): State<AppState>,
-    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let mut events = app.manager.subscribe();
-    let mut shutdown = app.shutdown.clone();
-    let stream = async_stream(move |tx| async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                event = events.recv() => match event {
-                    Ok(event) => {
-                        let wanted = q.agent.as_deref().is_none_or(|a| a == event.agent_id || event.agent_name.as_deref() == Some(a));
-                        if !wanted { continue; }
+    let stream = BroadcastStream::new(app.manager.subscribe())
+        .filter_map(move |event| {
+            let event = match event {
+                Ok(event) => {
+                    let wanted = q
+                        .agent
+                        .as_deref()
+                        .is_none_or(|a| a == event.agent_id || event.agent_name.as_deref() == Some(a));
+                    wanted.then(|| {
                         let json = serde_json::to_string(&EventJson::from(event)).unwrap_or_default();
-                        if tx.send(Event::default().event("lifecycle").data(json)).await.is_err() { break; }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let note = Event::default().event("lagged").data(format!("{n} events were dropped; fetch /v1/events to catch up"));
-                        if tx.send(note).await.is_err() { break; }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        Event::default().event("lifecycle").data(json)
+                    })
                 }
-            }
-        }
-    });
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(
+                    Event::default()
+                        .event("lagged")
+                        .data(format!("{n} events were dropped; fetch /v1/events to catch up")),
+                ),
+            };
+            std::future::ready(event)
+        })
+        .take_until(shut_down(app.shutdown.clone()));
     Ok(Sse::new(stream.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// A stream fed by a task through a channel.
-fn async_stream<T, F, Fut>(body: F) -> impl Stream<Item = T>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(body(tx));
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
 async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
@@ -543,9 +614,8 @@ async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let agents = app.manager.list(None).await?;
-    let connected = agents.iter().filter(|a| a.connected).count();
-    let text = crate::metrics::render(&agents, &app.manager.metrics().snapshot(), connected);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+/// Counted from memory: a scrape costs no database query, however many agents there are.
+async fn metrics(State(app): State<AppState>) -> Response {
+    let text = crate::metrics::render(&app.manager.agent_counts(), &app.manager.metrics().snapshot());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

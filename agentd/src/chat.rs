@@ -8,10 +8,12 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
+use agent_manager::Decision;
 use anyhow::{Context, Result};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::api::{ApprovalsQuery, ConversationQuery, DecisionRequest, MessageAccepted, MessageRequest};
 use crate::client::{encode, Client};
 
 /// How a permission request is answered.
@@ -92,11 +94,14 @@ pub async fn run(client: &Client, name: &str) -> Result<()> {
 /// Sends one message and follows its turn to the result.
 async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Result<()> {
     let agent_path = format!("/v1/agents/{}", encode(name));
-    let queued = client.call(Method::POST, &format!("{agent_path}/messages"), Some(json!({ "text": text }))).await?;
-    let mut after = queued["seq"].as_i64().context("the daemon answered without a seq")?;
-    let uuid = queued["uuid"].as_str().map(str::to_owned);
+    let message = MessageRequest { text: text.to_owned() };
+    let queued: MessageAccepted =
+        client.call_with(Method::POST, &format!("{agent_path}/messages"), Some(&message)).await?;
+    let mut after = queued.seq;
+    let uuid = queued.uuid;
     loop {
-        let stream = client.open_stream(&format!("{agent_path}/conversation/stream?after={after}")).await?;
+        let query = ConversationQuery { after: Some(after), limit: None };
+        let stream = client.open_stream(&format!("{agent_path}/conversation/stream"), &query).await?;
         let mut next: Option<Value> = None;
         let interrupted = tokio::select! {
             followed = client.follow_conversation(stream, |entry| {
@@ -133,7 +138,7 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
             }
         };
         if interrupted {
-            client.call(Method::POST, &format!("{agent_path}/interrupt"), None).await?;
+            client.call(Method::POST, &format!("{agent_path}/interrupt")).await?;
             println!("^C (interrupting the turn)");
             continue;
         }
@@ -155,7 +160,8 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
 async fn ask_permission(client: &Client, name: &str, entry: &Value, asker: &mut Asker) -> Result<()> {
     let request = &entry["data"]["request"];
     let request_id = entry["data"]["request_id"].as_str().unwrap_or_default();
-    let approvals = client.get_json(&format!("/v1/approvals?agent={}&pending=true", encode(name))).await?;
+    let query = ApprovalsQuery { agent: Some(name.to_owned()), pending: Some(true) };
+    let approvals: Value = client.get_query("/v1/approvals", &query).await?;
     let approval = approvals.as_array().into_iter().flatten().find(|a| a["request_id"] == request_id).cloned();
     let Some(approval) = approval else {
         // Decided already (by the agent's policy, or elsewhere).
@@ -169,10 +175,12 @@ async fn ask_permission(client: &Client, name: &str, entry: &Value, asker: &mut 
         return Ok(());
     }
     let answer = asker.read_line("allow? [y/N] ").await?.unwrap_or_default();
-    let decision = if matches!(answer.trim(), "y" | "Y" | "yes") { "allow" } else { "deny" };
-    let body = json!({ "decision": decision, "message": (decision == "deny").then_some("denied in agentd chat") });
-    match client.call(Method::POST, &format!("/v1/approvals/{}", encode(&id)), Some(body)).await {
-        Ok(_) => println!("{id} {}", if decision == "allow" { "allowed" } else { "denied" }),
+    let decision = if matches!(answer.trim(), "y" | "Y" | "yes") { Decision::Allow } else { Decision::Deny };
+    let body =
+        DecisionRequest { decision, message: (decision == Decision::Deny).then(|| "denied in agentd chat".to_owned()) };
+    let path = format!("/v1/approvals/{}", encode(&id));
+    match client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await {
+        Ok(_) => println!("{id} {}", if decision == Decision::Allow { "allowed" } else { "denied" }),
         Err(e) => println!("{id}: {e:#}"),
     }
     Ok(())

@@ -5,6 +5,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -64,30 +66,49 @@ impl Client {
 
     /// GETs JSON.
     pub async fn get_json(&self, path: &str) -> Result<Value> {
-        Ok(self.send(self.request(Method::GET, path)).await?.json().await?)
+        let response = self.send(self.request(Method::GET, path)).await?;
+        response.json().await.with_context(|| format!("reading the answer to GET {path}"))
     }
 
-    /// Sends JSON with `method` and returns the JSON answer (or null for no content).
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut request = self.request(method, path);
+    /// GETs JSON with a query (one of the API's query types, `api::ListQuery`, …).
+    pub async fn get_query<Q: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, query: &Q) -> Result<R> {
+        let response = self.send(self.request(Method::GET, path).query(query)).await?;
+        response.json().await.with_context(|| format!("reading the answer to GET {path}"))
+    }
+
+    /// Sends `method` without a body and returns the JSON answer (or null for no content).
+    pub async fn call(&self, method: Method, path: &str) -> Result<Value> {
+        self.call_with::<(), Value>(method, path, None).await
+    }
+
+    /// Sends `method` with an optional JSON body (one of the API's request types) and
+    /// reads the answer as `R` (`Value` for any; null for no content).
+    pub async fn call_with<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R> {
+        let mut request = self.request(method.clone(), path);
         if let Some(body) = body {
-            request = request.json(&body);
+            request = request.json(body);
         }
         let response = self.send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
-            return Ok(Value::Null);
+            return serde_json::from_value(Value::Null).with_context(|| format!("{method} {path} answered no content"));
         }
-        Ok(response.json().await?)
+        response.json().await.with_context(|| format!("reading the answer to {method} {path}"))
     }
 
-    /// GETs text.
-    pub async fn get_text(&self, path: &str) -> Result<String> {
-        Ok(self.send(self.request(Method::GET, path)).await?.text().await?)
+    /// GETs text, with a query.
+    pub async fn get_text<Q: Serialize + ?Sized>(&self, path: &str, query: &Q) -> Result<String> {
+        Ok(self.send(self.request(Method::GET, path).query(query)).await?.text().await?)
     }
 
-    /// Opens a server-sent event stream (the subscription starts when this returns).
-    pub async fn open_stream(&self, path: &str) -> Result<reqwest::Response> {
-        self.send(self.request(Method::GET, path)).await
+    /// Opens a server-sent event stream, with a query (the subscription starts when this
+    /// returns).
+    pub async fn open_stream<Q: Serialize + ?Sized>(&self, path: &str, query: &Q) -> Result<reqwest::Response> {
+        self.send(self.request(Method::GET, path).query(query)).await
     }
 
     /// Reads lifecycle events from an open stream, calling `each` with every event.
@@ -132,11 +153,10 @@ impl Client {
 /// the stream ends. Frames are split on blank lines; multi-line data is joined.
 async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str) -> bool) -> Result<()> {
     let mut stream = response.bytes_stream();
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut frames = FrameSplitter::default();
     while let Some(chunk) = stream.next().await {
-        buffer.extend_from_slice(&chunk.context("reading the event stream")?);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+        frames.push(&chunk.context("reading the event stream")?);
+        while let Some(frame) = frames.next_frame() {
             let frame = String::from_utf8_lossy(&frame);
             let data: Vec<&str> = frame
                 .lines()
@@ -150,6 +170,37 @@ async fn follow_sse(response: reqwest::Response, mut each: impl FnMut(&str, &str
         }
     }
     Ok(())
+}
+
+/// Splits a byte stream into server-sent event frames (ended by a blank line). Each byte
+/// is scanned once, however many chunks a long frame arrives in.
+#[derive(Debug, Default)]
+struct FrameSplitter {
+    buffer: Vec<u8>,
+    /// How far the buffer was searched for the end of a frame.
+    scanned: usize,
+}
+
+impl FrameSplitter {
+    fn push(&mut self, chunk: &[u8]) {
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The next complete frame, with its blank line.
+    fn next_frame(&mut self) -> Option<Vec<u8>> {
+        let from = self.scanned.saturating_sub(1);
+        match self.buffer[from..].windows(2).position(|w| w == b"\n\n") {
+            Some(at) => {
+                let end = from + at + 2;
+                self.scanned = 0;
+                Some(self.buffer.drain(..end).collect())
+            }
+            None => {
+                self.scanned = self.buffer.len();
+                None
+            }
+        }
+    }
 }
 
 /// Whether a `result` entry ends the turn of the user message with `uuid`. Claude Code
@@ -409,6 +460,19 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "NAME  STATUS   HEALTH   RESTARTS  EXIT  AGE");
         assert_eq!(lines[1], "a     running  healthy  0         -     -");
+    }
+
+    #[test]
+    fn frames_split_on_blank_lines_across_chunks() {
+        let mut frames = FrameSplitter::default();
+        for chunk in [&b"data: a"[..], b"b\n", b"\ndata: c\n\nda", b"ta: d\n"] {
+            frames.push(chunk);
+        }
+        assert_eq!(frames.next_frame().as_deref(), Some(&b"data: ab\n\n"[..]));
+        assert_eq!(frames.next_frame().as_deref(), Some(&b"data: c\n\n"[..]));
+        assert_eq!(frames.next_frame(), None);
+        frames.push(b"\n");
+        assert_eq!(frames.next_frame().as_deref(), Some(&b"data: d\n\n"[..]));
     }
 
     #[test]

@@ -1,28 +1,19 @@
 //! The daemon's configuration: figment layers, validation that names the offending key
 //! and where it came from, and `config show`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use agent_manager::{AgentDefaults, AgentKind, ManagerConfig, ReconcileConfig, RestartPolicy, UnhealthyAction};
-use backend_core::NetworkPolicy;
+use agent_manager::{AgentDefaults, ManagerConfig, ReconcileConfig};
+use backend_core::{BackendFactory, NetworkPolicy, Section};
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::value::Value;
+use figment::value::{Dict, Value};
 use figment::{Figment, Metadata, Source};
 use serde::{Deserialize, Serialize};
 
-/// Which engine runs the agents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// The first engine that answers: Docker, then Podman.
-    Auto,
-    Docker,
-    Podman,
-    /// The in-memory engine (for trying the API; nothing really runs).
-    Mock,
-}
+use crate::backends::{self, AUTO};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,19 +24,28 @@ pub enum LogFormat {
 }
 
 /// The whole configuration. Every key is optional; see `docs/configuration.md`.
+///
+/// The top level allows these fields and one section per registered backend
+/// ([`crate::backends::BACKENDS`]), named as the backend; the sections are kept in
+/// [`Config::backends`] for their factories, which own their keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Config {
-    pub backend: BackendChoice,
+    /// `auto` or the name of a registered backend.
+    pub backend: String,
     pub instance_id: Option<String>,
     pub server: ServerConfig,
     pub store: StoreConfig,
-    pub docker: SocketConfig,
-    pub podman: SocketConfig,
-    pub agents: AgentsConfig,
-    pub reconcile: ReconcileSection,
+    /// `[agents]`: the manager's own type.
+    pub agents: AgentDefaults,
+    /// `[reconcile]`: the manager's own type.
+    pub reconcile: ReconcileConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    /// Each registered backend's section, with every key (defaults filled in by its
+    /// factory), by backend name.
+    #[serde(skip)]
+    pub backends: BTreeMap<String, Section>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,57 +59,20 @@ pub struct ServerConfig {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// The SQLite file; default `$XDG_DATA_HOME/agentd/agentd.db`.
     pub path: Option<PathBuf>,
+    /// Lifecycle events older than this many days are deleted; 0 keeps them forever.
+    pub events_retention_days: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SocketConfig {
-    /// The engine's socket, `unix:///...`.
-    pub socket: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AgentsConfig {
-    pub prefix: String,
-    pub kind: AgentKind,
-    pub image: String,
-    pub memory_mb: u64,
-    pub cpus: f64,
-    pub pids_limit: i64,
-    pub network: NetworkPolicy,
-    pub restart: RestartPolicy,
-    pub on_unhealthy: UnhealthyAction,
-    pub stop_grace_secs: u64,
-    pub read_only_rootfs: bool,
-    /// Daemon environment variables copied into every agent (API keys).
-    pub forward_env: Vec<String>,
-    /// How claude-code tool-permission requests are answered: ask, allow or deny.
-    pub approvals: agent_manager::ApprovalPolicy,
-    /// Claude Code's `--permission-mode`; unset keeps the CLI's default.
-    pub permission_mode: Option<String>,
-    /// How long a pending tool-permission request waits before it is denied.
-    pub approval_timeout_secs: u64,
-    /// How long a busy turn may write nothing before it is interrupted.
-    pub turn_idle_timeout_secs: u64,
-    /// Claude Code's `--max-turns`.
-    pub max_turns: Option<u32>,
-    /// Claude Code's `--max-budget-usd`.
-    pub max_budget_usd: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReconcileSection {
-    pub interval_secs: u64,
-    pub orphan_grace_secs: u64,
-    pub orphan_dry_run: bool,
-    pub unhealthy_grace_secs: u64,
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let days = agent_manager::DEFAULT_EVENTS_RETENTION.as_secs() / 86_400;
+        Self { path: None, events_retention_days: days }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -130,16 +93,15 @@ pub struct LogConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            backend: BackendChoice::Auto,
+            backend: AUTO.into(),
             instance_id: None,
             server: ServerConfig::default(),
             store: StoreConfig::default(),
-            docker: SocketConfig::default(),
-            podman: SocketConfig::default(),
-            agents: AgentsConfig::default(),
-            reconcile: ReconcileSection::default(),
+            agents: AgentDefaults::default(),
+            reconcile: ReconcileConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            backends: BTreeMap::new(),
         }
     }
 }
@@ -147,38 +109,6 @@ impl Default for Config {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self { listen: SocketAddr::from(([127, 0, 0, 1], 7006)), token: None, token_file: None }
-    }
-}
-
-impl Default for AgentsConfig {
-    fn default() -> Self {
-        let d = AgentDefaults::default();
-        Self {
-            prefix: "agentd".into(),
-            kind: d.kind,
-            image: d.image,
-            memory_mb: 2048,
-            cpus: 2.0,
-            pids_limit: 512,
-            network: d.network,
-            restart: d.restart,
-            on_unhealthy: d.on_unhealthy,
-            stop_grace_secs: d.stop_grace_secs,
-            read_only_rootfs: false,
-            forward_env: ManagerConfig::default().forward_env,
-            approvals: d.approvals,
-            permission_mode: None,
-            approval_timeout_secs: 900,
-            turn_idle_timeout_secs: 600,
-            max_turns: None,
-            max_budget_usd: None,
-        }
-    }
-}
-
-impl Default for ReconcileSection {
-    fn default() -> Self {
-        Self { interval_secs: 10, orphan_grace_secs: 300, orphan_dry_run: false, unhealthy_grace_secs: 30 }
     }
 }
 
@@ -230,11 +160,22 @@ impl Sources {
 }
 
 /// The figment of all layers, later wins: defaults < system file < user file <
-/// `--config` file < environment.
+/// `--config` file < environment. The defaults include every registered backend's
+/// section.
 pub fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
-    let mut figment = Figment::from(Serialized::defaults(Config::default()))
-        .merge(Toml::file(&sources.system))
-        .merge(Toml::file(sources.user.clone().unwrap_or_default()));
+    figment_with(sources, backends::BACKENDS)
+}
+
+/// [`figment`] with the given backend registry.
+pub fn figment_with(sources: &Sources, registry: &[&dyn BackendFactory]) -> Result<Figment, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    for factory in registry {
+        let defaults = factory.parse(&Section::Null).map_err(|p| {
+            ConfigError(vec![format!("backend {}: its default section does not parse: {}", factory.name(), p.message)])
+        })?;
+        figment = figment.merge(Serialized::default(factory.name(), defaults));
+    }
+    figment = figment.merge(Toml::file(&sources.system)).merge(Toml::file(sources.user.clone().unwrap_or_default()));
     if let Some(path) = &sources.explicit {
         if !path.is_file() {
             return Err(ConfigError(vec![format!(
@@ -257,9 +198,58 @@ pub fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
 
 /// Loads and validates the configuration.
 pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
-    let figment = figment(sources)?;
-    let config: Config = figment.extract().map_err(|e| from_figment(&figment, e))?;
-    config.validate(&figment)?;
+    load_with(sources, backends::BACKENDS)
+}
+
+/// [`load`] with the given backend registry.
+pub fn load_with(sources: &Sources, registry: &[&dyn BackendFactory]) -> Result<Config, ConfigError> {
+    let figment = figment_with(sources, registry)?;
+    let config = extract(&figment, registry)?;
+    config.validate(&figment, registry)?;
+    Ok(config)
+}
+
+/// Step 1: types and keys. The top level is checked here (its fields and one section
+/// per registered backend), the sections by their own types: the manager's, and each
+/// backend's through its factory.
+fn extract(figment: &Figment, registry: &[&dyn BackendFactory]) -> Result<Config, ConfigError> {
+    let top: Dict = figment.extract().map_err(|e| from_figment(figment, e))?;
+    let own = Value::serialize(Config::default()).ok().and_then(|v| v.into_dict()).unwrap_or_default();
+    let allowed: Vec<&str> =
+        own.keys().map(String::as_str).chain(registry.iter().map(|f| f.name())).collect::<Vec<_>>();
+    for key in top.keys() {
+        if !allowed.contains(&key.as_str()) {
+            let source = source_of(figment, None, key);
+            let mut sorted = allowed.clone();
+            sorted.sort_unstable();
+            return Err(ConfigError(vec![format!(
+                "{key}: unknown key {key:?}; allowed here: {} (from {source})",
+                sorted.join(", ")
+            )]));
+        }
+    }
+    let mut config: Config = figment.extract().map_err(|e| from_figment(figment, e))?;
+    if config.backend != AUTO && !registry.iter().any(|f| f.name() == config.backend) {
+        let source = source_of(figment, None, "backend");
+        return Err(ConfigError(vec![format!(
+            "backend = {:?} (from {source}): unknown backend; use one of: {}",
+            config.backend,
+            backends::choices(registry).join(", ")
+        )]));
+    }
+    for factory in registry {
+        let name = factory.name();
+        let raw: Section = match figment.find_value(name) {
+            Ok(value) => value.deserialize().map_err(|e| from_figment(figment, e))?,
+            Err(_) => Section::Null,
+        };
+        let section = factory.parse(&raw).map_err(|p| {
+            let key = if p.key.is_empty() { name.to_owned() } else { format!("{name}.{}", p.key) };
+            let source = source_of(figment, None, &key);
+            ConfigError(vec![format!("{key}: {} (from {source})", p.message)])
+        })?;
+        config.backends.insert(name.to_owned(), section);
+    }
     Ok(config)
 }
 
@@ -315,7 +305,7 @@ fn env_var_for(key: &str) -> String {
 
 impl Config {
     /// Checks values no type can rule out; every problem names its key, value and source.
-    pub fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+    pub fn validate(&self, figment: &Figment, registry: &[&dyn BackendFactory]) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut bad = |key: &str, value: String, allowed: &str| {
             let source = source_of(figment, None, key);
@@ -354,73 +344,16 @@ impl Config {
                 "a non-loopback address needs server.token or server.token_file (or listen on 127.0.0.1)",
             );
         }
-        for (key, socket) in [("docker.socket", &self.docker.socket), ("podman.socket", &self.podman.socket)] {
-            if let Some(s) = socket {
-                if !(s.starts_with("unix://") || s.starts_with("tcp://") || s.starts_with("http://")) {
-                    bad(key, format!("{s:?}"), "use unix:///path/to.sock or tcp://host:port");
-                }
+        for factory in registry {
+            let section = self.backends.get(factory.name()).cloned().unwrap_or(Section::Null);
+            for p in factory.check(&section) {
+                let key = format!("{}.{}", factory.name(), p.key);
+                bad(&key, p.value.unwrap_or_default(), &p.message);
             }
         }
         let a = &self.agents;
-        let prefix_ok = backend_core::OwnershipLabels::new(a.prefix.clone(), "x").is_ok()
-            && a.prefix.len() <= 30
-            && a.prefix.starts_with(|c: char| c.is_ascii_alphanumeric());
-        if !prefix_ok {
-            bad(
-                "agents.prefix",
-                format!("{:?}", a.prefix),
-                "use 1 to 30 characters from [A-Za-z0-9_.-], starting with a letter or digit (it starts container names)",
-            );
-        }
-        for name in &a.forward_env {
-            let valid = !name.is_empty()
-                && !name.starts_with(|c: char| c.is_ascii_digit())
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !valid || name.starts_with("AGENTD_") {
-                bad(
-                    "agents.forward_env",
-                    format!("{name:?}"),
-                    "names of the daemon's variables to copy into agents ([A-Za-z_][A-Za-z0-9_]*), never AGENTD_*",
-                );
-            }
-        }
-        if a.image.trim().is_empty() || a.image.contains(char::is_whitespace) {
-            bad("agents.image", format!("{:?}", a.image), "an image reference such as agentd-echo:latest");
-        }
-        if a.memory_mb < 6 {
-            bad("agents.memory_mb", a.memory_mb.to_string(), "at least 6 (MiB)");
-        }
-        if !(a.cpus.is_finite() && a.cpus > 0.0 && a.cpus <= 1024.0) {
-            bad("agents.cpus", a.cpus.to_string(), "a number of cores above 0 and at most 1024, such as 0.5 or 2");
-        }
-        if a.pids_limit < 1 {
-            bad("agents.pids_limit", a.pids_limit.to_string(), "at least 1");
-        }
-        if let Some(mode) = &a.permission_mode {
-            if !agent_manager::PERMISSION_MODES.contains(&mode.as_str()) {
-                bad(
-                    "agents.permission_mode",
-                    format!("{mode:?}"),
-                    &format!("one of Claude Code's modes: {}", agent_manager::PERMISSION_MODES.join(", ")),
-                );
-            }
-        }
-        if !(1..=86_400).contains(&a.approval_timeout_secs) {
-            bad("agents.approval_timeout_secs", a.approval_timeout_secs.to_string(), "1 to 86400 (seconds)");
-        }
-        if !(1..=86_400).contains(&a.turn_idle_timeout_secs) {
-            bad("agents.turn_idle_timeout_secs", a.turn_idle_timeout_secs.to_string(), "1 to 86400 (seconds)");
-        }
-        if a.max_turns == Some(0) {
-            bad("agents.max_turns", "0".into(), "at least 1, or leave it unset for no limit");
-        }
-        if let Some(budget) = a.max_budget_usd {
-            if !(budget.is_finite() && budget > 0.0) {
-                bad("agents.max_budget_usd", budget.to_string(), "a positive number of US dollars, or unset");
-            }
-        }
-        if a.stop_grace_secs > agent_manager::MAX_STOP_GRACE_SECS {
-            bad("agents.stop_grace_secs", a.stop_grace_secs.to_string(), "at most 3600");
+        for v in a.check() {
+            bad(&format!("agents.{}", v.field), v.value, &v.allowed);
         }
         if a.network == NetworkPolicy::Host && self.server.token.is_none() && self.server.token_file.is_none() {
             bad(
@@ -429,16 +362,8 @@ impl Config {
                 "host-network agents reach the API on loopback: set server.token (or token_file) first",
             );
         }
-        if a.kind == AgentKind::ClaudeCode && a.network == NetworkPolicy::None {
-            bad(
-                "agents.network",
-                "\"none\"".into(),
-                "kind claude-code needs to reach its model API; use internet, isolated or host",
-            );
-        }
-        let r = &self.reconcile;
-        if r.interval_secs == 0 {
-            bad("reconcile.interval_secs", "0".into(), "at least 1 (seconds)");
+        for v in self.reconcile.check() {
+            bad(&format!("reconcile.{}", v.field), v.value, &v.allowed);
         }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bad("log.level", format!("{:?}", self.log.level), "a tracing filter such as info or agentd=debug,info");
@@ -472,51 +397,39 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("/var/lib/agentd/agentd.db"))
     }
 
-    /// The manager's settings from this configuration.
+    /// The manager's settings from this configuration: its own sections, as they are.
     pub fn manager_config(&self) -> ManagerConfig {
-        let a = &self.agents;
-        let r = &self.reconcile;
-        let secs = std::time::Duration::from_secs;
         ManagerConfig {
-            defaults: AgentDefaults {
-                kind: a.kind,
-                image: a.image.clone(),
-                memory_mb: Some(a.memory_mb),
-                cpus: Some(a.cpus),
-                pids_limit: Some(a.pids_limit),
-                network: a.network,
-                restart: a.restart,
-                on_unhealthy: a.on_unhealthy,
-                stop_grace_secs: a.stop_grace_secs,
-                read_only_rootfs: a.read_only_rootfs,
-                approvals: a.approvals,
-                permission_mode: a.permission_mode.clone(),
-                max_turns: a.max_turns,
-                max_budget_usd: a.max_budget_usd,
+            defaults: self.agents.clone(),
+            reconcile: self.reconcile.clone(),
+            events_retention: match self.store.events_retention_days {
+                0 => None,
+                days => Some(std::time::Duration::from_secs(days.saturating_mul(86_400))),
             },
-            reconcile: ReconcileConfig {
-                interval: secs(r.interval_secs),
-                orphan_grace: secs(r.orphan_grace_secs),
-                orphan_dry_run: r.orphan_dry_run,
-                unhealthy_grace: secs(r.unhealthy_grace_secs),
-                approval_timeout: secs(a.approval_timeout_secs),
-                turn_idle_timeout: secs(a.turn_idle_timeout_secs),
-                ..ReconcileConfig::default()
-            },
-            forward_env: a.forward_env.clone(),
-            ..ManagerConfig::default()
         }
+    }
+
+    /// The selected backend's section (`Null` for `auto`, which reads each candidate's
+    /// own).
+    pub fn backend_section(&self, name: &str) -> Section {
+        self.backends.get(name).cloned().unwrap_or(Section::Null)
     }
 }
 
 /// The effective configuration, one `key = value  # source` line per setting, secrets
 /// redacted.
 pub fn show(sources: &Sources) -> Result<String, ConfigError> {
-    let figment = figment(sources)?;
-    let config: Config = figment.extract().map_err(|e| from_figment(&figment, e))?;
+    let registry = backends::BACKENDS;
+    let figment = figment_with(sources, registry)?;
+    let config = extract(&figment, registry)?;
     let value = Value::serialize(&config).map_err(|e| ConfigError(vec![e.to_string()]))?;
+    let mut dict = value.into_dict().unwrap_or_default();
+    for (name, section) in &config.backends {
+        let section = Value::serialize(section).map_err(|e| ConfigError(vec![e.to_string()]))?;
+        dict.insert(name.clone(), section);
+    }
     let mut lines = Vec::new();
-    leaves(&value, String::new(), &mut lines);
+    leaves(&Value::from(dict), String::new(), &mut lines);
     let width = lines.iter().map(|(k, v)| k.len() + v.len() + 3).max().unwrap_or(0);
     let mut out = String::new();
     for (key, shown) in lines {

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use agent_manager::{AgentManager, ShutdownSummary, Store};
 use anyhow::{bail, Context, Result};
-use backend_core::{BackendError, ExecutionBackend, OwnershipLabels};
+use backend_core::{ExecutionBackend, OwnershipLabels};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::api::{router, App};
-use crate::config::{BackendChoice, Config, LogFormat};
+use crate::config::{Config, LogFormat};
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
 pub fn init_logging(config: &Config) {
@@ -31,47 +31,6 @@ pub fn init_logging(config: &Config) {
     };
     if let Err(e) = outcome {
         eprintln!("agentd: logging was already set up: {e}");
-    }
-}
-
-/// Connects the configured backend.
-pub async fn connect_backend(config: &Config, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
-    let docker = || async {
-        let cfg = backend_docker::DockerConfig {
-            socket: config.docker.socket.clone(),
-            ..backend_docker::DockerConfig::default()
-        };
-        backend_docker::DockerBackend::connect(cfg, owner.clone())
-            .await
-            .map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
-    };
-    let podman = || async {
-        let cfg = backend_podman::PodmanConfig {
-            socket: config.podman.socket.clone(),
-            ..backend_podman::PodmanConfig::default()
-        };
-        backend_podman::PodmanBackend::connect(cfg, owner.clone())
-            .await
-            .map(|b| Arc::new(b) as Arc<dyn ExecutionBackend>)
-    };
-    match config.backend {
-        BackendChoice::Docker => docker().await.context("backend = \"docker\""),
-        BackendChoice::Podman => podman().await.context("backend = \"podman\""),
-        BackendChoice::Mock => {
-            warn!("Using the in-memory mock backend: nothing really runs.");
-            Ok(Arc::new(backend_mock::MockBackend::new(backend_mock::MockEngine::new(), owner)))
-        }
-        BackendChoice::Auto => match docker().await {
-            Ok(backend) => Ok(backend),
-            Err(docker_error @ BackendError::Unavailable { .. }) => match podman().await {
-                Ok(backend) => Ok(backend),
-                Err(podman_error) => bail!(
-                    "backend = \"auto\" found no container engine:\n  docker: {docker_error}\n  podman: {podman_error}\n\
-                     Start one, or set backend = \"mock\" to try the API without containers"
-                ),
-            },
-            Err(other) => Err(other).context("backend = \"auto\": Docker answered but cannot be used"),
-        },
     }
 }
 
@@ -167,6 +126,7 @@ impl Daemon {
             stopped = summary.stopped.len(),
             left_running = summary.left_running.len(),
             failed = summary.failed.len(),
+            containers_removed = summary.removed.len(),
             "Agents handled."
         );
         let drained = tokio::time::timeout(Duration::from_secs(5), async {
@@ -218,7 +178,7 @@ pub async fn serve(config: Config) -> Result<()> {
     };
     info!(database = %path.display(), instance = %instance, "Store opened.");
     let owner = OwnershipLabels::new(config.agents.prefix.clone(), instance.clone())?;
-    let backend = connect_backend(&config, owner).await?;
+    let backend = crate::backends::connect(&config, owner).await?;
     let daemon = Daemon::bind(&config, backend, store, instance).await?;
     daemon.run(shutdown_signal()).await?;
     info!("agentd stopped.");

@@ -7,6 +7,7 @@
 //! Architecture invariant: only this crate knows figment and HTTP.
 
 pub mod api;
+pub mod backends;
 pub mod chat;
 pub mod client;
 pub mod config;

@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agent_manager::{Decision, NewAgent};
+use agentd::api;
 use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(name = "agentd", version, about = "Runs AI coding agents in containers and knows the truth about them.")]
@@ -246,6 +248,12 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// A command-line value for one of the API's enumerations (`--network isolated`), read
+/// as the API reads it.
+fn choice<T: serde::de::DeserializeOwned>(flag: &str, value: Option<String>) -> Result<Option<T>> {
+    value.map(|v| serde_json::from_value(Value::String(v.clone())).with_context(|| format!("{flag} {v:?}"))).transpose()
+}
+
 async fn client_command(url: Option<String>, token: Option<String>, sources: &Sources, command: Command) -> Result<()> {
     // The client reads the configuration only for the address and token; a broken file
     // must not stop it from talking to a daemon named on the command line.
@@ -259,34 +267,32 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
     let agent_path = |name: &str| format!("/v1/agents/{}", client::encode(name));
     match command {
         Command::Spawn(args) => {
-            let mut env = serde_json::Map::new();
+            let mut env = std::collections::BTreeMap::new();
             for pair in &args.env {
                 let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected K=V"))?;
-                env.insert(k.to_owned(), Value::String(v.to_owned()));
+                env.insert(k.to_owned(), v.to_owned());
             }
-            let mut body = json!({ "name": args.name, "env": env });
-            let fields: [(&str, Option<Value>); 14] = [
-                ("approvals", args.approvals.map(Value::from)),
-                ("permission_mode", args.permission_mode.map(Value::from)),
-                ("max_budget_usd", args.max_budget_usd.map(Value::from)),
-                ("max_turns", args.max_turns.map(Value::from)),
-                ("kind", args.kind.map(Value::from)),
-                ("image", args.image.map(Value::from)),
-                ("memory_mb", args.memory_mb.map(Value::from)),
-                ("cpus", args.cpus.map(Value::from)),
-                ("network", args.network.map(Value::from)),
-                ("restart", args.restart.map(Value::from)),
-                ("workdir", args.workdir.map(|p| Value::from(p.display().to_string()))),
-                ("model", args.model.map(Value::from)),
-                ("prompt", args.prompt.map(Value::from)),
-                ("command", (!args.command.is_empty()).then(|| Value::from(args.command.clone()))),
-            ];
-            for (key, value) in fields {
-                if let Some(value) = value {
-                    body[key] = value;
-                }
-            }
-            let agent = client.call(Method::POST, "/v1/agents", Some(body)).await?;
+            let args = *args;
+            let new = NewAgent {
+                name: args.name,
+                kind: choice("--kind", args.kind)?,
+                image: args.image,
+                command: (!args.command.is_empty()).then_some(args.command),
+                env,
+                workdir: args.workdir,
+                memory_mb: args.memory_mb,
+                cpus: args.cpus,
+                network: choice("--network", args.network)?,
+                restart: choice("--restart", args.restart)?,
+                model: args.model,
+                prompt: args.prompt,
+                approvals: choice("--approvals", args.approvals)?,
+                permission_mode: args.permission_mode,
+                max_turns: args.max_turns,
+                max_budget_usd: args.max_budget_usd,
+                ..NewAgent::default()
+            };
+            let agent: Value = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;
             println!(
                 "{} {} ({}, session {})",
                 agent["name"].as_str().unwrap_or("-"),
@@ -296,11 +302,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             );
         }
         Command::Ls { json, status } => {
-            let path = match status {
-                Some(s) => format!("/v1/agents?status={}", client::encode(&s)),
-                None => "/v1/agents".to_owned(),
-            };
-            let agents = client.get_json(&path).await?;
+            let agents: Value = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&agents)?);
             } else {
@@ -313,47 +315,42 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             println!("{}", serde_json::to_string_pretty(&agent)?);
         }
         Command::Logs { name, follow, tail } => {
-            let path = match tail {
-                Some(n) => format!("{}/logs?tail={n}", agent_path(&name)),
-                None => format!("{}/logs", agent_path(&name)),
-            };
-            let text = client.get_text(&path).await?;
+            let text = client.get_text(&format!("{}/logs", agent_path(&name)), &api::LogsQuery { tail }).await?;
             print!("{text}");
             if follow {
+                let all_logs = api::LogsQuery::default();
                 let mut follower = client::LogsFollower::default();
-                follower.news(&client.get_text(&format!("{}/logs", agent_path(&name))).await?);
+                follower.news(&client.get_text(&format!("{}/logs", agent_path(&name)), &all_logs).await?);
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    let all = client.get_text(&format!("{}/logs", agent_path(&name))).await?;
+                    let all = client.get_text(&format!("{}/logs", agent_path(&name)), &all_logs).await?;
                     print!("{}", follower.news(&all));
                 }
             }
         }
         Command::Stop { name } => {
-            let agent = client.call(Method::POST, &format!("{}/stop", agent_path(&name)), None).await?;
+            let agent = client.call(Method::POST, &format!("{}/stop", agent_path(&name))).await?;
             println!("{} {} (exit {})", name, agent["status"].as_str().unwrap_or("-"), client::exit_column(&agent));
         }
         Command::Restart { name } => {
-            let agent = client.call(Method::POST, &format!("{}/restart", agent_path(&name)), None).await?;
+            let agent = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
             println!("{} {} (restarts {})", name, agent["status"].as_str().unwrap_or("-"), agent["restarts"]);
         }
         Command::Rm { name } => {
-            client.call(Method::DELETE, &agent_path(&name), None).await?;
+            client.call(Method::DELETE, &agent_path(&name)).await?;
             println!("{name} removed");
         }
         Command::Events { follow, agent } => {
-            let filter = agent.as_deref().map(|a| format!("&agent={}", client::encode(a))).unwrap_or_default();
             // Subscribe before listing, so no event falls between the two.
             let stream = if follow {
-                let path = format!("/v1/events/stream?{}", filter.trim_start_matches('&'));
-                Some(client.open_stream(&path).await?)
+                Some(client.open_stream("/v1/events/stream", &api::StreamQuery { agent: agent.clone() }).await?)
             } else {
                 None
             };
             let mut last = 0;
             loop {
-                let page = client.get_json(&format!("/v1/events?since={last}&limit=1000{filter}")).await?;
-                let page = page.as_array().cloned().unwrap_or_default();
+                let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
+                let page: Vec<Value> = client.get_query("/v1/events", &query).await?;
                 for event in &page {
                     println!("{}", client::event_line(event));
                     last = event["id"].as_i64().unwrap_or(last);
@@ -373,16 +370,16 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
         }
         Command::Send { name, text, no_wait } => {
-            let queued = client
-                .call(Method::POST, &format!("{}/messages", agent_path(&name)), Some(json!({ "text": text })))
-                .await?;
-            let seq = queued["seq"].as_i64().context("the daemon answered without a seq")?;
-            let uuid = queued["uuid"].as_str().map(str::to_owned);
+            let message = api::MessageRequest { text };
+            let queued: api::MessageAccepted =
+                client.call_with(Method::POST, &format!("{}/messages", agent_path(&name)), Some(&message)).await?;
+            let (seq, uuid) = (queued.seq, queued.uuid);
             if no_wait {
                 println!("message {seq} queued for {name}");
                 return Ok(());
             }
-            let stream = client.open_stream(&format!("{}/conversation/stream?after={seq}", agent_path(&name))).await?;
+            let after = api::ConversationQuery { after: Some(seq), limit: None };
+            let stream = client.open_stream(&format!("{}/conversation/stream", agent_path(&name)), &after).await?;
             let mut result: Option<Value> = None;
             let followed = client.follow_conversation(stream, |entry| {
                 if entry["direction"] != "from_agent" {
@@ -418,14 +415,8 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
         }
         Command::Approvals { agent, all, json } => {
-            let mut query = vec![];
-            if let Some(a) = &agent {
-                query.push(format!("agent={}", client::encode(a)));
-            }
-            if !all {
-                query.push("pending=true".to_owned());
-            }
-            let approvals = client.get_json(&format!("/v1/approvals?{}", query.join("&"))).await?;
+            let query = api::ApprovalsQuery { agent, pending: (!all).then_some(true) };
+            let approvals: Value = client.get_query("/v1/approvals", &query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&approvals)?);
             } else {
@@ -435,14 +426,16 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
         Command::Approve { ids } => {
             for id in ids {
                 let path = format!("/v1/approvals/{}", client::encode(&id));
-                client.call(Method::POST, &path, Some(json!({ "decision": "allow" }))).await?;
+                let body = api::DecisionRequest { decision: Decision::Allow, message: None };
+                client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await?;
                 println!("{id} allowed");
             }
         }
         Command::Deny { ids, message } => {
             for id in ids {
                 let path = format!("/v1/approvals/{}", client::encode(&id));
-                client.call(Method::POST, &path, Some(json!({ "decision": "deny", "message": message }))).await?;
+                let body = api::DecisionRequest { decision: Decision::Deny, message: message.clone() };
+                client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await?;
                 println!("{id} denied");
             }
         }
@@ -457,9 +450,8 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             };
             let mut last = 0;
             loop {
-                let page =
-                    client.get_json(&format!("{}/conversation?after={last}&limit=1000", agent_path(&name))).await?;
-                let page = page.as_array().cloned().unwrap_or_default();
+                let query = api::ConversationQuery { after: Some(last), limit: Some(1000) };
+                let page: Vec<Value> = client.get_query(&format!("{}/conversation", agent_path(&name)), &query).await?;
                 for entry in &page {
                     print(entry);
                     last = entry["seq"].as_i64().unwrap_or(last);
@@ -469,8 +461,8 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 }
             }
             if follow {
-                let stream =
-                    client.open_stream(&format!("{}/conversation/stream?after={last}", agent_path(&name))).await?;
+                let after = api::ConversationQuery { after: Some(last), limit: None };
+                let stream = client.open_stream(&format!("{}/conversation/stream", agent_path(&name)), &after).await?;
                 client
                     .follow_conversation(stream, |entry| {
                         print(&entry);

@@ -3,20 +3,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use agent_manager::{AgentStatus, AgentView, MetricsSnapshot};
-use backend_core::SessionHealth;
+use agent_manager::{AgentCounts, MetricsSnapshot};
 
-/// Renders `/metrics`.
-pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> String {
+/// Renders `/metrics` from the manager's counts and counters (both read from memory).
+pub fn render(counts: &AgentCounts, m: &MetricsSnapshot) -> String {
     let mut out = String::new();
-    let mut by_status: BTreeMap<&str, u64> = AgentStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    let mut by_health: BTreeMap<&str, u64> = SessionHealth::ALL.iter().map(|h| (h.as_str(), 0)).collect();
-    for view in agents {
-        *by_status.entry(view.agent.status.as_str()).or_default() += 1;
-        if view.agent.status == AgentStatus::Running {
-            *by_health.entry(view.agent.health.as_str()).or_default() += 1;
-        }
-    }
+    let by_status: BTreeMap<&str, u64> = counts.by_status.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    let by_health: BTreeMap<&str, u64> = counts.running_by_health.iter().map(|(h, n)| (h.as_str(), *n)).collect();
     let _ = writeln!(out, "# HELP agentd_agents Agents by status.\n# TYPE agentd_agents gauge");
     for (status, n) in by_status {
         let _ = writeln!(out, "agentd_agents{{status=\"{status}\"}} {n}");
@@ -36,7 +29,7 @@ pub fn render(agents: &[AgentView], m: &MetricsSnapshot, connected: usize) -> St
         "agentd_connected_agents",
         "Agents whose stdin and output agentd holds attached.",
         "gauge",
-        connected as f64,
+        counts.connected as f64,
     );
     gauge(
         &mut out,

@@ -18,9 +18,11 @@ const TOKEN: &str = "test-token-0123456789";
 struct TestDaemon {
     base: String,
     engine: MockEngine,
+    store: Store,
     http: reqwest::Client,
     token: Option<String>,
     stop: Option<oneshot::Sender<()>>,
+    manager: Arc<agent_manager::AgentManager<dyn ExecutionBackend>>,
     task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
 }
 
@@ -36,13 +38,23 @@ impl TestDaemon {
         let instance = store.instance_id().await.expect("instance");
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
-        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
+        let daemon = Daemon::bind(&config, backend, store.clone(), instance).await.expect("bind");
         let base = format!("http://{}", daemon.api_addr());
+        let manager = daemon.manager();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon.run(async move {
             let _ = stopped.await;
         }));
-        Self { base, engine, http: reqwest::Client::new(), token: token.map(str::to_owned), stop: Some(stop), task }
+        Self {
+            base,
+            engine,
+            store,
+            http: reqwest::Client::new(),
+            token: token.map(str::to_owned),
+            stop: Some(stop),
+            manager,
+            task,
+        }
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -284,6 +296,25 @@ async fn metrics_count_agents_by_status_and_health() {
     d.stop().await;
 }
 
+/// A scrape counts from memory: it answers, and counts right, without the database.
+#[tokio::test]
+async fn metrics_are_counted_from_memory() {
+    let d = TestDaemon::start(None).await;
+    d.spawn("c1").await;
+    d.spawn("c2").await;
+    d.call(reqwest::Method::POST, "/v1/agents/c2/stop", None).await;
+    d.store.close().await;
+    let response = d.req(reqwest::Method::GET, "/metrics").send().await.expect("send");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("text");
+    for line in
+        ["agentd_agents{status=\"running\"} 1", "agentd_agents{status=\"stopped\"} 1", "agentd_connected_agents 0"]
+    {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn events_are_listed_filtered_and_streamed() {
     let d = TestDaemon::start(None).await;
@@ -317,6 +348,34 @@ async fn events_are_listed_filtered_and_streamed() {
     let first = events[0]["id"].as_i64().expect("id");
     let (_, later) = d.call(reqwest::Method::GET, &format!("/v1/events?agent=streamed&since={first}"), None).await;
     assert_eq!(later.as_array().map(Vec::len), Some(1));
+    d.stop().await;
+}
+
+/// Waits until the manager's broadcasts have `want` receivers (lifecycle, conversation).
+async fn wait_subscribers(d: &TestDaemon, want: (usize, usize), what: &str) {
+    let waited = tokio::time::timeout(Duration::from_secs(2), async {
+        while d.manager.subscribers() != want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}: subscribers are {:?}, expected {want:?}", d.manager.subscribers());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_takes_its_stream_subscription_with_it() {
+    let d = TestDaemon::start(None).await;
+    d.spawn("quiet").await;
+    let (events, entries) = d.manager.subscribers();
+    let event_stream = d.req(reqwest::Method::GET, "/v1/events/stream").send().await.expect("events stream");
+    let conversation_stream =
+        d.req(reqwest::Method::GET, "/v1/agents/quiet/conversation/stream").send().await.expect("conversation");
+    assert_eq!((event_stream.status(), conversation_stream.status()), (StatusCode::OK, StatusCode::OK));
+    wait_subscribers(&d, (events + 1, entries + 1), "with both streams open").await;
+    // Nothing happens meanwhile: no event or entry would wake a task that waits for one.
+    drop(event_stream);
+    drop(conversation_stream);
+    wait_subscribers(&d, (events, entries), "after both clients went away").await;
     d.stop().await;
 }
 

@@ -1,7 +1,9 @@
 //! Configuration layering and validation, through the real binary.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// A scratch directory with a user config dir, removed on drop.
 struct Scratch {
@@ -23,6 +25,10 @@ impl Scratch {
     }
 
     fn agentd(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("run agentd")
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
         cmd.args(args).env("XDG_CONFIG_HOME", self.dir.join("xdg")).env("XDG_DATA_HOME", self.dir.join("data"));
         for (key, _) in std::env::vars() {
@@ -34,7 +40,7 @@ impl Scratch {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().expect("run agentd")
+        cmd
     }
 }
 
@@ -64,6 +70,9 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
     let impossible = s.write("impossible.toml", "[agents]\nmemory_mb = 2\n");
     let exposed = s.write("exposed.toml", "[server]\nlisten = \"0.0.0.0:7006\"\n");
     let bad_enum = s.write("enum.toml", "backend = \"kubernetes\"\n");
+    let backend_key = s.write("backend-key.toml", "[docker]\nsockt = \"unix:///x.sock\"\n");
+    let backend_value = s.write("backend-value.toml", "[podman]\nrequest_timeout_secs = 0\n");
+    let top_level = s.write("top.toml", "[kubernetes]\nnamespace = \"x\"\n");
     struct Case<'a> {
         what: &'a str,
         args: Vec<&'a str>,
@@ -100,6 +109,30 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             args: vec!["--config", path_str(&bad_enum)],
             env: vec![],
             expect: vec!["backend", "kubernetes", "auto", "docker", "podman", "mock"],
+        },
+        Case {
+            what: "unknown key in a backend's section",
+            args: vec!["--config", path_str(&backend_key)],
+            env: vec![],
+            expect: vec!["docker.sockt", "socket", "request_timeout_secs", path_str(&backend_key)],
+        },
+        Case {
+            what: "impossible value in a backend's section",
+            args: vec!["--config", path_str(&backend_value)],
+            env: vec![],
+            expect: vec!["podman.request_timeout_secs = 0", path_str(&backend_value), "1 to 3600"],
+        },
+        Case {
+            what: "a section of no registered backend",
+            args: vec!["--config", path_str(&top_level)],
+            env: vec![],
+            expect: vec!["kubernetes", "unknown key", "docker, instance_id", "mock", path_str(&top_level)],
+        },
+        Case {
+            what: "wrong type in a backend's section in the environment",
+            args: vec![],
+            env: vec![("AGENTD_DOCKER__REQUEST_TIMEOUT_SECS", "soon")],
+            expect: vec!["docker.request_timeout_secs", "soon", "AGENTD_DOCKER__REQUEST_TIMEOUT_SECS"],
         },
         Case {
             what: "wrong type in the environment",
@@ -185,6 +218,90 @@ fn layers_apply_in_order_and_show_names_each_source() {
 
     let out = s.agentd(&["--config", path_str(&explicit), "config", "check"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn settings_of_the_libraries_are_keys_with_their_defaults_and_sources() {
+    let s = Scratch::new("library-keys");
+    let file = s.write(
+        "keys.toml",
+        "[docker]\nrequest_timeout_secs = 5\nisolated_network = \"k-b-isolated\"\n\n\
+         [podman]\nstdin_dir = \"/run/k-b-stdin\"\n\n[reconcile.restart_backoff]\nmax_secs = 120\n",
+    );
+    let env = [("AGENTD_AGENTS__INTERRUPT_GRACE_SECS", "45"), ("AGENTD_PODMAN__REQUEST_TIMEOUT_SECS", "7")];
+    let out = s.agentd(&["--config", path_str(&file), "config", "show"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for (key, value, source) in [
+        ("docker.request_timeout_secs", "5", path_str(&file)),
+        ("docker.isolated_network", "\"k-b-isolated\"", path_str(&file)),
+        ("docker.socket", "(unset)", "# default"),
+        ("podman.stdin_dir", "\"/run/k-b-stdin\"", path_str(&file)),
+        ("podman.request_timeout_secs", "7", "AGENTD_PODMAN__REQUEST_TIMEOUT_SECS"),
+        ("podman.podman_command", "\"podman\"", "# default"),
+        ("agents.interrupt_grace_secs", "45", "AGENTD_AGENTS__INTERRUPT_GRACE_SECS"),
+        ("reconcile.restart_backoff.max_secs", "120", path_str(&file)),
+        ("reconcile.restart_backoff.initial_secs", "10", "# default"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+        assert!(line.contains(&format!("= {value} ")) && line.contains(source), "{key}: {line}");
+    }
+    let out = s.agentd(&["--config", path_str(&file), "config", "check"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// `GET path` on a loopback port: the status line and the body, or `None` while nothing
+/// answers.
+fn get(port: u16, path: &str) -> Option<(String, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+}
+
+#[test]
+fn the_real_binary_runs_the_backend_the_configuration_names_from_the_registry() {
+    let s = Scratch::new("registry");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let file = s.write(
+        "mock.toml",
+        &format!(
+            "backend = \"mock\"\ninstance_id = \"k-b-registry\"\n\n[server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [store]\npath = \"{}\"\n\n[mock]\n",
+            s.dir.join("registry.db").display()
+        ),
+    );
+    let mut child = s
+        .command(&["--config", path_str(&file), "serve"], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agentd serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        if let Some(answer) = get(port, "/healthz") {
+            break answer;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("agentd serve exited with {status} before answering:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "agentd serve did not answer /healthz within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let health: serde_json::Value = serde_json::from_str(&answer.1).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    assert!(answer.0.contains("200"), "{answer:?}");
+    assert_eq!(health["backend"], "mock", "{health}");
+    assert_eq!(health["instance"], "k-b-registry", "{health}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use backend_core::conformance::skip_or_fail;
-use backend_core::{ExecutionBackend, OwnershipLabels};
+use backend_core::OwnershipLabels;
 use serde_json::{json, Value};
 
 mod support;
@@ -58,18 +58,13 @@ impl Engine {
 
     async fn probe(self, images: &[&str]) -> bool {
         let owner = OwnershipLabels::new("agentd-probe", "probe").expect("labels");
-        let backend: Result<Box<dyn ExecutionBackend>, _> = match self {
-            Engine::Docker => backend_docker::DockerBackend::connect(Default::default(), owner)
-                .await
-                .map(|b| Box::new(b) as Box<dyn ExecutionBackend>),
-            Engine::Podman => backend_podman::PodmanBackend::connect(Default::default(), owner)
-                .await
-                .map(|b| Box::new(b) as Box<dyn ExecutionBackend>),
-        };
-        let label = match self {
-            Engine::Docker => "Docker",
-            Engine::Podman => "Podman",
-        };
+        // The daemon's own registry connects the engine, with its section's defaults.
+        let factory = agentd::backends::BACKENDS
+            .iter()
+            .find(|f| f.name() == self.name())
+            .unwrap_or_else(|| panic!("{} is not a registered backend", self.name()));
+        let backend = factory.connect(backend_core::Section::Null, owner).await;
+        let label = self.name();
         let backend = match backend {
             Err(e) => return skip_or_fail::<()>(label, e).is_some(),
             Ok(b) => b,

@@ -333,7 +333,10 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     }
 
     /// Subscribes to the engine's events for owned sessions. `None` means this backend
-    /// has no events and the caller must rely on relisting.
+    /// has no events and the caller must rely on relisting. A backend whose engine tells
+    /// of the signals it sends containers (stop, kill, forced removal) passes each on as
+    /// [`BackendEvent::Killed`](crate::BackendEvent::Killed) before the `Died` it causes:
+    /// that is how a caller tells an outside stop from an exit by itself.
     async fn subscribe_events(&self) -> Result<Option<EventReceiver>> {
         Ok(None)
     }

@@ -65,9 +65,14 @@ pub trait Harness: Send + Sync {
     /// `docker kill` would).
     async fn kill_from_outside(&self, session: &str);
 
-    /// Removes the session's container forcibly from outside the backend (as
-    /// `docker rm -f` would).
+    /// Removes the session's container forcibly from outside the backend, as the
+    /// engine's own `rm -f` would (Docker kills with SIGKILL; Podman stops with SIGTERM
+    /// first).
     async fn remove_from_outside(&self, session: &str);
+
+    /// Stops the session's container from outside the backend with the engine's default
+    /// grace (as `docker stop` would: SIGTERM, then SIGKILL).
+    async fn stop_from_outside(&self, session: &str);
 
     /// The session's address on the network of [`NetworkPolicy::Internet`] sessions, as
     /// the engine reports it; what the isolation test needs of a backend with

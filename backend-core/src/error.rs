@@ -41,6 +41,11 @@ pub enum BackendError {
     #[error("invalid session spec: {field}: {message}")]
     InvalidSpec { field: &'static str, message: String },
 
+    /// The backend's configuration section is invalid; `key` names the offending key
+    /// within it.
+    #[error("invalid [{backend}] configuration: {key}: {message}")]
+    InvalidConfig { backend: &'static str, key: String, message: String },
+
     /// The backend does not support this operation.
     #[error("{backend} does not support {operation}")]
     Unsupported { backend: &'static str, operation: &'static str },

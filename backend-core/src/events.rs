@@ -18,6 +18,11 @@ pub type EventSender = tokio::sync::mpsc::Sender<BackendEvent>;
 pub enum BackendEvent {
     /// The session's main process started.
     Started { session: String },
+    /// The engine was asked to signal the session's main process: a stop, a kill or a
+    /// forced removal, by agentd or from outside. Engines send it before the `Died` it
+    /// causes. `container` is the engine's id of the container signalled (the session
+    /// name outlives its containers); `signal` is the one sent, when the engine says.
+    Killed { session: String, container: String, signal: Option<i32> },
     /// The session's main process ended. `exit` holds what the event carried (often
     /// only the code); the full record comes from `session_exit_info`.
     Died { session: String, exit: SessionExitInfo },
@@ -41,6 +46,7 @@ impl BackendEvent {
     pub fn session(&self) -> Option<&str> {
         match self {
             Self::Started { session }
+            | Self::Killed { session, .. }
             | Self::Died { session, .. }
             | Self::OomKilled { session }
             | Self::HealthChanged { session, .. }

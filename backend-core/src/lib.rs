@@ -22,6 +22,7 @@ mod backend;
 mod error;
 mod events;
 mod exit;
+mod factory;
 mod health;
 mod labels;
 mod logs;
@@ -42,11 +43,15 @@ pub use backend::{
 pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
+pub use factory::{
+    check_engine_address, check_section, connect_config, parse_section, parse_to_section, BackendConfig,
+    BackendFactory, ConfigProblem, Section,
+};
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
 pub use logs::{cap_logs, LogsCollector, LOGS_TRUNCATED, SESSION_LOGS_MAX_BYTES};
 pub use plumbing::{create_replacing_stale, host_address};
-pub use spec::{HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
+pub use spec::{rules, HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
 pub use state::{SessionState, SessionStatus, VolumeState};
 
 /// Formats a timestamp as RFC 3339, the form every agentd interface uses.

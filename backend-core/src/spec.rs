@@ -184,7 +184,82 @@ impl fmt::Debug for SessionSpec {
 }
 
 /// The smallest memory limit engines accept (Docker refuses less than 6 MiB).
-pub const MIN_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
+pub const MIN_MEMORY_BYTES: u64 = rules::MIN_MEMORY_MB * 1024 * 1024;
+
+/// The rules for what becomes a session, in one place for every layer that checks them
+/// (this spec, the manager's agent specs and defaults, the daemon's configuration). Each
+/// returns, when the value breaks it, what is allowed, in words the caller puts after the
+/// field (or config key) and the value.
+pub mod rules {
+    /// The smallest memory limit in MiB (Docker refuses less than 6 MiB).
+    pub const MIN_MEMORY_MB: u64 = 6;
+    /// The largest CPU limit in cores.
+    pub const MAX_CPUS: f64 = 1024.0;
+
+    /// A local image reference: not empty, no whitespace.
+    pub fn image(image: &str) -> Result<(), &'static str> {
+        if image.trim().is_empty() || image.contains(char::is_whitespace) {
+            return Err("an image reference such as agentd-echo:latest");
+        }
+        Ok(())
+    }
+
+    /// A memory limit in MiB: at least [`MIN_MEMORY_MB`].
+    pub fn memory_mb(mb: u64) -> Result<(), &'static str> {
+        if mb < MIN_MEMORY_MB {
+            return Err("at least 6 (MiB)");
+        }
+        Ok(())
+    }
+
+    /// A memory limit in bytes: at least [`MIN_MEMORY_MB`] MiB.
+    pub fn memory_bytes(bytes: u64) -> Result<(), &'static str> {
+        if bytes < super::MIN_MEMORY_BYTES {
+            return Err("at least 6 MiB (6291456 bytes)");
+        }
+        Ok(())
+    }
+
+    /// A CPU limit: finite, above 0 and at most [`MAX_CPUS`] cores.
+    pub fn cpus(cpus: f64) -> Result<(), &'static str> {
+        if !(cpus.is_finite() && cpus > 0.0 && cpus <= MAX_CPUS) {
+            return Err("a number of cores above 0 and at most 1024, such as 0.5 or 2");
+        }
+        Ok(())
+    }
+
+    /// A process limit: at least 1.
+    pub fn pids_limit(pids: i64) -> Result<(), &'static str> {
+        if pids < 1 {
+            return Err("at least 1");
+        }
+        Ok(())
+    }
+
+    /// An engine object name (a network, a volume): a letter or digit, then
+    /// `[A-Za-z0-9_.-]`, at most 128 characters.
+    pub fn engine_name(name: &str) -> Result<(), &'static str> {
+        let mut bytes = name.bytes();
+        let ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            && name.len() <= 128;
+        if !ok {
+            return Err("a name starting with a letter or digit, from [A-Za-z0-9_.-], at most 128 characters");
+        }
+        Ok(())
+    }
+
+    /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+    pub fn env_name(name: &str) -> Result<(), &'static str> {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err("a variable name ([A-Za-z_][A-Za-z0-9_]*)");
+        }
+        Ok(())
+    }
+}
 
 impl SessionSpec {
     /// A spec with the given names and image and defaults everywhere else: no command
@@ -231,8 +306,8 @@ impl SessionSpec {
         if self.agent_id.is_empty() {
             return invalid("agent_id", "must not be empty".into());
         }
-        if self.image.trim().is_empty() || self.image.contains(char::is_whitespace) {
-            return invalid("image", format!("{:?} is not an image reference", self.image));
+        if let Err(allowed) = rules::image(&self.image) {
+            return invalid("image", format!("{:?}: {allowed}", self.image));
         }
         if let Some(command) = &self.command {
             if command.is_empty() || command[0].is_empty() {
@@ -240,8 +315,8 @@ impl SessionSpec {
             }
         }
         for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return invalid("env", format!("{key:?} is not an environment variable name"));
+            if let Err(allowed) = rules::env_name(key) {
+                return invalid("env", format!("{key:?}: {allowed}"));
             }
         }
         if let Some(dir) = &self.workdir {
@@ -270,20 +345,17 @@ impl SessionSpec {
                 );
             }
         }
-        if let Some(memory) = self.resources.memory_bytes {
-            if memory < MIN_MEMORY_BYTES {
-                return invalid("resources.memory_bytes", format!("{memory} is below the 6 MiB engines accept"));
-            }
+        if let Some(Err(allowed)) = self.resources.memory_bytes.map(rules::memory_bytes) {
+            let memory = self.resources.memory_bytes.unwrap_or_default();
+            return invalid("resources.memory_bytes", format!("{memory}: {allowed}"));
         }
-        if let Some(cpus) = self.resources.cpus {
-            if !(cpus.is_finite() && cpus > 0.0) {
-                return invalid("resources.cpus", format!("{cpus} must be a positive number of cores"));
-            }
+        if let Some(Err(allowed)) = self.resources.cpus.map(rules::cpus) {
+            let cpus = self.resources.cpus.unwrap_or_default();
+            return invalid("resources.cpus", format!("{cpus}: {allowed}"));
         }
-        if let Some(pids) = self.resources.pids_limit {
-            if pids < 1 {
-                return invalid("resources.pids_limit", format!("{pids} must be at least 1"));
-            }
+        if let Some(Err(allowed)) = self.resources.pids_limit.map(rules::pids_limit) {
+            let pids = self.resources.pids_limit.unwrap_or_default();
+            return invalid("resources.pids_limit", format!("{pids}: {allowed}"));
         }
         if let HealthCheckSpec::Override(check) = &self.health_check {
             if check.command.is_empty() {
@@ -326,6 +398,8 @@ mod tests {
             ("workdir", Box::new(|s| s.workdir = Some("relative".into()))),
             ("resources.memory_bytes", Box::new(|s| s.resources.memory_bytes = Some(1024))),
             ("resources.cpus", Box::new(|s| s.resources.cpus = Some(0.0))),
+            ("resources.cpus", Box::new(|s| s.resources.cpus = Some(1025.0))),
+            ("env", Box::new(|s| drop(s.env.insert("1ABC".into(), "x".into())))),
             ("resources.pids_limit", Box::new(|s| s.resources.pids_limit = Some(0))),
         ];
         for (field, mutate) in cases {

@@ -34,6 +34,12 @@ pub(crate) fn map_event(event: &EventMessage) -> Option<BackendEvent> {
             };
             BackendEvent::Died { session, exit }
         }
+        // `docker stop`, `kill` and `rm -f` (and agentd's own stops), before the `die`.
+        "kill" => BackendEvent::Killed {
+            session,
+            container: event.actor.as_ref()?.id.clone()?,
+            signal: attributes.get("signal").and_then(|s| s.parse().ok()),
+        },
         "oom" => BackendEvent::OomKilled { session },
         "destroy" => BackendEvent::Removed { session },
         "pause" => BackendEvent::Paused { session },
@@ -150,6 +156,11 @@ mod tests {
         assert_eq!(
             map_event(&event("destroy", &[("name", "s1")])),
             Some(BackendEvent::Removed { session: "s1".into() })
+        );
+        assert_eq!(
+            map_event(&event("kill", &[("name", "s1"), ("signal", "15")])),
+            Some(BackendEvent::Killed { session: "s1".into(), container: "abc".into(), signal: Some(15) }),
+            "a stop or kill names the container and the signal"
         );
     }
 }

@@ -14,6 +14,8 @@ mod config;
 mod convert;
 mod error;
 mod events;
+mod factory;
 
 pub use backend::DockerBackend;
 pub use config::DockerConfig;
+pub use factory::Factory;

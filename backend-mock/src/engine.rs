@@ -330,9 +330,26 @@ impl MockEngine {
         self.finish(session, exit);
     }
 
-    /// Kills a running session with SIGKILL, as `docker kill` from outside would.
+    /// Kills a running session with SIGKILL, as `docker kill` from outside would (the
+    /// engine tells of the signal first).
     pub fn kill_from_outside(&self, session: &str) {
-        self.finish(session, SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc())));
+        let mut state = self.lock();
+        state.signal(session, 9);
+        state.finish(session, SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc())));
+    }
+
+    /// Stops a running session with SIGTERM, as `docker stop` from outside would: the
+    /// engine tells of the signal, and the echo agent exits 0 on it (one that ignores
+    /// SIGTERM is killed, 137, without waiting for a grace).
+    pub fn stop_from_outside(&self, session: &str) {
+        let mut state = self.lock();
+        let Some(ignores) = state.containers.get(session).map(|c| c.behaviour.ignore_sigterm) else { return };
+        state.signal(session, 15);
+        if ignores {
+            state.signal(session, 9);
+        }
+        let code = if ignores { 137 } else { 0 };
+        state.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
     }
 
     /// Pins a session's health (it no longer follows its simulated check).
@@ -372,6 +389,24 @@ impl MockEngine {
         c.health = SessionHealth::Healthy;
         c.output.send_modify(|log| log.run = Some(0));
         state.containers.insert(name.to_owned(), c);
+    }
+
+    /// Sets a container's creation time (to test creation grace periods).
+    pub fn set_created_at(&self, session: &str, at: OffsetDateTime) {
+        if let Some(c) = self.lock().containers.get_mut(session) {
+            c.created_at = at;
+        }
+    }
+
+    /// Ends every event stream, as an engine restart ends its connections: each
+    /// subscriber's receiver reads `None`.
+    pub fn end_event_streams(&self) {
+        self.lock().subscribers.clear();
+    }
+
+    /// How many event streams are open (subscribed and not dropped).
+    pub fn open_event_streams(&self) -> usize {
+        self.lock().subscribers.iter().filter(|sub| !sub.tx.is_closed()).count()
     }
 
     /// Tells every subscriber that events may have been lost.
@@ -575,6 +610,7 @@ impl MockEngine {
         if !ignores {
             c.say(["echo-agent received SIGTERM; exiting 0".to_owned()]);
         }
+        state.signal(session, if ignores { 9 } else { 15 });
         state.finish(session, SessionExitInfo::exited(code, Some(OffsetDateTime::now_utc())));
         Ok(())
     }
@@ -638,6 +674,7 @@ impl MockEngine {
 
     pub(crate) fn remove(&self, session: &str) {
         let mut state = self.lock();
+        state.signal(session, 9);
         if let Some(c) = state.containers.remove(session) {
             if c.status.is_alive() {
                 let exit = SessionExitInfo::exited(137, Some(OffsetDateTime::now_utc()));
@@ -833,6 +870,13 @@ impl State {
         let id = format!("mock{:012x}", self.next_id);
         self.next_id += 1;
         id
+    }
+
+    /// Tells subscribers that the engine signals a live container (before its exit).
+    fn signal(&mut self, session: &str, signal: i32) {
+        let Some(c) = self.containers.get(session).filter(|c| c.status.is_alive()) else { return };
+        let (labels, container) = (c.labels.clone(), c.id.clone());
+        self.emit(&labels, BackendEvent::Killed { session: session.to_owned(), container, signal: Some(signal) });
     }
 
     fn finish(&mut self, session: &str, exit: SessionExitInfo) {

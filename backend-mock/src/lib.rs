@@ -24,7 +24,8 @@
 //! clones share the engine.
 //!
 //! Tests script faults on the engine: [`MockEngine::exit`], [`MockEngine::oom_kill`],
-//! [`MockEngine::kill_from_outside`], [`MockEngine::set_health`], [`MockEngine::vanish`],
+//! [`MockEngine::kill_from_outside`], [`MockEngine::stop_from_outside`],
+//! [`MockEngine::set_health`], [`MockEngine::vanish`],
 //! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::drop_attachments`],
 //! [`MockEngine::fail_next`],
 //! [`MockEngine::set_latency`], and read back [`MockEngine::calls`] (the last
@@ -33,8 +34,10 @@
 mod agent;
 mod backend;
 mod engine;
+mod factory;
 mod output;
 
 pub use backend::MockBackend;
 pub use engine::{MockCall, MockEngine, ECHO_IMAGE, MAX_CALLS, PLAIN_IMAGE};
+pub use factory::{Factory, MockConfig};
 pub use output::{MAX_LOG_BYTES, MAX_LOG_ENTRIES};

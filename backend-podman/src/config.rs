@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use backend_core::{check_engine_address, BackendConfig, ConfigProblem};
+use serde_with::{serde_as, DurationSeconds};
+
 /// The socket of the rootful Podman service, the last address tried.
 pub const ROOTFUL_SOCKET: &str = "unix:///run/podman/podman.sock";
 
@@ -13,14 +16,19 @@ pub const START_SERVICE: &str = "podman system service --time=0 unix:///run/podm
 /// Where the stdin keepers' FIFOs live unless [`PodmanConfig::stdin_dir`] says otherwise.
 pub const DEFAULT_STDIN_DIR: &str = "/run/agentd/podman-stdin";
 
-/// Where and how to reach the Podman service (libpod API).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where and how to reach the Podman service (libpod API): the daemon's `[podman]`
+/// section.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PodmanConfig {
     /// The service's address (`unix:///run/podman/podman.sock`, `tcp://host:8080`).
     /// `None` resolves it as [`PodmanConfig::candidates`] describes.
     pub socket: Option<String>,
     /// How long an ordinary engine call may take before it counts as "engine
-    /// unavailable". Stops wait this plus their grace period.
+    /// unavailable". Stops wait this plus their grace period. Key `request_timeout_secs`.
+    #[serde(rename = "request_timeout_secs")]
+    #[serde_as(as = "DurationSeconds<u64>")]
     pub request_timeout: Duration,
     /// The internal network `isolated` sessions join (created when missing, with a
     /// gateway so that the host is reachable; shared by every agentd on the host, never
@@ -45,6 +53,35 @@ impl Default for PodmanConfig {
             stdin_dir: DEFAULT_STDIN_DIR.into(),
             podman_command: "podman".into(),
         }
+    }
+}
+
+impl BackendConfig for PodmanConfig {
+    fn check(&self) -> Vec<ConfigProblem> {
+        let mut problems: Vec<ConfigProblem> =
+            check_engine_address("socket", self.socket.as_deref()).into_iter().collect();
+        if !(1..=3600).contains(&self.request_timeout.as_secs()) {
+            let secs = self.request_timeout.as_secs().to_string();
+            problems.push(ConfigProblem::value("request_timeout_secs", secs, "1 to 3600 (seconds)"));
+        }
+        if let Err(allowed) = backend_core::rules::engine_name(&self.isolated_network) {
+            problems.push(ConfigProblem::value("isolated_network", format!("{:?}", self.isolated_network), allowed));
+        }
+        if !self.stdin_dir.is_absolute() {
+            problems.push(ConfigProblem::value(
+                "stdin_dir",
+                format!("{:?}", self.stdin_dir.display().to_string()),
+                "an absolute path",
+            ));
+        }
+        if self.podman_command.as_os_str().is_empty() {
+            problems.push(ConfigProblem::value(
+                "podman_command",
+                "\"\"",
+                "a command name looked up in PATH, or a path",
+            ));
+        }
+        problems
     }
 }
 

@@ -51,6 +51,14 @@ pub(crate) fn map_event(event: &Event, owner: &OwnershipLabels) -> Option<Mapped
             };
             BackendEvent::Died { session, exit }
         }
+        // `podman kill` (the event names no signal). libpod 4.3 sends no event for the
+        // signal of `podman stop` or `rm -f`, and `stop` only when its stop call wins a race
+        // with the container's cleanup; when it comes, it still counts.
+        "kill" | "stop" => BackendEvent::Killed {
+            session,
+            container: event.actor.id.clone(),
+            signal: attributes.get("signal").and_then(|s| s.parse().ok()),
+        },
         "oom" => BackendEvent::OomKilled { session },
         "remove" | "destroy" => BackendEvent::Removed { session },
         "pause" => BackendEvent::Paused { session },
@@ -251,6 +259,17 @@ mod tests {
             map_event(&event("remove", &[]), &owner()),
             Some(Mapped::Event(BackendEvent::Removed { session: "s1".into() }))
         );
+        for action in ["kill", "stop"] {
+            assert_eq!(
+                map_event(&event(action, &[]), &owner()),
+                Some(Mapped::Event(BackendEvent::Killed {
+                    session: "s1".into(),
+                    container: "abc".into(),
+                    signal: None
+                })),
+                "{action} names the container"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ mod config;
 mod convert;
 mod error;
 mod events;
+mod factory;
 mod health;
 mod oom;
 mod raw;
@@ -35,4 +36,5 @@ mod volumes;
 
 pub use backend::PodmanBackend;
 pub use config::{PodmanConfig, DEFAULT_STDIN_DIR, ROOTFUL_SOCKET, START_SERVICE};
+pub use factory::Factory;
 pub use health::HealthScheduling;

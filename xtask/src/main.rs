@@ -47,9 +47,9 @@ fn run() -> Result<()> {
         Some("integration") => {
             let backend = match args.get(1).map(String::as_str) {
                 None => None,
-                Some("--backend") => match args.get(2).map(String::as_str) {
-                    Some(b @ ("docker" | "podman")) => Some(b.to_owned()),
-                    other => bail!("--backend takes docker or podman, not {other:?}\n\n{USAGE}"),
+                Some("--backend") => match args.get(2) {
+                    Some(b) if ENGINE_BACKENDS.contains(&b.as_str()) => Some(b.clone()),
+                    other => bail!("--backend takes one of {}, not {other:?}\n\n{USAGE}", ENGINE_BACKENDS.join(", ")),
                 },
                 Some(other) => bail!("unknown argument {other:?}\n\n{USAGE}"),
             };
@@ -84,10 +84,14 @@ fn ci(steps: &mut Steps) -> Result<()> {
     Ok(())
 }
 
+/// The engine backends whose tests `integration` runs: each is the crate `backend-<name>`
+/// (its own tests) and the e2e tests under `<name>::`.
+const ENGINE_BACKENDS: &[&str] = &["docker", "podman"];
+
 fn integration(env: &engines::Engines, backend: Option<&str>) -> Result<()> {
     let backends: Vec<&str> = match backend {
         Some(b) => vec![b],
-        None => vec!["docker", "podman"],
+        None => ENGINE_BACKENDS.to_vec(),
     };
     for b in backends {
         let package = format!("backend-{b}");

@@ -238,6 +238,10 @@ impl Hub {
     }
 
     /// New entries of every agent, from now on.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.entries.receiver_count()
+    }
+
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<ConversationEntry> {
         self.entries.subscribe()
     }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use backend_core::conformance::{skip_or_fail, Harness};
 use backend_core::{ExecutionBackend, OwnershipLabels};
 use backend_docker::{DockerBackend, DockerConfig};
-use bollard::query_parameters::{KillContainerOptions, RemoveContainerOptions};
+use bollard::query_parameters::{KillContainerOptions, RemoveContainerOptions, StopContainerOptions};
 use testcontainers::core::ContainerAsync;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{GenericImage, ImageExt};
@@ -78,6 +78,11 @@ impl Harness for DockerHarness {
     async fn remove_from_outside(&self, session: &str) {
         let options = RemoveContainerOptions { force: true, ..RemoveContainerOptions::default() };
         self.probe.client().remove_container(session, Some(options)).await.expect("docker rm -f");
+    }
+
+    async fn stop_from_outside(&self, session: &str) {
+        let options = StopContainerOptions { t: None, signal: None };
+        self.probe.client().stop_container(session, Some(options)).await.expect("docker stop");
     }
 
     async fn internet_address(&self, session: &str) -> Option<IpAddr> {

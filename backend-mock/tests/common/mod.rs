@@ -40,6 +40,10 @@ impl Harness for MockHarness {
         self.engine.vanish(session, true);
     }
 
+    async fn stop_from_outside(&self, session: &str) {
+        self.engine.stop_from_outside(session);
+    }
+
     async fn leftovers(&self) -> Vec<String> {
         let count = self.engine.container_count();
         if count == 0 {

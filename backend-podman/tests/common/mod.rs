@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use backend_core::conformance::{skip_or_fail, Harness};
 use backend_core::{ExecutionBackend, OwnershipLabels};
 use backend_podman::{PodmanBackend, PodmanConfig};
-use podman_api::opts::{ContainerCreateOpts, ContainerDeleteOpts};
+use podman_api::opts::{ContainerCreateOpts, ContainerDeleteOpts, ContainerStopOpts};
 
 /// The echo agent as Podman names it (`cargo xtask images` builds it).
 pub const IMAGE: &str = "localhost/agentd-echo:latest";
@@ -84,8 +84,15 @@ impl Harness for PodmanHarness {
     }
 
     async fn remove_from_outside(&self, session: &str) {
-        let opts = ContainerDeleteOpts::builder().force(true).timeout(0).build();
+        // As `podman rm -f` does: a stop with the container's timeout (SIGTERM first),
+        // then the removal.
+        let opts = ContainerDeleteOpts::builder().force(true).build();
         self.client().containers().get(session).delete(&opts).await.expect("podman rm -f");
+    }
+
+    async fn stop_from_outside(&self, session: &str) {
+        let opts = ContainerStopOpts::builder().build();
+        self.client().containers().get(session).stop(&opts).await.expect("podman stop");
     }
 
     async fn internet_address(&self, session: &str) -> Option<IpAddr> {
