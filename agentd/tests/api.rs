@@ -454,9 +454,19 @@ async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
         d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello?" }))).await;
     assert_eq!(status, StatusCode::CONFLICT, "a stopped agent takes no message: {body}");
     assert!(error_text(&body).contains("not running"), "{body}");
-    let (_, events) = d.call(reqwest::Method::GET, "/v1/events?agent=talker", None).await;
-    let kinds: Vec<&str> = events.as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
-    assert!(kinds.contains(&"connected") && kinds.contains(&"disconnected"), "{kinds:?}");
+    // The conversation task records `disconnected` once it sees the attach end, which
+    // follows the stop's return.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, events) = d.call(reqwest::Method::GET, "/v1/events?agent=talker", None).await;
+        let kinds: Vec<String> =
+            events.as_array().expect("events").iter().filter_map(|e| e["kind"].as_str().map(str::to_owned)).collect();
+        if kinds.iter().any(|k| k == "connected") && kinds.iter().any(|k| k == "disconnected") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no connected and disconnected events within 10 s: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     d.stop().await;
 }
 
