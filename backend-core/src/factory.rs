@@ -60,6 +60,25 @@ pub fn parse_section<T: BackendConfig>(section: &Section) -> std::result::Result
     })
 }
 
+/// The checks of the keys every engine backend's section shares: `socket` (see
+/// [`check_engine_address`]), `request_timeout_secs` (1 to 3600) and `isolated_network`
+/// (an engine object name).
+pub fn check_engine_connection(
+    socket: Option<&str>,
+    request_timeout: std::time::Duration,
+    isolated_network: &str,
+) -> Vec<ConfigProblem> {
+    let mut problems: Vec<ConfigProblem> = check_engine_address("socket", socket).into_iter().collect();
+    if !(1..=3600).contains(&request_timeout.as_secs()) {
+        let secs = request_timeout.as_secs().to_string();
+        problems.push(ConfigProblem::value("request_timeout_secs", secs, "1 to 3600 (seconds)"));
+    }
+    if let Err(allowed) = crate::rules::engine_name(isolated_network) {
+        problems.push(ConfigProblem::value("isolated_network", format!("{isolated_network:?}"), allowed));
+    }
+    problems
+}
+
 /// Checks an engine address key: `unix://`, `tcp://` or `http://`.
 pub fn check_engine_address(key: &str, address: Option<&str>) -> Option<ConfigProblem> {
     let address = address?;
@@ -90,6 +109,46 @@ pub trait BackendFactory: Send + Sync + 'static {
 
     /// Connects to the engine with the section's settings.
     async fn connect(&self, section: Section, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>>;
+}
+
+/// The typed way to register a backend: name its config type and its constructor, and
+/// [`BackendFactory`] comes with it (parsing, checking and connecting through
+/// [`parse_to_section`], [`check_section`] and [`connect_config`]).
+#[async_trait]
+pub trait TypedFactory: Send + Sync + 'static {
+    /// The backend's section, `[<NAME>]`.
+    type Config: BackendConfig + Send;
+    /// [`BackendFactory::name`].
+    const NAME: &'static str;
+    /// [`BackendFactory::auto`].
+    const AUTO: bool = false;
+
+    /// Connects to the engine with the parsed section.
+    async fn connect_with(&self, config: Self::Config, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>>;
+}
+
+#[async_trait]
+impl<F: TypedFactory> BackendFactory for F {
+    fn name(&self) -> &'static str {
+        F::NAME
+    }
+
+    fn auto(&self) -> bool {
+        F::AUTO
+    }
+
+    fn parse(&self, section: &Section) -> std::result::Result<Section, ConfigProblem> {
+        parse_to_section::<F::Config>(section)
+    }
+
+    fn check(&self, section: &Section) -> Vec<ConfigProblem> {
+        check_section::<F::Config>(section)
+    }
+
+    async fn connect(&self, section: Section, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
+        let config: F::Config = connect_config(F::NAME, &section)?;
+        self.connect_with(config, owner).await
+    }
 }
 
 impl std::fmt::Debug for dyn BackendFactory {

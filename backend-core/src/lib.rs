@@ -44,8 +44,8 @@ pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};
 pub use exit::SessionExitInfo;
 pub use factory::{
-    check_engine_address, check_section, connect_config, parse_section, parse_to_section, BackendConfig,
-    BackendFactory, ConfigProblem, Section,
+    check_engine_address, check_engine_connection, check_section, connect_config, parse_section, parse_to_section,
+    BackendConfig, BackendFactory, ConfigProblem, Section, TypedFactory,
 };
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};

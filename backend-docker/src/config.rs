@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use backend_core::{check_engine_address, BackendConfig, ConfigProblem};
+use backend_core::{check_engine_connection, BackendConfig, ConfigProblem};
 use serde_with::{serde_as, DurationSeconds};
 
 /// Where and how to reach Docker Engine: the daemon's `[docker]` section.
@@ -31,16 +31,7 @@ impl Default for DockerConfig {
 
 impl BackendConfig for DockerConfig {
     fn check(&self) -> Vec<ConfigProblem> {
-        let mut problems: Vec<ConfigProblem> =
-            check_engine_address("socket", self.socket.as_deref()).into_iter().collect();
-        if !(1..=3600).contains(&self.request_timeout.as_secs()) {
-            let secs = self.request_timeout.as_secs().to_string();
-            problems.push(ConfigProblem::value("request_timeout_secs", secs, "1 to 3600 (seconds)"));
-        }
-        if let Err(allowed) = backend_core::rules::engine_name(&self.isolated_network) {
-            problems.push(ConfigProblem::value("isolated_network", format!("{:?}", self.isolated_network), allowed));
-        }
-        problems
+        check_engine_connection(self.socket.as_deref(), self.request_timeout, &self.isolated_network)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backend_core::{BackendFactory, ConfigProblem, ExecutionBackend, OwnershipLabels, Result, Section};
+use backend_core::{ExecutionBackend, OwnershipLabels, Result, TypedFactory};
 
 use crate::{DockerBackend, DockerConfig};
 
@@ -13,25 +13,12 @@ use crate::{DockerBackend, DockerConfig};
 pub struct Factory;
 
 #[async_trait]
-impl BackendFactory for Factory {
-    fn name(&self) -> &'static str {
-        "docker"
-    }
+impl TypedFactory for Factory {
+    type Config = DockerConfig;
+    const NAME: &'static str = "docker";
+    const AUTO: bool = true;
 
-    fn auto(&self) -> bool {
-        true
-    }
-
-    fn parse(&self, section: &Section) -> std::result::Result<Section, ConfigProblem> {
-        backend_core::parse_to_section::<DockerConfig>(section)
-    }
-
-    fn check(&self, section: &Section) -> Vec<ConfigProblem> {
-        backend_core::check_section::<DockerConfig>(section)
-    }
-
-    async fn connect(&self, section: Section, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
-        let config: DockerConfig = backend_core::connect_config("docker", &section)?;
+    async fn connect_with(&self, config: DockerConfig, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
         Ok(Arc::new(DockerBackend::connect(config, owner).await?))
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backend_core::{BackendConfig, BackendFactory, ConfigProblem, ExecutionBackend, OwnershipLabels, Result, Section};
+use backend_core::{BackendConfig, ExecutionBackend, OwnershipLabels, Result, TypedFactory};
 
 use crate::{MockBackend, MockEngine};
 
@@ -21,21 +21,11 @@ impl BackendConfig for MockConfig {}
 pub struct Factory;
 
 #[async_trait]
-impl BackendFactory for Factory {
-    fn name(&self) -> &'static str {
-        "mock"
-    }
+impl TypedFactory for Factory {
+    type Config = MockConfig;
+    const NAME: &'static str = "mock";
 
-    fn parse(&self, section: &Section) -> std::result::Result<Section, ConfigProblem> {
-        backend_core::parse_to_section::<MockConfig>(section)
-    }
-
-    fn check(&self, section: &Section) -> Vec<ConfigProblem> {
-        backend_core::check_section::<MockConfig>(section)
-    }
-
-    async fn connect(&self, section: Section, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
-        let MockConfig {} = backend_core::connect_config("mock", &section)?;
+    async fn connect_with(&self, _config: MockConfig, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
         tracing::warn!("Using the in-memory mock backend: nothing really runs.");
         Ok(Arc::new(MockBackend::new(MockEngine::new(), owner)))
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use backend_core::{check_engine_address, BackendConfig, ConfigProblem};
+use backend_core::{check_engine_connection, BackendConfig, ConfigProblem};
 use serde_with::{serde_as, DurationSeconds};
 
 /// The socket of the rootful Podman service, the last address tried.
@@ -58,15 +58,8 @@ impl Default for PodmanConfig {
 
 impl BackendConfig for PodmanConfig {
     fn check(&self) -> Vec<ConfigProblem> {
-        let mut problems: Vec<ConfigProblem> =
-            check_engine_address("socket", self.socket.as_deref()).into_iter().collect();
-        if !(1..=3600).contains(&self.request_timeout.as_secs()) {
-            let secs = self.request_timeout.as_secs().to_string();
-            problems.push(ConfigProblem::value("request_timeout_secs", secs, "1 to 3600 (seconds)"));
-        }
-        if let Err(allowed) = backend_core::rules::engine_name(&self.isolated_network) {
-            problems.push(ConfigProblem::value("isolated_network", format!("{:?}", self.isolated_network), allowed));
-        }
+        let mut problems =
+            check_engine_connection(self.socket.as_deref(), self.request_timeout, &self.isolated_network);
         if !self.stdin_dir.is_absolute() {
             problems.push(ConfigProblem::value(
                 "stdin_dir",

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backend_core::{BackendFactory, ConfigProblem, ExecutionBackend, OwnershipLabels, Result, Section};
+use backend_core::{ExecutionBackend, OwnershipLabels, Result, TypedFactory};
 
 use crate::{PodmanBackend, PodmanConfig};
 
@@ -13,25 +13,12 @@ use crate::{PodmanBackend, PodmanConfig};
 pub struct Factory;
 
 #[async_trait]
-impl BackendFactory for Factory {
-    fn name(&self) -> &'static str {
-        "podman"
-    }
+impl TypedFactory for Factory {
+    type Config = PodmanConfig;
+    const NAME: &'static str = "podman";
+    const AUTO: bool = true;
 
-    fn auto(&self) -> bool {
-        true
-    }
-
-    fn parse(&self, section: &Section) -> std::result::Result<Section, ConfigProblem> {
-        backend_core::parse_to_section::<PodmanConfig>(section)
-    }
-
-    fn check(&self, section: &Section) -> Vec<ConfigProblem> {
-        backend_core::check_section::<PodmanConfig>(section)
-    }
-
-    async fn connect(&self, section: Section, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
-        let config: PodmanConfig = backend_core::connect_config("podman", &section)?;
+    async fn connect_with(&self, config: PodmanConfig, owner: OwnershipLabels) -> Result<Arc<dyn ExecutionBackend>> {
         Ok(Arc::new(PodmanBackend::connect(config, owner).await?))
     }
 }
