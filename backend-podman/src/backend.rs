@@ -129,8 +129,18 @@ impl PodmanBackend {
         }
         let libpod = Libpod::new(&address).map_err(|e| map_err(e, Subject::Other))?;
         let local = is_local(&address);
-        let scheduling = HealthScheduling::detect(local, Path::new(SYSTEMD_DIR));
-        let oom = OomJudge::new(major, local);
+        // Both read the filesystem (the kernel log, the first time, is the whole ring
+        // buffer): off the async workers.
+        let (scheduling, oom) = tokio::task::spawn_blocking(move || {
+            (HealthScheduling::detect(local, Path::new(SYSTEMD_DIR)), OomJudge::new(major, local))
+        })
+        .await
+        .map_err(|e| {
+            BackendError::engine(
+                crate::error::NAME,
+                format!("the start-up checks of the Podman backend ended early: {e}"),
+            )
+        })?;
         info!(
             address = %address,
             engine = %engine_version,
