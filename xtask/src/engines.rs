@@ -167,3 +167,55 @@ fn ping(socket: &Path, path: &str) -> Result<()> {
         bail!("unexpected answer: {}", answer.lines().next().unwrap_or_default())
     }
 }
+
+/// The name of the container that keeps Podman's default bridge alive (see
+/// [`pin_podman_bridge`]).
+pub const PODMAN_ANCHOR: &str = "agentd-ci-podman-network-anchor";
+/// The address `podman0` is pinned to: locally administered, and no container's.
+const PODMAN_BRIDGE_MAC: &str = "02:88:00:00:00:01";
+
+/// Gives Podman's default bridge one MAC address for the whole run.
+///
+/// netavark 1.4 (Debian 12) creates `podman0` with no address of its own, so the kernel
+/// gives the bridge the lowest MAC of its ports and changes it whenever a container joins
+/// or leaves. A running container keeps the old gateway MAC in its neighbour table, and
+/// until that entry is renewed its packets to the host are sent to the wrong port: under
+/// the parallel tests, an established agent's model connection stalled about once in a
+/// few hundred turns (measured; see backend-podman/README.md). Docker sets a MAC on
+/// `docker0` itself. An address set by hand is kept; netavark deletes the bridge with its
+/// last container, so a small anchor container (the echo agent, no agentd labels) keeps
+/// it, and with it the pinned address, for as long as the service runs.
+pub fn pin_podman_bridge(env: &Engines) -> Result<()> {
+    let podman = |args: &[&str]| {
+        let mut cmd = Command::new("podman");
+        cmd.args(["--url", &env.podman_url]).args(args);
+        cmd
+    };
+    let running = podman(&["ps", "-q", "--filter", &format!("name=^{PODMAN_ANCHOR}$")])
+        .output()
+        .context("asking Podman for the network anchor")?;
+    if String::from_utf8_lossy(&running.stdout).trim().is_empty() {
+        let _ = podman(&["rm", "-f", PODMAN_ANCHOR]).output();
+        run_cmd(&mut podman(&[
+            "run",
+            "-d",
+            "--name",
+            PODMAN_ANCHOR,
+            "--network",
+            "podman",
+            "--memory",
+            "32m",
+            "localhost/agentd-echo:latest",
+        ]))?;
+    }
+    let bridge = podman(&["network", "inspect", "podman", "--format", "{{.NetworkInterface}}"])
+        .output()
+        .context("asking Podman for its default bridge")?;
+    let bridge = String::from_utf8_lossy(&bridge.stdout).trim().to_owned();
+    if bridge.is_empty() {
+        bail!("Podman names no interface for its default network `podman`");
+    }
+    run_cmd(Command::new("ip").args(["link", "set", &bridge, "address", PODMAN_BRIDGE_MAC]))?;
+    println!("xtask: Podman's bridge {bridge} is pinned to {PODMAN_BRIDGE_MAC}, kept by {PODMAN_ANCHOR}");
+    Ok(())
+}

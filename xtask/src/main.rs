@@ -55,6 +55,7 @@ fn run() -> Result<()> {
             };
             let env = steps.run("engines", engines::provision)?;
             steps.run("images", || images(&env))?;
+            steps.run("podman bridge", || engines::pin_podman_bridge(&env))?;
             steps.run("integration tests", || integration(&env, backend.as_deref()))?;
         }
         Some("engines") => {
@@ -76,6 +77,7 @@ fn run() -> Result<()> {
 fn ci(steps: &mut Steps) -> Result<()> {
     let env = steps.run("engines", engines::provision)?;
     steps.run("images", || images(&env))?;
+    steps.run("podman bridge", || engines::pin_podman_bridge(&env))?;
     steps.run("fmt", || cargo(&["fmt", "--all", "--", "--check"], &[]))?;
     steps.run("clippy", || {
         cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"], &[])
