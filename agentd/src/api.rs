@@ -748,6 +748,22 @@ mod tests {
             decided_by: Some(DecidedBy::RunEnded),
             decided_at: Some(at(2)),
         });
+        round_trip(&agent_manager::Run {
+            id: 2,
+            agent_id: "a1b2c3".into(),
+            session: "agentd-test-round-trip".into(),
+            container_id: Some("c0ffee".into()),
+            started_at: at(10),
+            finished_at: Some(at(20)),
+            exit: Some(ExitView {
+                code: None,
+                oom_killed: true,
+                signal: Some(9),
+                error: None,
+                finished_at: Some(at(20)),
+            }),
+            ended_by: Some(agent_manager::EndedBy::StartError),
+        });
         round_trip(&EventJson {
             id: 9,
             agent_id: "a1b2c3".into(),
