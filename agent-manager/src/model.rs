@@ -374,7 +374,7 @@ impl From<&SessionExitInfo> for ExitView {
 }
 
 /// One container run of an agent.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Run {
     pub id: i64,
     pub agent_id: String,

@@ -165,8 +165,8 @@ async fn require_token(State(app): State<AppState>, request: Request, next: Next
     next.run(request).await
 }
 
-/// An agent as the API shows it.
-#[derive(Debug, Serialize)]
+/// An agent as the API shows it (and as the client reads it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentJson {
     pub id: String,
     pub name: String,
@@ -195,7 +195,7 @@ pub struct AgentJson {
 }
 
 /// A claude-code agent's session, in the agent JSON.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationJson {
     pub session_id: String,
     pub turn: agent_manager::Turn,
@@ -529,7 +529,7 @@ pub struct EventsQuery {
 }
 
 /// A lifecycle event as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventJson {
     pub id: i64,
     pub agent_id: String,
@@ -618,4 +618,161 @@ async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
 async fn metrics(State(app): State<AppState>) -> Response {
     let text = crate::metrics::render(&app.manager.agent_counts(), &app.manager.metrics().snapshot());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_manager::{
+        Agent, AgentKind, AgentSpec, Approval, ApprovalPolicy, ConversationEntry, DecidedBy, Decision, Delivery,
+        Desired, Direction, LastResult, RestartPolicy, SessionView, Turn, UnhealthyAction, Usage,
+    };
+    use backend_core::{NetworkPolicy, SessionHealth};
+
+    use super::*;
+
+    fn at(nanos: i128) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(1_790_000_000_000_000_000 + nanos).expect("a valid time")
+    }
+
+    /// What the server sends, read back as the client reads it, equal field by field.
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
+        let json = serde_json::to_string(value).expect("serializes");
+        let back: T = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} does not read back: {e}"));
+        assert_eq!(&back, value, "{json}");
+        // And what `--json` prints of it is what the server sent.
+        let sent: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(crate::client::printable(&back).expect("printable"), sent);
+    }
+
+    fn view(kind: AgentKind) -> AgentView {
+        let spec = AgentSpec {
+            kind,
+            image: "agentd-claude:latest".into(),
+            command: None,
+            env: std::collections::BTreeMap::new(),
+            workdir: None,
+            memory_mb: Some(2048),
+            cpus: Some(1.5),
+            pids_limit: None,
+            network: NetworkPolicy::Isolated,
+            restart: RestartPolicy::OnFailure,
+            on_unhealthy: UnhealthyAction::Record,
+            stop_grace_secs: 10,
+            model: None,
+            prompt: None,
+            user: None,
+            read_only_rootfs: false,
+            approvals: ApprovalPolicy::Ask,
+            permission_mode: None,
+            max_turns: None,
+            max_budget_usd: None,
+        };
+        let agent = Agent {
+            id: "a1b2c3".into(),
+            name: "round-trip".into(),
+            status: AgentStatus::Failed,
+            desired: Desired::Running,
+            health: SessionHealth::Unhealthy,
+            session: "agentd-test-round-trip".into(),
+            container_id: Some("c0ffee".into()),
+            spec,
+            restarts: 3,
+            crash_streak: 2,
+            next_restart_at: Some(at(123_456_789)),
+            reason: Some("exited with code 3".into()),
+            created_at: at(0),
+            updated_at: at(1_000_000),
+        };
+        let session = (kind == AgentKind::ClaudeCode).then(|| SessionView {
+            session_id: "5e55".into(),
+            turn: Turn::AwaitingApproval,
+            cost_usd: 0.123_456_7,
+            usage: Usage { input_tokens: 12, output_tokens: 34 },
+            last_result: Some(LastResult {
+                subtype: "success".into(),
+                is_error: false,
+                text: "done".into(),
+                at: at(5),
+            }),
+            turns: 4,
+            started: true,
+        });
+        AgentView {
+            agent,
+            exit: Some(ExitView {
+                code: Some(3),
+                oom_killed: false,
+                signal: None,
+                error: None,
+                finished_at: Some(at(7)),
+            }),
+            connected: true,
+            paused: false,
+            session,
+        }
+    }
+
+    #[test]
+    fn the_agent_json_the_server_builds_reads_back_the_same() {
+        for kind in [AgentKind::ClaudeCode, AgentKind::Image] {
+            let agent = agent_json(view(kind));
+            assert_eq!(agent.conversation.is_some(), kind == AgentKind::ClaudeCode);
+            round_trip(&agent);
+            round_trip(&vec![agent]);
+        }
+    }
+
+    #[test]
+    fn entries_approvals_and_events_read_back_the_same() {
+        round_trip(&ConversationEntry {
+            agent_id: String::new(),
+            seq: 7,
+            at: at(42),
+            direction: Direction::ToAgent,
+            kind: "user".into(),
+            text: "hello".into(),
+            data: serde_json::json!({"type": "user", "message": {"content": "hello"}}),
+            delivery: Some(Delivery::Queued),
+        });
+        round_trip(&Approval {
+            id: "ap1".into(),
+            agent_id: "a1b2c3".into(),
+            agent: Some("round-trip".into()),
+            container_id: String::new(),
+            request_id: "req-1".into(),
+            tool: "Bash".into(),
+            input: serde_json::json!({"command": "ls"}),
+            requested_at: at(1),
+            decision: Some(Decision::Deny),
+            message: Some("no".into()),
+            decided_by: Some(DecidedBy::RunEnded),
+            decided_at: Some(at(2)),
+        });
+        round_trip(&agent_manager::Run {
+            id: 2,
+            agent_id: "a1b2c3".into(),
+            session: "agentd-test-round-trip".into(),
+            container_id: Some("c0ffee".into()),
+            started_at: at(10),
+            finished_at: Some(at(20)),
+            exit: Some(ExitView {
+                code: None,
+                oom_killed: true,
+                signal: Some(9),
+                error: None,
+                finished_at: Some(at(20)),
+            }),
+            ended_by: Some(agent_manager::EndedBy::StartError),
+        });
+        round_trip(&EventJson {
+            id: 9,
+            agent_id: "a1b2c3".into(),
+            agent: None,
+            kind: agent_manager::EventKind::RestartScheduled,
+            from: Some(AgentStatus::Running),
+            to: Some(AgentStatus::Failed),
+            detail: "exit 3".into(),
+            at: at(3),
+        });
+    }
 }

@@ -8,12 +8,13 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use agent_manager::Decision;
+use agent_manager::{AgentKind, Approval, ConversationEntry, Decision, Direction};
 use anyhow::{Context, Result};
 use reqwest::Method;
-use serde_json::Value;
 
-use crate::api::{ApprovalsQuery, ConversationQuery, DecisionRequest, MessageAccepted, MessageRequest};
+use crate::api::{
+    AgentJson, ApprovalsQuery, ConversationQuery, DecisionRequest, InterruptAccepted, MessageAccepted, MessageRequest,
+};
 use crate::client::{encode, Client};
 
 /// How a permission request is answered.
@@ -59,9 +60,9 @@ impl Asker {
 
 /// Runs the chat until Ctrl-D or the end of stdin.
 pub async fn run(client: &Client, name: &str) -> Result<()> {
-    let agent = client.get_json(&format!("/v1/agents/{}", encode(name))).await?;
-    if agent["kind"] != "claude-code" {
-        let kind = agent["kind"].as_str().unwrap_or("unknown");
+    let agent: AgentJson = client.get(&format!("/v1/agents/{}", encode(name))).await?;
+    if agent.kind != AgentKind::ClaudeCode {
+        let kind = agent.kind;
         anyhow::bail!("agent {name} is of kind {kind}; only claude-code agents hold a conversation");
     }
     if std::io::stdin().is_terminal() {
@@ -102,24 +103,24 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
     loop {
         let query = ConversationQuery { after: Some(after), limit: None };
         let stream = client.open_stream(&format!("{agent_path}/conversation/stream"), &query).await?;
-        let mut next: Option<Value> = None;
+        let mut next: Option<ConversationEntry> = None;
         let interrupted = tokio::select! {
             followed = client.follow_conversation(stream, |entry| {
-                after = entry["seq"].as_i64().unwrap_or(after);
-                let from_agent = entry["direction"] == "from_agent";
-                match entry["kind"].as_str() {
-                    Some("assistant") if from_agent => {
-                        let text = entry["text"].as_str().unwrap_or_default();
-                        if !text.is_empty() {
-                            println!("{text}");
+                after = entry.seq;
+                let from_agent = entry.direction == Direction::FromAgent;
+                match entry.kind.as_str() {
+                    "assistant" if from_agent => {
+                        if !entry.text.is_empty() {
+                            println!("{}", entry.text);
                         }
                         true
                     }
-                    Some("result") | Some("control_request") if from_agent => {
-                        let ask = if entry["kind"] == "result" {
+                    "result" | "control_request" if from_agent => {
+                        let ask = if entry.kind == "result" {
                             crate::client::ends_turn(&entry, uuid.as_deref())
                         } else {
-                            entry["data"]["request"]["subtype"] == "can_use_tool"
+                            // `data` is the agent's own line, untyped.
+                            entry.data["request"]["subtype"] == "can_use_tool"
                         };
                         if ask {
                             next = Some(entry);
@@ -138,16 +139,16 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
             }
         };
         if interrupted {
-            client.call(Method::POST, &format!("{agent_path}/interrupt")).await?;
+            client.call::<InterruptAccepted>(Method::POST, &format!("{agent_path}/interrupt")).await?;
             println!("^C (interrupting the turn)");
             continue;
         }
         let Some(entry) = next else {
             anyhow::bail!("the conversation stream ended before the turn's result (is the daemon stopping?)");
         };
-        if entry["kind"] == "result" {
-            if entry["data"]["is_error"].as_bool() == Some(true) {
-                println!("[turn ended with an error: {}]", entry["text"].as_str().unwrap_or_default());
+        if entry.kind == "result" {
+            if entry.data["is_error"].as_bool() == Some(true) {
+                println!("[turn ended with an error: {}]", entry.text);
             }
             let _ = std::io::stdout().flush();
             return Ok(());
@@ -157,17 +158,16 @@ async fn turn(client: &Client, name: &str, text: &str, asker: &mut Asker) -> Res
 }
 
 /// Shows a permission request and answers it (on a terminal), or says how to.
-async fn ask_permission(client: &Client, name: &str, entry: &Value, asker: &mut Asker) -> Result<()> {
-    let request = &entry["data"]["request"];
-    let request_id = entry["data"]["request_id"].as_str().unwrap_or_default();
+async fn ask_permission(client: &Client, name: &str, entry: &ConversationEntry, asker: &mut Asker) -> Result<()> {
+    let request = &entry.data["request"];
+    let request_id = entry.data["request_id"].as_str().unwrap_or_default();
     let query = ApprovalsQuery { agent: Some(name.to_owned()), pending: Some(true) };
-    let approvals: Value = client.get_query("/v1/approvals", &query).await?;
-    let approval = approvals.as_array().into_iter().flatten().find(|a| a["request_id"] == request_id).cloned();
-    let Some(approval) = approval else {
+    let approvals: Vec<Approval> = client.get_query("/v1/approvals", &query).await?;
+    let Some(approval) = approvals.into_iter().find(|a| a.request_id == request_id) else {
         // Decided already (by the agent's policy, or elsewhere).
         return Ok(());
     };
-    let id = approval["id"].as_str().unwrap_or_default().to_owned();
+    let id = approval.id;
     let tool = request["tool_name"].as_str().unwrap_or("?");
     println!("{name} wants to use {tool}: {}", request["input"]);
     if let Asker::Nobody = asker {
@@ -179,7 +179,7 @@ async fn ask_permission(client: &Client, name: &str, entry: &Value, asker: &mut 
     let body =
         DecisionRequest { decision, message: (decision == Decision::Deny).then(|| "denied in agentd chat".to_owned()) };
     let path = format!("/v1/approvals/{}", encode(&id));
-    match client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await {
+    match client.call_with::<_, Approval>(Method::POST, &path, Some(&body)).await {
         Ok(_) => println!("{id} {}", if decision == Decision::Allow { "allowed" } else { "denied" }),
         Err(e) => println!("{id}: {e:#}"),
     }

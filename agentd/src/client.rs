@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use agent_manager::{AgentStatus, Approval, ConversationEntry, Delivery, Direction, ExitView, Run};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -9,6 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
+
+use crate::api::{AgentJson, EventJson};
 
 /// A connection to the daemon's API.
 #[derive(Debug, Clone)]
@@ -64,25 +67,26 @@ impl Client {
         bail!("{message} (HTTP {})", status.as_u16())
     }
 
-    /// GETs JSON.
-    pub async fn get_json(&self, path: &str) -> Result<Value> {
+    /// GETs JSON, read as `R` (one of the API's response types, `api::AgentJson`, …).
+    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R> {
         let response = self.send(self.request(Method::GET, path)).await?;
         response.json().await.with_context(|| format!("reading the answer to GET {path}"))
     }
 
-    /// GETs JSON with a query (one of the API's query types, `api::ListQuery`, …).
+    /// GETs JSON with a query (one of the API's query types, `api::ListQuery`, …), read
+    /// as `R` (one of its response types).
     pub async fn get_query<Q: Serialize + ?Sized, R: DeserializeOwned>(&self, path: &str, query: &Q) -> Result<R> {
         let response = self.send(self.request(Method::GET, path).query(query)).await?;
         response.json().await.with_context(|| format!("reading the answer to GET {path}"))
     }
 
-    /// Sends `method` without a body and returns the JSON answer (or null for no content).
-    pub async fn call(&self, method: Method, path: &str) -> Result<Value> {
-        self.call_with::<(), Value>(method, path, None).await
+    /// Sends `method` without a body and reads the answer as `R` (`()` for no content).
+    pub async fn call<R: DeserializeOwned>(&self, method: Method, path: &str) -> Result<R> {
+        self.call_with::<(), R>(method, path, None).await
     }
 
     /// Sends `method` with an optional JSON body (one of the API's request types) and
-    /// reads the answer as `R` (`Value` for any; null for no content).
+    /// reads the answer as `R` (one of its response types; `()` for no content).
     pub async fn call_with<B: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
         method: Method,
@@ -112,7 +116,7 @@ impl Client {
     }
 
     /// Reads lifecycle events from an open stream, calling `each` with every event.
-    pub async fn follow_events(&self, response: reqwest::Response, mut each: impl FnMut(Value)) -> Result<()> {
+    pub async fn follow_events(&self, response: reqwest::Response, mut each: impl FnMut(EventJson)) -> Result<()> {
         follow_sse(response, |event, data| {
             if event == "lifecycle" {
                 if let Ok(value) = serde_json::from_str(data) {
@@ -129,7 +133,7 @@ impl Client {
     pub async fn follow_conversation(
         &self,
         response: reqwest::Response,
-        mut each: impl FnMut(Value) -> bool,
+        mut each: impl FnMut(ConversationEntry) -> bool,
     ) -> Result<bool> {
         let mut ended = false;
         follow_sse(response, |event, data| {
@@ -206,11 +210,11 @@ impl FrameSplitter {
 /// Whether a `result` entry ends the turn of the user message with `uuid`. Claude Code
 /// names the messages a result answers (`user_message_uuids`); a result that names none
 /// is taken as the next turn's end.
-pub fn ends_turn(result: &Value, uuid: Option<&str>) -> bool {
+pub fn ends_turn(result: &ConversationEntry, uuid: Option<&str>) -> bool {
     let Some(uuid) = uuid else {
         return true;
     };
-    let data = &result["data"];
+    let data = &result.data;
     match (data.get("user_message_uuids"), data.get("user_message_uuid")) {
         (Some(Value::Array(ids)), _) if !ids.is_empty() => ids.iter().any(|id| id == uuid),
         (_, Some(Value::String(id))) => id == uuid,
@@ -224,9 +228,9 @@ impl Client {
     pub async fn until_agent_stops(&self, name: &str) -> String {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            match self.get_json(&format!("/v1/agents/{}", encode(name))).await {
-                Ok(agent) if agent["status"] == "running" => {}
-                Ok(agent) => return agent["status"].as_str().unwrap_or("gone").to_owned(),
+            match self.get::<AgentJson>(&format!("/v1/agents/{}", encode(name))).await {
+                Ok(agent) if agent.status == AgentStatus::Running => {}
+                Ok(agent) => return agent.status.to_string(),
                 Err(e) if e.to_string().contains("404") || e.to_string().contains("no agent") => {
                     return "removed".into()
                 }
@@ -237,26 +241,23 @@ impl Client {
 }
 
 /// The approvals table: ID, AGENT, TOOL, INPUT (cut short), AGE, DECISION.
-pub fn approvals_table(approvals: &[Value]) -> String {
+pub fn approvals_table(approvals: &[Approval]) -> String {
     let mut rows =
         vec![["ID".to_owned(), "AGENT".into(), "TOOL".into(), "INPUT".into(), "AGE".into(), "DECISION".into()]];
     for a in approvals {
-        let input = a["input"]
-            .get("command")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| a["input"].to_string());
+        let input =
+            a.input.get("command").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| a.input.to_string());
         let input: String = input.replace('\n', " ").chars().take(48).collect();
-        let decision = match a["decision"].as_str() {
-            Some(d) => format!("{d} ({})", a["decided_by"].as_str().unwrap_or("-")),
+        let decision = match a.decision {
+            Some(d) => format!("{} ({})", d.as_str(), a.decided_by.map_or("-", |by| by.as_str())),
             None => "pending".to_owned(),
         };
         rows.push([
-            text(a, "id").to_owned(),
-            a["agent"].as_str().unwrap_or(text(a, "agent_id")).to_owned(),
-            text(a, "tool").to_owned(),
+            a.id.clone(),
+            a.agent.clone().unwrap_or_else(|| a.agent_id.clone()),
+            a.tool.clone(),
             input,
-            age(text(a, "requested_at")),
+            age(a.requested_at),
             decision,
         ]);
     }
@@ -271,23 +272,20 @@ pub fn approvals_table(approvals: &[Value]) -> String {
 }
 
 /// One conversation entry as a line: `SEQ TIME → KIND TEXT` (→ to the agent, ← from it).
-pub fn conversation_line(e: &Value) -> String {
-    let arrow = if text(e, "direction") == "to_agent" { "→" } else { "←" };
-    let queued = if e["delivery"] == "queued" { " (queued)" } else { "" };
-    let body: String = text(e, "text").chars().take(400).collect::<String>().replace('\n', " ");
-    let seq = e["seq"].as_i64().unwrap_or_default();
-    format!("{seq:>6} {} {arrow} {:<16} {body}{queued}", text(e, "at"), text(e, "kind"))
+pub fn conversation_line(e: &ConversationEntry) -> String {
+    let arrow = if e.direction == Direction::ToAgent { "→" } else { "←" };
+    let queued = if e.delivery == Some(Delivery::Queued) { " (queued)" } else { "" };
+    let body: String = e.text.chars().take(400).collect::<String>().replace('\n', " ");
+    format!("{:>6} {} {arrow} {:<16} {body}{queued}", e.seq, rfc3339(e.at), e.kind)
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
+/// A time as the API writes it.
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
 /// A short age: `45s`, `12m`, `3h`, `2d`.
-pub fn age(since: &str) -> String {
-    let Ok(at) = OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339) else {
-        return "-".into();
-    };
+pub fn age(at: OffsetDateTime) -> String {
     let secs = (OffsetDateTime::now_utc() - at).whole_seconds().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -298,22 +296,21 @@ pub fn age(since: &str) -> String {
 }
 
 /// The EXIT column: `-`, `0`, `3`, `oom(137)`, or the error.
-pub fn exit_column(agent: &Value) -> String {
-    let Some(exit) = agent.get("exit").filter(|e| !e.is_null()) else {
+pub fn exit_column(exit: Option<&ExitView>) -> String {
+    let Some(exit) = exit else {
         return "-".into();
     };
-    let code = exit.get("code").and_then(Value::as_i64);
-    if exit.get("oom_killed").and_then(Value::as_bool) == Some(true) {
-        return format!("oom({})", code.map_or("?".into(), |c| c.to_string()));
+    if exit.oom_killed {
+        return format!("oom({})", exit.code.map_or("?".into(), |c| c.to_string()));
     }
-    match code {
+    match exit.code {
         Some(code) => code.to_string(),
-        None => exit.get("error").and_then(Value::as_str).unwrap_or("?").to_owned(),
+        None => exit.error.clone().unwrap_or_else(|| "?".to_owned()),
     }
 }
 
 /// The `ls` table.
-pub fn agents_table(agents: &[Value]) -> String {
+pub fn agents_table(agents: &[AgentJson]) -> String {
     let mut rows = vec![[
         "NAME".to_owned(),
         "STATUS".to_owned(),
@@ -324,12 +321,12 @@ pub fn agents_table(agents: &[Value]) -> String {
     ]];
     for a in agents {
         rows.push([
-            text(a, "name").to_owned(),
-            text(a, "status").to_owned(),
-            text(a, "health").to_owned(),
-            a.get("restarts").and_then(Value::as_u64).unwrap_or(0).to_string(),
-            exit_column(a),
-            age(text(a, "created_at")),
+            a.name.clone(),
+            a.status.to_string(),
+            a.health.to_string(),
+            a.restarts.to_string(),
+            exit_column(a.exit.as_ref()),
+            age(a.created_at),
         ]);
     }
     let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
@@ -344,22 +341,34 @@ pub fn agents_table(agents: &[Value]) -> String {
 }
 
 /// One event as a line.
-pub fn event_line(e: &Value) -> String {
-    let from = e.get("from").and_then(Value::as_str);
-    let to = e.get("to").and_then(Value::as_str);
-    let change = match (from, to) {
+pub fn event_line(e: &EventJson) -> String {
+    let change = match (e.from, e.to) {
         (Some(f), Some(t)) if f != t => format!("{f} -> {t}"),
-        (_, Some(t)) => t.to_owned(),
+        (_, Some(t)) => t.to_string(),
         _ => "-".to_owned(),
     };
     format!(
         "{}  {:<20}  {:<18}  {:<20}  {}",
-        text(e, "at"),
-        e.get("agent").and_then(Value::as_str).unwrap_or_else(|| text(e, "agent_id")),
-        text(e, "kind"),
+        rfc3339(e.at),
+        e.agent.as_deref().unwrap_or(&e.agent_id),
+        e.kind.as_str(),
         change,
-        text(e, "detail")
+        e.detail
     )
+}
+
+/// `agentd inspect`: an agent with its runs.
+#[derive(Debug, Serialize)]
+pub struct AgentWithRuns {
+    #[serde(flatten)]
+    pub agent: AgentJson,
+    pub runs: Vec<Run>,
+}
+
+/// A typed answer as `--json` prints it: the API's JSON, with its keys in sorted order
+/// (as the client always printed them).
+pub fn printable<T: Serialize>(value: &T) -> Result<Value> {
+    serde_json::to_value(value).context("turning the answer back into JSON")
 }
 
 /// Percent-encodes a path segment or query value.
@@ -439,27 +448,32 @@ mod tests {
         assert_eq!(follow.news("fresh\nmore\n"), "more\n");
     }
 
+    fn exit(code: Option<i64>, oom_killed: bool, error: Option<&str>) -> ExitView {
+        ExitView { code, oom_killed, signal: None, error: error.map(str::to_owned), finished_at: None }
+    }
+
     #[test]
     fn the_exit_column_says_how_it_ended() {
-        assert_eq!(exit_column(&serde_json::json!({"exit": null})), "-");
-        assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 3, "oom_killed": false}})), "3");
-        assert_eq!(exit_column(&serde_json::json!({"exit": {"code": 137, "oom_killed": true}})), "oom(137)");
-        assert_eq!(
-            exit_column(
-                &serde_json::json!({"exit": {"code": null, "oom_killed": false, "error": "session disappeared"}})
-            ),
-            "session disappeared"
-        );
+        assert_eq!(exit_column(None), "-");
+        assert_eq!(exit_column(Some(&exit(Some(3), false, None))), "3");
+        assert_eq!(exit_column(Some(&exit(Some(137), true, None))), "oom(137)");
+        assert_eq!(exit_column(Some(&exit(None, false, Some("session disappeared")))), "session disappeared");
     }
 
     #[test]
     fn the_table_aligns_columns() {
-        let table = agents_table(&[
-            serde_json::json!({"name": "a", "status": "running", "health": "healthy", "restarts": 0, "exit": null, "created_at": "x"}),
-        ]);
+        let agent: AgentJson = serde_json::from_value(serde_json::json!({
+            "id": "a1", "name": "a", "kind": "image", "status": "running", "health": "healthy",
+            "connected": false, "session": "s", "image": "i", "network": "none", "restart": "never",
+            "restarts": 0, "reason": null, "next_restart_at": null, "exit": null, "paused": false,
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+        }))
+        .expect("an agent");
+        let table = agents_table(&[agent]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "NAME  STATUS   HEALTH   RESTARTS  EXIT  AGE");
-        assert_eq!(lines[1], "a     running  healthy  0         -     -");
+        assert!(lines[1].starts_with("a     running  healthy  0         -     "), "{}", lines[1]);
+        assert!(lines[1].ends_with('d'), "an age in days: {}", lines[1]);
     }
 
     #[test]

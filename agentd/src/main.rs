@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_manager::{Decision, NewAgent};
-use agentd::api;
+use agent_manager::{Approval, ConversationEntry, Decision, Direction, NewAgent, Run};
+use agentd::api::{self, AgentJson, EventJson};
 use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
 use anyhow::{bail, Context, Result};
@@ -292,27 +292,22 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 max_budget_usd: args.max_budget_usd,
                 ..NewAgent::default()
             };
-            let agent: Value = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;
-            println!(
-                "{} {} ({}, session {})",
-                agent["name"].as_str().unwrap_or("-"),
-                agent["status"].as_str().unwrap_or("-"),
-                agent["id"].as_str().unwrap_or("-"),
-                agent["session"].as_str().unwrap_or("-")
-            );
+            let agent: AgentJson = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;
+            println!("{} {} ({}, session {})", agent.name, agent.status, agent.id, agent.session);
         }
         Command::Ls { json, status } => {
-            let agents: Value = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
+            let agents: Vec<AgentJson> = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&agents)?);
+                println!("{}", serde_json::to_string_pretty(&client::printable(&agents)?)?);
             } else {
-                print!("{}", client::agents_table(agents.as_array().map(Vec::as_slice).unwrap_or_default()));
+                print!("{}", client::agents_table(&agents));
             }
         }
         Command::Inspect { name } => {
-            let mut agent = client.get_json(&agent_path(&name)).await?;
-            agent["runs"] = client.get_json(&format!("{}/runs", agent_path(&name))).await?;
-            println!("{}", serde_json::to_string_pretty(&agent)?);
+            let agent: AgentJson = client.get(&agent_path(&name)).await?;
+            let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
+            let inspect = client::AgentWithRuns { agent, runs };
+            println!("{}", serde_json::to_string_pretty(&client::printable(&inspect)?)?);
         }
         Command::Logs { name, follow, tail } => {
             let text = client.get_text(&format!("{}/logs", agent_path(&name)), &api::LogsQuery { tail }).await?;
@@ -329,15 +324,15 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
         }
         Command::Stop { name } => {
-            let agent = client.call(Method::POST, &format!("{}/stop", agent_path(&name))).await?;
-            println!("{} {} (exit {})", name, agent["status"].as_str().unwrap_or("-"), client::exit_column(&agent));
+            let agent: AgentJson = client.call(Method::POST, &format!("{}/stop", agent_path(&name))).await?;
+            println!("{} {} (exit {})", name, agent.status, client::exit_column(agent.exit.as_ref()));
         }
         Command::Restart { name } => {
-            let agent = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
-            println!("{} {} (restarts {})", name, agent["status"].as_str().unwrap_or("-"), agent["restarts"]);
+            let agent: AgentJson = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
+            println!("{} {} (restarts {})", name, agent.status, agent.restarts);
         }
         Command::Rm { name } => {
-            client.call(Method::DELETE, &agent_path(&name)).await?;
+            client.call::<()>(Method::DELETE, &agent_path(&name)).await?;
             println!("{name} removed");
         }
         Command::Events { follow, agent } => {
@@ -350,10 +345,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             let mut last = 0;
             loop {
                 let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
-                let page: Vec<Value> = client.get_query("/v1/events", &query).await?;
+                let page: Vec<EventJson> = client.get_query("/v1/events", &query).await?;
                 for event in &page {
                     println!("{}", client::event_line(event));
-                    last = event["id"].as_i64().unwrap_or(last);
+                    last = event.id;
                 }
                 if page.len() < 1000 {
                     break;
@@ -362,7 +357,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             if let Some(stream) = stream {
                 client
                     .follow_events(stream, |event| {
-                        if event["id"].as_i64().unwrap_or(i64::MAX) > last {
+                        if event.id > last {
                             println!("{}", client::event_line(&event));
                         }
                     })
@@ -380,20 +375,19 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
             let after = api::ConversationQuery { after: Some(seq), limit: None };
             let stream = client.open_stream(&format!("{}/conversation/stream", agent_path(&name)), &after).await?;
-            let mut result: Option<Value> = None;
+            let mut result: Option<ConversationEntry> = None;
             let followed = client.follow_conversation(stream, |entry| {
-                if entry["direction"] != "from_agent" {
+                if entry.direction != Direction::FromAgent {
                     return true;
                 }
-                match entry["kind"].as_str() {
-                    Some("assistant") => {
-                        let text = entry["text"].as_str().unwrap_or_default();
-                        if !text.is_empty() {
-                            println!("{text}");
+                match entry.kind.as_str() {
+                    "assistant" => {
+                        if !entry.text.is_empty() {
+                            println!("{}", entry.text);
                         }
                         true
                     }
-                    Some("result") if client::ends_turn(&entry, uuid.as_deref()) => {
+                    "result" if client::ends_turn(&entry, uuid.as_deref()) => {
                         result = Some(entry);
                         false
                     }
@@ -406,28 +400,29 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
             let result =
                 result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
-            if result["data"]["is_error"].as_bool() == Some(true) {
+            // `data` is the agent's own line: the one part of an entry without a type here.
+            if result.data["is_error"].as_bool() == Some(true) {
                 bail!(
                     "the turn ended with an error ({}): {}",
-                    result["data"]["subtype"].as_str().unwrap_or("error"),
-                    result["text"].as_str().unwrap_or_default()
+                    result.data["subtype"].as_str().unwrap_or("error"),
+                    result.text
                 );
             }
         }
         Command::Approvals { agent, all, json } => {
             let query = api::ApprovalsQuery { agent, pending: (!all).then_some(true) };
-            let approvals: Value = client.get_query("/v1/approvals", &query).await?;
+            let approvals: Vec<Approval> = client.get_query("/v1/approvals", &query).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&approvals)?);
+                println!("{}", serde_json::to_string_pretty(&client::printable(&approvals)?)?);
             } else {
-                print!("{}", client::approvals_table(approvals.as_array().map(Vec::as_slice).unwrap_or_default()));
+                print!("{}", client::approvals_table(&approvals));
             }
         }
         Command::Approve { ids } => {
             for id in ids {
                 let path = format!("/v1/approvals/{}", client::encode(&id));
                 let body = api::DecisionRequest { decision: Decision::Allow, message: None };
-                client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await?;
+                client.call_with::<_, Approval>(Method::POST, &path, Some(&body)).await?;
                 println!("{id} allowed");
             }
         }
@@ -435,26 +430,28 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             for id in ids {
                 let path = format!("/v1/approvals/{}", client::encode(&id));
                 let body = api::DecisionRequest { decision: Decision::Deny, message: message.clone() };
-                client.call_with::<_, Value>(Method::POST, &path, Some(&body)).await?;
+                client.call_with::<_, Approval>(Method::POST, &path, Some(&body)).await?;
                 println!("{id} denied");
             }
         }
         Command::Chat { name } => agentd::chat::run(&client, &name).await?,
         Command::Conversation { name, follow, json } => {
-            let print = |entry: &Value| {
+            let print = |entry: &ConversationEntry| -> Result<()> {
                 if json {
-                    println!("{entry}");
+                    println!("{}", client::printable(entry)?);
                 } else {
                     println!("{}", client::conversation_line(entry));
                 }
+                Ok(())
             };
             let mut last = 0;
             loop {
                 let query = api::ConversationQuery { after: Some(last), limit: Some(1000) };
-                let page: Vec<Value> = client.get_query(&format!("{}/conversation", agent_path(&name)), &query).await?;
+                let page: Vec<ConversationEntry> =
+                    client.get_query(&format!("{}/conversation", agent_path(&name)), &query).await?;
                 for entry in &page {
-                    print(entry);
-                    last = entry["seq"].as_i64().unwrap_or(last);
+                    print(entry)?;
+                    last = entry.seq;
                 }
                 if page.len() < 1000 {
                     break;
@@ -463,12 +460,19 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             if follow {
                 let after = api::ConversationQuery { after: Some(last), limit: None };
                 let stream = client.open_stream(&format!("{}/conversation/stream", agent_path(&name)), &after).await?;
+                let mut failed = None;
                 client
-                    .follow_conversation(stream, |entry| {
-                        print(&entry);
-                        true
+                    .follow_conversation(stream, |entry| match print(&entry) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
                     })
                     .await?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
             }
         }
         Command::Serve | Command::Config(_) => bail!("not a client command"),

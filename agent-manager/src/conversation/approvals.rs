@@ -2,7 +2,7 @@
 //! asked, answered by policy, by a person, or by the timeout, and the answer written to
 //! the run that asked.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::store::{from_millis, millis, StoreError};
 
 /// A decision on a tool-permission request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     Allow,
@@ -29,7 +29,7 @@ impl Decision {
 }
 
 /// Who decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecidedBy {
     /// A person, through the API.
@@ -45,7 +45,8 @@ pub enum DecidedBy {
 }
 
 impl DecidedBy {
-    const fn as_str(self) -> &'static str {
+    /// The name used in JSON and the database.
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::User => "user",
             Self::Policy => "policy",
@@ -67,8 +68,9 @@ impl DecidedBy {
     }
 }
 
-/// One tool-permission request.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One tool-permission request (its JSON, read back by the client, has no
+/// `container_id`: that one reads as empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Approval {
     pub id: String,
     pub agent_id: String,

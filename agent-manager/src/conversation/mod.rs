@@ -65,8 +65,9 @@ text_enum! {
     }
 }
 
-/// One line of an agent's conversation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One line of an agent's conversation (its JSON, read back by the client, has no
+/// `agent_id`: that one reads as empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationEntry {
     #[serde(skip)]
     pub agent_id: String,
@@ -99,7 +100,7 @@ pub struct LastResult {
 }
 
 /// Tokens a session used, summed from its results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
