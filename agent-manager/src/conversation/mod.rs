@@ -310,11 +310,23 @@ impl Hub {
                 delivery: e.delivery,
             })
             .collect();
-        self.store.append_conversation(&stored, record, changes).await?;
-        next.insert(agent_id.to_owned(), first + stored.len() as i64);
-        if let Some(record) = record {
-            lock(&self.records).insert(agent_id.to_owned(), record.clone());
+        // The record is kept before the entries can be read back, so whoever reads an
+        // entry (a `result`) and then the agent sees the session the entry made (`idle`);
+        // a failed write puts the previous record back.
+        let previous = record.map(|record| lock(&self.records).insert(agent_id.to_owned(), record.clone()));
+        if let Err(e) = self.store.append_conversation(&stored, record, changes).await {
+            match previous {
+                Some(Some(previous)) => {
+                    lock(&self.records).insert(agent_id.to_owned(), previous);
+                }
+                Some(None) => {
+                    lock(&self.records).remove(agent_id);
+                }
+                None => {}
+            }
+            return Err(e);
         }
+        next.insert(agent_id.to_owned(), first + stored.len() as i64);
         for entry in &stored {
             let _ = self.entries.send(entry.clone());
         }
