@@ -879,7 +879,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 }
             }
         }
-        self.sweep_at_shutdown(&mut summary).await;
+        if summary.failed.is_empty() {
+            self.sweep_at_shutdown(&mut summary).await;
+        } else {
+            // Their records still read running: removing their containers now would have
+            // the next start record them as stopped from outside. Leave them to it.
+            warn!(failed = summary.failed.len(), "Containers not swept at shutdown: some agents could not be stopped.");
+            summary.sweep_error = Some("not swept: some agents could not be stopped".into());
+        }
         Ok(summary)
     }
 

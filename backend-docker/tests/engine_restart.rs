@@ -78,6 +78,9 @@ impl OwnDockerd {
         let path = |name: &str| self.dir.join(name).display().to_string();
         let child = Command::new("dockerd")
             .args(["--data-root", &path("data"), "--exec-root", &path("exec")])
+            // Its own namespaces, should it find a containerd the host's Docker shares.
+            .args(["--containerd-namespace", &format!("agentd-k8-{}", std::process::id())])
+            .args(["--containerd-plugins-namespace", &format!("agentd-k8-{}-plugins", std::process::id())])
             .args(["--host", &self.socket(), "--pidfile", &path("docker.pid")])
             .args(["--bridge", &self.bridge, "--default-address-pool", "base=10.252.0.0/16,size=24"])
             .args(["--iptables=false", "--ip-masq=false", "--ip-forward=false", "--live-restore"])

@@ -226,6 +226,10 @@ impl Keepers {
                 })
             }
         };
+        // The command still holds this daemon's read end of the FIFO: without dropping it,
+        // the FIFO would have a reader whatever the keeper does, and the check below that
+        // the keeper still holds it could not fail.
+        drop(command);
         // The keeper holds the FIFO open now: later callers see it alive.
         drop(lock);
         let pid = child.id();
