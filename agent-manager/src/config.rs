@@ -361,6 +361,36 @@ pub struct ManagerConfig {
     /// `None` keeps them forever. Set from the daemon's `store.events_retention_days`.
     #[serde(skip, default = "default_events_retention")]
     pub events_retention: Option<Duration>,
+    /// Where the daemon serves its containers (the model gateway and the egress proxy), set
+    /// by the daemon once its backend told it the networks' gateway addresses. `None`: no
+    /// gateway (agents get no gateway variables).
+    #[serde(skip)]
+    pub gateway: Option<GatewayEndpoints>,
+}
+
+/// The daemon's listeners on the engine networks' gateway addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayEndpoints {
+    /// The host's address on each network ([`backend_core::ExecutionBackend::gateway_addresses`]).
+    pub addresses: backend_core::NetworkGateways,
+    /// The model gateway's port.
+    pub model_port: u16,
+    /// The egress proxy's port.
+    pub proxy_port: u16,
+}
+
+impl GatewayEndpoints {
+    /// The address an agent on `network` reaches the daemon at: the gateway of its network
+    /// (the internet network's for `host`, whose namespace has every host address); `None`
+    /// for `none`, or when the backend has no such address.
+    pub fn address_for(&self, network: backend_core::NetworkPolicy) -> Option<std::net::IpAddr> {
+        use backend_core::NetworkPolicy as N;
+        match network {
+            N::Internet | N::Host => self.addresses.internet,
+            N::Isolated => self.addresses.isolated,
+            N::None => None,
+        }
+    }
 }
 
 /// How long lifecycle events are kept by default: 30 days.
@@ -376,6 +406,7 @@ impl Default for ManagerConfig {
             defaults: AgentDefaults::default(),
             reconcile: ReconcileConfig::default(),
             events_retention: default_events_retention(),
+            gateway: None,
         }
     }
 }

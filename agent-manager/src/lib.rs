@@ -28,7 +28,8 @@ mod supervise;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    AgentDefaults, ManagerConfig, ReconcileConfig, Violation, DEFAULT_EVENTS_RETENTION, MAX_STOP_GRACE_SECS,
+    AgentDefaults, GatewayEndpoints, ManagerConfig, ReconcileConfig, Violation, DEFAULT_EVENTS_RETENTION,
+    MAX_STOP_GRACE_SECS,
 };
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};

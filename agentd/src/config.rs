@@ -36,6 +36,11 @@ pub struct Config {
     pub instance_id: Option<String>,
     pub server: ServerConfig,
     pub store: StoreConfig,
+    /// `[gateway]`: what agentd serves to its containers.
+    pub gateway: GatewayConfig,
+    /// `[model]`: where the model gateway forwards to, with which credential, within which
+    /// limits.
+    pub model: ModelConfig,
     /// `[agents]`: the manager's own type.
     pub agents: AgentDefaults,
     /// `[reconcile]`: the manager's own type.
@@ -75,6 +80,54 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[gateway]`: the listeners agentd serves on the engine networks' gateway addresses (the
+/// host's address on each network its containers join), never on the API's address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The model gateway's port (Anthropic Messages API, authenticated per agent).
+    pub port: u16,
+    /// The egress proxy's port (HTTP CONNECT, checked against each agent's allow-list).
+    pub proxy_port: u16,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self { port: 7007, proxy_port: 7008 }
+    }
+}
+
+/// `[model]`: the upstream model API, the daemon's credential for it, and the default
+/// limits of each agent's use of it (a spawn may set its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Where the gateway forwards model requests (`https://api.anthropic.com`).
+    pub upstream: String,
+    /// A file whose first line is the API key (sent upstream as `x-api-key`). When unset,
+    /// the daemon's `ANTHROPIC_API_KEY`, else its `CLAUDE_CODE_OAUTH_TOKEN` (sent as a
+    /// bearer token).
+    pub api_key_file: Option<PathBuf>,
+    /// Model requests an agent may start per minute; unset: no limit.
+    pub requests_per_minute: Option<u32>,
+    /// Model requests an agent may have in flight at once; unset: no limit.
+    pub max_concurrent_requests: Option<u32>,
+    /// Output tokens an agent may use per UTC day; unset: no limit.
+    pub max_output_tokens_per_day: Option<u64>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            upstream: "https://api.anthropic.com".into(),
+            api_key_file: None,
+            requests_per_minute: None,
+            max_concurrent_requests: None,
+            max_output_tokens_per_day: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -97,6 +150,8 @@ impl Default for Config {
             instance_id: None,
             server: ServerConfig::default(),
             store: StoreConfig::default(),
+            gateway: GatewayConfig::default(),
+            model: ModelConfig::default(),
             agents: AgentDefaults::default(),
             reconcile: ReconcileConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -344,6 +399,46 @@ impl Config {
                 "a non-loopback address needs server.token or server.token_file (or listen on 127.0.0.1)",
             );
         }
+        let g = &self.gateway;
+        for (key, port) in [("gateway.port", g.port), ("gateway.proxy_port", g.proxy_port)] {
+            if port == 0 {
+                bad(key, "0".into(), "a port from 1 to 65535 (containers connect to it)");
+            } else if port == self.server.listen.port() {
+                bad(key, port.to_string(), "a port other than server.listen's: the API is never served to containers");
+            }
+        }
+        if g.port != 0 && g.port == g.proxy_port {
+            bad("gateway.proxy_port", g.proxy_port.to_string(), "a port other than gateway.port");
+        }
+        let m = &self.model;
+        let upstream_ok = ["https://", "http://"].iter().any(|scheme| {
+            m.upstream.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+        });
+        if !upstream_ok {
+            bad(
+                "model.upstream",
+                format!("{:?}", m.upstream),
+                "an http:// or https:// URL such as https://api.anthropic.com",
+            );
+        }
+        if let Some(path) = &m.api_key_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) if text.lines().next().is_some_and(|l| !l.trim().is_empty()) => {}
+                Ok(_) => {
+                    bad("model.api_key_file", path.display().to_string(), "the file's first line must hold the API key")
+                }
+                Err(e) => bad("model.api_key_file", path.display().to_string(), &format!("cannot be read: {e}")),
+            }
+        }
+        if m.requests_per_minute == Some(0) {
+            bad("model.requests_per_minute", "0".into(), "at least 1, or leave it unset for no limit");
+        }
+        if m.max_concurrent_requests == Some(0) {
+            bad("model.max_concurrent_requests", "0".into(), "at least 1, or leave it unset for no limit");
+        }
+        if m.max_output_tokens_per_day == Some(0) {
+            bad("model.max_output_tokens_per_day", "0".into(), "at least 1, or leave it unset for no limit");
+        }
         for factory in registry {
             let section = self.backends.get(factory.name()).cloned().unwrap_or(Section::Null);
             for p in factory.check(&section) {
@@ -406,6 +501,8 @@ impl Config {
                 0 => None,
                 days => Some(std::time::Duration::from_secs(days.saturating_mul(86_400))),
             },
+            // Filled in by the daemon once the backend told it the gateway addresses.
+            gateway: None,
         }
     }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::{AgentManager, ShutdownSummary, Store};
+use agent_manager::{AgentManager, GatewayEndpoints, ShutdownSummary, Store};
 use anyhow::{bail, Context, Result};
 use backend_core::{ExecutionBackend, OwnershipLabels};
 use tokio::net::TcpListener;
@@ -60,7 +60,13 @@ impl Daemon {
         let api = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
-        let manager = Arc::new(AgentManager::new(backend, store, config.manager_config()));
+        let addresses =
+            backend.gateway_addresses().await.context("asking the engine for its networks' gateway addresses")?;
+        let endpoints =
+            GatewayEndpoints { addresses, model_port: config.gateway.port, proxy_port: config.gateway.proxy_port };
+        let mut manager_config = config.manager_config();
+        manager_config.gateway = Some(endpoints);
+        let manager = Arc::new(AgentManager::new(backend, store, manager_config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
         Ok(Self { app, api, shutdown, leave_running: config.shutdown.leave_running })

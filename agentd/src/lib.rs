@@ -12,4 +12,5 @@ pub mod chat;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod listen;
 pub mod metrics;

@@ -126,7 +126,7 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             what: "a section of no registered backend",
             args: vec!["--config", path_str(&top_level)],
             env: vec![],
-            expect: vec!["kubernetes", "unknown key", "docker, instance_id", "mock", path_str(&top_level)],
+            expect: vec!["kubernetes", "unknown key", "docker, gateway, instance_id", "mock", path_str(&top_level)],
         },
         Case {
             what: "wrong type in a backend's section in the environment",
