@@ -7,7 +7,9 @@ use backend_core::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 use serde_with::{serde_as, DurationSeconds};
 
-use crate::model::{AgentKind, AgentSpec, ApprovalPolicy, NewAgent, RestartPolicy, UnhealthyAction, PERMISSION_MODES};
+use crate::model::{
+    AgentKind, AgentSpec, ApprovalPolicy, ModelLimits, NewAgent, RestartPolicy, UnhealthyAction, PERMISSION_MODES,
+};
 use crate::{Backoff, ManagerError};
 
 /// The longest stop grace period an agent may ask for.
@@ -151,6 +153,22 @@ fn check_common(spec: &AgentSpec, out: &mut Vec<Violation>) {
     }
 }
 
+impl ModelLimits {
+    /// Checks that every set limit is at least 1; each violation names its spawn field
+    /// (`model_limits.requests_per_minute`, ...).
+    pub fn check(&self) -> Vec<Violation> {
+        [
+            ("model_limits.requests_per_minute", self.requests_per_minute.map(u64::from)),
+            ("model_limits.max_concurrent_requests", self.max_concurrent_requests.map(u64::from)),
+            ("model_limits.max_output_tokens_per_day", self.max_output_tokens_per_day),
+        ]
+        .into_iter()
+        .filter(|(_, value)| *value == Some(0))
+        .map(|(field, _)| Violation::new(field, "0", "at least 1, or leave it unset for the [model] default"))
+        .collect()
+    }
+}
+
 /// Checks a variable name an agent's environment gets.
 fn check_env_name(field: &'static str, name: &str) -> Option<Violation> {
     if let Err(allowed) = backend_core::rules::env_name(name) {
@@ -196,6 +214,7 @@ impl AgentDefaults {
             permission_mode: self.permission_mode.clone(),
             max_turns: self.max_turns,
             max_budget_usd: self.max_budget_usd,
+            model_limits: ModelLimits::default(),
         };
         check_common(&spec, &mut out);
         out.extend(self.forward_env.iter().filter_map(|name| check_env_name("forward_env", name)));
@@ -238,6 +257,7 @@ impl AgentDefaults {
             permission_mode: new.permission_mode,
             max_turns: new.max_turns,
             max_budget_usd: new.max_budget_usd,
+            model_limits: new.model_limits.unwrap_or_default(),
         };
         // The Claude Code defaults apply to Claude Code agents only.
         let mut spec = spec;
@@ -265,7 +285,7 @@ impl AgentDefaults {
                 return invalid("workdir", format!("{} must be an absolute path", dir.display()));
             }
         }
-        let mut violations = Vec::new();
+        let mut violations = spec.model_limits.check();
         check_common(&spec, &mut violations);
         if let Some(violation) = violations.into_iter().next() {
             return Err(violation.into_error());
@@ -366,6 +386,10 @@ pub struct ManagerConfig {
     /// gateway (agents get no gateway variables).
     #[serde(skip)]
     pub gateway: Option<GatewayEndpoints>,
+    /// The default limits of every agent's model requests, set from the daemon's `[model]`
+    /// section; a spawn's own `model_limits` win field by field.
+    #[serde(skip)]
+    pub model_limits: ModelLimits,
 }
 
 /// The daemon's listeners on the engine networks' gateway addresses.
@@ -407,6 +431,7 @@ impl Default for ManagerConfig {
             reconcile: ReconcileConfig::default(),
             events_retention: default_events_retention(),
             gateway: None,
+            model_limits: ModelLimits::default(),
         }
     }
 }

@@ -38,7 +38,8 @@ pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
 pub use model::{
     Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,
-    LifecycleEvent, NewAgent, RestartPolicy, Run, UnhealthyAction, PERMISSION_MODES,
+    LifecycleEvent, ModelLimits, ModelRequest, ModelUsage, NewAgent, RestartPolicy, Run, UnhealthyAction,
+    PERMISSION_MODES,
 };
 pub use reconcile::ReconcileReport;
 pub use store::{Store, StoreError};

@@ -16,7 +16,8 @@ use crate::conversation::task::{self, RestartRequest, Target, TaskContext};
 use crate::conversation::{ConversationEntry, Delivery, Direction, Hub, NewEntry, SessionRecord};
 use crate::locks::{AgentGuard, AgentLocks};
 use crate::model::{
-    Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, NewAgent, RestartPolicy, Run,
+    Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, ModelLimits, ModelRequest,
+    ModelUsage, NewAgent, RestartPolicy, Run,
 };
 use crate::{Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
 
@@ -218,6 +219,56 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// The supervision counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The clock the manager reads (the model gateway's limits read it too).
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// Records one request an agent made through the model gateway; see
+    /// [`Self::record_model_requests`].
+    pub async fn record_model_request(&self, request: &ModelRequest) -> Result<()> {
+        self.record_model_requests(std::slice::from_ref(request)).await
+    }
+
+    /// Records requests agents made through the model gateway, in one transaction, and
+    /// adds them to each agent's sums (in the store and in memory) and to the daemon's
+    /// totals. A request of an agent removed meanwhile is dropped.
+    pub async fn record_model_requests(&self, requests: &[ModelRequest]) -> Result<()> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        let sums = self.store.record_model_requests(requests).await?;
+        self.metrics.add_model_usage(sums);
+        Ok(())
+    }
+
+    /// Counts a model request refused under its agent's limits.
+    pub fn count_model_refusal(&self) {
+        Metrics::add(&self.metrics.model_refusals);
+    }
+
+    /// The agent's model usage, summed over every recorded request (from memory).
+    pub fn model_usage(&self, agent_id: &str) -> ModelUsage {
+        self.store.model_usage(agent_id)
+    }
+
+    /// The output tokens of the agent's requests recorded since 00:00 UTC today, by the
+    /// manager's clock (from memory).
+    pub fn model_output_tokens_today(&self, agent_id: &str) -> u64 {
+        self.store.model_output_tokens_on(agent_id, self.clock.now())
+    }
+
+    /// The limits the agent's model requests are held to now: its own, else `[model]`'s.
+    pub fn model_limits(&self, agent: &Agent) -> ModelLimits {
+        agent.spec.model_limits.or(self.config.model_limits)
+    }
+
+    /// The agent's last `limit` model requests, oldest first.
+    pub async fn model_requests(&self, id_or_name: &str, limit: i64) -> Result<Vec<ModelRequest>> {
+        let agent = self.find(id_or_name).await?;
+        Ok(self.store.list_model_requests(&agent.id, limit).await?)
     }
 
     /// Live lifecycle events, from now on.
@@ -795,7 +846,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
         let paused = live && lock(&self.runtime).get(&agent.id).is_some_and(|rt| rt.paused);
         let connected = self.conversations.is_connected(&agent.id);
-        Ok(AgentView { agent, exit, connected, paused, session })
+        let model_usage = self.store.model_usage(&agent.id);
+        let model_limits = self.model_limits(&agent);
+        Ok(AgentView { agent, exit, connected, paused, session, model_usage, model_limits })
     }
 
     /// The agent's runs, oldest first.
@@ -915,8 +968,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
     }
 
-    /// Deletes the stored events older than `events_retention` (by the manager's clock)
-    /// and returns how many; with no retention, none. The supervisor runs it at start and
+    /// Deletes the stored events and model requests older than `events_retention` (by the
+    /// manager's clock) and returns how many events; with no retention, none. The supervisor runs it at start and
     /// hourly.
     pub async fn prune_events(&self) -> Result<u64> {
         let Some(retention) = self.config.events_retention else {
@@ -929,6 +982,11 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let deleted = self.store.prune_events(before).await?;
         if deleted > 0 {
             info!(deleted, retention_days = retention.as_secs() / 86_400, "Old events pruned.");
+        }
+        // The model requests share the retention (their sums stay).
+        let requests = self.store.prune_model_requests(before).await?;
+        if requests > 0 {
+            info!(deleted = requests, retention_days = retention.as_secs() / 86_400, "Old model requests pruned.");
         }
         Ok(deleted)
     }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use backend_core::{ExecutionBackend, SessionHealth};
 
-use crate::model::AgentStatus;
+use crate::model::{AgentStatus, ModelUsage};
 use crate::AgentManager;
 
 /// Supervision counters, updated by the manager.
@@ -18,6 +18,10 @@ pub struct Metrics {
     pub(crate) relists_after_resync: AtomicU64,
     pub(crate) orphans_removed: AtomicU64,
     pub(crate) events_received: AtomicU64,
+    pub(crate) model_requests: AtomicU64,
+    pub(crate) model_input_tokens: AtomicU64,
+    pub(crate) model_output_tokens: AtomicU64,
+    pub(crate) model_refusals: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -39,6 +43,14 @@ pub struct MetricsSnapshot {
     pub orphans_removed: u64,
     /// Backend events received.
     pub events_received: u64,
+    /// Model requests recorded since the daemon started.
+    pub model_requests: u64,
+    /// Their input tokens.
+    pub model_input_tokens: u64,
+    /// Their output tokens.
+    pub model_output_tokens: u64,
+    /// Model requests refused under their agent's limits since the daemon started.
+    pub model_refusals: u64,
 }
 
 impl Metrics {
@@ -54,11 +66,21 @@ impl Metrics {
             relists_after_resync: get(&self.relists_after_resync),
             orphans_removed: get(&self.orphans_removed),
             events_received: get(&self.events_received),
+            model_requests: get(&self.model_requests),
+            model_input_tokens: get(&self.model_input_tokens),
+            model_output_tokens: get(&self.model_output_tokens),
+            model_refusals: get(&self.model_refusals),
         }
     }
 
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_model_usage(&self, usage: ModelUsage) {
+        self.model_requests.fetch_add(usage.requests, Ordering::Relaxed);
+        self.model_input_tokens.fetch_add(usage.input_tokens, Ordering::Relaxed);
+        self.model_output_tokens.fetch_add(usage.output_tokens, Ordering::Relaxed);
     }
 }
 

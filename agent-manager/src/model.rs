@@ -218,6 +218,68 @@ pub struct NewAgent {
     pub max_turns: Option<u32>,
     /// Claude Code's `--max-budget-usd` (claude-code).
     pub max_budget_usd: Option<f64>,
+    /// Limits of the agent's use of the model gateway; unset fields follow `[model]`.
+    pub model_limits: Option<ModelLimits>,
+}
+
+/// Limits of an agent's requests through the model gateway. Each unset field follows the
+/// daemon's `[model]` default at the time of the request (unset there too: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    /// Requests admitted in any 60 s window.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u32>,
+    /// Output tokens recorded since 00:00 UTC.
+    #[serde(default)]
+    pub max_output_tokens_per_day: Option<u64>,
+}
+
+impl ModelLimits {
+    /// These limits, with each unset field taken from `defaults`.
+    pub fn or(self, defaults: ModelLimits) -> ModelLimits {
+        ModelLimits {
+            requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
+            max_concurrent_requests: self.max_concurrent_requests.or(defaults.max_concurrent_requests),
+            max_output_tokens_per_day: self.max_output_tokens_per_day.or(defaults.max_output_tokens_per_day),
+        }
+    }
+
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        *self == ModelLimits::default()
+    }
+}
+
+/// An agent's use of the model through the gateway, summed over every recorded request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// Requests recorded (every status).
+    pub requests: u64,
+    /// The responses' `usage.input_tokens`, summed.
+    pub input_tokens: u64,
+    /// The responses' `usage.output_tokens`, summed.
+    pub output_tokens: u64,
+}
+
+/// One request of an agent through the model gateway, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRequest {
+    pub agent_id: String,
+    /// When it was admitted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The model that answered (or was asked for), if known.
+    pub model: Option<String>,
+    /// The HTTP status the agent got.
+    pub status: u16,
+    /// From admission to the end of the response body.
+    pub latency_ms: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// The full, resolved description of an agent, stored with it.
@@ -247,6 +309,10 @@ pub struct AgentSpec {
     pub max_turns: Option<u32>,
     #[serde(default)]
     pub max_budget_usd: Option<f64>,
+    /// The agent's own model gateway limits, as given at spawn (unset fields follow
+    /// `[model]`).
+    #[serde(default)]
+    pub model_limits: ModelLimits,
 }
 
 fn default_approvals() -> ApprovalPolicy {
@@ -276,6 +342,7 @@ impl fmt::Debug for AgentSpec {
             .field("permission_mode", &self.permission_mode)
             .field("max_turns", &self.max_turns)
             .field("max_budget_usd", &self.max_budget_usd)
+            .field("model_limits", &self.model_limits)
             .finish()
     }
 }
@@ -348,6 +415,10 @@ pub struct AgentView {
     /// `last_result`.
     #[serde(flatten)]
     pub session: Option<crate::conversation::SessionView>,
+    /// The agent's requests through the model gateway, summed.
+    pub model_usage: ModelUsage,
+    /// The limits its model requests are held to now: its own, else `[model]`'s.
+    pub model_limits: ModelLimits,
 }
 
 /// How a run ended, as the API shows it.

@@ -12,7 +12,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use time::OffsetDateTime;
 
-use crate::model::{Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, Run};
+use crate::model::{
+    Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, ModelRequest, ModelUsage, Run,
+};
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -47,10 +49,56 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// and no database round trip per agent. The database stays the record: every write
 /// reaches it first, and the memory copy changes only after the write succeeded. One
 /// `Store` (and its clones) per database file and process.
+///
+/// Each agent's model usage is kept in memory too: its sums over every recorded request,
+/// and its output tokens of the latest UTC day it made requests on (loaded when the store
+/// opens, updated after every write of requests).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
     agents: Arc<Mutex<AgentCache>>,
+    usage: Arc<Mutex<HashMap<String, UsageState>>>,
+}
+
+/// An agent's model usage in memory.
+#[derive(Debug, Clone, Copy, Default)]
+struct UsageState {
+    total: ModelUsage,
+    /// The UTC day (days since the epoch) of `day_output_tokens`.
+    day: i64,
+    day_output_tokens: u64,
+}
+
+impl UsageState {
+    fn add(&mut self, request: &ModelRequest) {
+        self.total.requests = self.total.requests.saturating_add(1);
+        self.total.input_tokens = self.total.input_tokens.saturating_add(request.input_tokens);
+        self.total.output_tokens = self.total.output_tokens.saturating_add(request.output_tokens);
+        let day = utc_day(request.at);
+        if day > self.day {
+            self.day = day;
+            self.day_output_tokens = 0;
+        }
+        if day == self.day {
+            self.day_output_tokens = self.day_output_tokens.saturating_add(request.output_tokens);
+        }
+    }
+}
+
+/// The UTC day of `at`, in days since the epoch.
+fn utc_day(at: OffsetDateTime) -> i64 {
+    at.unix_timestamp().div_euclid(86_400)
+}
+
+const DAY_MILLIS: i64 = 86_400_000;
+
+/// A count for SQLite's signed integers.
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn uncount(row: &SqliteRow, column: &str) -> Result<u64> {
+    Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
 }
 
 /// The agents in memory, each with the version of its last write, with the id of each
@@ -136,7 +184,8 @@ impl Store {
         for row in &rows {
             cache.put(agent_from_row(row)?);
         }
-        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)) })
+        let usage = load_usage(&pool).await?;
+        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)), usage: Arc::new(Mutex::new(usage)) })
     }
 
     pub(crate) fn pool(&self) -> &SqlitePool {
@@ -254,11 +303,127 @@ impl Store {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Deletes an agent and its runs (its events stay).
+    /// Deletes an agent and its runs and model requests (its events stay).
     pub async fn delete_agent(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM agents WHERE id = ?").bind(id).execute(&self.pool).await?;
         self.cache().remove(id);
+        // After the agent left the cache: a write of requests racing this one sees it gone.
+        self.usage_map().remove(id);
         Ok(())
+    }
+
+    fn usage_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, UsageState>> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores model requests in one transaction with each agent's sums, then counts them
+    /// in memory. A request of an agent that no longer exists is left out. Returns the sums
+    /// of the requests stored.
+    pub async fn record_model_requests(&self, requests: &[ModelRequest]) -> Result<ModelUsage> {
+        let mut tx = self.pool.begin().await?;
+        let mut stored = Vec::with_capacity(requests.len());
+        for r in requests {
+            let done = sqlx::query(
+                "INSERT INTO model_requests (agent_id, at, model, status, latency_ms, input_tokens, output_tokens) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM agents WHERE id = ?1)",
+            )
+            .bind(&r.agent_id)
+            .bind(millis(r.at))
+            .bind(&r.model)
+            .bind(i64::from(r.status))
+            .bind(count(r.latency_ms))
+            .bind(count(r.input_tokens))
+            .bind(count(r.output_tokens))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO model_usage (agent_id, requests, input_tokens, output_tokens) VALUES (?1, 1, ?2, ?3) \
+                 ON CONFLICT (agent_id) DO UPDATE SET requests = requests + 1, \
+                 input_tokens = input_tokens + excluded.input_tokens, \
+                 output_tokens = output_tokens + excluded.output_tokens",
+            )
+            .bind(&r.agent_id)
+            .bind(count(r.input_tokens))
+            .bind(count(r.output_tokens))
+            .execute(&mut *tx)
+            .await?;
+            stored.push(r);
+        }
+        tx.commit().await?;
+        let mut sums = ModelUsage::default();
+        // The usage map first, then the agents: a delete removes the agent from the cache
+        // before it takes the usage map, so no request of a deleted agent is counted back.
+        let mut usage = self.usage_map();
+        for r in stored {
+            if !self.cache().agents.contains_key(&r.agent_id) {
+                continue;
+            }
+            usage.entry(r.agent_id.clone()).or_default().add(r);
+            sums.requests += 1;
+            sums.input_tokens = sums.input_tokens.saturating_add(r.input_tokens);
+            sums.output_tokens = sums.output_tokens.saturating_add(r.output_tokens);
+        }
+        Ok(sums)
+    }
+
+    /// The agent's model usage, summed over every recorded request (from memory).
+    pub fn model_usage(&self, agent_id: &str) -> ModelUsage {
+        self.usage_map().get(agent_id).map(|u| u.total).unwrap_or_default()
+    }
+
+    /// The output tokens of the agent's requests recorded on the UTC day of `now`
+    /// (from memory).
+    pub fn model_output_tokens_on(&self, agent_id: &str, now: OffsetDateTime) -> u64 {
+        let day = utc_day(now);
+        self.usage_map().get(agent_id).filter(|u| u.day == day).map_or(0, |u| u.day_output_tokens)
+    }
+
+    /// The agent's last `limit` model requests, oldest first.
+    pub async fn list_model_requests(&self, agent_id: &str, limit: i64) -> Result<Vec<ModelRequest>> {
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT * FROM model_requests WHERE agent_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+        )
+        .bind(agent_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ModelRequest {
+                    agent_id: row.try_get("agent_id")?,
+                    at: from_millis(row.try_get("at")?),
+                    model: row.try_get("model")?,
+                    status: u16::try_from(row.try_get::<i64, _>("status")?).unwrap_or(0),
+                    latency_ms: uncount(row, "latency_ms")?,
+                    input_tokens: uncount(row, "input_tokens")?,
+                    output_tokens: uncount(row, "output_tokens")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the model requests recorded before `before` (the sums stay), in batches,
+    /// and returns how many.
+    pub async fn prune_model_requests(&self, before: OffsetDateTime) -> Result<u64> {
+        const BATCH: i64 = 10_000;
+        let mut deleted = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM model_requests WHERE id IN (SELECT id FROM model_requests WHERE at < ?1 LIMIT ?2)",
+            )
+            .bind(millis(before))
+            .bind(BATCH)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted += done;
+            if done < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Records the start of a run and returns its id.
@@ -393,6 +558,38 @@ impl Store {
             }
         }
     }
+}
+
+/// Every agent's sums, and its output tokens of the latest UTC day it made requests on
+/// (looked for in the last two days by the wall clock).
+async fn load_usage(pool: &SqlitePool) -> Result<HashMap<String, UsageState>> {
+    let mut usage: HashMap<String, UsageState> = HashMap::new();
+    let rows =
+        sqlx::query("SELECT agent_id, requests, input_tokens, output_tokens FROM model_usage").fetch_all(pool).await?;
+    for row in &rows {
+        let total = ModelUsage {
+            requests: uncount(row, "requests")?,
+            input_tokens: uncount(row, "input_tokens")?,
+            output_tokens: uncount(row, "output_tokens")?,
+        };
+        usage.insert(row.try_get("agent_id")?, UsageState { total, ..UsageState::default() });
+    }
+    let since = (utc_day(OffsetDateTime::now_utc()) - 2) * DAY_MILLIS;
+    let rows = sqlx::query(
+        "SELECT agent_id, at / ?1 AS day, SUM(output_tokens) AS output FROM model_requests WHERE at >= ?2 \
+         GROUP BY agent_id, day ORDER BY day",
+    )
+    .bind(DAY_MILLIS)
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    for row in &rows {
+        let state = usage.entry(row.try_get("agent_id")?).or_default();
+        // Ordered by day: the latest wins.
+        state.day = row.try_get("day")?;
+        state.day_output_tokens = uncount(row, "output")?;
+    }
+    Ok(usage)
 }
 
 fn update_agent_query(agent: &Agent) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'_>> {

@@ -188,6 +188,12 @@ pub struct AgentJson {
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
     pub conversation: Option<ConversationJson>,
+    /// Its requests through the model gateway, summed.
+    #[serde(default)]
+    pub model_usage: agent_manager::ModelUsage,
+    /// The limits its model requests are held to now (`null`: no limit).
+    #[serde(default)]
+    pub model_limits: agent_manager::ModelLimits,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -216,6 +222,8 @@ fn agent_json(view: AgentView) -> AgentJson {
             usage: s.usage,
             last_result: s.last_result,
         }),
+        model_usage: view.model_usage,
+        model_limits: view.model_limits,
         id: a.id,
         name: a.name,
         kind: a.spec.kind,
@@ -666,6 +674,7 @@ mod tests {
             permission_mode: None,
             max_turns: None,
             max_budget_usd: None,
+            model_limits: agent_manager::ModelLimits { requests_per_minute: Some(2), ..Default::default() },
         };
         let agent = Agent {
             id: "a1b2c3".into(),
@@ -709,6 +718,12 @@ mod tests {
             connected: true,
             paused: false,
             session,
+            model_usage: agent_manager::ModelUsage { requests: 3, input_tokens: 30, output_tokens: 15 },
+            model_limits: agent_manager::ModelLimits {
+                requests_per_minute: Some(2),
+                max_concurrent_requests: None,
+                max_output_tokens_per_day: Some(100_000),
+            },
         }
     }
 
@@ -717,6 +732,17 @@ mod tests {
         for kind in [AgentKind::ClaudeCode, AgentKind::Image] {
             let agent = agent_json(view(kind));
             assert_eq!(agent.conversation.is_some(), kind == AgentKind::ClaudeCode);
+            let json = serde_json::to_value(&agent).expect("JSON");
+            assert_eq!(
+                json["model_usage"],
+                serde_json::json!({"requests": 3, "input_tokens": 30, "output_tokens": 15})
+            );
+            assert_eq!(
+                json["model_limits"],
+                serde_json::json!({
+                    "requests_per_minute": 2, "max_concurrent_requests": null, "max_output_tokens_per_day": 100_000
+                })
+            );
             round_trip(&agent);
             round_trip(&vec![agent]);
         }

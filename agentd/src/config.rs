@@ -503,6 +503,11 @@ impl Config {
             },
             // Filled in by the daemon once the backend told it the gateway addresses.
             gateway: None,
+            model_limits: agent_manager::ModelLimits {
+                requests_per_minute: self.model.requests_per_minute,
+                max_concurrent_requests: self.model.max_concurrent_requests,
+                max_output_tokens_per_day: self.model.max_output_tokens_per_day,
+            },
         }
     }
 

@@ -155,6 +155,15 @@ struct SpawnArgs {
     /// Claude Code's --max-turns [default: agents.max_turns, none].
     #[arg(long)]
     max_turns: Option<u32>,
+    /// Model requests the agent may start in any 60 s [default: model.requests_per_minute, no limit].
+    #[arg(long)]
+    requests_per_minute: Option<u32>,
+    /// Model requests the agent may have in flight at once [default: model.max_concurrent_requests, no limit].
+    #[arg(long)]
+    max_concurrent_requests: Option<u32>,
+    /// Output tokens the agent may use per UTC day [default: model.max_output_tokens_per_day, no limit].
+    #[arg(long)]
+    max_output_tokens_per_day: Option<u64>,
     /// Environment variable for the agent, repeatable; wins over forwarded ones [default: none].
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -273,6 +282,11 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 env.insert(k.to_owned(), v.to_owned());
             }
             let args = *args;
+            let model_limits = agent_manager::ModelLimits {
+                requests_per_minute: args.requests_per_minute,
+                max_concurrent_requests: args.max_concurrent_requests,
+                max_output_tokens_per_day: args.max_output_tokens_per_day,
+            };
             let new = NewAgent {
                 name: args.name,
                 kind: choice("--kind", args.kind)?,
@@ -290,6 +304,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 permission_mode: args.permission_mode,
                 max_turns: args.max_turns,
                 max_budget_usd: args.max_budget_usd,
+                model_limits: (!model_limits.is_empty()).then_some(model_limits),
                 ..NewAgent::default()
             };
             let agent: AgentJson = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;

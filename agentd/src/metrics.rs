@@ -75,5 +75,60 @@ pub fn render(counts: &AgentCounts, m: &MetricsSnapshot) -> String {
     );
     gauge(&mut out, "agentd_orphans_removed_total", "Orphaned sessions removed.", "counter", m.orphans_removed as f64);
     gauge(&mut out, "agentd_backend_events_total", "Backend events received.", "counter", m.events_received as f64);
+    gauge(
+        &mut out,
+        "agentd_model_requests_total",
+        "Requests through the model gateway recorded since the daemon started.",
+        "counter",
+        m.model_requests as f64,
+    );
+    gauge(
+        &mut out,
+        "agentd_model_input_tokens_total",
+        "Input tokens of the recorded model requests.",
+        "counter",
+        m.model_input_tokens as f64,
+    );
+    gauge(
+        &mut out,
+        "agentd_model_output_tokens_total",
+        "Output tokens of the recorded model requests.",
+        "counter",
+        m.model_output_tokens as f64,
+    );
+    gauge(
+        &mut out,
+        "agentd_model_requests_refused_total",
+        "Model requests refused (429) under their agent's limits.",
+        "counter",
+        m.model_refusals as f64,
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_manager::{AgentCounts, MetricsSnapshot};
+
+    #[test]
+    fn the_model_totals_are_rendered() {
+        let counts = AgentCounts { by_status: Vec::new(), running_by_health: Vec::new(), connected: 0 };
+        let m = MetricsSnapshot {
+            model_requests: 3,
+            model_input_tokens: 30,
+            model_output_tokens: 15,
+            model_refusals: 1,
+            ..MetricsSnapshot::default()
+        };
+        let text = super::render(&counts, &m);
+        for line in [
+            "# TYPE agentd_model_requests_total counter",
+            "agentd_model_requests_total 3",
+            "agentd_model_input_tokens_total 30",
+            "agentd_model_output_tokens_total 15",
+            "agentd_model_requests_refused_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+        }
+    }
 }
