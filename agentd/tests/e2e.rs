@@ -968,4 +968,101 @@ per_engine!(
     leave_running_then_restart_adopts_the_same_containers,
     claude_code_converses_and_survives_adoption,
     claude_code_approvals_resume_and_stuck_turns,
+    // A2: metering and limits of the model gateway.
+    claude_code_model_usage_is_metered_and_limited,
 );
+
+// A2: metering and limits of the model gateway.
+
+/// A metric's value from `/metrics`.
+fn metric(setup: &Setup, name: &str) -> f64 {
+    let text = reqwest_text(&format!("{}/metrics", setup.base()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// The real Claude Code CLI through the model gateway (the stand-in model as
+/// `model.upstream`, the daemon's own key): every request is metered exactly against the
+/// stand-in's usage numbers, in the agent JSON and on `/metrics`; with
+/// `--requests-per-minute 2` the third request within the minute gets 429 from the gateway
+/// (never reaching the model), the turn reports it as its error, and the agent stays up.
+fn claude_code_model_usage_is_metered_and_limited(engine: Engine) {
+    use support::model::{Reply, StandIn, INPUT_TOKENS, OUTPUT_TOKENS};
+    if !engine.has_claude() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let model = rt.block_on(StandIn::start());
+    let mut setup = Setup::new(engine, "meter");
+    setup.set("AGENTD_MODEL__UPSTREAM", &model.base_url());
+    setup.set("ANTHROPIC_API_KEY", "sk-daemon-meter-e2e");
+    let daemon = setup.start();
+    let spawned = setup.cli(&[
+        "spawn",
+        "metered",
+        "--kind",
+        "claude-code",
+        "--image",
+        CLAUDE_IMAGE,
+        "--requests-per-minute",
+        "2",
+    ]);
+    assert!(spawned.contains("metered running"), "{spawned}");
+    let agent = setup.agent("metered");
+    assert_eq!(agent["model_limits"]["requests_per_minute"], 2, "{agent}");
+    assert_eq!(agent["model_usage"], json!({"requests": 0, "input_tokens": 0, "output_tokens": 0}), "{agent}");
+
+    // Two turns of one model request each, within the limit.
+    model.push(Reply::text("First answer."));
+    model.push(Reply::text("Second answer."));
+    let reply = setup.cli(&["send", "metered", "one"]);
+    assert!(reply.contains("First answer."), "{reply}\nlog:\n{}", daemon.log_text());
+    let reply = setup.cli(&["send", "metered", "two"]);
+    assert!(reply.contains("Second answer."), "{reply}\nlog:\n{}", daemon.log_text());
+    let upstream = model.messages().len() as u64;
+    assert_eq!(upstream, 2, "one model request per turn reached the stand-in");
+
+    // Recorded once each body ended: exactly the stand-in's numbers.
+    let agent = setup.wait_agent(&daemon, "metered", "metered twice", |a| a["model_usage"]["requests"] == 2);
+    assert_eq!(
+        agent["model_usage"],
+        json!({"requests": 2, "input_tokens": 2 * INPUT_TOKENS, "output_tokens": 2 * OUTPUT_TOKENS}),
+        "{agent}"
+    );
+    assert_eq!(metric(&setup, "agentd_model_requests_total"), 2.0);
+    assert_eq!(metric(&setup, "agentd_model_input_tokens_total"), (2 * INPUT_TOKENS) as f64);
+    assert_eq!(metric(&setup, "agentd_model_output_tokens_total"), (2 * OUTPUT_TOKENS) as f64);
+    let inspect = setup.cli(&["inspect", "metered"]);
+    assert!(inspect.contains("\"model_usage\""), "{inspect}");
+
+    // The third request within the minute: 429 at the gateway, reported by the turn.
+    model.push(Reply::text("never sent"));
+    let out = setup.command(&["send", "metered", "three"]).output().expect("send");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the refused turn ends in an error result: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = setup.agent("metered");
+    assert_eq!(agent["last_result"]["is_error"], true, "{agent}");
+    let text = agent["last_result"]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("requests_per_minute") || text.contains("429"),
+        "the turn says why it failed: {text:?}\n{agent}"
+    );
+    assert_eq!(agent["status"], "running", "the agent stays up: {agent}");
+    assert_eq!(model.messages().len(), 2, "the refused request never reached the model");
+    assert_eq!(metric(&setup, "agentd_model_requests_refused_total"), 1.0);
+    assert_eq!(agent["model_usage"]["requests"], 2, "a refusal is not a model request: {agent}");
+    let log = daemon.log_text();
+    assert!(log.contains("Model request refused"), "the refusal is logged:\n{log}");
+
+    setup.cli(&["rm", "metered"]);
+    daemon.terminate();
+    drop(model);
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
