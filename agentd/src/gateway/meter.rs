@@ -925,7 +925,8 @@ mod tests {
             true,
             futures_util::stream::iter(chunks),
         );
-        let out: Vec<u8> = body.map(|c| c.expect("chunk").to_vec()).collect::<Vec<_>>().await.concat();
+        // As the gateway serves it: an axum body (Send, 'static).
+        let out = axum::body::to_bytes(axum::body::Body::from_stream(body), 1 << 20).await.expect("the body");
         assert_eq!(out, text.as_bytes(), "the body passes through unchanged");
         fx.meter.flush().await;
         let usage = fx.manager.model_usage(&agent.id);
