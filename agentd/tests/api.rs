@@ -535,3 +535,70 @@ async fn a_daemon_whose_supervisor_dies_exits_with_an_error() {
     let error = outcome.expect_err("a dead supervisor is an error").to_string();
     assert!(error.contains("supervision loop panicked"), "{error}");
 }
+
+// A2: metering and limits of the model gateway.
+
+/// An agent's model limits come from its spawn (the API's `model_limits`, or the CLI's
+/// flags) field by field over `[model]`; zero and unknown fields are refused; the agent JSON
+/// and `/metrics` show the recorded usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_limits_are_set_at_spawn_and_model_usage_is_shown() {
+    let d = TestDaemon::start(None).await;
+    let post = |body: Value| d.call(reqwest::Method::POST, "/v1/agents", Some(body));
+    let (status, body) = post(json!({ "name": "zero", "model_limits": { "requests_per_minute": 0 } })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("invalid model_limits.requests_per_minute: 0: at least 1"), "{body}");
+    let (status, body) = post(json!({ "name": "typo", "model_limits": { "requests_per_minut": 2 } })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("requests_per_minut"), "{body}");
+
+    let (status, agent) = post(json!({ "name": "api", "model_limits": { "max_concurrent_requests": 3 } })).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    assert_eq!(
+        agent["model_limits"],
+        json!({"requests_per_minute": null, "max_concurrent_requests": 3, "max_output_tokens_per_day": null})
+    );
+    assert_eq!(agent["model_usage"], json!({"requests": 0, "input_tokens": 0, "output_tokens": 0}));
+
+    let base = d.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .args(["spawn", "cli", "--requests-per-minute", "2", "--max-output-tokens-per-day", "1000"])
+            .env("AGENTD_URL", base)
+            .env("XDG_CONFIG_HOME", std::env::temp_dir().join("agentd-api-test-no-config"))
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run agentd spawn");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, agent) = d.call(reqwest::Method::GET, "/v1/agents/cli", None).await;
+    assert_eq!(
+        agent["model_limits"],
+        json!({"requests_per_minute": 2, "max_concurrent_requests": null, "max_output_tokens_per_day": 1000})
+    );
+
+    let id = agent["id"].as_str().expect("id").to_owned();
+    let request = agent_manager::ModelRequest {
+        agent_id: id,
+        at: time::OffsetDateTime::now_utc(),
+        model: Some("claude-stand-in".into()),
+        status: 200,
+        latency_ms: 5,
+        input_tokens: 10,
+        output_tokens: 5,
+    };
+    d.manager.record_model_requests(&[request.clone(), request]).await.expect("record");
+    let (_, agent) = d.call(reqwest::Method::GET, "/v1/agents/cli", None).await;
+    assert_eq!(agent["model_usage"], json!({"requests": 2, "input_tokens": 20, "output_tokens": 10}));
+    let text = d.req(reqwest::Method::GET, "/metrics").send().await.expect("send").text().await.expect("text");
+    for line in [
+        "agentd_model_requests_total 2",
+        "agentd_model_input_tokens_total 20",
+        "agentd_model_output_tokens_total 10",
+        "agentd_model_requests_refused_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "metrics lack {line:?}:\n{text}");
+    }
+    d.stop().await;
+}

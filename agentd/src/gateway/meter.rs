@@ -818,6 +818,23 @@ mod tests {
         assert_eq!(parse(UsageParser::json(), &[error.as_bytes()]), Usage::default());
     }
 
+    #[test]
+    fn the_model_section_gives_every_agent_its_default_limits() {
+        let mut config = crate::config::Config::default();
+        assert_eq!(config.manager_config().model_limits, ModelLimits::default(), "no limits by default");
+        config.model.requests_per_minute = Some(2);
+        config.model.max_concurrent_requests = Some(3);
+        config.model.max_output_tokens_per_day = Some(4);
+        assert_eq!(
+            config.manager_config().model_limits,
+            ModelLimits {
+                requests_per_minute: Some(2),
+                max_concurrent_requests: Some(3),
+                max_output_tokens_per_day: Some(4)
+            }
+        );
+    }
+
     struct Fixture {
         clock: ManualClock,
         manager: Arc<AgentManager<dyn ExecutionBackend>>,
