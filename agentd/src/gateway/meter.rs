@@ -15,7 +15,9 @@
 //! [`AgentManager::record_model_requests`] (batched, off the response path).
 //!
 //! The meter reads the body as it is on the wire: the gateway must hand it an
-//! identity-encoded body (no `content-encoding`), or the usage reads as zero.
+//! identity-encoded body (no `content-encoding`), or the usage reads as zero. At shutdown,
+//! [`Meter::flush`] waits until the records handed over so far are stored: call it after the
+//! gateway stopped serving and before the store is closed.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -979,6 +981,38 @@ mod tests {
         );
         let totals = fx.manager.metrics().snapshot();
         assert_eq!((totals.model_requests, totals.model_input_tokens, totals.model_output_tokens), (3, 20, 6));
+    }
+
+    /// As the gateway uses it: an upstream response read with reqwest, metered, and served
+    /// as an axum body.
+    #[tokio::test]
+    async fn an_upstream_reqwest_body_is_metered_on_its_way_through() {
+        let fx = fixture(ModelLimits::default()).await;
+        let agent = fx.spawn("proxied", None).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let upstream = axum::Router::new().fallback(|| async {
+            let text = stand_in_stream();
+            let (a, b) = text.split_at(text.len() / 2);
+            let chunks: Vec<Result<Bytes, std::io::Error>> =
+                vec![Ok(Bytes::from(a.to_owned())), Ok(Bytes::from(b.to_owned()))];
+            (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+            )
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, upstream).await });
+        let started = Instant::now();
+        let admitted = fx.meter.admit(&agent).expect("admitted");
+        let response = reqwest::get(format!("http://{addr}/v1/messages")).await.expect("upstream answers");
+        let status = response.status().as_u16();
+        let body = admitted.meter_body(None, status, started, true, response.bytes_stream());
+        let served = axum::body::to_bytes(axum::body::Body::from_stream(body), 1 << 20).await.expect("served");
+        assert_eq!(served, stand_in_stream().as_bytes());
+        fx.meter.flush().await;
+        let usage = fx.manager.model_usage(&agent.id);
+        assert_eq!((usage.requests, usage.input_tokens, usage.output_tokens), (1, 10, 5));
+        server.abort();
     }
 
     #[tokio::test]
