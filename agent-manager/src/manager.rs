@@ -969,8 +969,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     /// Deletes the stored events and model requests older than `events_retention` (by the
-    /// manager's clock) and returns how many events; with no retention, none. The supervisor runs it at start and
-    /// hourly.
+    /// manager's clock) and returns how many events; with no retention, none. The
+    /// supervisor runs it at start and hourly.
     pub async fn prune_events(&self) -> Result<u64> {
         let Some(retention) = self.config.events_retention else {
             return Ok(0);
