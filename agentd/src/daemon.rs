@@ -248,3 +248,38 @@ pub async fn serve(config: Config) -> Result<()> {
     info!("agentd stopped.");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backend_core::NetworkGateways;
+
+    fn endpoints(internet: Option<&str>, isolated: Option<&str>, port: u16) -> GatewayEndpoints {
+        let ip = |s: Option<&str>| s.map(|s| s.parse().expect("ip"));
+        GatewayEndpoints {
+            addresses: NetworkGateways { internet: ip(internet), isolated: ip(isolated) },
+            model_port: port,
+            proxy_port: port.wrapping_add(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gateway_binds_each_address_once_and_nothing_without_one() {
+        assert!(bind_gateways(&endpoints(None, None, 7007)).expect("nothing to bind").is_empty());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let bound = bind_gateways(&endpoints(Some("127.0.0.1"), Some("127.0.0.1"), port)).expect("bind");
+        let addrs: Vec<String> = bound.iter().map(|l| l.local_addr().expect("addr").to_string()).collect();
+        assert_eq!(addrs, [format!("127.0.0.1:{port}")]);
+        let both = bind_gateways(&endpoints(Some("127.0.0.2"), Some("127.0.0.3"), port)).expect("bind");
+        assert_eq!(both.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_taken_gateway_port_is_a_startup_error_naming_the_address_and_the_key() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let error = bind_gateways(&endpoints(Some("127.0.0.1"), None, port)).expect_err("port in use");
+        let text = format!("{error:#}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("gateway.port"), "{text}");
+    }
+}
