@@ -1032,7 +1032,8 @@ fn gateway_secrets_are_per_agent(engine: Engine) {
     let credential = setup.use_model(&model);
     let daemon = setup.start();
     spawn_claude(&setup, "first", &[]);
-    spawn_claude(&setup, "second", &[]);
+    // On the isolated network: the gateway serves there too.
+    spawn_claude(&setup, "second", &["--network", "isolated"]);
     let session = |name: &str| {
         let agent = setup.wait_agent(&daemon, name, "running", |a| a["status"] == "running");
         agent["session"].as_str().expect("session").to_owned()
@@ -1068,6 +1069,8 @@ fn gateway_secrets_are_per_agent(engine: Engine) {
             engine.name()
         );
     }
+    let status = request_from(engine, &second, &other, None);
+    assert!(status.starts_with("HTTP/1.1 200"), "own secret from an isolated container: {status}");
     let direct = request_from(engine, &first, &own, Some(model.port()));
     assert!(!direct.starts_with("HTTP/"), "the stand-in on the host's loopback must be out of reach: {direct}");
 

@@ -212,7 +212,8 @@ async fn forward(
     };
 
     let mut headers =
-        end_to_end(&parts.headers, &[header::HOST, header::AUTHORIZATION, HeaderName::from_static("x-api-key")]);
+        // `Expect` is answered here (by hyper); the upstream gets the body at once.
+        end_to_end(&parts.headers, &[header::HOST, header::AUTHORIZATION, header::EXPECT, HeaderName::from_static("x-api-key")]);
     let (name, value) = credential.header();
     headers.insert(name, value);
     if credential.kind() == CredentialKind::OAuthToken {
