@@ -467,8 +467,10 @@ mod tests {
     #[test]
     fn the_model_credential_is_never_forwarded_nor_passed_to_claude_code() {
         assert!(AgentDefaults::default().forward_env.is_empty(), "no credential forwarded by default");
-        let mut defaults = AgentDefaults::default();
-        defaults.forward_env = vec!["HTTPS_PROXY".into(), "ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()];
+        let defaults = AgentDefaults {
+            forward_env: vec!["HTTPS_PROXY".into(), "ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
+            ..AgentDefaults::default()
+        };
         let refused: Vec<String> = defaults.check().into_iter().map(|v| format!("{}: {}", v.field, v.value)).collect();
         assert_eq!(refused, ["forward_env: \"ANTHROPIC_API_KEY\"", "forward_env: \"CLAUDE_CODE_OAUTH_TOKEN\""]);
         assert!(defaults.check()[0].allowed.contains("[model]"));
