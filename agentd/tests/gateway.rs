@@ -249,6 +249,7 @@ async fn an_unreachable_upstream_is_502_without_the_credential() {
     assert_anthropic_error(status, &headers, &body, 502, "api_error");
     let text = body.to_string();
     assert!(text.contains(&format!("127.0.0.1:{port}")), "names the upstream: {text}");
+    assert!(text.contains("cannot connect") && text.contains("refused"), "says why: {text}");
     assert!(!text.contains(CREDENTIAL) && !text.contains("agentd-gw-"), "{text}");
 }
 

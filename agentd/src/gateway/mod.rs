@@ -192,7 +192,14 @@ async fn forward(
         );
     };
     if !gateway.caller_is_agent(&agent_id, peer.ip()) {
-        warn!(%agent_id, peer = %peer.ip(), %method, path, status = 401, "Model request refused: the secret is another agent's.");
+        warn!(
+            %agent_id,
+            peer = %peer.ip(),
+            %method,
+            path,
+            status = 401,
+            "Model request refused: the secret is another agent's."
+        );
         return anthropic_error(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -211,9 +218,10 @@ async fn forward(
         );
     };
 
-    let mut headers =
-        // `Expect` is answered here (by hyper); the upstream gets the body at once.
-        end_to_end(&parts.headers, &[header::HOST, header::AUTHORIZATION, header::EXPECT, HeaderName::from_static("x-api-key")]);
+    // The agent's secret stays here, and so does `Expect` (hyper answers it; the upstream
+    // gets the body at once).
+    let stay = [header::HOST, header::AUTHORIZATION, header::EXPECT, HeaderName::from_static("x-api-key")];
+    let mut headers = end_to_end(&parts.headers, &stay);
     let (name, value) = credential.header();
     headers.insert(name, value);
     if credential.kind() == CredentialKind::OAuthToken {
@@ -236,8 +244,17 @@ async fn forward(
             } else {
                 "the request failed"
             };
-            let error = e.without_url();
-            warn!(%agent_id, %method, path, status = 502, upstream = %gateway.upstream_origin, error = %error, latency_ms = started.elapsed().as_millis() as u64, "Model request failed upstream.");
+            let error = error_chain(&e.without_url());
+            warn!(
+                %agent_id,
+                %method,
+                path,
+                status = 502,
+                upstream = %gateway.upstream_origin,
+                error,
+                latency_ms = started.elapsed().as_millis() as u64,
+                "Model request failed upstream."
+            );
             return anthropic_error(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
@@ -261,6 +278,22 @@ async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// An error with its sources, `a: b: c` (a request error without its URL: no part of it
+/// holds a header).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Adds `flag` to the request's `anthropic-beta` list unless it is there.
