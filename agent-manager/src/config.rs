@@ -36,7 +36,9 @@ pub struct AgentDefaults {
     pub stop_grace_secs: u64,
     pub read_only_rootfs: bool,
     /// Variables copied from the daemon's environment into every agent's, when set
-    /// there and not set by the agent's own env (API keys).
+    /// there and not set by the agent's own env. Never the model credential: it stays in
+    /// the daemon (`[model]`), and claude-code agents get a gateway secret instead
+    /// ([`MODEL_ENV`] is refused here).
     pub forward_env: Vec<String>,
     /// How claude-code tool-permission requests are answered: ask, allow or deny.
     pub approvals: ApprovalPolicy,
@@ -77,7 +79,7 @@ impl Default for AgentDefaults {
             on_unhealthy: UnhealthyAction::Record,
             stop_grace_secs: 10,
             read_only_rootfs: false,
-            forward_env: vec!["ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
+            forward_env: Vec::new(),
             approvals: ApprovalPolicy::Ask,
             permission_mode: None,
             approval_timeout: Duration::from_secs(900),
@@ -168,6 +170,16 @@ impl ModelLimits {
         .collect()
     }
 }
+/// The variables agentd sets itself in a claude-code agent's environment (the model
+/// gateway's address and the agent's own secret), and the credential variables the real
+/// credential would travel in: a spawn's `env` and `agents.forward_env` may not name them.
+pub const MODEL_ENV: &[&str] =
+    &["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL"];
+
+/// What to do instead of passing a [`MODEL_ENV`] variable.
+const MODEL_ENV_ALLOWED: &str = "agentd sets the model variables of claude-code agents itself (the model gateway's \
+     address and a secret of the agent's own); put the real credential in [model] (model.api_key_file, or the \
+     daemon's ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN)";
 
 /// Checks a variable name an agent's environment gets.
 fn check_env_name(field: &'static str, name: &str) -> Option<Violation> {
@@ -218,6 +230,12 @@ impl AgentDefaults {
         };
         check_common(&spec, &mut out);
         out.extend(self.forward_env.iter().filter_map(|name| check_env_name("forward_env", name)));
+        out.extend(
+            self.forward_env
+                .iter()
+                .filter(|name| MODEL_ENV.contains(&name.as_str()))
+                .map(|name| Violation::new("forward_env", format!("{name:?}"), MODEL_ENV_ALLOWED)),
+        );
         for (field, value) in [
             ("approval_timeout_secs", self.approval_timeout),
             ("turn_idle_timeout_secs", self.turn_idle_timeout),
@@ -279,6 +297,11 @@ impl AgentDefaults {
         }
         if let Some(violation) = spec.env.keys().find_map(|key| check_env_name("env", key)) {
             return Err(violation.into_error());
+        }
+        if spec.kind == AgentKind::ClaudeCode {
+            if let Some(key) = spec.env.keys().find(|key| MODEL_ENV.contains(&key.as_str())) {
+                return invalid("env", format!("{key:?}: {MODEL_ENV_ALLOWED}"));
+            }
         }
         if let Some(dir) = &spec.workdir {
             if !dir.is_absolute() {
@@ -463,6 +486,18 @@ mod tests {
         assert!(message(spawn(env)).starts_with("env: \"AGENTD_TOKEN\": not AGENTD_*"));
         assert!(AgentDefaults::default().check().is_empty());
         assert!(ReconcileConfig::default().check().is_empty());
+    }
+
+    #[test]
+    fn the_model_credential_is_never_forwarded_nor_passed_to_claude_code() {
+        assert!(AgentDefaults::default().forward_env.is_empty(), "no credential forwarded by default");
+        let defaults = AgentDefaults {
+            forward_env: vec!["HTTPS_PROXY".into(), "ANTHROPIC_API_KEY".into(), "CLAUDE_CODE_OAUTH_TOKEN".into()],
+            ..AgentDefaults::default()
+        };
+        let refused: Vec<String> = defaults.check().into_iter().map(|v| format!("{}: {}", v.field, v.value)).collect();
+        assert_eq!(refused, ["forward_env: \"ANTHROPIC_API_KEY\"", "forward_env: \"CLAUDE_CODE_OAUTH_TOKEN\""]);
+        assert!(defaults.check()[0].allowed.contains("[model]"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod model;
 mod reconcile;
 #[cfg(feature = "testing")]
 pub mod scenarios;
+mod secrets;
 mod store;
 mod supervise;
 
@@ -29,7 +30,7 @@ pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     AgentDefaults, GatewayEndpoints, ManagerConfig, ReconcileConfig, Violation, DEFAULT_EVENTS_RETENTION,
-    MAX_STOP_GRACE_SECS,
+    MAX_STOP_GRACE_SECS, MODEL_ENV,
 };
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
@@ -42,6 +43,7 @@ pub use model::{
     PERMISSION_MODES,
 };
 pub use reconcile::ReconcileReport;
+pub use secrets::{AgentSecret, GatewaySecrets, SECRET_PREFIX};
 pub use store::{Store, StoreError};
 
 /// The tracing target of lifecycle events.

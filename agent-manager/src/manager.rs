@@ -19,7 +19,7 @@ use crate::model::{
     Agent, AgentKind, AgentStatus, AgentView, Desired, EndedBy, EventKind, LifecycleEvent, ModelLimits, ModelRequest,
     ModelUsage, NewAgent, RestartPolicy, Run,
 };
-use crate::{Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET};
+use crate::{Clock, ManagerConfig, ManagerError, Metrics, Result, Store, SystemClock, LIFECYCLE_TARGET, MODEL_ENV};
 
 /// Stores, logs and broadcasts lifecycle events; cheap to clone, so that tasks of their
 /// own (the conversations) can record events too.
@@ -395,12 +395,38 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub fn session_spec_for(&self, agent: &Agent) -> Result<SessionSpec> {
         let s = &agent.spec;
         let mut spec = SessionSpec::new(&agent.session, &agent.id, &s.image);
+        let claude = s.kind == AgentKind::ClaudeCode;
         for key in &self.config.defaults.forward_env {
+            // The configuration refuses these; never forward a model credential.
+            if claude && MODEL_ENV.contains(&key.as_str()) {
+                continue;
+            }
             if let Ok(value) = std::env::var(key) {
                 spec.env.insert(key.clone(), value);
             }
         }
         spec.env.extend(s.env.clone());
+        if claude {
+            // Agents spawned before the gateway may have stored these; agentd sets them.
+            for key in MODEL_ENV {
+                if spec.env.remove(*key).is_some() {
+                    warn!(
+                        agent_id = %agent.id,
+                        key,
+                        "Dropped a stored variable from the agent's environment: agentd sets it itself (the model \
+                         gateway); the real credential belongs in [model]."
+                    );
+                }
+            }
+            if let Some((address, port)) =
+                self.config.gateway.and_then(|g| g.address_for(s.network).map(|a| (a, g.model_port)))
+            {
+                let url = format!("http://{}", std::net::SocketAddr::new(address, port));
+                spec.env.insert("ANTHROPIC_BASE_URL".into(), url);
+                let secret = self.store.gateway_secrets().secret_for(&agent.id);
+                spec.env.insert("ANTHROPIC_API_KEY".into(), secret.expose().to_owned());
+            }
+        }
         spec.env.insert("AGENTD_AGENT_ID".into(), agent.id.clone());
         spec.env.insert("AGENTD_AGENT_NAME".into(), agent.name.clone());
         spec.command = match s.kind {

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::model::{
     Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, ModelRequest, ModelUsage, Run,
 };
+use crate::secrets::GatewaySecrets;
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,8 @@ pub struct Store {
     pool: SqlitePool,
     agents: Arc<Mutex<AgentCache>>,
     usage: Arc<Mutex<HashMap<String, UsageState>>>,
+    /// The gateway key (`meta.gateway_key`), generated on first open.
+    gateway: Arc<GatewaySecrets>,
 }
 
 /// An agent's model usage in memory.
@@ -143,6 +146,20 @@ fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T> {
     text.parse().map_err(StoreError::Corrupt)
 }
 
+/// Reads the gateway key from `meta`, storing a new random one first if there is none.
+async fn gateway_key(pool: &SqlitePool) -> Result<GatewaySecrets> {
+    let candidate = GatewaySecrets::generate()
+        .map_err(|e| StoreError::Corrupt(format!("cannot generate the gateway key: no random source: {e}")))?;
+    sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES ('gateway_key', ?)")
+        .bind(candidate.encoded_key())
+        .execute(pool)
+        .await?;
+    let row = sqlx::query("SELECT value FROM meta WHERE key = 'gateway_key'").fetch_one(pool).await?;
+    let text: String = row.try_get("value")?;
+    GatewaySecrets::decode_key(&text)
+        .ok_or_else(|| StoreError::Corrupt("meta.gateway_key is not 32 bytes of base64url".into()))
+}
+
 const AGENT_COLUMNS: &str = "id, name, status, desired, health, session, container_id, spec, restarts, \
      crash_streak, next_restart_at, reason, created_at, updated_at";
 
@@ -185,7 +202,14 @@ impl Store {
             cache.put(agent_from_row(row)?);
         }
         let usage = load_usage(&pool).await?;
-        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)), usage: Arc::new(Mutex::new(usage)) })
+        let gateway = Arc::new(gateway_key(&pool).await?);
+        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)), usage: Arc::new(Mutex::new(usage)), gateway })
+    }
+
+    /// The daemon's gateway key, which makes and checks every agent's gateway secret. It
+    /// is generated on the database's first open and kept in it, so secrets survive restarts.
+    pub fn gateway_secrets(&self) -> Arc<GatewaySecrets> {
+        self.gateway.clone()
     }
 
     pub(crate) fn pool(&self) -> &SqlitePool {

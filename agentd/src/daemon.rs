@@ -2,7 +2,7 @@
 //! graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{router, App};
 use crate::config::{Config, LogFormat};
+use crate::gateway::{Credential, ModelGateway};
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
 pub fn init_logging(config: &Config) {
@@ -38,13 +39,20 @@ pub fn init_logging(config: &Config) {
 pub struct Daemon {
     app: Arc<App>,
     api: TcpListener,
+    /// The model gateway's listeners, one per gateway address (none without any).
+    gateway: Vec<TcpListener>,
+    model_gateway: Arc<ModelGateway>,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
 }
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Daemon").field("api", &self.api.local_addr().ok()).finish_non_exhaustive()
+        let gateway: Vec<_> = self.gateway.iter().filter_map(|l| l.local_addr().ok()).collect();
+        f.debug_struct("Daemon")
+            .field("api", &self.api.local_addr().ok())
+            .field("gateway", &gateway)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,12 +72,29 @@ impl Daemon {
             backend.gateway_addresses().await.context("asking the engine for its networks' gateway addresses")?;
         let endpoints =
             GatewayEndpoints { addresses, model_port: config.gateway.port, proxy_port: config.gateway.proxy_port };
+        let gateway = bind_gateways(&endpoints)?;
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
-        let manager = Arc::new(AgentManager::new(backend, store, manager_config));
+        let manager: Arc<AgentManager<dyn ExecutionBackend>> =
+            Arc::new(AgentManager::new(backend, store, manager_config));
+        let credential = Credential::from_daemon(&config.model)?;
+        match &credential {
+            Some(c) => info!(source = c.source(), kind = ?c.kind(), "Model credential loaded; it stays in agentd."),
+            None if !gateway.is_empty() => warn!(
+                "No model credential: the model gateway answers 503 until model.api_key_file, or ANTHROPIC_API_KEY or \
+                 CLAUDE_CODE_OAUTH_TOKEN in agentd's environment, is set and agentd restarted."
+            ),
+            None => {}
+        }
+        let model_gateway = Arc::new(ModelGateway::new(manager.clone(), &config.model, credential)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, shutdown, leave_running: config.shutdown.leave_running })
+        Ok(Self { app, api, gateway, model_gateway, shutdown, leave_running: config.shutdown.leave_running })
+    }
+
+    /// The bound model gateway addresses (none when the backend has no gateway address).
+    pub fn gateway_addrs(&self) -> Vec<SocketAddr> {
+        self.gateway.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     /// The bound API address.
@@ -86,7 +111,7 @@ impl Daemon {
     /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, shutdown, leave_running } = self;
+        let Daemon { app, api, gateway, model_gateway, shutdown, leave_running } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
@@ -95,6 +120,17 @@ impl Daemon {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         });
         servers.spawn(async move { api_server.await });
+        for listener in gateway {
+            let address = listener.local_addr()?;
+            info!(%address, "Serving the model gateway.");
+            let mut shutdown_rx = shutdown.subscribe();
+            let routes = crate::gateway::router(model_gateway.clone());
+            let server = axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown_rx.wait_for(|s| *s).await;
+                });
+            servers.spawn(async move { server.await });
+        }
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
@@ -147,9 +183,35 @@ impl Daemon {
             warn!("Servers did not drain within 5 s; closing them.");
             servers.abort_all();
         }
+        // Usage records still on their way to the store.
+        if tokio::time::timeout(Duration::from_secs(5), model_gateway.meter().flush()).await.is_err() {
+            warn!("Model usage records were not all stored within 5 s.");
+        }
         app.manager.store().close().await;
         Ok(summary)
     }
+}
+
+/// Binds the model gateway on every gateway address (internet and isolated, each once) at
+/// `gateway.port`; none when the backend names no address (the mock backend, a remote
+/// engine).
+fn bind_gateways(endpoints: &GatewayEndpoints) -> Result<Vec<TcpListener>> {
+    let mut ips: Vec<IpAddr> =
+        [endpoints.addresses.internet, endpoints.addresses.isolated].into_iter().flatten().collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips.into_iter()
+        .map(|ip| {
+            let address = SocketAddr::new(ip, endpoints.model_port);
+            crate::listen::bind_gateway(address).with_context(|| {
+                format!(
+                    "cannot listen on the model gateway address {address} (gateway.port = {}; containers reach \
+                     agentd there): is another agentd or service using the port? Choose another gateway.port",
+                    endpoints.model_port
+                )
+            })
+        })
+        .collect()
 }
 
 /// Waits for SIGTERM or SIGINT; a second one exits at once.
@@ -189,4 +251,39 @@ pub async fn serve(config: Config) -> Result<()> {
     daemon.run(shutdown_signal()).await?;
     info!("agentd stopped.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backend_core::NetworkGateways;
+
+    fn endpoints(internet: Option<&str>, isolated: Option<&str>, port: u16) -> GatewayEndpoints {
+        let ip = |s: Option<&str>| s.map(|s| s.parse().expect("ip"));
+        GatewayEndpoints {
+            addresses: NetworkGateways { internet: ip(internet), isolated: ip(isolated) },
+            model_port: port,
+            proxy_port: port.wrapping_add(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gateway_binds_each_address_once_and_nothing_without_one() {
+        assert!(bind_gateways(&endpoints(None, None, 7007)).expect("nothing to bind").is_empty());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let bound = bind_gateways(&endpoints(Some("127.0.0.1"), Some("127.0.0.1"), port)).expect("bind");
+        let addrs: Vec<String> = bound.iter().map(|l| l.local_addr().expect("addr").to_string()).collect();
+        assert_eq!(addrs, [format!("127.0.0.1:{port}")]);
+        let both = bind_gateways(&endpoints(Some("127.0.0.2"), Some("127.0.0.3"), port)).expect("bind");
+        assert_eq!(both.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_taken_gateway_port_is_a_startup_error_naming_the_address_and_the_key() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let error = bind_gateways(&endpoints(Some("127.0.0.1"), None, port)).expect_err("port in use");
+        let text = format!("{error:#}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("gateway.port"), "{text}");
+    }
 }

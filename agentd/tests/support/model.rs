@@ -212,7 +212,19 @@ impl StandIn {
     /// and serves until dropped. Must be called within a Tokio runtime, which must keep
     /// running (a multi-threaded one when the test blocks its thread in between).
     pub async fn start() -> StandIn {
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 0)).await.expect("stand-in model: bind 0.0.0.0:0");
+        Self::start_on("0.0.0.0").await
+    }
+
+    /// Binds 127.0.0.1 only: containers cannot reach it, agentd's model gateway (which
+    /// forwards to it as `model.upstream`) can.
+    pub async fn start_loopback() -> StandIn {
+        Self::start_on("127.0.0.1").await
+    }
+
+    async fn start_on(host: &str) -> StandIn {
+        let listener = tokio::net::TcpListener::bind((host, 0))
+            .await
+            .unwrap_or_else(|e| panic!("stand-in model: bind {host}:0: {e}"));
         let port = listener.local_addr().expect("stand-in model: local address").port();
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let inner =
