@@ -66,6 +66,7 @@ impl Daemon {
             GatewayEndpoints { addresses, model_port: config.gateway.port, proxy_port: config.gateway.proxy_port };
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
+        manager_config.protected_paths = config.protected_paths(backend.name(), backend.engine_socket());
         let manager = Arc::new(AgentManager::new(backend, store, manager_config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });

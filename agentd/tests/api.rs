@@ -500,6 +500,9 @@ impl ExecutionBackend for PanickingBackend {
     async fn image_exists(&self, image: &str) -> backend_core::Result<bool> {
         self.0.image_exists(image).await
     }
+    async fn image_user(&self, image: &str) -> backend_core::Result<Option<String>> {
+        self.0.image_user(image).await
+    }
     async fn create_session(&self, spec: &backend_core::SessionSpec) -> backend_core::Result<String> {
         self.0.create_session(spec).await
     }
