@@ -291,10 +291,11 @@ impl AgentDefaults {
             return Err(violation.into_error());
         }
         if let Some(user) = &spec.user {
+            // Root first: `root:wheel` is refused as root, whatever its group's form.
+            self.check_root("user", user)?;
             if let Err(allowed) = backend_core::rules::user(user) {
                 return invalid("user", format!("{user:?}: {allowed}"));
             }
-            self.check_root("user", user)?;
         }
         let mut violations = Vec::new();
         check_common(&spec, &mut violations);
