@@ -226,7 +226,11 @@ impl AgentDefaults {
         }
         for root in &self.workdir_roots {
             if !root.is_absolute() {
-                out.push(Violation::new("workdir_roots", format!("{:?}", root.display().to_string()), "absolute paths"));
+                out.push(Violation::new(
+                    "workdir_roots",
+                    format!("{:?}", root.display().to_string()),
+                    "absolute paths",
+                ));
             }
         }
         for (field, value) in [

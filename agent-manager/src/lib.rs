@@ -37,11 +37,11 @@ pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, Sessi
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
-pub use paths::{check_host_dir, ProtectedPath, SYSTEM_TREES};
 pub use model::{
     Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,
     LifecycleEvent, NewAgent, RestartPolicy, Run, UnhealthyAction, PERMISSION_MODES,
 };
+pub use paths::{check_host_dir, ProtectedPath, SYSTEM_TREES};
 pub use reconcile::ReconcileReport;
 pub use store::{Store, StoreError};
 

@@ -485,8 +485,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let protected = self.config.protected_paths.clone();
         let roots = self.config.defaults.workdir_roots.clone();
         tokio::task::spawn_blocking(move || {
-            let workdir =
-                workdir.map(|dir| crate::check_host_dir("workdir", &dir, &protected, &roots)).transpose()?;
+            let workdir = workdir.map(|dir| crate::check_host_dir("workdir", &dir, &protected, &roots)).transpose()?;
             let mounts = mounts
                 .into_iter()
                 .map(|mount| {

@@ -62,12 +62,17 @@ pub fn check_host_dir(
     let resolved = match std::fs::canonicalize(path) {
         Ok(resolved) => resolved,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(refused(field, path, "must be an existing directory on the agentd host; create it first".into()))
+            return Err(refused(
+                field,
+                path,
+                "must be an existing directory on the agentd host; create it first".into(),
+            ))
         }
         Err(e) => return Err(refused(field, path, format!("cannot be resolved on the agentd host: {e}"))),
     };
     // What the rule says about the path: it, or what it resolves to.
-    let shown = if resolved == path { "it".to_owned() } else { format!("it resolves to {}, which", resolved.display()) };
+    let shown =
+        if resolved == path { "it".to_owned() } else { format!("it resolves to {}, which", resolved.display()) };
     if !resolved.is_dir() {
         return Err(refused(field, path, format!("{shown} is not a directory; only directories are given to agents")));
     }

@@ -218,7 +218,9 @@ async fn a_stored_agent_whose_workdir_became_protected_fails_its_next_creation()
     let next = Fixture::on(fx.engine.clone(), fx.store.clone(), config, fx.clock.clone()).await;
     let err = next.manager.restart("kept").await.expect_err("refused");
     match &err {
-        ManagerError::Refused { field: "workdir", rule, .. } => assert!(rule.contains("agentd's data directory"), "{rule}"),
+        ManagerError::Refused { field: "workdir", rule, .. } => {
+            assert!(rule.contains("agentd's data directory"), "{rule}")
+        }
         other => panic!("expected Refused, got {other:?}"),
     }
     let view = next.get("kept").await;

@@ -603,3 +603,32 @@ fn leaves(value: &Value, prefix: String, out: &mut Vec<(String, String)>) {
 pub fn describe(path: Option<&Path>) -> String {
     path.map_or_else(|| "the default locations".to_owned(), |p| p.display().to_string())
 }
+
+#[cfg(test)]
+mod protected_paths_tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_directory_the_data_directory_and_credential_files_are_protected() {
+        let mut config = Config::default();
+        config.store.path = Some("/srv/agentd/agentd.db".into());
+        config.server.token_file = Some("/srv/secrets/token".into());
+        config.model.api_key_file = Some("/srv/secrets/anthropic".into());
+        let paths = config.protected_paths("docker", Some("/var/run/docker.sock".into()));
+        let got: Vec<(&str, &str)> =
+            paths.iter().map(|p| (p.path.to_str().unwrap_or_default(), p.what.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("/var/run", "the directory of the docker engine's socket /var/run/docker.sock"),
+                ("/srv/agentd", "agentd's data directory (store.path /srv/agentd/agentd.db)"),
+                ("/srv/secrets/token", "the API token file (server.token_file)"),
+                ("/srv/secrets/anthropic", "the model credential file (model.api_key_file)"),
+            ]
+        );
+        // A remote engine has no socket here; a relative store is made absolute.
+        config.store.path = Some("agentd.db".into());
+        let paths = config.protected_paths("podman", None);
+        assert!(paths.iter().all(|p| p.path.is_absolute() && !p.what.contains("socket")), "{paths:?}");
+    }
+}

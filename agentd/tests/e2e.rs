@@ -1073,7 +1073,8 @@ fn identity_and_files(engine: Engine) {
     std::fs::create_dir_all(&workspace).expect("workspace");
     std::fs::set_permissions(&workspace, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let script = "id -u > /workspace/who.tmp && mv /workspace/who.tmp /workspace/who && exec sleep 600";
-    let body = json!({"name": "writer", "image": NOUSER_IMAGE, "command": ["bash", "-c", script], "workdir": workspace});
+    let body =
+        json!({"name": "writer", "image": NOUSER_IMAGE, "command": ["bash", "-c", script], "workdir": workspace});
     http("POST", &agents, Some(body)).unwrap_or_else(|e| panic!("spawn writer: {e}\nlog:\n{}", daemon.log_text()));
     let writer = setup.wait_agent(&daemon, "writer", "running", |a| a["status"] == "running");
     let who = workspace.join("who");
