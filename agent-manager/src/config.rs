@@ -324,9 +324,7 @@ impl AgentDefaults {
         }
         Ok(spec)
     }
-}
 
-impl AgentDefaults {
     /// Refuses `user` (the value of `field`) when it is root and root is not allowed.
     pub fn check_root(&self, field: &'static str, user: &str) -> Result<(), ManagerError> {
         if backend_core::rules::user_is_root(user) && !self.allow_root {
