@@ -1,5 +1,6 @@
 //! The manager's settings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use backend_core::NetworkPolicy;
@@ -63,6 +64,15 @@ pub struct AgentDefaults {
     pub max_turns: Option<u32>,
     /// Claude Code's `--max-budget-usd`.
     pub max_budget_usd: Option<f64>,
+    /// Who an agent runs as when it names no user and its image names none or root
+    /// (`NAME`, `UID` or `UID:GID`).
+    pub default_user: String,
+    /// Whether agents may run as root: a `user` of `0` or `root` (`0:…`, `root:…`), or
+    /// a root `default_user`. Off: such agents are refused.
+    pub allow_root: bool,
+    /// The host directories an agent's workdir and mounts must be inside (absolute
+    /// paths); empty: anywhere that is not protected.
+    pub workdir_roots: Vec<PathBuf>,
 }
 
 impl Default for AgentDefaults {
@@ -87,9 +97,15 @@ impl Default for AgentDefaults {
             interrupt_grace: Duration::from_secs(30),
             max_turns: None,
             max_budget_usd: None,
+            default_user: DEFAULT_USER.into(),
+            allow_root: false,
+            workdir_roots: Vec::new(),
         }
     }
 }
+
+/// Who agents run as unless told otherwise: `1000:1000`.
+pub const DEFAULT_USER: &str = "1000:1000";
 
 /// A value that breaks a rule: the field (or config key within its section), the value
 /// as shown, and what is allowed.
@@ -236,6 +252,24 @@ impl AgentDefaults {
                 .filter(|name| MODEL_ENV.contains(&name.as_str()))
                 .map(|name| Violation::new("forward_env", format!("{name:?}"), MODEL_ENV_ALLOWED)),
         );
+        if let Err(allowed) = backend_core::rules::user(&self.default_user) {
+            out.push(Violation::new("default_user", format!("{:?}", self.default_user), allowed));
+        } else if backend_core::rules::user_is_root(&self.default_user) && !self.allow_root {
+            out.push(Violation::new(
+                "default_user",
+                format!("{:?}", self.default_user),
+                "a user other than root, such as 1000:1000; or set agents.allow_root = true to run agents as root",
+            ));
+        }
+        for root in &self.workdir_roots {
+            if !root.is_absolute() {
+                out.push(Violation::new(
+                    "workdir_roots",
+                    format!("{:?}", root.display().to_string()),
+                    "absolute paths",
+                ));
+            }
+        }
         for (field, value) in [
             ("approval_timeout_secs", self.approval_timeout),
             ("turn_idle_timeout_secs", self.turn_idle_timeout),
@@ -303,9 +337,11 @@ impl AgentDefaults {
                 return invalid("env", format!("{key:?}: {MODEL_ENV_ALLOWED}"));
             }
         }
-        if let Some(dir) = &spec.workdir {
-            if !dir.is_absolute() {
-                return invalid("workdir", format!("{} must be an absolute path", dir.display()));
+        if let Some(user) = &spec.user {
+            // Root first: `root:wheel` is refused as root, whatever its group's form.
+            self.check_root("user", user)?;
+            if let Err(allowed) = backend_core::rules::user(user) {
+                return invalid("user", format!("{user:?}: {allowed}"));
             }
         }
         let mut violations = spec.model_limits.check();
@@ -330,6 +366,20 @@ impl AgentDefaults {
             );
         }
         Ok(spec)
+    }
+
+    /// Refuses `user` (the value of `field`) when it is root and root is not allowed.
+    pub fn check_root(&self, field: &'static str, user: &str) -> Result<(), ManagerError> {
+        if backend_core::rules::user_is_root(user) && !self.allow_root {
+            return Err(ManagerError::Refused {
+                field,
+                value: user.to_owned(),
+                rule: "agents run as root only where the daemon's configuration sets agents.allow_root = true; \
+                       run it as another user, such as 1000:1000"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -413,6 +463,10 @@ pub struct ManagerConfig {
     /// section; a spawn's own `model_limits` win field by field.
     #[serde(skip)]
     pub model_limits: ModelLimits,
+    /// Host paths no agent may be given, besides [`crate::SYSTEM_TREES`]: set by the daemon
+    /// (its engine's socket directory, its data directory, its credential files).
+    #[serde(skip)]
+    pub protected_paths: Vec<crate::ProtectedPath>,
 }
 
 /// The daemon's listeners on the engine networks' gateway addresses.
@@ -455,6 +509,7 @@ impl Default for ManagerConfig {
             events_retention: default_events_retention(),
             gateway: None,
             model_limits: ModelLimits::default(),
+            protected_paths: Vec::new(),
         }
     }
 }

@@ -27,6 +27,12 @@ pub enum ManagerError {
     #[error("invalid {field}: {message}")]
     Invalid { field: &'static str, message: String },
 
+    /// The request is well formed but breaks a containment rule: a host path an agent
+    /// may not be given, or a user it may not run as. `value` is the value as given,
+    /// `rule` what it breaks and what to do instead.
+    #[error("{field} {value:?} is refused: {rule}")]
+    Refused { field: &'static str, value: String, rule: String },
+
     /// The image is not present in the engine.
     #[error("image {image:?} is not present in the {backend} engine; {hint}")]
     ImageMissing { backend: &'static str, image: String, hint: String },

@@ -19,6 +19,7 @@ mod locks;
 mod manager;
 mod metrics;
 pub mod model;
+mod paths;
 mod reconcile;
 #[cfg(feature = "testing")]
 pub mod scenarios;
@@ -42,6 +43,7 @@ pub use model::{
     LifecycleEvent, ModelLimits, ModelRequest, ModelUsage, NewAgent, RestartPolicy, Run, UnhealthyAction,
     PERMISSION_MODES,
 };
+pub use paths::{check_host_dir, ProtectedPath, SYSTEM_TREES};
 pub use reconcile::ReconcileReport;
 pub use secrets::{AgentSecret, GatewaySecrets, SECRET_PREFIX};
 pub use store::{Store, StoreError};

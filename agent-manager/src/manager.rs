@@ -317,17 +317,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
-        let spec = self.config.defaults.resolve(new.clone())?;
-        if let Some(dir) = spec.workdir.clone() {
-            // A file-system call: off the async workers.
-            let exists = tokio::task::spawn_blocking(move || dir.is_dir()).await.unwrap_or(false);
-            if !exists {
-                let dir = spec.workdir.as_deref().unwrap_or(std::path::Path::new("")).display();
-                return Err(ManagerError::Invalid {
-                    field: "workdir",
-                    message: format!("{dir} is not an existing directory on this host"),
-                });
-            }
+        let mut spec = self.config.defaults.resolve(new.clone())?;
+        if let Some(dir) = spec.workdir.take() {
+            // The canonical path is what is stored (and mounted).
+            spec.workdir = Some(self.check_host_dirs(Some(dir), Vec::new()).await?.0.unwrap_or_default());
         }
         if !self.backend.image_exists(&spec.image).await? {
             let hint = if spec.image.starts_with("agentd-echo") {
@@ -491,8 +484,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             // The session record decides between --session-id and --resume.
             self.conversations.record(&agent.id).await?;
         }
-        let spec = self.session_spec_for(agent)?;
+        let mut spec = self.session_spec_for(agent)?;
         agent.container_id = None;
+        self.contain(&mut spec).await?;
         let container = self.backend.create_session(&spec).await?;
         agent.container_id = Some(container.clone());
         let started_at = self.now();
@@ -519,6 +513,67 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.transition(agent, AgentStatus::Running, EventKind::Started, detail, None).await?;
         self.ensure_conversation(agent);
         Ok(())
+    }
+
+    /// Applies the identity and file rules to a spec about to become a container (at every
+    /// creation: a stored agent whose user or paths break the rules now is refused with
+    /// the same error as a new one): the user it runs as (see [`Self::run_as`]), and its
+    /// workdir and mount sources, resolved to canonical paths and checked (see
+    /// [`crate::check_host_dir`]).
+    async fn contain(&self, spec: &mut SessionSpec) -> Result<()> {
+        spec.user = self.run_as(spec.user.take(), &spec.image).await?;
+        let mounts = std::mem::take(&mut spec.mounts);
+        let (workdir, mounts) = self.check_host_dirs(spec.workdir.take(), mounts).await?;
+        spec.workdir = workdir;
+        spec.mounts = mounts;
+        Ok(())
+    }
+
+    /// Who a container runs as: the spec's user (never root unless `agents.allow_root`);
+    /// else the image's `USER` when it names one other than root (`None`: the image's);
+    /// else `agents.default_user`. An image without a `USER` would run as root, so it gets
+    /// the default user, and so does an image whose `USER` is root: root is only ever
+    /// what an operator asks for by name.
+    async fn run_as(&self, user: Option<String>, image: &str) -> Result<Option<String>> {
+        let defaults = &self.config.defaults;
+        if let Some(user) = user {
+            defaults.check_root("user", &user)?;
+            return Ok(Some(user));
+        }
+        match self.backend.image_user(image).await? {
+            Some(own) if !backend_core::rules::user_is_root(&own) => Ok(None),
+            _ => {
+                defaults.check_root("agents.default_user", &defaults.default_user)?;
+                Ok(Some(defaults.default_user.clone()))
+            }
+        }
+    }
+
+    /// Resolves and checks a workdir and mount sources (off the async workers: they are
+    /// file-system calls); returns them with their canonical paths.
+    async fn check_host_dirs(
+        &self,
+        workdir: Option<std::path::PathBuf>,
+        mounts: Vec<backend_core::Mount>,
+    ) -> Result<(Option<std::path::PathBuf>, Vec<backend_core::Mount>)> {
+        if workdir.is_none() && mounts.is_empty() {
+            return Ok((None, mounts));
+        }
+        let protected = self.config.protected_paths.clone();
+        let roots = self.config.defaults.workdir_roots.clone();
+        tokio::task::spawn_blocking(move || {
+            let workdir = workdir.map(|dir| crate::check_host_dir("workdir", &dir, &protected, &roots)).transpose()?;
+            let mounts = mounts
+                .into_iter()
+                .map(|mount| {
+                    let source = crate::check_host_dir("mounts", &mount.source, &protected, &roots)?;
+                    Ok(backend_core::Mount { source, ..mount })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((workdir, mounts))
+        })
+        .await
+        .map_err(|e| ManagerError::Conflict(format!("the check of the agent's host paths did not finish: {e}")))?
     }
 
     /// Starts the conversation task of a live stream-json agent's container, unless one

@@ -88,7 +88,7 @@ impl From<ManagerError> for ApiError {
                 StatusCode::CONFLICT
             }
             ManagerError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            ManagerError::ImageMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::ImageMissing { .. } | ManagerError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_engine_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ManagerError::Backend(BackendError::InvalidSpec { .. }) => StatusCode::BAD_REQUEST,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use agent_manager::{AgentDefaults, ManagerConfig, ReconcileConfig};
+use agent_manager::{AgentDefaults, ManagerConfig, ProtectedPath, ReconcileConfig};
 use backend_core::{BackendFactory, NetworkPolicy, Section};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
@@ -492,6 +492,32 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("/var/lib/agentd/agentd.db"))
     }
 
+    /// The host paths no agent may be given besides the system trees (see
+    /// `agent_manager::check_host_dir`): the directory of the engine's socket (`socket`,
+    /// the backend's [`backend_core::ExecutionBackend::engine_socket`]), agentd's data
+    /// directory (the store's), and the files holding the API token and the model
+    /// credential.
+    pub fn protected_paths(&self, backend: &str, socket: Option<PathBuf>) -> Vec<ProtectedPath> {
+        let absolute = |path: &std::path::Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut out = Vec::new();
+        if let Some(socket) = socket {
+            let dir = socket.parent().filter(|d| d.parent().is_some()).map(std::path::Path::to_path_buf);
+            let what = format!("the directory of the {backend} engine's socket {}", socket.display());
+            out.push(ProtectedPath::new(dir.unwrap_or_else(|| socket.clone()), what));
+        }
+        let store = absolute(&self.store_path());
+        if let Some(dir) = store.parent() {
+            out.push(ProtectedPath::new(dir, format!("agentd's data directory (store.path {})", store.display())));
+        }
+        if let Some(file) = &self.server.token_file {
+            out.push(ProtectedPath::new(absolute(file), "the API token file (server.token_file)"));
+        }
+        if let Some(file) = &self.model.api_key_file {
+            out.push(ProtectedPath::new(absolute(file), "the model credential file (model.api_key_file)"));
+        }
+        out
+    }
+
     /// The manager's settings from this configuration: its own sections, as they are.
     pub fn manager_config(&self) -> ManagerConfig {
         ManagerConfig {
@@ -508,6 +534,8 @@ impl Config {
                 max_concurrent_requests: self.model.max_concurrent_requests,
                 max_output_tokens_per_day: self.model.max_output_tokens_per_day,
             },
+            // Filled in by the daemon once it knows the backend's socket (`protected_paths`).
+            protected_paths: Vec::new(),
         }
     }
 
@@ -579,4 +607,33 @@ fn leaves(value: &Value, prefix: String, out: &mut Vec<(String, String)>) {
 /// The explicit config file path of a command line, for error messages.
 pub fn describe(path: Option<&Path>) -> String {
     path.map_or_else(|| "the default locations".to_owned(), |p| p.display().to_string())
+}
+
+#[cfg(test)]
+mod protected_paths_tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_directory_the_data_directory_and_credential_files_are_protected() {
+        let mut config = Config::default();
+        config.store.path = Some("/srv/agentd/agentd.db".into());
+        config.server.token_file = Some("/srv/secrets/token".into());
+        config.model.api_key_file = Some("/srv/secrets/anthropic".into());
+        let paths = config.protected_paths("docker", Some("/var/run/docker.sock".into()));
+        let got: Vec<(&str, &str)> =
+            paths.iter().map(|p| (p.path.to_str().unwrap_or_default(), p.what.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("/var/run", "the directory of the docker engine's socket /var/run/docker.sock"),
+                ("/srv/agentd", "agentd's data directory (store.path /srv/agentd/agentd.db)"),
+                ("/srv/secrets/token", "the API token file (server.token_file)"),
+                ("/srv/secrets/anthropic", "the model credential file (model.api_key_file)"),
+            ]
+        );
+        // A remote engine has no socket here; a relative store is made absolute.
+        config.store.path = Some("agentd.db".into());
+        let paths = config.protected_paths("podman", None);
+        assert!(paths.iter().all(|p| p.path.is_absolute() && !p.what.contains("socket")), "{paths:?}");
+    }
 }

@@ -75,6 +75,7 @@ impl Daemon {
         let gateway = bind_gateways(&endpoints)?;
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
+        manager_config.protected_paths = config.protected_paths(backend.name(), backend.engine_socket());
         let manager: Arc<AgentManager<dyn ExecutionBackend>> =
             Arc::new(AgentManager::new(backend, store, manager_config));
         let credential = Credential::from_daemon(&config.model)?;

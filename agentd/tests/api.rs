@@ -28,11 +28,17 @@ struct TestDaemon {
 
 impl TestDaemon {
     async fn start(token: Option<&str>) -> Self {
+        Self::start_with(token, |_| {}).await
+    }
+
+    /// A daemon whose configuration `adjust` changes first.
+    async fn start_with(token: Option<&str>, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
         config.server.token = token.map(str::to_owned);
         config.agents.kind = agent_manager::AgentKind::Image;
         config.agents.image = backend_mock::ECHO_IMAGE.into();
+        adjust(&mut config);
         let engine = MockEngine::new();
         let store = Store::in_memory().await.expect("store");
         let instance = store.instance_id().await.expect("instance");
@@ -500,6 +506,9 @@ impl ExecutionBackend for PanickingBackend {
     async fn image_exists(&self, image: &str) -> backend_core::Result<bool> {
         self.0.image_exists(image).await
     }
+    async fn image_user(&self, image: &str) -> backend_core::Result<Option<String>> {
+        self.0.image_user(image).await
+    }
     async fn create_session(&self, spec: &backend_core::SessionSpec) -> backend_core::Result<String> {
         self.0.create_session(spec).await
     }
@@ -601,4 +610,32 @@ async fn model_limits_are_set_at_spawn_and_model_usage_is_shown() {
         assert!(text.lines().any(|l| l == line), "metrics lack {line:?}:\n{text}");
     }
     d.stop().await;
+// ---- Identity and files (issue I, item 5) ----
+
+/// Root and protected workdirs are 422 naming the rule (the daemon protects its data
+/// directory); a malformed user is 400 naming the field.
+#[tokio::test]
+async fn identity_and_file_refusals_are_unprocessable_and_name_the_rule() {
+    let data = std::env::temp_dir().join(format!("agentd-api-data-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&data).expect("data dir");
+    let store_path = data.join("agentd.db");
+    let d = TestDaemon::start_with(None, |c| c.store.path = Some(store_path)).await;
+    let post = |body: Value| d.call(reqwest::Method::POST, "/v1/agents", Some(body));
+
+    let (status, body) = post(json!({ "name": "root", "user": "0" })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(error_text(&body).contains("agents.allow_root"), "{body}");
+    let (status, body) = post(json!({ "name": "bad", "user": "1000:" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).starts_with("invalid user"), "{body}");
+    for (dir, rule) in [("/", "root directory"), ("/etc", "a system directory"), ("relative", "absolute path")] {
+        let (status, body) = post(json!({ "name": "wd", "workdir": dir })).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{dir}: {body}");
+        assert!(error_text(&body).contains(rule), "{dir}: {body}");
+    }
+    let (status, body) = post(json!({ "name": "data", "workdir": data })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(error_text(&body).contains("agentd's data directory"), "{body}");
+    d.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
 }

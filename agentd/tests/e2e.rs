@@ -130,7 +130,11 @@ struct Setup {
 impl Setup {
     fn new(engine: Engine, tag: &str) -> Self {
         let id = unique(tag);
-        let db = std::env::temp_dir().join(format!("agentd-e2e-{id}.db"));
+        // A data directory of its own: agentd never gives an agent its data directory, or
+        // anything above it, so the database must not sit in the temp dir itself.
+        let data = std::env::temp_dir().join(format!("agentd-e2e-{id}"));
+        std::fs::create_dir_all(&data).expect("data directory");
+        let db = data.join("agentd.db");
         let port = free_port();
         let mut env = BTreeMap::new();
         // Every daemon on an engine serves the model gateway (and, later, the proxy) on the
@@ -250,6 +254,9 @@ impl Drop for Setup {
         }
         for suffix in ["", "-wal", "-shm", ".log"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+        if let Some(data) = self.db.parent() {
+            let _ = std::fs::remove_dir(data);
         }
     }
 }
@@ -1210,4 +1217,122 @@ fn claude_code_model_usage_is_metered_and_limited(engine: Engine) {
     daemon.terminate();
     drop(model);
     rt.shutdown_timeout(Duration::from_secs(1));
+// ---- Identity and files (issue I, item 5) ----
+
+/// An image without a `USER` (`cargo xtask images` builds it from the Claude Code image).
+const NOUSER_IMAGE: &str = "agentd-nouser:latest";
+
+/// A refused spawn: its status and error text.
+fn spawn_refusal(setup: &Setup, body: Value) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/agents", setup.base()))
+            .json(&body)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("POST /v1/agents");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a JSON error body");
+        (status, body["error"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+/// The output of a command run in a container, trimmed.
+fn exec_in(engine: Engine, container: &str, command: &[&str]) -> String {
+    let out = engine.run(&[&["exec", container][..], command].concat());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The engine's socket, as the daemon connects to it (the variables the tests set, else
+/// the default).
+fn engine_socket(engine: Engine) -> PathBuf {
+    let (var, default) = match engine {
+        Engine::Docker => ("DOCKER_HOST", "unix:///var/run/docker.sock"),
+        Engine::Podman => ("CONTAINER_HOST", "unix:///run/podman/podman.sock"),
+    };
+    let address = std::env::var(var).ok().filter(|v| v.starts_with("unix://")).unwrap_or_else(|| default.to_owned());
+    PathBuf::from(address.trim_start_matches("unix://"))
+}
+
+/// An image without USER runs as uid and gid 1000 (`agents.default_user`); `user: "0"` is
+/// refused with 422; a workdir of `/`, `/etc`, the engine socket's directory or agentd's
+/// data directory is refused with 422 naming the rule; an allowed workdir is mounted and
+/// the agent (uid 1000) writes into it.
+fn identity_and_files(engine: Engine) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    if !rt.block_on(engine.probe(&[IMAGE, NOUSER_IMAGE])) {
+        return;
+    }
+    let setup = Setup::new(engine, "ident");
+    let daemon = setup.start();
+    let agents = format!("{}/v1/agents", setup.base());
+
+    // No USER in the image: the default user, uid and gid 1000.
+    http("POST", &agents, Some(json!({"name": "nouser", "image": NOUSER_IMAGE, "command": ["sleep", "600"]})))
+        .unwrap_or_else(|e| panic!("spawn nouser: {e}\nlog:\n{}", daemon.log_text()));
+    let agent = setup.wait_agent(&daemon, "nouser", "running", |a| a["status"] == "running");
+    let session = agent["session"].as_str().expect("session").to_owned();
+    assert_eq!(exec_in(engine, &session, &["id", "-u"]), "1000", "uid of an agent whose image has no USER");
+    assert_eq!(exec_in(engine, &session, &["id", "-g"]), "1000", "gid of an agent whose image has no USER");
+
+    // Root, by uid or by name, is refused.
+    for user in ["0", "root", "0:0"] {
+        let (status, error) =
+            spawn_refusal(&setup, json!({"name": "root", "image": NOUSER_IMAGE, "command": ["true"], "user": user}));
+        assert_eq!(status, 422, "user {user:?}: {error}");
+        assert!(error.contains("is refused") && error.contains("agents.allow_root"), "user {user:?}: {error}");
+    }
+
+    // Workdirs that are never given to an agent, each named with its rule.
+    let socket_dir = engine_socket(engine).parent().expect("the socket's directory").to_path_buf();
+    let data_dir = setup.db.parent().expect("the data directory").to_path_buf();
+    let refused: [(PathBuf, &[&str]); 5] = [
+        ("/".into(), &["the host's root directory"]),
+        ("/etc".into(), &["inside /etc, a system directory"]),
+        ("/var/run".into(), &["a system directory"]),
+        // /var/run/docker.sock's directory is /var/run (a system tree); Podman's is
+        // /run/podman, inside /run; either way refused, with the rule named.
+        (socket_dir.clone(), &["a system directory", "engine's socket"]),
+        (data_dir.clone(), &["agentd's data directory"]),
+    ];
+    for (dir, rules) in refused {
+        let body = json!({"name": "wd", "image": NOUSER_IMAGE, "command": ["true"], "workdir": dir});
+        let (status, error) = spawn_refusal(&setup, body);
+        assert_eq!(status, 422, "workdir {}: {error}", dir.display());
+        assert!(error.starts_with("workdir "), "the error names the field: {error}");
+        assert!(error.contains(&dir.display().to_string()), "the error names the path: {error}");
+        assert!(rules.iter().any(|rule| error.contains(rule)), "workdir {}: {error}", dir.display());
+    }
+    let listed = http("GET", &agents, None).expect("list");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "no refused agent was recorded: {listed}");
+
+    // An allowed workdir is mounted at /workspace, and the agent writes into it as uid 1000.
+    let workspace = std::env::temp_dir().join(format!("agentd-e2e-ws-{}", setup.prefix));
+    std::fs::create_dir_all(&workspace).expect("workspace");
+    std::fs::set_permissions(&workspace, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let script = "id -u > /workspace/who.tmp && mv /workspace/who.tmp /workspace/who && exec sleep 600";
+    let body =
+        json!({"name": "writer", "image": NOUSER_IMAGE, "command": ["bash", "-c", script], "workdir": workspace});
+    http("POST", &agents, Some(body)).unwrap_or_else(|e| panic!("spawn writer: {e}\nlog:\n{}", daemon.log_text()));
+    let writer = setup.wait_agent(&daemon, "writer", "running", |a| a["status"] == "running");
+    let who = workspace.join("who");
+    let deadline = Instant::now() + PATIENCE;
+    while !who.exists() {
+        assert!(Instant::now() < deadline, "the agent wrote nothing into its workdir: {writer}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_to_string(&who).expect("read who").trim(), "1000");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&who).expect("stat who"));
+    assert_eq!(owner, 1000, "the file the agent wrote is owned by uid 1000, not root");
+
+    daemon.terminate();
+    let _ = std::fs::remove_dir_all(&workspace);
+}
+
+/// The scenarios of this block, per engine: `identity::docker::…`, `identity::podman::…`.
+mod identity {
+    use super::{identity_and_files, Engine};
+    per_engine!(identity_and_files);
 }

@@ -218,6 +218,18 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// Whether `image` is present locally (nothing is ever pulled).
     async fn image_exists(&self, image: &str) -> Result<bool>;
 
+    /// The user the image runs as (its `USER`: a name, `uid` or `uid:gid`, as the image
+    /// says it); `None` when the image names none (it would run as root). A missing image
+    /// is [`BackendError::ImageNotFound`].
+    async fn image_user(&self, image: &str) -> Result<Option<String>>;
+
+    /// The engine's API socket on this host, when the backend talks to it over a local
+    /// Unix socket: a session that can see it can command the engine, so no mount may
+    /// expose it. `None` for a remote engine (or none at all).
+    fn engine_socket(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Creates the session's container from `spec`, without starting it. Returns the
     /// engine's container id.
     async fn create_session(&self, spec: &SessionSpec) -> Result<String>;

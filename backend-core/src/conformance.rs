@@ -82,6 +82,12 @@ pub trait Harness: Send + Sync {
         None
     }
 
+    /// An image without a `USER` as this engine names it, for
+    /// [`image_user_reports_the_images_user`]; `None` skips that part of it.
+    fn image_without_user(&self) -> Option<String> {
+        None
+    }
+
     /// What the suite left behind on the engine, checked after a run: only a harness
     /// that owns its engine (the mock's) can tell.
     async fn leftovers(&self) -> Vec<String> {
@@ -349,6 +355,27 @@ pub async fn create_conflict_never_reuses_the_old_container(h: &dyn Harness) {
                 }
                 Err(BackendError::AlreadyExists { .. }) => {}
                 Err(e) => panic!("expected a new container or AlreadyExists, got {e}"),
+            }
+        })
+        .await
+}
+
+/// `image_user` reports an image's `USER` as the image says it: the echo image's
+/// `65534:65534`; `None` for an image without one; `ImageNotFound` for a missing image.
+pub async fn image_user_reports_the_images_user(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let user = w.backend.image_user(&w.harness.image()).await.expect("image_user of the echo image");
+            assert_eq!(user.as_deref(), Some("65534:65534"), "the echo image's USER");
+            if let Some(image) = w.harness.image_without_user() {
+                let user = w.backend.image_user(&image).await.expect("image_user of an image without USER");
+                assert_eq!(user, None, "{image} has no USER");
+            }
+            let missing = format!("agentd-missing-{}:none", w.run);
+            match w.backend.image_user(&missing).await {
+                Err(BackendError::ImageNotFound { image, .. }) => assert_eq!(image, missing),
+                other => panic!("expected ImageNotFound for {missing}, got {other:?}"),
             }
         })
         .await
@@ -1267,6 +1294,7 @@ pub fn cases() -> Vec<Case> {
         case!(create_conflict_never_reuses_the_old_container),
         case!(a_stale_container_is_replaced_and_a_foreign_one_left_alone),
         case!(bad_specs_are_refused_clearly),
+        case!(image_user_reports_the_images_user),
         case!(exit_code_zero_is_reported),
         case!(nonzero_exit_code_is_reported),
         case!(exit_info_is_kept_until_removed),

@@ -28,6 +28,14 @@ impl OwnershipLabels {
     }
 }
 
+/// The path of a `unix://PATH` engine address (what
+/// [`ExecutionBackend::engine_socket`](crate::ExecutionBackend::engine_socket) returns);
+/// `None` for any other scheme.
+pub fn unix_socket_path(address: &str) -> Option<std::path::PathBuf> {
+    let path = address.strip_prefix("unix://")?;
+    path.starts_with('/').then(|| std::path::PathBuf::from(path))
+}
+
 impl BackendError {
     /// [`BackendError::NotFound`] for `session`.
     pub fn not_found(backend: &'static str, session: &str) -> Self {
@@ -121,6 +129,13 @@ mod tests {
         assert_eq!(host_address([v6, test_net, loopback], false), Some(loopback));
         assert_eq!(host_address([test_net], false), None, "TEST-NET-1 is no address of this host");
         assert_eq!(host_address([v6, test_net], true), Some(test_net));
+    }
+
+    #[test]
+    fn only_unix_addresses_name_a_socket() {
+        assert_eq!(unix_socket_path("unix:///var/run/docker.sock"), Some("/var/run/docker.sock".into()));
+        assert_eq!(unix_socket_path("tcp://127.0.0.1:2375"), None);
+        assert_eq!(unix_socket_path("unix://relative.sock"), None);
     }
 
     #[tokio::test]

@@ -249,6 +249,40 @@ pub mod rules {
         Ok(())
     }
 
+    /// The longest user or group name [`user`] accepts.
+    pub const MAX_USER_NAME: usize = 32;
+
+    /// A user to run as: `NAME`, `UID` or `UID:GID`, where a name is
+    /// `[a-z_][a-z0-9_-]*` (at most 32 characters) and ids are 32-bit numbers.
+    pub fn user(user: &str) -> Result<(), &'static str> {
+        const ALLOWED: &str =
+            "NAME, UID or UID:GID, such as 1000:1000 (a name is [a-z_][a-z0-9_-]*, at most 32 characters; ids are numbers up to 4294967295)";
+        let id = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u32>().is_ok();
+        let name = |s: &str| {
+            let mut bytes = s.bytes();
+            matches!(bytes.next(), Some(b) if b.is_ascii_lowercase() || b == b'_')
+                && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+                && s.len() <= MAX_USER_NAME
+        };
+        let ok = match user.split_once(':') {
+            Some((uid, gid)) => id(uid) && id(gid),
+            None => id(user) || name(user),
+        };
+        if !ok {
+            return Err(ALLOWED);
+        }
+        Ok(())
+    }
+
+    /// Whether `user` (a `USER` or a spec's user: `NAME`, `UID`, `NAME:GROUP` or
+    /// `UID:GID`) is root: its user part is `root` or the number 0. A name is judged as
+    /// written: what it maps to inside an image is the image's business.
+    pub fn user_is_root(user: &str) -> bool {
+        let uid = user.split_once(':').map_or(user, |(uid, _)| uid).trim();
+        uid == "root"
+            || (!uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()) && uid.trim_start_matches('0').is_empty())
+    }
+
     /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
     pub fn env_name(name: &str) -> Result<(), &'static str> {
         let ok = !name.is_empty()
@@ -318,6 +352,9 @@ impl SessionSpec {
             if let Err(allowed) = rules::env_name(key) {
                 return invalid("env", format!("{key:?}: {allowed}"));
             }
+        }
+        if let Some(Err(allowed)) = self.user.as_deref().map(rules::user) {
+            return invalid("user", format!("{:?}: {allowed}", self.user.as_deref().unwrap_or_default()));
         }
         if let Some(dir) = &self.workdir {
             if !dir.is_absolute() {
@@ -401,6 +438,7 @@ mod tests {
             ("resources.cpus", Box::new(|s| s.resources.cpus = Some(1025.0))),
             ("env", Box::new(|s| drop(s.env.insert("1ABC".into(), "x".into())))),
             ("resources.pids_limit", Box::new(|s| s.resources.pids_limit = Some(0))),
+            ("user", Box::new(|s| s.user = Some("1000:".into()))),
         ];
         for (field, mutate) in cases {
             let mut spec = base.clone();
@@ -409,6 +447,35 @@ mod tests {
                 Err(BackendError::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
                 other => panic!("{field}: expected InvalidSpec, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn users_are_names_uids_or_uid_gid_pairs() {
+        for ok in ["1000", "1000:1000", "0", "root", "agent", "_svc-1", "4294967295:0", &"a".repeat(32)] {
+            assert!(rules::user(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ":",
+            "1000:",
+            ":1000",
+            "Agent",
+            "1a",
+            "a b",
+            "4294967296",
+            "-1",
+            "agent:agent",
+            "1:2:3",
+            &"a".repeat(33),
+        ] {
+            assert!(rules::user(bad).is_err(), "{bad}");
+        }
+        for root in ["0", "00", "root", "0:0", "0:1000", "root:root", "root:1000"] {
+            assert!(rules::user_is_root(root), "{root}");
+        }
+        for other in ["1000", "1000:0", "rooty", "10", "", "65534:65534", "agent"] {
+            assert!(!rules::user_is_root(other), "{other}");
         }
     }
 }

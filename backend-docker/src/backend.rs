@@ -265,6 +265,15 @@ impl ExecutionBackend for DockerBackend {
         }
     }
 
+    async fn image_user(&self, image: &str) -> Result<Option<String>> {
+        let inspect = self.docker.inspect_image(image).await.map_err(|e| map_err(e, Subject::Image(image)))?;
+        Ok(inspect.config.and_then(|c| c.user).filter(|u| !u.trim().is_empty()))
+    }
+
+    fn engine_socket(&self) -> Option<std::path::PathBuf> {
+        backend_core::unix_socket_path(&self.config.address())
+    }
+
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
         self.owner.validate_spec(spec)?;
         self.ensure_volumes(spec).await?;

@@ -50,6 +50,11 @@ impl ExecutionBackend for MockBackend {
         Ok(self.engine.image_exists(image))
     }
 
+    async fn image_user(&self, image: &str) -> Result<Option<String>> {
+        self.engine.enter(MockCall::ImageUser(image.to_owned())).await?;
+        self.engine.image_user(image)
+    }
+
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
         self.owner.validate_spec(spec)?;
         self.engine.enter(MockCall::Create(spec.session.clone())).await?;

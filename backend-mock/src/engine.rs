@@ -24,13 +24,17 @@ pub const MAX_CALLS: usize = 100_000;
 
 /// The echo-agent image, with a health check every second (like the real image).
 pub const ECHO_IMAGE: &str = "agentd-echo:latest";
-/// An image without a health check.
+/// An image without a health check and without a `USER` (it would run as root).
 pub const PLAIN_IMAGE: &str = "agentd-plain:latest";
+/// The `USER` of [`ECHO_IMAGE`], as the real image has it.
+pub const ECHO_IMAGE_USER: &str = "65534:65534";
 
 /// One call a backend made to the engine, for tests that count engine round trips.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MockCall {
     ImageExists(String),
+    /// `image_user`.
+    ImageUser(String),
     Create(String),
     Start(String),
     Exists(String),
@@ -111,6 +115,8 @@ struct Container {
     volumes: Vec<String>,
     /// The image, when it is missing (a pod-like engine creates the container anyway).
     missing_image: Option<String>,
+    /// The spec it was created from.
+    spec: Option<SessionSpec>,
 }
 
 impl Container {
@@ -138,6 +144,7 @@ impl Container {
             stdin: None,
             volumes: Vec::new(),
             missing_image: None,
+            spec: None,
         }
     }
 
@@ -178,6 +185,8 @@ type CallMatcher = Arc<dyn Fn(&MockCall) -> bool + Send + Sync>;
 struct State {
     containers: BTreeMap<String, Container>,
     images: BTreeMap<String, Option<HealthCheck>>,
+    /// The `USER` of each image that has one.
+    image_users: BTreeMap<String, String>,
     next_id: u64,
     fail_next: u32,
     fail_matching: Vec<(u32, CallMatcher)>,
@@ -229,6 +238,7 @@ impl MockEngine {
         let state = State {
             containers: BTreeMap::new(),
             images: BTreeMap::from([(ECHO_IMAGE.to_owned(), Some(echo_check)), (PLAIN_IMAGE.to_owned(), None)]),
+            image_users: BTreeMap::from([(ECHO_IMAGE.to_owned(), ECHO_IMAGE_USER.to_owned())]),
             next_id: 1,
             fail_next: 0,
             fail_matching: Vec::new(),
@@ -296,6 +306,22 @@ impl MockEngine {
     /// Every backend call waits this long before it acts.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().latency = latency;
+    }
+
+    /// Adds (or replaces) an image without a health check whose `USER` is `user` (none
+    /// when `None`).
+    pub fn add_image(&self, image: &str, user: Option<&str>) {
+        let mut state = self.lock();
+        state.images.insert(image.to_owned(), None);
+        match user {
+            Some(user) => state.image_users.insert(image.to_owned(), user.to_owned()),
+            None => state.image_users.remove(image),
+        };
+    }
+
+    /// The spec a container was created from, if it exists.
+    pub fn created_spec(&self, name: &str) -> Option<SessionSpec> {
+        self.lock().containers.get(name).and_then(|c| c.spec.clone())
     }
 
     /// The calls backends made, oldest first: the last [`MAX_CALLS`].
@@ -457,6 +483,15 @@ impl MockEngine {
         self.lock().images.contains_key(image)
     }
 
+    /// The image's `USER`; a missing image is `ImageNotFound`.
+    pub(crate) fn image_user(&self, image: &str) -> Result<Option<String>, BackendError> {
+        let state = self.lock();
+        if !state.images.contains_key(image) {
+            return Err(BackendError::ImageNotFound { backend: NAME, image: image.to_owned() });
+        }
+        Ok(state.image_users.get(image).cloned())
+    }
+
     /// The owned volumes.
     pub(crate) fn volumes(&self, owner: &OwnershipLabels) -> Vec<backend_core::VolumeState> {
         let state = self.lock();
@@ -523,6 +558,7 @@ impl MockEngine {
         let mut c = Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open);
         c.volumes = spec.volumes.iter().map(|v| v.name.clone()).collect();
         c.missing_image = missing_image.then(|| spec.image.clone());
+        c.spec = Some(spec.clone());
         state.containers.insert(spec.session.clone(), c);
         Ok(id)
     }

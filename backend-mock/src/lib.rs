@@ -28,8 +28,10 @@
 //! [`MockEngine::set_health`], [`MockEngine::vanish`],
 //! [`MockEngine::pause`] and [`MockEngine::unpause`], [`MockEngine::drop_attachments`],
 //! [`MockEngine::fail_next`],
-//! [`MockEngine::set_latency`], and read back [`MockEngine::calls`] (the last
-//! [`MAX_CALLS`]).
+//! [`MockEngine::set_latency`], add images with or without a `USER`
+//! ([`MockEngine::add_image`]), and read back [`MockEngine::calls`] (the last
+//! [`MAX_CALLS`]) and the spec each container was created from
+//! ([`MockEngine::created_spec`]).
 
 mod agent;
 mod backend;
@@ -38,6 +40,6 @@ mod factory;
 mod output;
 
 pub use backend::MockBackend;
-pub use engine::{MockCall, MockEngine, ECHO_IMAGE, MAX_CALLS, PLAIN_IMAGE};
+pub use engine::{MockCall, MockEngine, ECHO_IMAGE, ECHO_IMAGE_USER, MAX_CALLS, PLAIN_IMAGE};
 pub use factory::{Factory, MockConfig};
 pub use output::{MAX_LOG_BYTES, MAX_LOG_ENTRIES};

@@ -327,6 +327,16 @@ impl ExecutionBackend for PodmanBackend {
         self.inner.call("the image lookup", Subject::Image(image), handle.exists()).await
     }
 
+    async fn image_user(&self, image: &str) -> Result<Option<String>> {
+        let handle = self.inner.podman.images().get(image);
+        let inspect = self.inner.call("the image inspection", Subject::Image(image), handle.inspect()).await?;
+        Ok(inspect.config.and_then(|c| c.user).filter(|u| !u.trim().is_empty()))
+    }
+
+    fn engine_socket(&self) -> Option<std::path::PathBuf> {
+        backend_core::unix_socket_path(&self.inner.address)
+    }
+
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
         let inner = &self.inner;
         inner.owner.validate_spec(spec)?;

@@ -20,8 +20,10 @@ usage: cargo xtask <task>
 tasks:
   ci                                  provision engines, build images, then fmt, clippy and all tests
                                       (engines required)
-  images                              build the images from docker/ into Docker and Podman: the test
-                                      images and the Claude Code image (cached under target/images/)
+  images [--only nouser]              build the images from docker/ into Docker and Podman: the test
+                                      images and the Claude Code image (cached under target/images/);
+                                      --only nouser builds only agentd-nouser:latest (it needs
+                                      agentd-claude:latest)
   integration [--backend docker|podman]
                                       provision engines, build images, run the engine tests only
   engines                             install (if missing) and start Docker and Podman, then exit
@@ -41,8 +43,18 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&mut steps)?,
         Some("images") => {
+            let only_nouser = match (args.get(1).map(String::as_str), args.get(2).map(String::as_str)) {
+                (None, _) => false,
+                (Some("--only"), Some("nouser")) => true,
+                (Some("--only"), other) => bail!("--only takes nouser, not {other:?}\n\n{USAGE}"),
+                (Some(other), _) => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            };
             let env = steps.run("engines", engines::provision)?;
-            steps.run("images", || images(&env))?;
+            if only_nouser {
+                steps.run("images", || nouser_image(&env))?;
+            } else {
+                steps.run("images", || images(&env))?;
+            }
         }
         Some("integration") => {
             let backend = match args.get(1).map(String::as_str) {
@@ -139,7 +151,43 @@ fn images(env: &engines::Engines) -> Result<()> {
         )?;
         println!("xtask: built {tag} for docker and podman");
     }
-    claude_image::build(env)
+    claude_image::build(env)?;
+    nouser_image(env)
+}
+
+/// The test image without a `USER`, from `docker/nouser/`: the Claude Code image (so it has
+/// `id` and bash) with its `USER` taken away; no layer of its own.
+const NOUSER: (&str, &str) = ("docker/nouser", "agentd-nouser:latest");
+
+/// Builds [`NOUSER`] into both engines from `agentd-claude:latest`, and checks that the
+/// image names no user.
+fn nouser_image(env: &engines::Engines) -> Result<()> {
+    let (dir, tag) = NOUSER;
+    let ctx = project_root().join(dir).to_string_lossy().to_string();
+    let docker = || {
+        let mut cmd = Command::new(&env.docker_cli);
+        cmd.env("DOCKER_BUILDKIT", "0").env("DOCKER_HOST", &env.docker_host);
+        cmd
+    };
+    let podman = || {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", &env.containers_conf);
+        cmd
+    };
+    run_cmd(docker().args(["build", "-q", "-t", tag, &ctx]))?;
+    run_cmd(podman().args(["build", "-q", "--format", "docker", "-t", tag, &ctx]))?;
+    for (name, mut cmd) in [("docker", docker()), ("podman", podman())] {
+        let output = cmd
+            .args(["image", "inspect", "--format", "{{json .Config.User}}", tag])
+            .output()
+            .with_context(|| format!("could not run {name} image inspect {tag}"))?;
+        let user = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if !output.status.success() || !matches!(user.as_str(), "\"\"" | "null") {
+            bail!("{name}: {tag} should name no USER, but `image inspect` says {user:?} ({})", output.status);
+        }
+    }
+    println!("xtask: built {tag} (no USER) for docker and podman");
+    Ok(())
 }
 
 /// The repository root (the parent of this crate's manifest directory).

@@ -15,6 +15,8 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{GenericImage, ImageExt};
 
 pub const IMAGE: &str = "agentd-echo:latest";
+/// An image without a `USER` (`cargo xtask images` builds it).
+pub const NOUSER_IMAGE: &str = "agentd-nouser:latest";
 
 pub struct DockerHarness {
     probe: DockerBackend,
@@ -47,6 +49,10 @@ impl Harness for DockerHarness {
 
     fn image(&self) -> String {
         IMAGE.to_owned()
+    }
+
+    fn image_without_user(&self) -> Option<String> {
+        Some(NOUSER_IMAGE.to_owned())
     }
 
     async fn start_fixture(&self, name: &str, labels: BTreeMap<String, String>) -> String {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use backend_core::conformance::Harness;
 use backend_core::{ExecutionBackend, OwnershipLabels};
-use backend_mock::{MockBackend, MockEngine, ECHO_IMAGE};
+use backend_mock::{MockBackend, MockEngine, ECHO_IMAGE, PLAIN_IMAGE};
 
 /// A harness on one mock engine, shared by every case.
 pub struct MockHarness {
@@ -21,6 +21,10 @@ impl Harness for MockHarness {
 
     fn image(&self) -> String {
         ECHO_IMAGE.to_owned()
+    }
+
+    fn image_without_user(&self) -> Option<String> {
+        Some(PLAIN_IMAGE.to_owned())
     }
 
     async fn start_fixture(&self, name: &str, labels: BTreeMap<String, String>) -> String {

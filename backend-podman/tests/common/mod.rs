@@ -16,6 +16,8 @@ use podman_api::opts::{ContainerCreateOpts, ContainerDeleteOpts, ContainerStopOp
 
 /// The echo agent as Podman names it (`cargo xtask images` builds it).
 pub const IMAGE: &str = "localhost/agentd-echo:latest";
+/// An image without a `USER` (`cargo xtask images` builds it).
+pub const NOUSER_IMAGE: &str = "localhost/agentd-nouser:latest";
 
 pub struct PodmanHarness {
     probe: PodmanBackend,
@@ -58,6 +60,10 @@ impl Harness for PodmanHarness {
 
     fn image(&self) -> String {
         IMAGE.to_owned()
+    }
+
+    fn image_without_user(&self) -> Option<String> {
+        Some(NOUSER_IMAGE.to_owned())
     }
 
     async fn start_fixture(&self, name: &str, labels: BTreeMap<String, String>) -> String {
