@@ -610,6 +610,8 @@ async fn model_limits_are_set_at_spawn_and_model_usage_is_shown() {
         assert!(text.lines().any(|l| l == line), "metrics lack {line:?}:\n{text}");
     }
     d.stop().await;
+}
+
 // ---- Identity and files (issue I, item 5) ----
 
 /// Root and protected workdirs are 422 naming the rule (the daemon protects its data

@@ -1217,6 +1217,8 @@ fn claude_code_model_usage_is_metered_and_limited(engine: Engine) {
     daemon.terminate();
     drop(model);
     rt.shutdown_timeout(Duration::from_secs(1));
+}
+
 // ---- Identity and files (issue I, item 5) ----
 
 /// An image without a `USER` (`cargo xtask images` builds it from the Claude Code image).
