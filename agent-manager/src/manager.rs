@@ -261,12 +261,28 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         Ok((guard, agent))
     }
 
+    /// Refuses to run an agent on a network that cannot be protected now
+    /// ([`ManagerConfig::isolated_refusal`](crate::ManagerConfig::isolated_refusal)).
+    fn check_network(&self, name: &str, spec: &crate::model::AgentSpec) -> Result<()> {
+        match &self.config.isolated_refusal {
+            Some(reason) if spec.network == backend_core::NetworkPolicy::Isolated => {
+                Err(ManagerError::NetworkUnprotected {
+                    agent: name.to_owned(),
+                    network: spec.network,
+                    reason: reason.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Creates an agent and starts its container, with the agent as the container's main
     /// process.
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
         let spec = self.config.defaults.resolve(new.clone())?;
+        self.check_network(&new.name, &spec)?;
         if let Some(dir) = spec.workdir.clone() {
             // A file-system call: off the async workers.
             let exists = tokio::task::spawn_blocking(move || dir.is_dir()).await.unwrap_or(false);
@@ -416,6 +432,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
         let spec = self.session_spec_for(agent)?;
         agent.container_id = None;
+        self.check_network(&agent.name, &agent.spec)?;
         let container = self.backend.create_session(&spec).await?;
         agent.container_id = Some(container.clone());
         let started_at = self.now();
@@ -694,6 +711,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
         let (_guard, mut agent) = self.find_locked(id_or_name).await?;
+        // Before the running container is stopped: a refused restart leaves it as it is.
+        self.check_network(&agent.name, &agent.spec)?;
         agent.desired = Desired::Running;
         agent.next_restart_at = None;
         agent.crash_streak = 0;
