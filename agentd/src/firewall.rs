@@ -518,7 +518,9 @@ mod tests {
             accepts[1].join(" "),
             "-d 10.89.0.1 -p tcp -m tcp --dport 7007 -m comment --comment agentd:i-x -j ACCEPT"
         );
-        assert_eq!(firewall.accepts(Family::V6, &gateways)[1][1], "fd00::1");
+        let v6 = firewall.accepts(Family::V6, &gateways);
+        assert_eq!(v6.len(), 5, "replies, neighbour discovery twice, two ports: {v6:?}");
+        assert_eq!(v6[3][1], "fd00::1");
         let line =
             words(r#"-A AGENTD-IN-podman1 -p tcp -m comment --comment "agentd:i-x" -j REJECT --reject-with tcp-reset"#);
         assert!(firewall.is_ours(&line));
