@@ -142,9 +142,9 @@ impl HostLock {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match file.try_lock() {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Self(Some(file)),
-                Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                Err(rustix::io::Errno::WOULDBLOCK) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
@@ -159,7 +159,7 @@ impl HostLock {
 impl Drop for HostLock {
     fn drop(&mut self) {
         if let Some(file) = self.0.take() {
-            let _ = file.unlock();
+            let _ = rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock);
         }
     }
 }
