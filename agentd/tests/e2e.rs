@@ -230,6 +230,8 @@ impl Drop for Setup {
                 let _ = self.engine.cli().args(["rm", "-f"]).args(&ids).output();
             }
         }
+        // The daemon's host firewall rules, which a killed or leave-running daemon keeps.
+        remove_rules_tagged(&format!("agentd:{}", self.instance));
         for suffix in ["", "-wal", "-shm", ".log"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }
@@ -1001,7 +1003,15 @@ fn connects_from(engine: Engine, container: &str, host: &str, port: u16) -> bool
         .args(["exec", container, "timeout", "5", "bash", "-c", &script])
         .output()
         .unwrap_or_else(|e| panic!("{} exec: {e}", engine.name()));
-    out.status.success()
+    match out.status.code() {
+        Some(0) => true,
+        // bash's connect failed, or `timeout` ended it.
+        Some(1) | Some(124) => false,
+        other => panic!(
+            "the probe of {host}:{port} in {container} did not run ({other:?}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
 }
 
 /// The rule lines of an iptables chain, empty when it does not exist.
@@ -1014,55 +1024,60 @@ fn chain_rules(chain: &str) -> Vec<String> {
     }
 }
 
-/// Removes the rules a test daemon left (it was killed, or the test failed first): every
-/// rule with its comment, and a chain it leaves empty with the jumps to it.
-struct RulesCleanup(String);
-
-impl Drop for RulesCleanup {
-    fn drop(&mut self) {
-        let run = |family: &str, args: &[String]| {
-            Command::new(family)
-                .args(args)
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>())
-        };
-        let words = |line: &str| line.split_whitespace().map(|w| w.trim_matches('"').to_owned()).collect::<Vec<_>>();
-        for family in ["iptables", "ip6tables"] {
-            let all = run(family, &["-S".to_owned()]).unwrap_or_default();
-            let chains: Vec<String> =
-                all.iter().filter_map(|l| l.strip_prefix("-N AGENTD-")).map(|c| format!("AGENTD-{c}")).collect();
-            for chain in chains {
-                let lines = run(family, &["-S".to_owned(), chain.clone()]).unwrap_or_default();
-                let ours: Vec<&String> = lines.iter().filter(|l| l.contains(&format!("\"{}\"", self.0))).collect();
-                if ours.is_empty() {
-                    continue;
-                }
-                for line in &ours {
+/// Removes the host firewall rules a test daemon left (it was killed, left its agents
+/// running, or the test failed first): every rule with its comment `tag`, and a chain that
+/// leaves empty with the jumps to it.
+fn remove_rules_tagged(tag: &str) {
+    use std::os::fd::AsRawFd;
+    // The daemons' lock, so that no daemon installing meanwhile loses a chain.
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/agentd-firewall.lock");
+    if let Ok(file) = &lock {
+        // SAFETY: flock(2) on a descriptor this function holds open; released when it closes.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    }
+    let run = |family: &str, args: &[String]| {
+        Command::new(family)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>())
+    };
+    let words = |line: &str| line.split_whitespace().map(|w| w.trim_matches('"').to_owned()).collect::<Vec<_>>();
+    for family in ["iptables", "ip6tables"] {
+        let all = run(family, &["-S".to_owned()]).unwrap_or_default();
+        let chains: Vec<String> =
+            all.iter().filter_map(|l| l.strip_prefix("-N AGENTD-")).map(|c| format!("AGENTD-{c}")).collect();
+        for chain in chains {
+            let lines = run(family, &["-S".to_owned(), chain.clone()]).unwrap_or_default();
+            let ours: Vec<&String> = lines.iter().filter(|l| l.contains(&format!("\"{tag}\""))).collect();
+            if ours.is_empty() {
+                continue;
+            }
+            for line in &ours {
+                let mut args = words(line);
+                args[0] = "-D".into();
+                run(family, &args);
+            }
+            if lines.iter().filter(|l| l.starts_with("-A ")).count() == ours.len() {
+                for line in all.iter().filter(|l| l.ends_with(&format!("-j {chain}"))) {
                     let mut args = words(line);
                     args[0] = "-D".into();
                     run(family, &args);
                 }
-                if lines.iter().filter(|l| l.starts_with("-A ")).count() == ours.len() {
-                    for line in all.iter().filter(|l| l.ends_with(&format!("-j {chain}"))) {
-                        let mut args = words(line);
-                        args[0] = "-D".into();
-                        run(family, &args);
-                    }
-                    run(family, &["-X".to_owned(), chain.clone()]);
-                }
+                run(family, &["-X".to_owned(), chain.clone()]);
             }
         }
     }
 }
 
-/// The packets the daemon's rules (comment `tag`) in `chain` have matched.
-fn matched_packets(chain: &str, tag: &str) -> u64 {
+/// The packets the rules in `chain` have matched (any daemon's: the first reject in the
+/// chain, maybe another test daemon's, takes the packet).
+fn matched_packets(chain: &str) -> u64 {
     let out = Command::new("iptables").args(["-v", "-S", chain]).output().expect("iptables");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains(tag))
+        .filter(|l| l.starts_with("-A "))
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             let at = words.iter().position(|w| *w == "-c")?;
@@ -1107,7 +1122,6 @@ fn isolated_agents_reach_only_the_gateway(engine: Engine) {
         return;
     }
     let mut setup = Setup::new(engine, "fw");
-    let _cleanup = RulesCleanup(format!("agentd:{}", setup.instance));
     let token = "fw-test-token-0123456789";
     let (model_port, proxy_port) = (free_port(), free_port());
     setup.set("AGENTD_SERVER__LISTEN", &format!("0.0.0.0:{}", setup.port));
@@ -1200,7 +1214,7 @@ fn isolated_agents_reach_only_the_gateway(engine: Engine) {
     // Nothing routed out: Podman's internal network gives its containers no default
     // route; Docker's gives one through the bridge, where the daemon's forward rules reject
     // what would leave (its own rule drops it too).
-    let routed_before = matched_packets(&forward, &tag);
+    let routed_before = matched_packets(&forward);
     assert!(!connects_from(engine, &container, "1.1.1.1", 443), "an address outside the host");
     let routes = engine.run(&["exec", &container, "cat", "/proc/net/route"]);
     let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
@@ -1209,7 +1223,7 @@ fn isolated_agents_reach_only_the_gateway(engine: Engine) {
         assert!(!default_route, "no default route: {routes}");
     }
     if default_route {
-        assert!(matched_packets(&forward, &tag) > routed_before, "the forward rules rejected the way out");
+        assert!(matched_packets(&forward) > routed_before, "the forward rules rejected the way out");
     }
     drop(host_service);
     drop(own_listeners);
