@@ -31,7 +31,9 @@ pub struct AgentDefaults {
     pub memory_mb: Option<u64>,
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
-    pub network: NetworkPolicy,
+    /// The network of agents that name none. Unset: `isolated` for `claude-code` agents,
+    /// `internet` for `image` agents ([`AgentDefaults::network_for`]).
+    pub network: Option<NetworkPolicy>,
     pub restart: RestartPolicy,
     pub on_unhealthy: UnhealthyAction,
     pub stop_grace_secs: u64,
@@ -84,7 +86,7 @@ impl Default for AgentDefaults {
             memory_mb: Some(2048),
             cpus: Some(2.0),
             pids_limit: Some(512),
-            network: NetworkPolicy::Internet,
+            network: None,
             restart: RestartPolicy::Never,
             on_unhealthy: UnhealthyAction::Record,
             stop_grace_secs: 10,
@@ -230,7 +232,7 @@ impl AgentDefaults {
             memory_mb: self.memory_mb,
             cpus: self.cpus,
             pids_limit: self.pids_limit,
-            network: self.network,
+            network: self.network_for(self.kind),
             restart: self.restart,
             on_unhealthy: self.on_unhealthy,
             stop_grace_secs: self.stop_grace_secs,
@@ -282,6 +284,16 @@ impl AgentDefaults {
         out
     }
 
+    /// The network of an agent of `kind` that names none: `agents.network`, or when that is
+    /// unset `isolated` for `claude-code` agents (which need only the daemon's gateway) and
+    /// `internet` for `image` agents.
+    pub fn network_for(&self, kind: AgentKind) -> NetworkPolicy {
+        self.network.unwrap_or(match kind {
+            AgentKind::ClaudeCode => NetworkPolicy::Isolated,
+            AgentKind::Image => NetworkPolicy::Internet,
+        })
+    }
+
     /// Fills the unset fields of `new` and checks every value; errors name the field.
     pub fn resolve(&self, new: NewAgent) -> Result<AgentSpec, ManagerError> {
         fn invalid<T>(field: &'static str, message: String) -> Result<T, ManagerError> {
@@ -297,7 +309,7 @@ impl AgentDefaults {
             memory_mb: new.memory_mb.or(self.memory_mb),
             cpus: new.cpus.or(self.cpus),
             pids_limit: new.pids_limit.or(self.pids_limit),
-            network: new.network.unwrap_or(self.network),
+            network: new.network.unwrap_or_else(|| self.network_for(new.kind.unwrap_or(self.kind))),
             restart: new.restart.unwrap_or(self.restart),
             on_unhealthy: new.on_unhealthy.unwrap_or(self.on_unhealthy),
             stop_grace_secs: new.stop_grace_secs.unwrap_or(self.stop_grace_secs),
@@ -467,6 +479,12 @@ pub struct ManagerConfig {
     /// (its engine's socket directory, its data directory, its credential files).
     #[serde(skip)]
     pub protected_paths: Vec<crate::ProtectedPath>,
+    /// Why `isolated` agents cannot run now (the host firewall that protects their network
+    /// could not be installed), set by the daemon. While set, spawns, restarts and
+    /// restart-policy starts of isolated agents are refused with
+    /// [`ManagerError::NetworkUnprotected`] carrying this text. `None`: they may run.
+    #[serde(skip)]
+    pub isolated_refusal: Option<String>,
 }
 
 /// The daemon's listeners on the engine networks' gateway addresses.
@@ -510,6 +528,7 @@ impl Default for ManagerConfig {
             gateway: None,
             model_limits: ModelLimits::default(),
             protected_paths: Vec::new(),
+            isolated_refusal: None,
         }
     }
 }

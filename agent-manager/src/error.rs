@@ -45,6 +45,11 @@ pub enum ManagerError {
     #[error("agent {agent} is {status}, not running; start it with `agentd restart {agent}`")]
     NotRunning { agent: String, status: crate::model::AgentStatus },
 
+    /// The agent's network cannot be protected now (the host firewall for `isolated`
+    /// could not be installed): the agent is not started rather than run unprotected.
+    #[error("agent {agent} is not started: its network {network} is not protected: {reason}")]
+    NetworkUnprotected { agent: String, network: backend_core::NetworkPolicy, reason: String },
+
     /// The daemon is shutting down and accepts no new work.
     #[error("the daemon is shutting down")]
     ShuttingDown,

@@ -312,12 +312,28 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         Ok((guard, agent))
     }
 
+    /// Refuses to run an agent on a network that cannot be protected now
+    /// ([`ManagerConfig::isolated_refusal`](crate::ManagerConfig::isolated_refusal)).
+    fn check_network(&self, name: &str, spec: &crate::model::AgentSpec) -> Result<()> {
+        match &self.config.isolated_refusal {
+            Some(reason) if spec.network == backend_core::NetworkPolicy::Isolated => {
+                Err(ManagerError::NetworkUnprotected {
+                    agent: name.to_owned(),
+                    network: spec.network,
+                    reason: reason.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Creates an agent and starts its container, with the agent as the container's main
     /// process.
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
         let mut spec = self.config.defaults.resolve(new.clone())?;
+        self.check_network(&new.name, &spec)?;
         if let Some(dir) = spec.workdir.take() {
             // The canonical path is what is stored (and mounted).
             spec.workdir = Some(self.check_host_dirs(Some(dir), Vec::new()).await?.0.unwrap_or_default());
@@ -486,6 +502,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
         let mut spec = self.session_spec_for(agent)?;
         agent.container_id = None;
+        self.check_network(&agent.name, &agent.spec)?;
         self.contain(&mut spec).await?;
         let container = self.backend.create_session(&spec).await?;
         agent.container_id = Some(container.clone());
@@ -826,6 +843,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let _op = self.ops.read().await;
         self.check_accepting()?;
         let (_guard, mut agent) = self.find_locked(id_or_name).await?;
+        // Before the running container is stopped: a refused restart leaves it as it is.
+        self.check_network(&agent.name, &agent.spec)?;
         agent.desired = Desired::Running;
         agent.next_restart_at = None;
         agent.crash_streak = 0;

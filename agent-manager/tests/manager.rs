@@ -954,3 +954,83 @@ async fn an_orphan_that_cannot_be_removed_does_not_fail_the_pass() {
     fx.reconcile().await;
     assert_eq!(fx.engine.container_id("agentd-stray"), None, "the next pass removes the orphan");
 }
+
+// ---- Network defaults and the firewall refusal (issue I, helper B) ----
+
+/// `agents.network` unset: claude-code agents get `isolated`, image agents `internet`; a
+/// set default or the agent's own choice wins.
+#[tokio::test]
+async fn the_default_network_follows_the_kind() {
+    use backend_core::NetworkPolicy;
+    let defaults = agent_manager::AgentDefaults::default();
+    assert_eq!(defaults.network, None);
+    assert_eq!(defaults.network_for(AgentKind::ClaudeCode), NetworkPolicy::Isolated);
+    assert_eq!(defaults.network_for(AgentKind::Image), NetworkPolicy::Internet);
+    let resolve = |defaults: &agent_manager::AgentDefaults, kind, network| {
+        let new = NewAgent { name: "a".into(), kind: Some(kind), network, ..NewAgent::default() };
+        defaults.resolve(new).expect("resolves").network
+    };
+    assert_eq!(resolve(&defaults, AgentKind::ClaudeCode, None), NetworkPolicy::Isolated);
+    assert_eq!(resolve(&defaults, AgentKind::Image, None), NetworkPolicy::Internet);
+    assert_eq!(resolve(&defaults, AgentKind::ClaudeCode, Some(NetworkPolicy::Internet)), NetworkPolicy::Internet);
+    let set = agent_manager::AgentDefaults { network: Some(NetworkPolicy::Internet), ..defaults.clone() };
+    assert_eq!(resolve(&set, AgentKind::ClaudeCode, None), NetworkPolicy::Internet);
+    // The kind of the defaults decides for an agent that names no kind.
+    let new = NewAgent { name: "b".into(), ..NewAgent::default() };
+    assert_eq!(defaults.resolve(new).expect("resolves").network, NetworkPolicy::Isolated);
+}
+
+/// With `isolated_refusal` set (the daemon could not install its firewall), an isolated
+/// agent is not spawned, a restart is refused before the running container is touched, and
+/// a restart-policy restart does not start it; internet agents are untouched.
+#[tokio::test]
+async fn isolated_agents_do_not_start_while_their_network_is_unprotected() {
+    use backend_core::NetworkPolicy;
+    let engine = MockEngine::new();
+    let store = Store::in_memory().await.expect("store");
+    let clock = ManualClock::new();
+    let isolated = |name: &str| NewAgent {
+        name: name.into(),
+        network: Some(NetworkPolicy::Isolated),
+        restart: Some(RestartPolicy::Always),
+        ..NewAgent::default()
+    };
+    let before = Fixture::on(engine.clone(), store.clone(), test_config(), clock.clone()).await;
+    let running = before.spawn_with(isolated("kept")).await;
+    let container = running.agent.container_id.clone().expect("container");
+
+    // The next daemon adopts it, without its firewall.
+    let mut config = test_config();
+    config.isolated_refusal = Some("iptables said no".into());
+    let fx = Fixture::on(engine.clone(), store, config, clock.clone()).await;
+    fx.reconcile().await;
+    let refused = fx.manager.spawn(isolated("new")).await.expect_err("refused");
+    assert!(matches!(refused, ManagerError::NetworkUnprotected { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("iptables said no"), "{refused}");
+    assert!(fx.manager.get("new").await.is_err(), "a refused spawn leaves no record");
+
+    let restart = fx.manager.restart("kept").await.expect_err("restart refused");
+    assert!(matches!(restart, ManagerError::NetworkUnprotected { .. }), "{restart:?}");
+    let kept = fx.get("kept").await;
+    assert_eq!(kept.agent.status, AgentStatus::Running, "the refused restart left it running");
+    assert_eq!(kept.agent.container_id.as_deref(), Some(container.as_str()));
+    assert_eq!(
+        fx.engine.container_id(&kept.agent.session).as_deref(),
+        Some(container.as_str()),
+        "its container is still there"
+    );
+
+    // It exits: the restart policy does not bring it back unprotected.
+    fx.engine.exit(&kept.agent.session, 1);
+    fx.reconcile().await;
+    clock.advance(Duration::from_secs(120));
+    fx.reconcile().await;
+    let after = fx.get("kept").await;
+    assert_ne!(after.agent.status, AgentStatus::Running, "{:?}", after.agent);
+    let reason = after.agent.reason.clone().unwrap_or_default();
+    assert!(reason.contains("not protected"), "the record says why: {reason}");
+
+    let web = fx.spawn_with(NewAgent { name: "web".into(), ..NewAgent::default() }).await;
+    assert_eq!(web.agent.spec.network, NetworkPolicy::Internet);
+    assert_eq!(web.agent.status, AgentStatus::Running);
+}

@@ -89,7 +89,7 @@ impl From<ManagerError> for ApiError {
             }
             ManagerError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ManagerError::ImageMissing { .. } | ManagerError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ManagerError::ShuttingDown | ManagerError::NetworkUnprotected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_engine_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ManagerError::Backend(BackendError::InvalidSpec { .. }) => StatusCode::BAD_REQUEST,
             ManagerError::Backend(BackendError::ImageNotFound { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -243,7 +243,8 @@ fn agent_json(view: AgentView) -> AgentJson {
 }
 
 async fn spawn(State(app): State<AppState>, ApiJson(new): ApiJson<NewAgent>) -> Result<Response, ApiError> {
-    let network = new.network.unwrap_or(app.manager.config().defaults.network);
+    let defaults = &app.manager.config().defaults;
+    let network = new.network.unwrap_or_else(|| defaults.network_for(new.kind.unwrap_or(defaults.kind)));
     if network == backend_core::NetworkPolicy::Host && app.token.is_none() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

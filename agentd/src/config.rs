@@ -41,6 +41,8 @@ pub struct Config {
     /// `[model]`: where the model gateway forwards to, with which credential, within which
     /// limits.
     pub model: ModelConfig,
+    /// `[firewall]`: the host firewall rules that confine `isolated` agents.
+    pub firewall: FirewallConfig,
     /// `[agents]`: the manager's own type.
     pub agents: AgentDefaults,
     /// `[reconcile]`: the manager's own type.
@@ -128,6 +130,25 @@ impl Default for ModelConfig {
     }
 }
 
+/// `[firewall]`: how agentd installs the host firewall rules that let containers on the
+/// isolated network reach only its gateway ports (see docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirewallConfig {
+    /// The `iptables` program (a name looked up on `PATH`, or a path).
+    pub iptables_command: String,
+    /// The `ip6tables` program, used when this host has IPv6.
+    pub ip6tables_command: String,
+    /// How long one run of either may take, in seconds.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        Self { iptables_command: "iptables".into(), ip6tables_command: "ip6tables".into(), command_timeout_secs: 10 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -152,6 +173,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             gateway: GatewayConfig::default(),
             model: ModelConfig::default(),
+            firewall: FirewallConfig::default(),
             agents: AgentDefaults::default(),
             reconcile: ReconcileConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -439,6 +461,17 @@ impl Config {
         if m.max_output_tokens_per_day == Some(0) {
             bad("model.max_output_tokens_per_day", "0".into(), "at least 1, or leave it unset for no limit");
         }
+        let f = &self.firewall;
+        for (key, command) in
+            [("firewall.iptables_command", &f.iptables_command), ("firewall.ip6tables_command", &f.ip6tables_command)]
+        {
+            if command.trim().is_empty() || command.contains(char::is_whitespace) {
+                bad(key, format!("{command:?}"), "a program name or path, without arguments or spaces");
+            }
+        }
+        if !(1..=300).contains(&f.command_timeout_secs) {
+            bad("firewall.command_timeout_secs", f.command_timeout_secs.to_string(), "1 to 300 (seconds)");
+        }
         for factory in registry {
             let section = self.backends.get(factory.name()).cloned().unwrap_or(Section::Null);
             for p in factory.check(&section) {
@@ -450,7 +483,7 @@ impl Config {
         for v in a.check() {
             bad(&format!("agents.{}", v.field), v.value, &v.allowed);
         }
-        if a.network == NetworkPolicy::Host && self.server.token.is_none() && self.server.token_file.is_none() {
+        if a.network == Some(NetworkPolicy::Host) && self.server.token.is_none() && self.server.token_file.is_none() {
             bad(
                 "agents.network",
                 "\"host\"".into(),
@@ -536,6 +569,8 @@ impl Config {
             },
             // Filled in by the daemon once it knows the backend's socket (`protected_paths`).
             protected_paths: Vec::new(),
+            // Filled in by the daemon once it tried to install the firewall.
+            isolated_refusal: None,
         }
     }
 

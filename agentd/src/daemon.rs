@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{router, App};
 use crate::config::{Config, LogFormat};
+use crate::firewall::Protection;
 use crate::gateway::{Credential, ModelGateway};
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
@@ -44,6 +45,7 @@ pub struct Daemon {
     model_gateway: Arc<ModelGateway>,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
+    protection: Protection,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -73,8 +75,12 @@ impl Daemon {
         let endpoints =
             GatewayEndpoints { addresses, model_port: config.gateway.port, proxy_port: config.gateway.proxy_port };
         let gateway = bind_gateways(&endpoints)?;
+        // The host firewall that confines isolated agents, before any agent can start.
+        let ports = [config.gateway.port, config.gateway.proxy_port];
+        let protection = crate::firewall::protect(&config.firewall, &instance, &ports, backend.as_ref()).await;
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
+        manager_config.isolated_refusal = protection.refusal();
         manager_config.protected_paths = config.protected_paths(backend.name(), backend.engine_socket());
         let manager: Arc<AgentManager<dyn ExecutionBackend>> =
             Arc::new(AgentManager::new(backend, store, manager_config));
@@ -90,7 +96,15 @@ impl Daemon {
         let model_gateway = Arc::new(ModelGateway::new(manager.clone(), &config.model, credential)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, gateway, model_gateway, shutdown, leave_running: config.shutdown.leave_running })
+        Ok(Self {
+            app,
+            api,
+            gateway,
+            model_gateway,
+            shutdown,
+            leave_running: config.shutdown.leave_running,
+            protection,
+        })
     }
 
     /// The bound model gateway addresses (none when the backend has no gateway address).
@@ -112,7 +126,7 @@ impl Daemon {
     /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, gateway, model_gateway, shutdown, leave_running } = self;
+        let Daemon { app, api, gateway, model_gateway, shutdown, leave_running, protection } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
@@ -172,6 +186,27 @@ impl Daemon {
             containers_removed = summary.removed.len(),
             "Agents handled."
         );
+        if let Protection::Installed(firewall, installed) = &protection {
+            if leave_running {
+                info!(chain = %installed.input_chain(), "The host firewall rules stay: they protect the agents left running.");
+            } else if !summary.failed.is_empty() {
+                warn!(
+                    chain = %installed.input_chain(),
+                    "The host firewall rules stay: some agents could not be stopped and may still run."
+                );
+            } else {
+                match firewall.remove(installed).await {
+                    Ok(()) => {
+                        info!(interface = %installed.interface, tag = firewall.tag(), "Host firewall rules removed.")
+                    }
+                    Err(e) => warn!(
+                        error = %format!("{e:#}"),
+                        tag = firewall.tag(),
+                        "The host firewall rules could not be removed; see docs/security.md to delete them by hand."
+                    ),
+                }
+            }
+        }
         let drained = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(outcome) = servers.join_next().await {
                 if let Ok(Err(e)) = outcome {

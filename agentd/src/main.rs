@@ -173,7 +173,7 @@ struct SpawnArgs {
     /// CPU limit in cores [default: agents.cpus, 2].
     #[arg(long)]
     cpus: Option<f64>,
-    /// internet, isolated, none or host [default: agents.network, internet].
+    /// internet, isolated, none or host [default: agents.network; unset: isolated for claude-code, internet for image].
     #[arg(long)]
     network: Option<String>,
     /// never, on-failure or always [default: agents.restart, never].

@@ -28,18 +28,18 @@ struct TestDaemon {
 
 impl TestDaemon {
     async fn start(token: Option<&str>) -> Self {
-        Self::start_with(token, |_| {}).await
+        Self::start_with(token, |_, _| {}).await
     }
 
-    /// A daemon whose configuration `adjust` changes first.
-    async fn start_with(token: Option<&str>, adjust: impl FnOnce(&mut Config)) -> Self {
+    /// A daemon whose configuration and engine `prepare` adjusts first.
+    async fn start_with(token: Option<&str>, prepare: impl FnOnce(&mut Config, &MockEngine)) -> Self {
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
         config.server.token = token.map(str::to_owned);
         config.agents.kind = agent_manager::AgentKind::Image;
         config.agents.image = backend_mock::ECHO_IMAGE.into();
-        adjust(&mut config);
         let engine = MockEngine::new();
+        prepare(&mut config, &engine);
         let store = Store::in_memory().await.expect("store");
         let instance = store.instance_id().await.expect("instance");
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
@@ -621,7 +621,7 @@ async fn identity_and_file_refusals_are_unprocessable_and_name_the_rule() {
     let data = std::env::temp_dir().join(format!("agentd-api-data-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&data).expect("data dir");
     let store_path = data.join("agentd.db");
-    let d = TestDaemon::start_with(None, |c| c.store.path = Some(store_path)).await;
+    let d = TestDaemon::start_with(None, |c, _| c.store.path = Some(store_path)).await;
     let post = |body: Value| d.call(reqwest::Method::POST, "/v1/agents", Some(body));
 
     let (status, body) = post(json!({ "name": "root", "user": "0" })).await;
@@ -640,4 +640,58 @@ async fn identity_and_file_refusals_are_unprocessable_and_name_the_rule() {
     assert!(error_text(&body).contains("agentd's data directory"), "{body}");
     d.stop().await;
     let _ = std::fs::remove_dir_all(&data);
+}
+
+// ---- Host firewall (issue I, helper B) ----
+
+/// An isolated network for the mock to report, on an interface no host has.
+fn mock_isolated_network() -> backend_core::IsolatedNetwork {
+    backend_core::IsolatedNetwork {
+        name: "agentd-isolated".into(),
+        interface: "agtnone0".into(),
+        gateways: vec!["192.0.2.1".parse().expect("ip")],
+        subnets: vec!["192.0.2.0/24".into()],
+        on_this_host: true,
+    }
+}
+
+/// When the firewall rules cannot be installed, the daemon starts, but isolated agents
+/// (claude-code's default network) are refused with 503 and the reason; internet agents
+/// still run; the refusal also covers restarts.
+#[tokio::test]
+async fn isolated_agents_are_refused_when_the_firewall_cannot_be_installed() {
+    let daemon = TestDaemon::start_with(None, |config, engine| {
+        // `false` fails like an iptables that may not change the rules.
+        config.firewall.iptables_command = "false".into();
+        config.firewall.ip6tables_command = "false".into();
+        engine.set_isolated_network(Some(mock_isolated_network()));
+    })
+    .await;
+    let (status, health) = daemon.call(reqwest::Method::GET, "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK, "the daemon serves: {health}");
+
+    let claude = json!({ "name": "coder", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE });
+    let (status, body) = daemon.call(reqwest::Method::POST, "/v1/agents", Some(claude)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let text = error_text(&body);
+    for needle in ["not protected", "agtnone0", "`false", "exited with 1", "run agentd as root", "\"internet\""] {
+        assert!(text.contains(needle), "the error says {needle:?}: {text}");
+    }
+    let (status, body) = daemon.call(reqwest::Method::GET, "/v1/agents/coder", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a refused spawn leaves no agent: {body}");
+    assert!(daemon.engine.calls().iter().all(|c| !matches!(c, backend_mock::MockCall::Create(_))), "nothing created");
+
+    let explicit = json!({ "name": "iso", "network": "isolated" });
+    let (status, body) = daemon.call(reqwest::Method::POST, "/v1/agents", Some(explicit)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "an image agent asking for isolated too: {body}");
+
+    // Internet agents run.
+    let web = daemon.spawn("web").await;
+    assert_eq!(web["status"], "running", "{web}");
+    assert_eq!(web["network"], "internet", "image agents default to internet: {web}");
+    let open =
+        json!({ "name": "open", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE, "network": "internet" });
+    let (status, body) = daemon.call(reqwest::Method::POST, "/v1/agents", Some(open)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    daemon.stop().await;
 }

@@ -126,7 +126,13 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             what: "a section of no registered backend",
             args: vec!["--config", path_str(&top_level)],
             env: vec![],
-            expect: vec!["kubernetes", "unknown key", "docker, gateway, instance_id", "mock", path_str(&top_level)],
+            expect: vec![
+                "kubernetes",
+                "unknown key",
+                "docker, firewall, gateway, instance_id",
+                "mock",
+                path_str(&top_level),
+            ],
         },
         Case {
             what: "wrong type in a backend's section in the environment",
@@ -157,6 +163,20 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             args: vec!["--config", "/nonexistent/agentd.toml"],
             env: vec![],
             expect: vec!["/nonexistent/agentd.toml", "no such file"],
+        },
+        Case {
+            what: "a firewall command with arguments and no timeout",
+            args: vec![],
+            env: vec![
+                ("AGENTD_FIREWALL__IPTABLES_COMMAND", "iptables -w"),
+                ("AGENTD_FIREWALL__COMMAND_TIMEOUT_SECS", "0"),
+            ],
+            expect: vec![
+                "firewall.iptables_command",
+                "without arguments or spaces",
+                "firewall.command_timeout_secs = 0",
+                "1 to 300",
+            ],
         },
     ];
     for case in cases {

@@ -252,6 +252,8 @@ impl Drop for Setup {
                 let _ = self.engine.cli().args(["rm", "-f"]).args(&ids).output();
             }
         }
+        // The daemon's host firewall rules, which a killed or leave-running daemon keeps.
+        remove_rules_tagged(&format!("agentd:{}", self.instance));
         for suffix in ["", "-wal", "-shm", ".log"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }
@@ -1122,6 +1124,8 @@ per_engine!(
     claude_code_model_usage_is_metered_and_limited,
     // The model gateway (A1).
     gateway_secrets_are_per_agent,
+    // The firewall of the isolated network (B).
+    isolated_agents_reach_only_the_gateway,
 );
 
 // A2: metering and limits of the model gateway.
@@ -1337,4 +1341,277 @@ fn identity_and_files(engine: Engine) {
 mod identity {
     use super::{identity_and_files, Engine};
     per_engine!(identity_and_files);
+}
+
+// ---- The firewall of the isolated network (issue I, helper B) ----
+
+/// A GET with the API token.
+fn get_with_token(url: &str, token: &str) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
+        let response = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        assert!(status.is_success(), "GET {url}: {status}: {text}");
+        serde_json::from_str(&text).expect("JSON")
+    })
+}
+
+/// Whether a TCP connection from inside `container` to `host:port` succeeds within 5 s.
+fn connects_from(engine: Engine, container: &str, host: &str, port: u16) -> bool {
+    let script = format!("exec 3<>/dev/tcp/{host}/{port}");
+    let out = engine
+        .cli()
+        .args(["exec", container, "timeout", "5", "bash", "-c", &script])
+        .output()
+        .unwrap_or_else(|e| panic!("{} exec: {e}", engine.name()));
+    match out.status.code() {
+        Some(0) => true,
+        // bash's connect failed, or `timeout` ended it.
+        Some(1) | Some(124) => false,
+        other => panic!(
+            "the probe of {host}:{port} in {container} did not run ({other:?}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The rule lines of an iptables chain, empty when it does not exist.
+fn chain_rules(chain: &str) -> Vec<String> {
+    match Command::new("iptables").args(["-S", chain]).output() {
+        Ok(out) if out.status.success() => {
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).map(str::to_owned).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Removes the host firewall rules a test daemon left (it was killed, left its agents
+/// running, or the test failed first): every rule with its comment `tag`, and a chain that
+/// leaves empty with the jumps to it.
+fn remove_rules_tagged(tag: &str) {
+    use std::os::fd::AsRawFd;
+    // The daemons' lock, so that no daemon installing meanwhile loses a chain.
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/agentd-firewall.lock");
+    if let Ok(file) = &lock {
+        // SAFETY: flock(2) on a descriptor this function holds open; released when it closes.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    }
+    let run = |family: &str, args: &[String]| {
+        Command::new(family)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>())
+    };
+    let words = |line: &str| line.split_whitespace().map(|w| w.trim_matches('"').to_owned()).collect::<Vec<_>>();
+    for family in ["iptables", "ip6tables"] {
+        let all = run(family, &["-S".to_owned()]).unwrap_or_default();
+        let chains: Vec<String> =
+            all.iter().filter_map(|l| l.strip_prefix("-N AGENTD-")).map(|c| format!("AGENTD-{c}")).collect();
+        for chain in chains {
+            let lines = run(family, &["-S".to_owned(), chain.clone()]).unwrap_or_default();
+            let ours: Vec<&String> = lines.iter().filter(|l| l.contains(&format!("\"{tag}\""))).collect();
+            if ours.is_empty() {
+                continue;
+            }
+            for line in &ours {
+                let mut args = words(line);
+                args[0] = "-D".into();
+                run(family, &args);
+            }
+            if lines.iter().filter(|l| l.starts_with("-A ")).count() == ours.len() {
+                for line in all.iter().filter(|l| l.ends_with(&format!("-j {chain}"))) {
+                    let mut args = words(line);
+                    args[0] = "-D".into();
+                    run(family, &args);
+                }
+                run(family, &["-X".to_owned(), chain.clone()]);
+            }
+        }
+    }
+}
+
+/// The packets the rules in `chain` have matched (any daemon's: the first reject in the
+/// chain, maybe another test daemon's, takes the packet).
+fn matched_packets(chain: &str) -> u64 {
+    let out = Command::new("iptables").args(["-v", "-S", chain]).output().expect("iptables");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "-c")?;
+            words.get(at + 1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The `interface` field of the daemon's "rules are in place" log line.
+fn firewall_interface(daemon: &Daemon) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log_text();
+        let found = log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|l| {
+            l["message"].as_str().is_some_and(|m| m.starts_with("Host firewall rules for isolated agents are in place"))
+        });
+        if let Some(line) = found {
+            return line["interface"].as_str().expect("interface field").to_owned();
+        }
+        assert!(Instant::now() < deadline, "no firewall line in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The host's address on the isolated network, as the engine lists it.
+fn isolated_gateway(engine: Engine) -> String {
+    let format = match engine {
+        Engine::Docker => "{{(index .IPAM.Config 0).Gateway}}",
+        Engine::Podman => "{{(index .Subnets 0).Gateway}}",
+    };
+    let out = engine.run(&["network", "inspect", "--format", format, "agentd-isolated"]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// From inside an isolated agent's container only agentd's gateway ports on the gateway
+/// address answer: not a host service listening on every address, not the management API
+/// (listening on 0.0.0.0 here), not another container, nothing outside the host. The rules
+/// stay at a leave-running shutdown, are not duplicated by the next start, and are gone
+/// after a stopping one.
+fn isolated_agents_reach_only_the_gateway(engine: Engine) {
+    if !engine.has_claude() {
+        return;
+    }
+    let mut setup = Setup::new(engine, "fw");
+    let token = "fw-test-token-0123456789";
+    let (model_port, proxy_port) = (free_port(), free_port());
+    setup.set("AGENTD_SERVER__LISTEN", &format!("0.0.0.0:{}", setup.port));
+    setup.set("AGENTD_SERVER__TOKEN", token);
+    setup.set("AGENTD_TOKEN", token);
+    setup.set("AGENTD_GATEWAY__PORT", &model_port.to_string());
+    setup.set("AGENTD_GATEWAY__PROXY_PORT", &proxy_port.to_string());
+    setup.set("AGENTD_SHUTDOWN__LEAVE_RUNNING", "true");
+    let daemon = setup.start();
+    let interface = firewall_interface(&daemon);
+    let input = format!("AGENTD-IN-{interface}");
+    let forward = format!("AGENTD-FWD-{interface}");
+    let tag = format!("\"agentd:{}\"", setup.instance);
+    let ours = |chain: &str| chain_rules(chain).into_iter().filter(|l| l.contains(&tag)).collect::<Vec<_>>();
+    let input_rules = ours(&input);
+    assert_eq!(input_rules.len(), 5, "replies, two ports, two rejects: {input_rules:#?}");
+    assert_eq!(ours(&forward).len(), 2, "{:#?}", chain_rules(&forward));
+
+    // A service of the host on all addresses, and the gateway ports (agentd's gateway may
+    // serve them; if not, the test listens there itself).
+    let gateway = isolated_gateway(engine);
+    let host_service = TcpListener::bind("0.0.0.0:0").expect("host listener");
+    let host_port = host_service.local_addr().expect("addr").port();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let mut own_listeners = Vec::new();
+    for port in [model_port, proxy_port] {
+        let addr = std::net::SocketAddr::new(gateway.parse().expect("gateway ip"), port);
+        match rt.block_on(async { agentd::listen::bind_gateway(addr) }) {
+            Ok(listener) => own_listeners.push(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => panic!("binding {addr}: {e}"),
+        }
+    }
+
+    setup.cli(&[
+        "spawn",
+        "prober",
+        "--kind",
+        "image",
+        "--image",
+        CLAUDE_IMAGE,
+        "--network",
+        "isolated",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let agents = format!("{}/v1/agents", setup.base());
+    let prober = get_with_token(&format!("{agents}/prober"), token);
+    assert_eq!(prober["network"], "isolated", "the firewall test needs an isolated agent: {prober}");
+    let container = prober["session"].as_str().expect("session").to_owned();
+    // An isolated agent with a listener, and a container on the internet network with one.
+    setup.cli(&["spawn", "neighbour", "--network", "isolated", "--env", "ECHO_LISTEN_PORT=9090"]);
+    let neighbour = get_with_token(&format!("{agents}/neighbour"), token);
+    let neighbour_session = neighbour["session"].as_str().expect("session").to_owned();
+    let peer = format!("{}-peer", setup.prefix);
+    let label = format!("agentd.prefix={}", setup.prefix);
+    engine.run(&["run", "-d", "--name", &peer, "--label", &label, "-e", "ECHO_LISTEN_PORT=9090", IMAGE]);
+    let address_of = |container: &str| {
+        let ips = engine.inspect(container, "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
+        ips.split_whitespace().next().unwrap_or_else(|| panic!("{container} has no address")).to_owned()
+    };
+    let (peer_ip, neighbour_ip) = (address_of(&peer), address_of(&neighbour_session));
+
+    // The controls: each target answers where it is not fenced off (the host reaching the
+    // isolated agent also shows that replies pass the rules).
+    for target in [format!("{peer_ip}:9090"), format!("{neighbour_ip}:9090")] {
+        let addr: std::net::SocketAddr = target.parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            assert!(Instant::now() < deadline, "the listener at {addr} never answered the host");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    for port in [model_port, proxy_port] {
+        assert!(connects_from(engine, &container, &gateway, port), "the gateway port {gateway}:{port} is reachable");
+    }
+
+    // What must be out of reach.
+    assert!(!connects_from(engine, &container, &gateway, host_port), "a host service on 0.0.0.0 at {gateway}");
+    assert!(!connects_from(engine, &container, &gateway, setup.port), "the management API at {gateway}");
+    assert!(!connects_from(engine, &container, &peer_ip, 9090), "a container on the internet network");
+    let bridged =
+        std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").is_ok_and(|v| v.trim() == "1");
+    if bridged {
+        assert!(!connects_from(engine, &container, &neighbour_ip, 9090), "another isolated agent (br_netfilter on)");
+    } else {
+        eprintln!("br_netfilter is off here: traffic between isolated agents on one bridge is not filtered");
+    }
+    // Nothing routed out: Podman's internal network gives its containers no default
+    // route; Docker's gives one through the bridge, where the daemon's forward rules reject
+    // what would leave (its own rule drops it too).
+    let routed_before = matched_packets(&forward);
+    assert!(!connects_from(engine, &container, "1.1.1.1", 443), "an address outside the host");
+    let routes = engine.run(&["exec", &container, "cat", "/proc/net/route"]);
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    let default_route = routes.lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some("00000000"));
+    if engine == Engine::Podman {
+        assert!(!default_route, "no default route: {routes}");
+    }
+    if default_route {
+        assert!(matched_packets(&forward) > routed_before, "the forward rules rejected the way out");
+    }
+    drop(host_service);
+    drop(own_listeners);
+
+    // A leave-running shutdown keeps the rules for the agents left running; the next start
+    // adds none twice; a stopping shutdown removes them.
+    daemon.terminate();
+    assert_eq!(ours(&input), input_rules, "the rules stay while the agents run on");
+    setup.set("AGENTD_SHUTDOWN__LEAVE_RUNNING", "false");
+    let daemon = setup.start();
+    firewall_interface(&daemon);
+    assert_eq!(ours(&input), input_rules, "a restart duplicates nothing");
+    let adopted = get_with_token(&format!("{agents}/prober"), token);
+    assert_eq!(adopted["status"], "running", "{adopted}");
+    daemon.terminate();
+    assert!(ours(&input).is_empty() && ours(&forward).is_empty(), "the rules are gone: {:#?}", chain_rules(&input));
+    let input_jump = format!("-i {interface} -m comment --comment agentd -j {input}");
+    let jumps = Command::new("iptables").args(["-S", "INPUT"]).output().expect("iptables");
+    let jumps = String::from_utf8_lossy(&jumps.stdout).into_owned();
+    if chain_rules(&input).is_empty() {
+        assert!(!jumps.contains(&input_jump), "no jump to an empty chain is left: {jumps}");
+    }
 }

@@ -147,6 +147,26 @@ pub struct NetworkGateways {
     pub isolated: Option<std::net::IpAddr>,
 }
 
+/// The engine network `isolated` sessions join, as the host's firewall sees it: the
+/// bridge interface their traffic enters the host by, the host's addresses on it, and its
+/// subnets. The daemon installs its host firewall rules for this interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolatedNetwork {
+    /// The engine's name of the network (`agentd-isolated`).
+    pub name: String,
+    /// The host's bridge interface (Docker: `br-<id12>` or the network's
+    /// `com.docker.network.bridge.name`; Podman: the network's `network_interface`). It
+    /// may not exist while no session is attached (Podman).
+    pub interface: String,
+    /// The host's addresses on the network (its gateways), IPv4 and IPv6.
+    pub gateways: Vec<std::net::IpAddr>,
+    /// The network's subnets in CIDR form (`172.18.0.0/16`).
+    pub subnets: Vec<String>,
+    /// Whether the network is on this host (the engine is local): only then can this
+    /// host's firewall protect it.
+    pub on_this_host: bool,
+}
+
 /// The result of running a command in a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
@@ -213,6 +233,13 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
     /// All `None` means loopback is enough (or the backend offers no such network).
     async fn gateway_addresses(&self) -> Result<NetworkGateways> {
         Ok(NetworkGateways::default())
+    }
+
+    /// The network `isolated` sessions join, for the host firewall. `None`: sessions of
+    /// this backend do not use this host's network stack (an in-memory backend), so there
+    /// is nothing to firewall here.
+    async fn isolated_network(&self) -> Result<Option<IsolatedNetwork>> {
+        Ok(None)
     }
 
     /// Whether `image` is present locally (nothing is ever pulled).

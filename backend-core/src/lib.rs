@@ -38,7 +38,8 @@ pub use attach::{
     SessionAttach, SessionInput, MAX_LINE_BYTES,
 };
 pub use backend::{
-    Capabilities, Capability, CommandOutput, ExecutionBackend, NetworkGateways, ShutdownReport, SHUTDOWN_CONCURRENCY,
+    Capabilities, Capability, CommandOutput, ExecutionBackend, IsolatedNetwork, NetworkGateways, ShutdownReport,
+    SHUTDOWN_CONCURRENCY,
 };
 pub use error::{BackendError, BoxError, Result};
 pub use events::{forward_event, BackendEvent, EventReceiver, EventSender, EVENT_BUFFER};

@@ -255,6 +255,37 @@ impl ExecutionBackend for DockerBackend {
         Ok(self.gateways)
     }
 
+    async fn isolated_network(&self) -> Result<Option<backend_core::IsolatedNetwork>> {
+        let inspect = self
+            .docker
+            .inspect_network(&self.isolated_network, None::<InspectNetworkOptions>)
+            .await
+            .map_err(|e| map_err(e, Subject::Other))?;
+        let id = inspect.id.clone().unwrap_or_else(|| self.isolated_network.clone());
+        // Docker names a network's bridge `br-` and the first 12 characters of its id,
+        // unless the network was created with a name of its own for it.
+        let interface = inspect
+            .options
+            .as_ref()
+            .and_then(|o| o.get("com.docker.network.bridge.name"))
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+        let configs = inspect.ipam.and_then(|ipam| ipam.config).unwrap_or_default();
+        let subnets = configs.iter().filter_map(|c| c.subnet.clone()).collect();
+        // The IPv4 address as for the gateway addresses; an IPv6 subnet's gateway as Docker
+        // lists it.
+        let v6 = configs.iter().filter_map(|c| c.gateway.as_deref()?.parse::<IpAddr>().ok()).filter(IpAddr::is_ipv6);
+        let gateways = self.gateways.isolated.into_iter().chain(v6).collect();
+        Ok(Some(backend_core::IsolatedNetwork {
+            name: inspect.name.unwrap_or_else(|| self.config.isolated_network.clone()),
+            interface,
+            gateways,
+            subnets,
+            on_this_host: self.gateways.isolated.is_some(),
+        }))
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),

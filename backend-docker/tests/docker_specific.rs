@@ -139,3 +139,23 @@ async fn an_engine_that_goes_away_reads_unavailable_never_as_gone_sessions() {
     backend.kill_session(&spec.session, Duration::ZERO).await.expect("cleanup");
     let _ = std::fs::remove_file(&path);
 }
+
+/// The isolated network as the host firewall sees it: the bridge Docker made for it (it
+/// exists on this host), the host's address on it, on this host.
+#[tokio::test]
+async fn the_isolated_network_names_its_bridge_and_gateway() {
+    let Some(_h) = common::harness().await else { return };
+    let backend = DockerBackend::connect(DockerConfig::default(), owner()).await.expect("connect");
+    let network = backend.isolated_network().await.expect("read").expect("an isolated network");
+    let id = std::process::Command::new("docker")
+        .args(["network", "inspect", "--format", "{{.Id}}", &network.name])
+        .output()
+        .expect("docker network inspect");
+    let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    assert_eq!(network.interface, format!("br-{}", &id[..12]), "{network:?}");
+    assert!(std::path::Path::new("/sys/class/net").join(&network.interface).exists(), "{network:?}");
+    let gateway = backend.gateway_addresses().await.expect("gateways").isolated.expect("isolated gateway");
+    assert!(network.gateways.contains(&gateway), "{network:?}");
+    assert!(network.on_this_host);
+    assert!(!network.subnets.is_empty(), "{network:?}");
+}

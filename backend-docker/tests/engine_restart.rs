@@ -255,7 +255,7 @@ async fn an_outside_kill_right_after_an_engine_restart_is_noticed_from_the_new_e
     config.defaults.kind = AgentKind::Image;
     config.defaults.image = IMAGE.into();
     // No traffic to speak of: the test's dockerd routes nothing.
-    config.defaults.network = NetworkPolicy::None;
+    config.defaults.network = Some(NetworkPolicy::None);
     config.defaults.stop_grace_secs = 1;
     // A relist every 6 s: an outside kill noticed much sooner came from events.
     config.reconcile.interval = Duration::from_secs(6);

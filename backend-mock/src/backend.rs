@@ -45,6 +45,10 @@ impl ExecutionBackend for MockBackend {
         self.engine.capabilities()
     }
 
+    async fn isolated_network(&self) -> Result<Option<backend_core::IsolatedNetwork>> {
+        Ok(self.engine.isolated_network())
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         self.engine.enter(MockCall::ImageExists(image.to_owned())).await?;
         Ok(self.engine.image_exists(image))

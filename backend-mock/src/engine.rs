@@ -199,6 +199,8 @@ struct State {
     capabilities: Capabilities,
     /// Named volumes: name → (labels, created at).
     volumes: BTreeMap<String, (BTreeMap<String, String>, OffsetDateTime)>,
+    /// What backends report as the isolated network (`None`: nothing to firewall).
+    isolated_network: Option<backend_core::IsolatedNetwork>,
 }
 
 impl std::fmt::Debug for State {
@@ -249,6 +251,7 @@ impl MockEngine {
             snapshot_exit_info: true,
             capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             volumes: BTreeMap::new(),
+            isolated_network: None,
         };
         Self { state: Arc::new(Mutex::new(state)) }
     }
@@ -278,6 +281,17 @@ impl MockEngine {
     /// lifecycle is Docker's unless the engine is [`MockEngine::pod_like`].
     pub(crate) fn capabilities(&self) -> Capabilities {
         self.lock().capabilities
+    }
+
+    /// Makes backends report `network` as their isolated network (the daemon then
+    /// installs its host firewall rules for it), or none (the default: an in-memory
+    /// engine has no host network to protect).
+    pub fn set_isolated_network(&self, network: Option<backend_core::IsolatedNetwork>) {
+        self.lock().isolated_network = network;
+    }
+
+    pub(crate) fn isolated_network(&self) -> Option<backend_core::IsolatedNetwork> {
+        self.lock().isolated_network.clone()
     }
 
     /// Whether snapshots carry exit info (like Podman) or leave it to `session_exit_info`

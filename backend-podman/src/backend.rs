@@ -322,6 +322,10 @@ impl ExecutionBackend for PodmanBackend {
         Ok(self.inner.gateways)
     }
 
+    async fn isolated_network(&self) -> Result<Option<backend_core::IsolatedNetwork>> {
+        self.inner.isolated_network_info().await
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         let handle = self.inner.podman.images().get(image);
         self.inner.call("the image lookup", Subject::Image(image), handle.exists()).await

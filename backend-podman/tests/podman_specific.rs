@@ -288,3 +288,26 @@ async fn an_unreachable_service_is_unavailable_naming_the_paths_tried_and_the_fi
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+/// The isolated network as the host firewall sees it: the bridge netavark names for it,
+/// the host's address on it, on this host.
+#[tokio::test]
+async fn the_isolated_network_names_its_bridge_and_gateway() {
+    let Some(_h) = common::harness().await else { return };
+    let owner = OwnershipLabels::new("agentd-netinfo", "i1").expect("labels");
+    let backend = PodmanBackend::connect(PodmanConfig::default(), owner).await.expect("connect");
+    let network = backend.isolated_network().await.expect("read").expect("an isolated network");
+    let mut cli = std::process::Command::new("podman");
+    if let Ok(url) = std::env::var("CONTAINER_HOST") {
+        cli.args(["--url", &url]);
+    }
+    let out = cli
+        .args(["network", "inspect", "--format", "{{.NetworkInterface}}", &network.name])
+        .output()
+        .expect("podman network inspect");
+    assert_eq!(network.interface, String::from_utf8_lossy(&out.stdout).trim(), "{network:?}");
+    let gateway = backend.gateway_addresses().await.expect("gateways").isolated.expect("isolated gateway");
+    assert!(network.gateways.contains(&gateway), "{network:?}");
+    assert!(network.on_this_host);
+    assert_eq!(network.subnets.len(), 1, "{network:?}");
+}

@@ -74,6 +74,30 @@ impl Inner {
         })
     }
 
+    /// The isolated network as the host firewall sees it (the oldest of its name, the one
+    /// sessions join).
+    pub(super) async fn isolated_network_info(&self) -> Result<Option<backend_core::IsolatedNetwork>> {
+        let Some(network) = self.isolated_networks().await?.into_iter().next() else {
+            return Ok(None);
+        };
+        let local = is_local(&self.address);
+        let Some(interface) = network.network_interface.clone().filter(|i| !i.is_empty()) else {
+            return Err(BackendError::engine(
+                NAME,
+                format!("network {} names no bridge interface", self.config.isolated_network),
+            ));
+        };
+        let subnets = network.subnets.iter().flatten();
+        let gateways = subnets.clone().filter_map(|s| s.gateway.as_deref()?.parse::<IpAddr>().ok()).collect();
+        Ok(Some(backend_core::IsolatedNetwork {
+            name: network.name.clone().unwrap_or_else(|| self.config.isolated_network.clone()),
+            interface,
+            gateways,
+            subnets: subnets.filter_map(|s| s.subnet.clone()).collect(),
+            on_this_host: local,
+        }))
+    }
+
     async fn default_network_gateway(&self) -> Result<Option<IpAddr>> {
         let network = self.podman.networks().get(DEFAULT_NETWORK);
         match self.call("the default network's inspection", Subject::Other, network.inspect()).await {
