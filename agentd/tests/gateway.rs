@@ -74,7 +74,13 @@ impl Harness {
 
     /// Spawns a claude-code agent and returns its id and its environment as agentd builds it.
     async fn agent(&self, name: &str) -> (String, BTreeMap<String, String>) {
-        let new = NewAgent { name: name.into(), kind: Some(AgentKind::ClaudeCode), ..NewAgent::default() };
+        // On the internet network, whose gateway address (127.0.0.1) `base` is.
+        let new = NewAgent {
+            name: name.into(),
+            kind: Some(AgentKind::ClaudeCode),
+            network: Some(NetworkPolicy::Internet),
+            ..NewAgent::default()
+        };
         let view = self.manager.spawn(new).await.expect("spawn");
         let spec = self.manager.session_spec_for(&view.agent).expect("spec");
         (view.agent.id, spec.env)
