@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{router, App};
 use crate::config::{Config, LogFormat};
+use crate::listen::ConnLimits;
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
 pub fn init_logging(config: &Config) {
@@ -38,6 +39,7 @@ pub fn init_logging(config: &Config) {
 pub struct Daemon {
     app: Arc<App>,
     api: TcpListener,
+    api_limits: ConnLimits,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
 }
@@ -69,7 +71,7 @@ impl Daemon {
         let manager = Arc::new(AgentManager::new(backend, store, manager_config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, shutdown, leave_running: config.shutdown.leave_running })
+        Ok(Self { app, api, api_limits: config.server.limits(), shutdown, leave_running: config.shutdown.leave_running })
     }
 
     /// The bound API address.
@@ -86,15 +88,15 @@ impl Daemon {
     /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, shutdown, leave_running } = self;
+        let Daemon { app, api, api_limits, shutdown, leave_running } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
         let mut shutdown_rx = shutdown.subscribe();
-        let api_server = axum::serve(api, router(app.clone())).with_graceful_shutdown(async move {
+        let api_server = crate::listen::serve(api, api_limits, router(app.clone()), async move {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         });
-        servers.spawn(async move { api_server.await });
+        servers.spawn(api_server);
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
@@ -176,6 +178,11 @@ pub async fn shutdown_signal() {
 
 /// `agentd serve`.
 pub async fn serve(config: Config) -> Result<()> {
+    // The connection caps, not the fd limit, bound what the listeners hold; the rest of
+    // the limit is the engine calls', the store's and /healthz's.
+    if let Err(e) = crate::listen::raise_fd_limit() {
+        warn!(error = %e, "Cannot raise the open-file limit (RLIMIT_NOFILE); running with the one inherited.");
+    }
     let path = config.store_path();
     let store = Store::open(&path).await.with_context(|| format!("opening the database {}", path.display()))?;
     let instance = match &config.instance_id {
