@@ -621,8 +621,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     }
 
     /// New conversation entries of every agent, from now on; each is stored before it is
-    /// sent here.
-    pub fn subscribe_conversations(&self) -> broadcast::Receiver<ConversationEntry> {
+    /// sent here. A large entry (or one past the broadcast's byte budget) comes as
+    /// [`LiveEntry::Elided`]: read it from the store.
+    pub fn subscribe_conversations(&self) -> broadcast::Receiver<crate::conversation::LiveEntry> {
         self.conversations.subscribe()
     }
 

@@ -20,8 +20,9 @@ usage: cargo xtask <task>
 tasks:
   ci                                  provision engines, build images, then fmt, clippy and all tests
                                       (engines required)
-  images                              build the images from docker/ into Docker and Podman: the test
-                                      images and the Claude Code image (cached under target/images/)
+  images [--test]                     build the images from docker/ into Docker and Podman: the test
+                                      images and the Claude Code image (cached under target/images/);
+                                      with --test, the test images only (agentd-echo:latest)
   integration [--backend docker|podman]
                                       provision engines, build images, run the engine tests only
   engines                             install (if missing) and start Docker and Podman, then exit
@@ -42,7 +43,11 @@ fn run() -> Result<()> {
         Some("ci") => ci(&mut steps)?,
         Some("images") => {
             let env = steps.run("engines", engines::provision)?;
-            steps.run("images", || images(&env))?;
+            match args.get(1).map(String::as_str) {
+                None => steps.run("images", || images(&env))?,
+                Some("--test") => steps.run("test images", || test_images(&env))?,
+                Some(other) => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            }
         }
         Some("integration") => {
             let backend = match args.get(1).map(String::as_str) {
@@ -110,6 +115,12 @@ const IMAGES: &[(&str, &str, &str)] = &[("docker/echo-agent", "agentd-echo:lates
 /// Builds the static binaries and the images from `docker/` into both engines, offline: the
 /// test images, then the Claude Code image (see `claude_image`).
 fn images(env: &engines::Engines) -> Result<()> {
+    test_images(env)?;
+    claude_image::build(env)
+}
+
+/// Builds the test images from `docker/` ([`IMAGES`]) into both engines.
+fn test_images(env: &engines::Engines) -> Result<()> {
     let root = project_root();
     for (dir, tag, package) in IMAGES {
         let target = "x86_64-unknown-linux-gnu";
@@ -139,7 +150,7 @@ fn images(env: &engines::Engines) -> Result<()> {
         )?;
         println!("xtask: built {tag} for docker and podman");
     }
-    claude_image::build(env)
+    Ok(())
 }
 
 /// The repository root (the parent of this crate's manifest directory).
