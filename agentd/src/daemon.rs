@@ -71,7 +71,13 @@ impl Daemon {
         let manager = Arc::new(AgentManager::new(backend, store, manager_config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, api_limits: config.server.limits(), shutdown, leave_running: config.shutdown.leave_running })
+        Ok(Self {
+            app,
+            api,
+            api_limits: config.server.limits(),
+            shutdown,
+            leave_running: config.shutdown.leave_running,
+        })
     }
 
     /// The bound API address.

@@ -555,7 +555,9 @@ mod tests {
         let chunked = format!("POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n7d0\r\n{big}\r\n0\r\n\r\n");
         let answer = request(addr, &chunked).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "a chunked body past the limit: {answer}");
-        let small = request(addr, "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello").await;
+        let small =
+            request(addr, "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+                .await;
         assert!(small.starts_with("HTTP/1.1 200") && small.ends_with('5'), "{small}");
     }
 

@@ -720,7 +720,8 @@ mod tests {
     #[tokio::test]
     async fn batches_hold_at_most_batch_bytes_of_ready_lines() {
         const MIB: usize = 1024 * 1024;
-        let items: Vec<_> = [4, 4, 4, 1, 9, 1].iter().map(|mib| line(mib * MIB)).chain((0..300).map(|_| line(10))).collect();
+        let items: Vec<_> =
+            [4, 4, 4, 1, 9, 1].iter().map(|mib| line(mib * MIB)).chain((0..300).map(|_| line(10))).collect();
         let sizes: Vec<Vec<usize>> = Batches::new(futures_util::stream::iter(items).boxed())
             .map(|batch| batch.iter().map(|l| l.as_ref().map_or(0, |l| l.text.len())).collect())
             .collect()

@@ -420,8 +420,10 @@ mod tests {
         assert_eq!(json(stdout(&session.handle(&user("!emit x")))[2])["result"], "echo: !emit x");
 
         let steps = session.handle(&user("!big 2 1 3"));
-        let bigs: Vec<(u64, usize)> =
-            steps.iter().filter_map(|s| if let Step::Big { n, bytes } = s { Some((*n, *bytes)) } else { None }).collect();
+        let bigs: Vec<(u64, usize)> = steps
+            .iter()
+            .filter_map(|s| if let Step::Big { n, bytes } = s { Some((*n, *bytes)) } else { None })
+            .collect();
         assert_eq!(bigs, [(0, 2 << 20), (1, 1 << 20), (2, 1 << 20), (3, 1 << 20)]);
         let steps = session.handle(&user("!stderr oops on stderr"));
         assert_eq!(steps[1], Step::Stderr("oops on stderr".into()));
