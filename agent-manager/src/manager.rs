@@ -614,7 +614,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.restart_locked(&mut agent, &request.why, AgentStatus::Failed).await
     }
 
-    /// The agent's conversation entries after `after`, oldest first, at most `limit`.
+    /// The agent's conversation entries after `after`, oldest first, at most `limit` and at
+    /// most [`crate::conversation::CONVERSATION_PAGE_BYTES`] of them (at least one): page on
+    /// with `after` until a page is empty.
     pub async fn conversation(&self, id_or_name: &str, after: i64, limit: i64) -> Result<Vec<ConversationEntry>> {
         let agent = self.find(id_or_name).await?;
         Ok(self.store.list_conversation(&agent.id, after, limit).await?)

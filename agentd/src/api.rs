@@ -491,7 +491,9 @@ impl ConversationFeed {
             if self.from_store {
                 match self.manager.conversation(&self.agent_id, self.after, PAGE).await {
                     Ok(page) => {
-                        self.from_store = page.len() as i64 == PAGE;
+                        // A page may be short because of its byte budget: read on
+                        // until one is empty.
+                        self.from_store = !page.is_empty();
                         for entry in &page {
                             self.after = entry.seq;
                             self.ready.push_back(Self::event(entry));

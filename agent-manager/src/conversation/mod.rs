@@ -110,6 +110,10 @@ impl LiveEntry {
     }
 }
 
+/// The most bytes of entries one read of a conversation returns (at least one entry):
+/// readers page on with `after` until a page is empty.
+pub const CONVERSATION_PAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// How many entries the broadcast of new entries holds for its slowest receiver.
 pub const BROADCAST_CAPACITY: usize = 4096;
 /// The largest entry (its `text` and `data` as JSON) broadcast whole; a larger one is
