@@ -149,14 +149,14 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<ConversationEntry>> {
         // The running sum of the entries' sizes, in seq order: a row is in the page while
-        // what comes before it is under the budget.
+        // the sum up to it is within the budget; the first row always is.
         let rows = sqlx::query(
             "SELECT * FROM (
                  SELECT *, SUM(length(CAST(data AS BLOB)) + length(CAST(text AS BLOB)))
                      OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS page_bytes,
                      length(CAST(data AS BLOB)) + length(CAST(text AS BLOB)) AS entry_bytes
                  FROM conversation WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?
-             ) WHERE page_bytes - entry_bytes < ? ORDER BY seq",
+             ) WHERE page_bytes <= ? OR page_bytes = entry_bytes ORDER BY seq",
         )
         .bind(agent_id)
         .bind(after)
