@@ -130,8 +130,11 @@ async fn the_prompt_is_the_first_message_and_every_line_is_stored_in_order() {
     let entries = wait_for_entry(&fx, "coder", "the second answer", result_with("echo: again")).await;
     assert_gapless(&entries);
     let mut seen = Vec::new();
-    while let Ok(entry) = live.try_recv() {
-        seen.push(entry.seq);
+    while let Ok(live) = live.try_recv() {
+        match live {
+            agent_manager::LiveEntry::Entry(entry) => seen.push(entry.seq),
+            other => panic!("a small entry is broadcast whole: {other:?}"),
+        }
     }
     let stored: Vec<i64> = entries.iter().filter(|e| e.seq >= queued.seq).map(|e| e.seq).collect();
     assert_eq!(seen, stored, "every stored entry is broadcast once, in order");
