@@ -67,7 +67,8 @@ async fn a_page_of_the_conversation_holds_at_most_its_byte_budget() {
     // Each message makes three entries of about 3 MiB (the message, the assistant's echo,
     // the result): 36 MiB in all.
     let entries =
-        wait_for_entry(&fx, "coder", "the fourth answer", |e| e.kind == "result" && e.text.starts_with("echo: 3")).await;
+        wait_for_entry(&fx, "coder", "the fourth answer", |e| e.kind == "result" && e.text.starts_with("echo: 3"))
+            .await;
     assert_gapless(&entries);
     let first = fx.manager.conversation("coder", 0, 100_000).await.expect("page");
     let bytes: usize = first.iter().map(|e| e.data.to_string().len() + e.text.len()).sum();
