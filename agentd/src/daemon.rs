@@ -59,8 +59,7 @@ impl Daemon {
         instance: String,
     ) -> Result<Self> {
         let listen = config.server.listen;
-        let api = TcpListener::bind(listen)
-            .await
+        let api = crate::listen::bind_api(listen)
             .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
         let addresses =
             backend.gateway_addresses().await.context("asking the engine for its networks' gateway addresses")?;

@@ -26,8 +26,22 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 use tracing::{debug, info, warn};
 
-/// The listen backlog of a gateway listener.
-const BACKLOG: i32 = 1024;
+/// The listen backlog of every listener (the kernel caps it at `net.core.somaxconn`):
+/// deep enough that a burst of connections does not overflow the accept queue (a dropped
+/// SYN costs a client a 1 s retransmit) before the accept loop closes the ones over the
+/// caps.
+const BACKLOG: i32 = 4096;
+
+/// Binds the API's `addr` (with `SO_REUSEADDR` and the listeners' backlog).
+pub fn bind_api(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
 
 /// Binds `addr` with `IP_FREEBIND`, so that an address the host does not have yet can be
 /// bound: Podman (netavark) creates a network's bridge, and the host's address on it, only
