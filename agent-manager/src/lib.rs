@@ -34,7 +34,7 @@ pub use config::{
     MAX_STOP_GRACE_SECS, MODEL_ENV,
 };
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
-pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, SessionView, Turn, Usage};
+pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, LiveEntry, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};

@@ -763,15 +763,18 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.restart_locked(&mut agent, &request.why, AgentStatus::Failed).await
     }
 
-    /// The agent's conversation entries after `after`, oldest first, at most `limit`.
+    /// The agent's conversation entries after `after`, oldest first, at most `limit` and at
+    /// most [`crate::conversation::CONVERSATION_PAGE_BYTES`] of them (at least one): page on
+    /// with `after` until a page is empty.
     pub async fn conversation(&self, id_or_name: &str, after: i64, limit: i64) -> Result<Vec<ConversationEntry>> {
         let agent = self.find(id_or_name).await?;
         Ok(self.store.list_conversation(&agent.id, after, limit).await?)
     }
 
     /// New conversation entries of every agent, from now on; each is stored before it is
-    /// sent here.
-    pub fn subscribe_conversations(&self) -> broadcast::Receiver<ConversationEntry> {
+    /// sent here. A large entry (or one past the broadcast's byte budget) comes as
+    /// [`LiveEntry::Elided`]: read it from the store.
+    pub fn subscribe_conversations(&self) -> broadcast::Receiver<crate::conversation::LiveEntry> {
         self.conversations.subscribe()
     }
 

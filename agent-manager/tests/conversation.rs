@@ -28,7 +28,7 @@ async fn wait_for_entry(
 ) -> Vec<ConversationEntry> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let entries = fx.manager.conversation(agent, 0, 100_000).await.expect("conversation");
+        let entries = all_entries(fx, agent).await;
         if entries.iter().any(&want) {
             return entries;
         }
@@ -39,6 +39,42 @@ async fn wait_for_entry(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The whole conversation, page by page (a page holds at most
+/// `CONVERSATION_PAGE_BYTES` of entries).
+async fn all_entries(fx: &Fixture, agent: &str) -> Vec<ConversationEntry> {
+    let mut entries: Vec<ConversationEntry> = Vec::new();
+    loop {
+        let after = entries.last().map_or(0, |e| e.seq);
+        let page = fx.manager.conversation(agent, after, 100_000).await.expect("conversation");
+        if page.is_empty() {
+            return entries;
+        }
+        entries.extend(page);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_the_conversation_holds_at_most_its_byte_budget() {
+    use agent_manager::conversation::CONVERSATION_PAGE_BYTES;
+    let fx = Fixture::new().await;
+    fx.spawn_with(claude("coder", None)).await;
+    let big = "x".repeat(3 * 1024 * 1024);
+    for i in 0..4 {
+        fx.manager.send_message("coder", &format!("{i}{big}")).await.expect("send 3 MB");
+    }
+    // Each message makes three entries of about 3 MiB (the message, the assistant's echo,
+    // the result): 36 MiB in all.
+    let entries =
+        wait_for_entry(&fx, "coder", "the fourth answer", |e| e.kind == "result" && e.text.starts_with("echo: 3"))
+            .await;
+    assert_gapless(&entries);
+    let first = fx.manager.conversation("coder", 0, 100_000).await.expect("page");
+    let bytes: usize = first.iter().map(|e| e.data.to_string().len() + e.text.len()).sum();
+    assert!(first.len() < entries.len(), "one page held all {} entries ({bytes} bytes)", entries.len());
+    assert!(bytes <= CONVERSATION_PAGE_BYTES, "a page of {bytes} bytes");
+    assert!(bytes > CONVERSATION_PAGE_BYTES / 2, "the page is not filled: {bytes} bytes");
 }
 
 fn result_with(text: &'static str) -> impl Fn(&ConversationEntry) -> bool {
@@ -95,8 +131,11 @@ async fn the_prompt_is_the_first_message_and_every_line_is_stored_in_order() {
     let entries = wait_for_entry(&fx, "coder", "the second answer", result_with("echo: again")).await;
     assert_gapless(&entries);
     let mut seen = Vec::new();
-    while let Ok(entry) = live.try_recv() {
-        seen.push(entry.seq);
+    while let Ok(live) = live.try_recv() {
+        match live {
+            agent_manager::LiveEntry::Entry(entry) => seen.push(entry.seq),
+            other => panic!("a small entry is broadcast whole: {other:?}"),
+        }
     }
     let stored: Vec<i64> = entries.iter().filter(|e| e.seq >= queued.seq).map(|e| e.seq).collect();
     assert_eq!(seen, stored, "every stored entry is broadcast once, in order");

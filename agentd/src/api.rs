@@ -4,7 +4,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::{AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, ManagerError, NewAgent};
+use agent_manager::{
+    AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, LiveEntry, ManagerError, NewAgent,
+};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -470,7 +472,7 @@ struct ConversationFeed {
     agent_id: String,
     /// The last seq sent.
     after: i64,
-    live: BroadcastStream<agent_manager::ConversationEntry>,
+    live: BroadcastStream<agent_manager::LiveEntry>,
     /// Read the store until a page is not full.
     from_store: bool,
     ready: std::collections::VecDeque<Event>,
@@ -498,7 +500,9 @@ impl ConversationFeed {
             if self.from_store {
                 match self.manager.conversation(&self.agent_id, self.after, PAGE).await {
                     Ok(page) => {
-                        self.from_store = page.len() as i64 == PAGE;
+                        // A page may be short because of its byte budget: read on
+                        // until one is empty.
+                        self.from_store = !page.is_empty();
                         for entry in &page {
                             self.after = entry.seq;
                             self.ready.push_back(Self::event(entry));
@@ -513,9 +517,13 @@ impl ConversationFeed {
                 continue;
             }
             match self.live.next().await? {
-                Ok(entry) if entry.agent_id == self.agent_id && entry.seq > self.after => {
+                Ok(LiveEntry::Entry(entry)) if entry.agent_id == self.agent_id && entry.seq > self.after => {
                     self.after = entry.seq;
                     return Some((Self::event(&entry), self));
+                }
+                // Too large to be broadcast whole: read it from the store.
+                Ok(LiveEntry::Elided { agent_id, seq }) if agent_id == self.agent_id && seq > self.after => {
+                    self.from_store = true
                 }
                 Ok(_) => {}
                 // Read what was missed from the store instead.

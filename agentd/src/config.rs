@@ -64,6 +64,19 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// A file holding the token (first line).
     pub token_file: Option<PathBuf>,
+    /// Connections to the API open at once, from everyone.
+    pub max_connections: usize,
+    /// Connections to the API open at once from one address.
+    pub max_connections_per_peer: usize,
+    /// Seconds a connection may take to send a whole request head (also the keep-alive
+    /// idle limit between requests).
+    pub header_timeout_secs: u64,
+    /// Seconds a connection with no request in flight may move no byte.
+    pub idle_timeout_secs: u64,
+    /// The most KiB of a request head.
+    pub max_header_kib: usize,
+    /// The most MiB of a request body.
+    pub max_request_body_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,11 +104,105 @@ pub struct GatewayConfig {
     pub port: u16,
     /// The egress proxy's port (HTTP CONNECT, checked against each agent's allow-list).
     pub proxy_port: u16,
+    /// Connections open at once to one gateway listener, from everyone.
+    pub max_connections: usize,
+    /// Connections open at once to one gateway listener from one address (a container).
+    pub max_connections_per_peer: usize,
+    /// Seconds a connection may take to send a whole request head (also the keep-alive
+    /// idle limit between requests): half-sent headers are closed after it.
+    pub header_timeout_secs: u64,
+    /// Seconds a connection with no request in flight (a tunnel, for one) may move no
+    /// byte before it is closed.
+    pub idle_timeout_secs: u64,
+    /// The most KiB of a request head (start line and headers).
+    pub max_header_kib: usize,
+    /// The most MiB of a request body (a model request).
+    pub max_request_body_mb: u64,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        Self { port: 7007, proxy_port: 7008 }
+        let l = crate::listen::ConnLimits::GATEWAY;
+        Self {
+            port: 7007,
+            proxy_port: 7008,
+            max_connections: l.max_connections,
+            max_connections_per_peer: l.max_connections_per_peer,
+            header_timeout_secs: l.header_timeout.as_secs(),
+            idle_timeout_secs: l.idle_timeout.as_secs(),
+            max_header_kib: l.max_header_bytes / 1024,
+            max_request_body_mb: l.max_request_body_bytes.unwrap_or(0) / (1024 * 1024),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The limits each gateway listener is served within.
+    pub fn limits(&self) -> crate::listen::ConnLimits {
+        conn_limits(
+            crate::listen::ConnLimits::GATEWAY,
+            [self.max_connections, self.max_connections_per_peer, self.max_header_kib],
+            [self.header_timeout_secs, self.idle_timeout_secs, self.max_request_body_mb],
+        )
+    }
+}
+
+impl ServerConfig {
+    /// The limits the API is served within.
+    pub fn limits(&self) -> crate::listen::ConnLimits {
+        conn_limits(
+            crate::listen::ConnLimits::API,
+            [self.max_connections, self.max_connections_per_peer, self.max_header_kib],
+            [self.header_timeout_secs, self.idle_timeout_secs, self.max_request_body_mb],
+        )
+    }
+}
+
+fn conn_limits(
+    base: crate::listen::ConnLimits,
+    [max_connections, max_connections_per_peer, max_header_kib]: [usize; 3],
+    [header_timeout_secs, idle_timeout_secs, max_request_body_mb]: [u64; 3],
+) -> crate::listen::ConnLimits {
+    crate::listen::ConnLimits {
+        max_connections,
+        max_connections_per_peer,
+        header_timeout: std::time::Duration::from_secs(header_timeout_secs),
+        idle_timeout: std::time::Duration::from_secs(idle_timeout_secs),
+        max_header_bytes: max_header_kib.saturating_mul(1024),
+        max_request_body_bytes: Some(max_request_body_mb.saturating_mul(1024 * 1024)),
+        shutdown_grace: base.shutdown_grace,
+    }
+}
+
+/// The checks of one listener's limit keys (`section` is `server` or `gateway`).
+fn check_limits(
+    section: &str,
+    [max_connections, max_connections_per_peer, max_header_kib]: [usize; 3],
+    [header_timeout_secs, idle_timeout_secs, max_request_body_mb]: [u64; 3],
+    bad: &mut dyn FnMut(&str, String, &str),
+) {
+    let key = |k: &str| format!("{section}.{k}");
+    if !(1..=1_000_000).contains(&max_connections) {
+        bad(&key("max_connections"), max_connections.to_string(), "from 1 to 1000000");
+    }
+    if max_connections_per_peer == 0 || max_connections_per_peer > max_connections {
+        bad(
+            &key("max_connections_per_peer"),
+            max_connections_per_peer.to_string(),
+            &format!("from 1 to {section}.max_connections ({max_connections})"),
+        );
+    }
+    if !(1..=3600).contains(&header_timeout_secs) {
+        bad(&key("header_timeout_secs"), header_timeout_secs.to_string(), "from 1 to 3600 seconds");
+    }
+    if !(1..=86_400).contains(&idle_timeout_secs) {
+        bad(&key("idle_timeout_secs"), idle_timeout_secs.to_string(), "from 1 to 86400 seconds");
+    }
+    if !(8..=1024).contains(&max_header_kib) {
+        bad(&key("max_header_kib"), max_header_kib.to_string(), "from 8 to 1024 KiB");
+    }
+    if !(1..=4096).contains(&max_request_body_mb) {
+        bad(&key("max_request_body_mb"), max_request_body_mb.to_string(), "from 1 to 4096 MiB");
     }
 }
 
@@ -185,7 +292,18 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7006)), token: None, token_file: None }
+        let l = crate::listen::ConnLimits::API;
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7006)),
+            token: None,
+            token_file: None,
+            max_connections: l.max_connections,
+            max_connections_per_peer: l.max_connections_per_peer,
+            header_timeout_secs: l.header_timeout.as_secs(),
+            idle_timeout_secs: l.idle_timeout.as_secs(),
+            max_header_kib: l.max_header_bytes / 1024,
+            max_request_body_mb: l.max_request_body_bytes.unwrap_or(0) / (1024 * 1024),
+        }
     }
 }
 
@@ -431,6 +549,20 @@ impl Config {
         }
         if g.port != 0 && g.port == g.proxy_port {
             bad("gateway.proxy_port", g.proxy_port.to_string(), "a port other than gateway.port");
+        }
+        for (section, c, t) in [
+            (
+                "server",
+                [self.server.max_connections, self.server.max_connections_per_peer, self.server.max_header_kib],
+                [self.server.header_timeout_secs, self.server.idle_timeout_secs, self.server.max_request_body_mb],
+            ),
+            (
+                "gateway",
+                [g.max_connections, g.max_connections_per_peer, g.max_header_kib],
+                [g.header_timeout_secs, g.idle_timeout_secs, g.max_request_body_mb],
+            ),
+        ] {
+            check_limits(section, c, t, &mut bad);
         }
         let m = &self.model;
         let upstream_ok = ["https://", "http://"].iter().any(|scheme| {

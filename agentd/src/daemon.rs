@@ -18,6 +18,7 @@ use crate::api::{router, App};
 use crate::config::{Config, LogFormat};
 use crate::firewall::Protection;
 use crate::gateway::{Credential, ModelGateway};
+use crate::listen::ConnLimits;
 
 /// Sets up logging: `RUST_LOG` if set, else `log.level`; `pretty` or `json`.
 pub fn init_logging(config: &Config) {
@@ -43,6 +44,8 @@ pub struct Daemon {
     /// The model gateway's listeners, one per gateway address (none without any).
     gateway: Vec<TcpListener>,
     model_gateway: Arc<ModelGateway>,
+    api_limits: ConnLimits,
+    gateway_limits: ConnLimits,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
     protection: Protection,
@@ -67,8 +70,7 @@ impl Daemon {
         instance: String,
     ) -> Result<Self> {
         let listen = config.server.listen;
-        let api = TcpListener::bind(listen)
-            .await
+        let api = crate::listen::bind_api(listen)
             .with_context(|| format!("cannot listen on server.listen = {listen} (is another agentd running?)"))?;
         let addresses =
             backend.gateway_addresses().await.context("asking the engine for its networks' gateway addresses")?;
@@ -99,6 +101,8 @@ impl Daemon {
         Ok(Self {
             app,
             api,
+            api_limits: config.server.limits(),
+            gateway_limits: config.gateway.limits(),
             gateway,
             model_gateway,
             shutdown,
@@ -126,25 +130,34 @@ impl Daemon {
     /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, gateway, model_gateway, shutdown, leave_running, protection } = self;
+        let Daemon {
+            app,
+            api,
+            api_limits,
+            gateway_limits,
+            gateway,
+            model_gateway,
+            shutdown,
+            leave_running,
+            protection,
+        } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
         let mut shutdown_rx = shutdown.subscribe();
-        let api_server = axum::serve(api, router(app.clone())).with_graceful_shutdown(async move {
+        let api_server = crate::listen::serve(api, api_limits, router(app.clone()), async move {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         });
-        servers.spawn(async move { api_server.await });
+        servers.spawn(api_server);
         for listener in gateway {
             let address = listener.local_addr()?;
             info!(%address, "Serving the model gateway.");
             let mut shutdown_rx = shutdown.subscribe();
             let routes = crate::gateway::router(model_gateway.clone());
-            let server = axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown_rx.wait_for(|s| *s).await;
-                });
-            servers.spawn(async move { server.await });
+            let server = crate::listen::serve(listener, gateway_limits, routes, async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            });
+            servers.spawn(server);
         }
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
@@ -274,6 +287,11 @@ pub async fn shutdown_signal() {
 
 /// `agentd serve`.
 pub async fn serve(config: Config) -> Result<()> {
+    // The connection caps, not the fd limit, bound what the listeners hold; the rest of
+    // the limit is the engine calls', the store's and /healthz's.
+    if let Err(e) = crate::listen::raise_fd_limit() {
+        warn!(error = %e, "Cannot raise the open-file limit (RLIMIT_NOFILE); running with the one inherited.");
+    }
     let path = config.store_path();
     let store = Store::open(&path).await.with_context(|| format!("opening the database {}", path.display()))?;
     let instance = match &config.instance_id {

@@ -365,7 +365,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                     println!("{}", client::event_line(event));
                     last = event.id;
                 }
-                if page.len() < 1000 {
+                // A page is short when it hits the daemon's byte budget: read on until
+                // one is empty.
+                if page.is_empty() {
                     break;
                 }
             }
@@ -468,7 +470,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                     print(entry)?;
                     last = entry.seq;
                 }
-                if page.len() < 1000 {
+                // A page is short when it hits the daemon's byte budget: read on until
+                // one is empty.
+                if page.is_empty() {
                     break;
                 }
             }

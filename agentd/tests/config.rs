@@ -87,6 +87,19 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             expect: vec!["agents.memroy_mb", "unknown key", "memory_mb", path_str(&unknown)],
         },
         Case {
+            what: "connection limits out of range",
+            args: vec![],
+            env: vec![
+                ("AGENTD_GATEWAY__MAX_CONNECTIONS_PER_PEER", "2000"),
+                ("AGENTD_SERVER__HEADER_TIMEOUT_SECS", "0"),
+            ],
+            expect: vec![
+                "gateway.max_connections_per_peer = 2000 (from environment variable AGENTD_GATEWAY__MAX_CONNECTIONS_PER_PEER): from 1 to gateway.max_connections (1024)",
+                "server.header_timeout_secs = 0",
+                "from 1 to 3600 seconds",
+            ],
+        },
+        Case {
             what: "wrong type in a file",
             args: vec!["--config", path_str(&wrong_type)],
             env: vec![],

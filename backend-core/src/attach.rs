@@ -16,10 +16,11 @@ use time::OffsetDateTime;
 
 use crate::Result;
 
-/// The longest line an attach yields whole. A longer line is cut there and yielded with
-/// [`OutputLine::truncated`] set; the rest of it is dropped, so one runaway line cannot
-/// exhaust the reader's memory.
-pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+/// The longest line an attach yields whole (8 MiB: Claude Code's lines carry tool results
+/// and can be megabytes long). A longer line is cut there and yielded with
+/// [`OutputLine::truncated`] set; the rest of it is dropped as it arrives, never
+/// buffered, so one runaway line cannot exhaust the reader's memory.
+pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Which of the session's streams a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

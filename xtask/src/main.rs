@@ -20,8 +20,9 @@ usage: cargo xtask <task>
 tasks:
   ci                                  provision engines, build images, then fmt, clippy and all tests
                                       (engines required)
-  images [--only nouser]              build the images from docker/ into Docker and Podman: the test
+  images [--test | --only nouser]     build the images from docker/ into Docker and Podman: the test
                                       images and the Claude Code image (cached under target/images/);
+                                      with --test, the echo image only (agentd-echo:latest);
                                       --only nouser builds only agentd-nouser:latest (it needs
                                       agentd-claude:latest)
   integration [--backend docker|podman]
@@ -43,17 +44,13 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&mut steps)?,
         Some("images") => {
-            let only_nouser = match (args.get(1).map(String::as_str), args.get(2).map(String::as_str)) {
-                (None, _) => false,
-                (Some("--only"), Some("nouser")) => true,
+            let env = steps.run("engines", engines::provision)?;
+            match (args.get(1).map(String::as_str), args.get(2).map(String::as_str)) {
+                (None, _) => steps.run("images", || images(&env))?,
+                (Some("--test"), None) => steps.run("test images", || test_images(&env))?,
+                (Some("--only"), Some("nouser")) => steps.run("images", || nouser_image(&env))?,
                 (Some("--only"), other) => bail!("--only takes nouser, not {other:?}\n\n{USAGE}"),
                 (Some(other), _) => bail!("unknown argument {other:?}\n\n{USAGE}"),
-            };
-            let env = steps.run("engines", engines::provision)?;
-            if only_nouser {
-                steps.run("images", || nouser_image(&env))?;
-            } else {
-                steps.run("images", || images(&env))?;
             }
         }
         Some("integration") => {
@@ -120,8 +117,16 @@ fn integration(env: &engines::Engines, backend: Option<&str>) -> Result<()> {
 const IMAGES: &[(&str, &str, &str)] = &[("docker/echo-agent", "agentd-echo:latest", "echo-agent")];
 
 /// Builds the static binaries and the images from `docker/` into both engines, offline: the
-/// test images, then the Claude Code image (see `claude_image`).
+/// test images, then the Claude Code image (see `claude_image`), then the image without a
+/// `USER` made from it.
 fn images(env: &engines::Engines) -> Result<()> {
+    test_images(env)?;
+    claude_image::build(env)?;
+    nouser_image(env)
+}
+
+/// Builds the test images from `docker/` ([`IMAGES`]) into both engines.
+fn test_images(env: &engines::Engines) -> Result<()> {
     let root = project_root();
     for (dir, tag, package) in IMAGES {
         let target = "x86_64-unknown-linux-gnu";
@@ -151,8 +156,7 @@ fn images(env: &engines::Engines) -> Result<()> {
         )?;
         println!("xtask: built {tag} for docker and podman");
     }
-    claude_image::build(env)?;
-    nouser_image(env)
+    Ok(())
 }
 
 /// The test image without a `USER`, from `docker/nouser/`: the Claude Code image (so it has

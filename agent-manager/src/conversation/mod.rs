@@ -89,6 +89,97 @@ pub struct ConversationEntry {
     pub delivery: Option<Delivery>,
 }
 
+/// What the broadcast of new entries carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveEntry {
+    /// A new entry, whole.
+    Entry(ConversationEntry),
+    /// A new entry that was stored but not broadcast whole, because it is larger than
+    /// [`BROADCAST_ENTRY_MAX_BYTES`] or the broadcast's byte budget was spent: read it
+    /// (and anything after it) from the store.
+    Elided { agent_id: String, seq: i64 },
+}
+
+impl LiveEntry {
+    /// The agent the entry is of.
+    pub fn agent_id(&self) -> &str {
+        match self {
+            LiveEntry::Entry(e) => &e.agent_id,
+            LiveEntry::Elided { agent_id, .. } => agent_id,
+        }
+    }
+}
+
+/// The most bytes of entries one read of a conversation returns (at least one entry):
+/// readers page on with `after` until a page is empty.
+pub const CONVERSATION_PAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How many entries the broadcast of new entries holds for its slowest receiver.
+pub const BROADCAST_CAPACITY: usize = 4096;
+/// The largest entry (its `text` and `data` as JSON) broadcast whole; a larger one is
+/// broadcast as [`LiveEntry::Elided`].
+pub const BROADCAST_ENTRY_MAX_BYTES: usize = 1024 * 1024;
+/// The most bytes of whole entries the broadcast may hold, all agents together: the sum
+/// over the last [`BROADCAST_CAPACITY`] entries sent (all the broadcast can keep).
+pub const BROADCAST_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+/// The same, per agent.
+pub const BROADCAST_AGENT_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+/// The byte sizes of the last [`BROADCAST_CAPACITY`] entries broadcast (whole or
+/// elided), so that what the broadcast can hold stays within the budgets.
+#[derive(Debug, Default)]
+struct Window {
+    sent: std::collections::VecDeque<(Arc<str>, usize)>,
+    total: usize,
+    per_agent: HashMap<Arc<str>, usize>,
+}
+
+impl Window {
+    /// Whether an entry of `size` bytes of `agent` may go out whole; records what goes.
+    fn admit(&mut self, agent: &str, size: usize) -> bool {
+        if self.sent.len() >= BROADCAST_CAPACITY {
+            if let Some((old, n)) = self.sent.pop_front() {
+                self.total -= n;
+                if let Some(sum) = self.per_agent.get_mut(&old) {
+                    *sum -= n;
+                    if *sum == 0 {
+                        self.per_agent.remove(&old);
+                    }
+                }
+            }
+        }
+        let agent_sum = self.per_agent.get(agent).copied().unwrap_or(0);
+        let whole = size <= BROADCAST_ENTRY_MAX_BYTES
+            && self.total + size <= BROADCAST_BUDGET_BYTES
+            && agent_sum + size <= BROADCAST_AGENT_BUDGET_BYTES;
+        let counted = if whole { size } else { 0 };
+        let key: Arc<str> = self.per_agent.get_key_value(agent).map_or_else(|| Arc::from(agent), |(k, _)| k.clone());
+        self.sent.push_back((key.clone(), counted));
+        self.total += counted;
+        if counted > 0 {
+            *self.per_agent.entry(key).or_insert(0) += counted;
+        }
+        whole
+    }
+}
+
+/// The bytes an entry takes in the broadcast: its text and its data as JSON.
+fn entry_size(entry: &ConversationEntry) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, &entry.data);
+    entry.text.len() + entry.kind.len() + count.0 + 128
+}
+
 /// The last result of a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastResult {
@@ -215,7 +306,9 @@ struct TaskSlot {
 #[derive(Debug)]
 pub(crate) struct Hub {
     pub(crate) store: Store,
-    entries: broadcast::Sender<ConversationEntry>,
+    entries: broadcast::Sender<LiveEntry>,
+    /// What the broadcast holds, in bytes.
+    window: Mutex<Window>,
     /// Session records of the agents seen, as stored.
     records: Mutex<HashMap<String, SessionRecord>>,
     /// Agents whose task holds a live attach.
@@ -230,7 +323,8 @@ impl Hub {
     pub(crate) fn new(store: Store) -> Self {
         Self {
             store,
-            entries: broadcast::channel(4096).0,
+            entries: broadcast::channel(BROADCAST_CAPACITY).0,
+            window: Mutex::new(Window::default()),
             records: Mutex::new(HashMap::new()),
             connected: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
@@ -243,7 +337,7 @@ impl Hub {
         self.entries.receiver_count()
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<ConversationEntry> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<LiveEntry> {
         self.entries.subscribe()
     }
 
@@ -327,8 +421,16 @@ impl Hub {
             return Err(e);
         }
         next.insert(agent_id.to_owned(), first + stored.len() as i64);
-        for entry in &stored {
-            let _ = self.entries.send(entry.clone());
+        if self.entries.receiver_count() > 0 {
+            let mut window = lock(&self.window);
+            for entry in &stored {
+                let live = if window.admit(agent_id, entry_size(entry)) {
+                    LiveEntry::Entry(entry.clone())
+                } else {
+                    LiveEntry::Elided { agent_id: agent_id.to_owned(), seq: entry.seq }
+                };
+                let _ = self.entries.send(live);
+            }
         }
         Ok(stored)
     }
@@ -385,5 +487,35 @@ impl Hub {
         for (_, slot) in lock(&self.tasks).drain() {
             slot.handle.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broadcast_window_keeps_its_byte_budgets() {
+        let mut w = Window::default();
+        assert!(!w.admit("a", BROADCAST_ENTRY_MAX_BYTES + 1), "a large entry is never broadcast whole");
+        // One agent: 16 × 1 MiB fills its budget; the next is elided, another agent's is not.
+        for _ in 0..16 {
+            assert!(w.admit("a", BROADCAST_ENTRY_MAX_BYTES));
+        }
+        assert!(!w.admit("a", 1024), "past the agent's budget");
+        assert!(w.admit("b", 1024));
+        for agent in ["c", "d", "e"] {
+            for _ in 0..16 {
+                w.admit(agent, BROADCAST_ENTRY_MAX_BYTES);
+            }
+        }
+        assert!(w.total <= BROADCAST_BUDGET_BYTES, "{}", w.total);
+        assert!(!w.admit("f", BROADCAST_ENTRY_MAX_BYTES), "past the total budget");
+        // Once the ring has moved on by its capacity, the budget is free again.
+        for _ in 0..BROADCAST_CAPACITY {
+            w.admit("g", 10);
+        }
+        assert!(w.admit("a", BROADCAST_ENTRY_MAX_BYTES));
+        assert!(w.per_agent.len() <= 2, "agents that left the window are forgotten: {:?}", w.per_agent.keys());
     }
 }

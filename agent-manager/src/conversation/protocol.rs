@@ -36,6 +36,32 @@ pub(crate) fn parse_line(line: &str, stderr: bool) -> Parsed {
     }
 }
 
+/// How much of a line cut at [`backend_core::MAX_LINE_BYTES`] its entry keeps.
+pub const TRUNCATED_HEAD_BYTES: usize = 4096;
+
+/// The entry of a line longer than [`backend_core::MAX_LINE_BYTES`], which the decoder
+/// cut there: kind `truncated`, and in `data` the limit and the line's first
+/// [`TRUNCATED_HEAD_BYTES`] bytes; the rest of the line is dropped (a cut JSON line is no
+/// JSON, and the whole line is never buffered).
+pub(crate) fn truncated_line(line: &str, stderr: bool) -> Parsed {
+    let head = cut_to(line, TRUNCATED_HEAD_BYTES);
+    let limit = backend_core::MAX_LINE_BYTES;
+    Parsed {
+        kind: "truncated".into(),
+        text: format!(
+            "[the agent wrote a line longer than {} MiB on {}; it was dropped, its first {TRUNCATED_HEAD_BYTES} bytes are in data.head]",
+            limit / (1024 * 1024),
+            if stderr { "stderr" } else { "stdout" },
+        ),
+        data: json!({
+            "type": "truncated",
+            "stream": if stderr { "stderr" } else { "stdout" },
+            "limit_bytes": limit,
+            "head": head,
+        }),
+    }
+}
+
 /// The short text of a stream-json line: an assistant's text blocks, a result's result,
 /// a user message's text (or its tool results), a control message's subject.
 fn human_text(kind: &str, data: &Value) -> String {
@@ -215,6 +241,18 @@ pub(crate) fn apply_to_agent(record: &mut SessionRecord, kind: &str, data: &Valu
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cut_line_becomes_a_marker_entry_with_its_head() {
+        let line = format!("{{\"type\":\"user\",\"pad\":\"{}", "é".repeat(5000));
+        let parsed = truncated_line(&line, false);
+        assert_eq!(parsed.kind, "truncated");
+        assert_eq!(parsed.data["limit_bytes"], backend_core::MAX_LINE_BYTES);
+        assert_eq!(parsed.data["stream"], "stdout");
+        let head = parsed.data["head"].as_str().expect("head");
+        assert!(head.len() <= TRUNCATED_HEAD_BYTES + '…'.len_utf8() && head.starts_with("{\"type\":\"user\""));
+        assert!(parsed.text.contains("longer than 8 MiB"), "{}", parsed.text);
+    }
+
     use super::*;
 
     #[test]

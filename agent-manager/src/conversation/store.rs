@@ -139,19 +139,31 @@ impl Store {
         Ok(())
     }
 
-    /// The agent's entries after `after`, oldest first, at most `limit`.
+    /// The agent's entries after `after`, oldest first, at most `limit`, and at most
+    /// [`super::CONVERSATION_PAGE_BYTES`] of them (but at least one): a page of long lines
+    /// is shorter, never held whole.
     pub(crate) async fn list_conversation(
         &self,
         agent_id: &str,
         after: i64,
         limit: i64,
     ) -> Result<Vec<ConversationEntry>> {
-        let rows = sqlx::query("SELECT * FROM conversation WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?")
-            .bind(agent_id)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(self.pool())
-            .await?;
+        // The running sum of the entries' sizes, in seq order: a row is in the page while
+        // the sum up to it is within the budget; the first row always is.
+        let rows = sqlx::query(
+            "SELECT * FROM (
+                 SELECT *, SUM(length(CAST(data AS BLOB)) + length(CAST(text AS BLOB)))
+                     OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS page_bytes,
+                     length(CAST(data AS BLOB)) + length(CAST(text AS BLOB)) AS entry_bytes
+                 FROM conversation WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?
+             ) WHERE page_bytes <= ? OR page_bytes = entry_bytes ORDER BY seq",
+        )
+        .bind(agent_id)
+        .bind(after)
+        .bind(limit)
+        .bind(super::CONVERSATION_PAGE_BYTES as i64)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(entry_from_row).collect()
     }
 

@@ -27,6 +27,64 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const FROZEN_RETRY: Duration = Duration::from_secs(1);
 /// How many output lines are stored in one transaction at most.
 const BATCH: usize = 256;
+/// How many bytes of output lines are stored in one transaction at most (a single line
+/// up to [`backend_core::MAX_LINE_BYTES`] makes a batch of its own).
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// The lines of an output that are ready now, in batches of at most [`BATCH`] lines and
+/// [`BATCH_BYTES`] bytes, so that a burst of long lines is never held all at once.
+struct Batches {
+    inner: backend_core::OutputLines,
+    carry: Option<backend_core::Result<OutputLine>>,
+    done: bool,
+}
+
+impl Batches {
+    fn new(inner: backend_core::OutputLines) -> Self {
+        Self { inner, carry: None, done: false }
+    }
+}
+
+impl futures_util::Stream for Batches {
+    type Item = Vec<backend_core::Result<OutputLine>>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let size = |item: &backend_core::Result<OutputLine>| item.as_ref().map_or(0, |l| l.text.len());
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        if let Some(item) = this.carry.take() {
+            bytes += size(&item);
+            batch.push(item);
+        }
+        while !this.done && batch.len() < BATCH && bytes < BATCH_BYTES && !batch.last().is_some_and(Result::is_err) {
+            match this.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => {
+                    let n = size(&item);
+                    if !batch.is_empty() && bytes + n > BATCH_BYTES {
+                        this.carry = Some(item);
+                        break;
+                    }
+                    bytes += n;
+                    batch.push(item);
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => break,
+            }
+        }
+        if !batch.is_empty() {
+            Poll::Ready(Some(batch))
+        } else if this.done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
 
 /// What a conversation task needs, all owned.
 pub(crate) struct TaskContext<B: ?Sized> {
@@ -232,7 +290,7 @@ async fn drive<B: ExecutionBackend + ?Sized>(
     wake: &Notify,
 ) -> Ended {
     let SessionAttach { mut input, output } = attach;
-    let mut output = output.ready_chunks(BATCH);
+    let mut output = Batches::new(output);
     if record.handshake_container.as_deref() != Some(target.container.as_str()) {
         let mut next = record.clone();
         next.handshake_container = Some(target.container.clone());
@@ -501,7 +559,7 @@ async fn drain<B: ExecutionBackend + ?Sized>(
     record: &mut SessionRecord,
     output: backend_core::OutputLines,
 ) -> Result<(), String> {
-    let mut output = output.ready_chunks(BATCH);
+    let mut output = Batches::new(output);
     while let Some(items) = output.next().await {
         let (lines, failure) = split_failure(items);
         store_lines(ctx, target, record, lines).await?;
@@ -530,8 +588,14 @@ async fn store_lines<B: ExecutionBackend + ?Sized>(
     let mut requested = Vec::new();
     let mut withdrawn = Vec::new();
     for line in lines {
-        let parsed = parse_line(&line.text, line.stream == OutputStream::Stderr);
+        let parsed = if line.truncated {
+            protocol::truncated_line(&line.text, line.stream == OutputStream::Stderr)
+        } else {
+            parse_line(&line.text, line.stream == OutputStream::Stderr)
+        };
         let at = line.at();
+        // The entry holds what it needs; the raw line goes now, not with the batch.
+        drop(line);
         apply_from_agent(&mut next, &parsed, at);
         if let Some(approval) =
             Approval::from_request(&target.agent_id, &target.container, &parsed.data, ctx.lifecycle.now())
@@ -637,4 +701,39 @@ async fn deliver<B: ExecutionBackend + ?Sized>(
         }
     }
     Ok(Delivered::All { started_turn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backend_core::OutputCursor;
+
+    fn line(bytes: usize) -> backend_core::Result<OutputLine> {
+        Ok(OutputLine {
+            stream: OutputStream::Stdout,
+            text: "x".repeat(bytes),
+            truncated: false,
+            cursor: OutputCursor { at_nanos: 1, skip: 1 },
+        })
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_batch_bytes_of_ready_lines() {
+        const MIB: usize = 1024 * 1024;
+        let items: Vec<_> =
+            [4, 4, 4, 1, 9, 1].iter().map(|mib| line(mib * MIB)).chain((0..300).map(|_| line(10))).collect();
+        let sizes: Vec<Vec<usize>> = Batches::new(futures_util::stream::iter(items).boxed())
+            .map(|batch| batch.iter().map(|l| l.as_ref().map_or(0, |l| l.text.len())).collect())
+            .collect()
+            .await;
+        let mib = |v: &[usize]| v.iter().map(|n| n / MIB).collect::<Vec<_>>();
+        // Two 4 MiB lines fill a batch; the third waits for the next one; a line over the
+        // byte budget makes a batch of its own.
+        assert_eq!(mib(&sizes[0]), [4, 4]);
+        assert_eq!(mib(&sizes[1]), [4, 1]);
+        assert_eq!(mib(&sizes[2]), [9]);
+        assert!(sizes.iter().all(|b| b.len() <= BATCH), "{:?}", sizes.iter().map(Vec::len).collect::<Vec<_>>());
+        assert!(sizes.iter().all(|b| b.len() == 1 || b.iter().sum::<usize>() <= BATCH_BYTES));
+        assert_eq!(sizes.iter().map(Vec::len).sum::<usize>(), 306, "every line once");
+    }
 }

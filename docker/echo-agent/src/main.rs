@@ -8,6 +8,7 @@
 //! health check; `--version` prints its version.
 #![allow(unsafe_code)] // signal handlers need libc
 
+mod flood;
 mod session;
 
 use std::io::{BufRead, Write};
@@ -40,6 +41,7 @@ fn main() {
             say(concat!("echo-agent ", env!("CARGO_PKG_VERSION")));
         }
         Some("--health") => std::process::exit(health()),
+        Some("flood") => std::process::exit(flood::main(&args[1..])),
         Some(other) if other.starts_with("--") && !stdio => {
             eprintln!("echo-agent: unknown option {other}; use --version or --health");
             std::process::exit(2);
@@ -199,11 +201,33 @@ fn stdio_loop(mut session: Session) {
                     let _ = writeln!(err, "{text}");
                     let _ = err.flush();
                 }
+                Step::Big { n, bytes } => big_line(n, bytes),
                 Step::Sleep(pause) => std::thread::sleep(pause),
                 Step::Exit(code) => std::process::exit(code),
             }
         }
     }
+}
+
+/// Writes `{"type":"big","n":N,"pad":"xxx…"}` of exactly `bytes` bytes and a newline to
+/// stdout, in 64 KiB pieces (never held whole).
+fn big_line(n: u64, bytes: usize) {
+    let head = format!(r#"{{"type":"big","n":{n},"pad":""#);
+    let tail = "\"}";
+    let mut pad = bytes.saturating_sub(head.len() + tail.len());
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(head.as_bytes());
+    let chunk = [b'x'; 64 * 1024];
+    while pad > 0 {
+        let k = pad.min(chunk.len());
+        if out.write_all(&chunk[..k]).is_err() {
+            return;
+        }
+        pad -= k;
+    }
+    let _ = out.write_all(tail.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub enum Step {
     Stdout(String),
     /// Write this line (and a newline) to stderr.
     Stderr(String),
+    /// Write a JSON line of exactly `bytes` bytes (and a newline) to stdout, streamed:
+    /// `{"type":"big","n":N,"pad":"xxx…"}`.
+    Big { n: u64, bytes: usize },
     /// Wait this long before the next step.
     Sleep(Duration),
     /// Exit the process with this code at once.
@@ -188,6 +191,13 @@ impl Session {
                 out.push(Step::Stdout(format!("emitted {lines}")));
                 out.push(Step::Stdout(self.result("success", "")));
             }
+            Some(Command::Big { first_mib, then_mib, count }) => {
+                const MIB: usize = 1024 * 1024;
+                out.push(Step::Big { n: 0, bytes: first_mib as usize * MIB });
+                out.extend((1..=count).map(|n| Step::Big { n, bytes: then_mib as usize * MIB }));
+                out.push(Step::Stdout(format!("big lines written: {}", count + 1)));
+                out.push(Step::Stdout(self.result("success", "")));
+            }
             Some(Command::Stderr(line)) => {
                 out.push(Step::Stderr(line.to_owned()));
                 out.push(Step::Stdout(self.result("success", "")));
@@ -239,6 +249,7 @@ impl Session {
 #[derive(Debug, PartialEq, Eq)]
 enum Command<'a> {
     Emit { lines: u64, delay: Duration },
+    Big { first_mib: u64, then_mib: u64, count: u64 },
     Stderr(&'a str),
     Tool { name: &'a str, input: &'a str },
     Stall,
@@ -256,6 +267,15 @@ impl<'a> Command<'a> {
                 match numbers[..] {
                     [lines] => Some(Self::Emit { lines, delay: Duration::ZERO }),
                     [lines, ms] => Some(Self::Emit { lines, delay: Duration::from_millis(ms) }),
+                    _ => None,
+                }
+            }
+            "!big" => {
+                let numbers: Vec<u64> = rest.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+                match numbers[..] {
+                    [first_mib, then_mib, count] if first_mib <= 1024 && then_mib <= 1024 && count <= 1024 => {
+                        Some(Self::Big { first_mib, then_mib, count })
+                    }
                     _ => None,
                 }
             }
@@ -399,6 +419,12 @@ mod tests {
         assert_eq!(stdout(&session.handle(&user("!emit 1")))[1..3], ["line 0", "emitted 1"]);
         assert_eq!(json(stdout(&session.handle(&user("!emit x")))[2])["result"], "echo: !emit x");
 
+        let steps = session.handle(&user("!big 2 1 3"));
+        let bigs: Vec<(u64, usize)> = steps
+            .iter()
+            .filter_map(|s| if let Step::Big { n, bytes } = s { Some((*n, *bytes)) } else { None })
+            .collect();
+        assert_eq!(bigs, [(0, 2 << 20), (1, 1 << 20), (2, 1 << 20), (3, 1 << 20)]);
         let steps = session.handle(&user("!stderr oops on stderr"));
         assert_eq!(steps[1], Step::Stderr("oops on stderr".into()));
         assert_eq!(json(stdout(&steps)[1])["type"], "result");
