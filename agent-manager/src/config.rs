@@ -59,6 +59,10 @@ pub struct AgentDefaults {
     pub max_turns: Option<u32>,
     /// Claude Code's `--max-budget-usd`.
     pub max_budget_usd: Option<f64>,
+    /// The destinations every agent's egress proxy allows unless its spawn names its own
+    /// list (see [`crate::egress`]): `host` (ports 443 and 80), `host:port`,
+    /// `*.domain[:port]`. Empty: nothing.
+    pub egress_allow: Vec<String>,
 }
 
 impl Default for AgentDefaults {
@@ -83,6 +87,7 @@ impl Default for AgentDefaults {
             interrupt_grace: Duration::from_secs(30),
             max_turns: None,
             max_budget_usd: None,
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -142,6 +147,13 @@ fn check_common(spec: &AgentSpec, out: &mut Vec<Violation>) {
             out.push(Violation::new("max_budget_usd", budget.to_string(), "a positive number of US dollars, or unset"));
         }
     }
+    if let Err(why) = crate::egress::EgressList::parse(&spec.egress_allow) {
+        out.push(Violation::new(
+            "egress_allow",
+            why,
+            "entries HOST (ports 443 and 80), HOST:PORT, *.DOMAIN[:PORT] or an IP address ([IPv6]:PORT)",
+        ));
+    }
     if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
         out.push(Violation::new(
             "network",
@@ -196,6 +208,7 @@ impl AgentDefaults {
             permission_mode: self.permission_mode.clone(),
             max_turns: self.max_turns,
             max_budget_usd: self.max_budget_usd,
+            egress_allow: self.egress_allow.clone(),
         };
         check_common(&spec, &mut out);
         out.extend(self.forward_env.iter().filter_map(|name| check_env_name("forward_env", name)));
@@ -238,6 +251,7 @@ impl AgentDefaults {
             permission_mode: new.permission_mode,
             max_turns: new.max_turns,
             max_budget_usd: new.max_budget_usd,
+            egress_allow: new.egress_allow.unwrap_or_else(|| self.egress_allow.clone()),
         };
         // The Claude Code defaults apply to Claude Code agents only.
         let mut spec = spec;

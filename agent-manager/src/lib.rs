@@ -14,11 +14,13 @@ mod backoff;
 mod clock;
 mod config;
 pub mod conversation;
+pub mod egress;
 mod error;
 mod locks;
 mod manager;
 mod metrics;
 pub mod model;
+mod peers;
 mod reconcile;
 #[cfg(feature = "testing")]
 pub mod scenarios;

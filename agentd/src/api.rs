@@ -666,6 +666,7 @@ mod tests {
             permission_mode: None,
             max_turns: None,
             max_budget_usd: None,
+            egress_allow: vec!["example.com".into()],
         };
         let agent = Agent {
             id: "a1b2c3".into(),
