@@ -38,6 +38,8 @@ pub fn init_logging(config: &Config) {
 pub struct Daemon {
     app: Arc<App>,
     api: TcpListener,
+    /// The egress proxy's listeners, one per gateway address.
+    egress: Vec<TcpListener>,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
 }
@@ -64,12 +66,13 @@ impl Daemon {
             backend.gateway_addresses().await.context("asking the engine for its networks' gateway addresses")?;
         let endpoints =
             GatewayEndpoints { addresses, model_port: config.gateway.port, proxy_port: config.gateway.proxy_port };
+        let egress = crate::egress::bind(&endpoints)?;
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
         let manager = Arc::new(AgentManager::new(backend, store, manager_config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = Arc::new(App { manager, token: config.token(), instance, shutdown: shutdown_rx });
-        Ok(Self { app, api, shutdown, leave_running: config.shutdown.leave_running })
+        Ok(Self { app, api, egress, shutdown, leave_running: config.shutdown.leave_running })
     }
 
     /// The bound API address.
@@ -86,7 +89,7 @@ impl Daemon {
     /// requests, ends streams and conversations, and stops every agent in parallel (or leaves
     /// them running for the next start to adopt).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<ShutdownSummary> {
-        let Daemon { app, api, shutdown, leave_running } = self;
+        let Daemon { app, api, egress, shutdown, leave_running } = self;
         let mut servers = JoinSet::new();
         let api_addr = api.local_addr()?;
         info!(address = %api_addr, "Serving the API.");
@@ -95,6 +98,10 @@ impl Daemon {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         });
         servers.spawn(async move { api_server.await });
+        if let Some(endpoints) = app.manager.config().gateway {
+            let proxy = Arc::new(crate::egress::EgressProxy::new(app.manager.clone(), api_addr, &endpoints));
+            crate::egress::serve(egress, proxy, &shutdown.subscribe(), &mut servers);
+        }
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");

@@ -12,5 +12,6 @@ pub mod chat;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod listen;
 pub mod metrics;
