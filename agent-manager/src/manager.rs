@@ -446,6 +446,20 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         agent.container_id = Some(container.clone());
         let started_at = self.now();
         self.store.start_run(agent, started_at).await?;
+        // The container may call the daemon's gateway listeners before its record says
+        // it runs.
+        let _starting = self.peers.starting(&agent.id, &container, &agent.session);
+        self.finish_launch(agent, container, started_at, failure).await
+    }
+
+    /// The rest of [`Self::launch`]: starts the created container and records the run.
+    async fn finish_launch(
+        &self,
+        agent: &mut Agent,
+        container: String,
+        started_at: OffsetDateTime,
+        failure: EndedBy,
+    ) -> Result<()> {
         if let Err(e) = self.backend.start_session(&agent.session).await {
             let exit = SessionExitInfo {
                 error: Some(format!("start failed: {e}")),

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use backend_core::ExecutionBackend;
+use backend_core::{ExecutionBackend, NetworkPolicy};
 use futures_util::stream::{self, StreamExt};
 use tracing::debug;
 
@@ -44,6 +44,9 @@ struct State {
     asked: HashMap<String, String>,
     /// Unknown addresses, with when the engine was last asked on their behalf.
     misses: HashMap<IpAddr, Instant>,
+    /// Agent id → (container, session) of a run being started: its container runs (and
+    /// may connect) before the agent's record names it.
+    starting: HashMap<String, (String, String)>,
 }
 
 impl State {
@@ -52,11 +55,16 @@ impl State {
         self.by_ip.retain(|_, (agent, _)| agent != id);
     }
 
-    /// The agent `ip` names, if it is still running with the cached container.
+    /// The agent `ip` names, if it is still running (or being started) with the cached
+    /// container.
     fn current(&mut self, ip: IpAddr, store: &Store) -> Option<Agent> {
         let (id, container) = self.by_ip.get(&ip)?.clone();
+        let starting = self.starting.get(&id).is_some_and(|(c, _)| *c == container);
         match store.cached_agent(&id) {
-            Some(agent) if agent.status == AgentStatus::Running && agent.container_id.as_deref() == Some(&container) => {
+            Some(agent)
+                if starting
+                    || (agent.status == AgentStatus::Running && agent.container_id.as_deref() == Some(&container)) =>
+            {
                 Some(agent)
             }
             _ => {
@@ -64,6 +72,20 @@ impl State {
                 None
             }
         }
+    }
+}
+
+/// A run being started, from [`PeerCache::starting`]; forgotten when dropped, also when
+/// the start is abandoned half-way.
+#[derive(Debug)]
+pub(crate) struct Starting<'a> {
+    cache: &'a PeerCache,
+    agent_id: String,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        lock(&self.cache.state).starting.remove(&self.agent_id);
     }
 }
 
@@ -76,6 +98,13 @@ pub(crate) struct PeerCache {
 }
 
 impl PeerCache {
+    /// The agent's new container runs from now on, before its record names it, until the
+    /// guard is dropped (the record names it then, or the start failed).
+    pub(crate) fn starting<'a>(&'a self, agent_id: &str, container: &str, session: &str) -> Starting<'a> {
+        lock(&self.state).starting.insert(agent_id.to_owned(), (container.to_owned(), session.to_owned()));
+        Starting { cache: self, agent_id: agent_id.to_owned() }
+    }
+
     pub(crate) async fn lookup<B: ExecutionBackend + ?Sized>(&self, ip: IpAddr, store: &Store, backend: &B) -> Option<Agent> {
         {
             let mut state = lock(&self.state);
@@ -102,25 +131,27 @@ impl PeerCache {
         let running = store.list_agents_versioned(Some(AgentStatus::Running));
         let to_ask: Vec<(String, String, String)> = {
             let mut state = lock(&self.state);
-            let live: HashMap<&str, &str> = running
+            // Agent id → (container, session) of every live run with an address of its
+            // own: the records' (host and none networks have none), then the runs being
+            // started, which are newer.
+            let mut live: HashMap<String, (String, String)> = running
                 .iter()
-                .filter_map(|(a, _)| a.container_id.as_deref().map(|c| (a.id.as_str(), c)))
+                .filter(|(a, _)| !matches!(a.spec.network, NetworkPolicy::Host | NetworkPolicy::None))
+                .filter_map(|(a, _)| a.container_id.clone().map(|c| (a.id.clone(), (c, a.session.clone()))))
                 .collect();
+            live.extend(state.starting.iter().map(|(id, run)| (id.clone(), run.clone())));
             let stale: Vec<String> = state
                 .asked
                 .iter()
-                .filter(|(id, container)| live.get(id.as_str()) != Some(&container.as_str()))
+                .filter(|(id, container)| live.get(id.as_str()).is_none_or(|(c, _)| c != *container))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in stale {
                 state.forget_agent(&id);
             }
-            live.iter()
-                .filter(|(id, _)| !state.asked.contains_key(**id))
-                .filter_map(|(id, container)| {
-                    let agent = running.iter().find(|(a, _)| a.id == *id)?;
-                    Some((id.to_string(), container.to_string(), agent.0.session.clone()))
-                })
+            live.into_iter()
+                .filter(|(id, _)| !state.asked.contains_key(id))
+                .map(|(id, (container, session))| (id, container, session))
                 .collect()
         };
         let answers: Vec<_> = stream::iter(to_ask)
@@ -144,6 +175,10 @@ impl PeerCache {
                     continue;
                 }
             };
+            if addresses.is_empty() {
+                // Not running yet, or ended: asked again by the next refresh.
+                continue;
+            }
             state.asked.insert(id.clone(), container.clone());
             for address in addresses {
                 match state.by_ip.get(&address) {
@@ -167,5 +202,55 @@ impl PeerCache {
             state.misses.remove(&ip);
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Desired, NewAgent};
+    use backend_core::{OwnershipLabels, SessionHealth, SessionSpec};
+    use backend_mock::{MockBackend, MockEngine, PLAIN_IMAGE};
+
+    /// A run's container connects before its agent's record names it (between the
+    /// engine's start and the `running` transition): it is its agent already, and no
+    /// longer once the start is over without the record naming it.
+    #[tokio::test]
+    async fn a_run_being_started_is_its_agent_before_its_record_says_so() {
+        let store = Store::in_memory().await.expect("store");
+        let engine = MockEngine::new();
+        let backend = MockBackend::new(engine.clone(), OwnershipLabels::new("agentd", "peers").expect("labels"));
+        let defaults = crate::AgentDefaults { image: PLAIN_IMAGE.into(), ..Default::default() };
+        let spec = defaults
+            .resolve(NewAgent { name: "early".into(), kind: Some(crate::AgentKind::Image), ..NewAgent::default() })
+            .expect("spec");
+        let now = time::OffsetDateTime::now_utc().replace_millisecond(0).expect("ms");
+        let agent = Agent {
+            id: "early-id".into(),
+            name: "early".into(),
+            status: AgentStatus::Pending,
+            desired: Desired::Running,
+            health: SessionHealth::Unknown,
+            session: "agentd-early".into(),
+            container_id: None,
+            spec,
+            restarts: 0,
+            crash_streak: 0,
+            next_restart_at: None,
+            reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.insert_agent(&agent).await.expect("insert");
+        let container = backend.create_session(&SessionSpec::new(&agent.session, &agent.id, PLAIN_IMAGE)).await;
+        let container = container.expect("create");
+        backend.start_session(&agent.session).await.expect("start");
+        let ip = engine.session_address(&agent.session).expect("address");
+
+        let cache = PeerCache::default();
+        let starting = cache.starting(&agent.id, &container, &agent.session);
+        assert_eq!(cache.lookup(ip, &store, &backend).await.map(|a| a.id), Some(agent.id.clone()));
+        drop(starting);
+        assert!(cache.lookup(ip, &store, &backend).await.is_none(), "a start that never recorded its run");
     }
 }
