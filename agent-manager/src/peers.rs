@@ -105,7 +105,12 @@ impl PeerCache {
         Starting { cache: self, agent_id: agent_id.to_owned() }
     }
 
-    pub(crate) async fn lookup<B: ExecutionBackend + ?Sized>(&self, ip: IpAddr, store: &Store, backend: &B) -> Option<Agent> {
+    pub(crate) async fn lookup<B: ExecutionBackend + ?Sized>(
+        &self,
+        ip: IpAddr,
+        store: &Store,
+        backend: &B,
+    ) -> Option<Agent> {
         {
             let mut state = lock(&self.state);
             if let Some(agent) = state.current(ip, store) {

@@ -158,10 +158,7 @@ async fn the_allow_list_defaults_and_is_checked_at_spawn() {
     let mut config = test_config();
     config.defaults.egress_allow = vec!["ok.example".into(), "trailing.dot.".into()];
     let problems = config.defaults.check();
-    assert!(
-        problems.iter().any(|v| v.field == "egress_allow" && v.value.contains("trailing dot")),
-        "{problems:?}"
-    );
+    assert!(problems.iter().any(|v| v.field == "egress_allow" && v.value.contains("trailing dot")), "{problems:?}");
 }
 
 #[tokio::test]

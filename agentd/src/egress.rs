@@ -289,7 +289,9 @@ async fn open(proxy: &EgressProxy, destination: &Destination) -> Result<TcpStrea
             Some(ip) => vec![SocketAddr::new(ip, destination.port())],
             None => tokio::net::lookup_host((destination.host(), destination.port()))
                 .await
-                .map_err(|e| text(StatusCode::BAD_GATEWAY, format!("agentd's egress proxy cannot resolve {shown}: {e}")))?
+                .map_err(|e| {
+                    text(StatusCode::BAD_GATEWAY, format!("agentd's egress proxy cannot resolve {shown}: {e}"))
+                })?
                 .collect(),
         };
         let (own, usable): (Vec<SocketAddr>, Vec<SocketAddr>) = addresses.into_iter().partition(|a| proxy.is_own(*a));

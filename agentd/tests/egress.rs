@@ -260,10 +260,17 @@ async fn the_daemons_own_ports_are_never_connected_to() {
     let from = world
         .agent(
             "greedy",
-            &[format!("127.0.0.1:{api}"), format!("localhost:{api}"), format!("127.0.0.1:{proxy}"), "127.0.0.1:1".into()],
+            &[
+                format!("127.0.0.1:{api}"),
+                format!("localhost:{api}"),
+                format!("127.0.0.1:{proxy}"),
+                "127.0.0.1:1".into(),
+            ],
         )
         .await;
-    for target in [format!("127.0.0.1:{api}"), format!("localhost:{api}"), format!("127.0.0.1:{proxy}"), "127.0.0.1:1".into()] {
+    for target in
+        [format!("127.0.0.1:{api}"), format!("localhost:{api}"), format!("127.0.0.1:{proxy}"), "127.0.0.1:1".into()]
+    {
         let mut stream = world.connect_from(from).await;
         let (status, head, body) = connect_request(&mut stream, &target).await;
         assert_eq!(status, 403, "{target}: {head}{body}");

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec, OutputStream,
-    NetworkPolicy, OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
-    LABEL_SESSION,
+    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec, NetworkPolicy,
+    OutputStream, OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
+    EVENT_BUFFER, LABEL_SESSION,
 };
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
