@@ -67,6 +67,8 @@ pub struct EgressProxy {
     /// The daemon's own addresses besides loopback and this host's interfaces: the API's
     /// and the gateways'.
     own_addresses: Vec<IpAddr>,
+    /// The host's address on each network, where the engines' host aliases point.
+    endpoints: GatewayEndpoints,
     denials: Mutex<HashMap<(String, String), Instant>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -97,6 +99,7 @@ impl EgressProxy {
             manager,
             protected_ports: vec![api.port(), endpoints.model_port, endpoints.proxy_port],
             own_addresses,
+            endpoints: *endpoints,
             denials: Mutex::new(HashMap::new()),
             connect_timeout: CONNECT_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
@@ -219,7 +222,7 @@ async fn handle(
     if !list.allows(&destination) {
         return deny(&proxy, &agent, &destination);
     }
-    let stream = match open(&proxy, &destination).await {
+    let stream = match open(&proxy, &agent, &destination).await {
         Ok(stream) => stream,
         Err(refusal) => return refusal,
     };
@@ -280,13 +283,23 @@ fn deny(proxy: &Arc<EgressProxy>, agent: &Agent, destination: &Destination) -> R
     )
 }
 
+/// The names the engines give the host inside containers (Docker's `host-gateway`
+/// alias, Podman's own): the proxy resolves them to the host's address on the agent's
+/// network, as the container would.
+pub const HOST_ALIASES: [&str; 2] = ["host.docker.internal", "host.containers.internal"];
+
 /// Resolves the destination and connects to its first address that answers, never to
 /// the daemon's own ports.
-async fn open(proxy: &EgressProxy, destination: &Destination) -> Result<TcpStream, Response> {
+async fn open(proxy: &EgressProxy, agent: &Agent, destination: &Destination) -> Result<TcpStream, Response> {
     let shown = destination.to_string();
+    let host_alias = HOST_ALIASES.contains(&destination.host().as_str());
     let work = async {
         let addresses: Vec<SocketAddr> = match destination.ip() {
             Some(ip) => vec![SocketAddr::new(ip, destination.port())],
+            None if host_alias => match proxy.endpoints.address_for(agent.spec.network) {
+                Some(ip) => vec![SocketAddr::new(ip, destination.port())],
+                None => Vec::new(),
+            },
             None => tokio::net::lookup_host((destination.host(), destination.port()))
                 .await
                 .map_err(|e| {

@@ -471,6 +471,10 @@ fn spawn_claude(setup: &Setup, name: &str, model_url: &str, extra: &[&str]) {
     let env_url = format!("ANTHROPIC_BASE_URL={model_url}");
     let mut args = vec!["spawn", name, "--kind", "claude-code", "--image", CLAUDE_IMAGE, "--env", &env_url];
     args.extend(["--env", "ANTHROPIC_API_KEY=sk-stand-in"]);
+    // The stand-in model is a host service: reached through the egress proxy, which the
+    // agent's HTTP_PROXY points at, so it must be on the allow-list.
+    let model_host = model_url.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    args.extend(["--egress-allow", model_host]);
     args.extend(extra);
     setup.cli(&args);
 }

@@ -78,6 +78,11 @@ async fn http_server() -> u16 {
 
 impl World {
     async fn new() -> Self {
+        Self::with_gateways(NetworkGateways::default()).await
+    }
+
+    /// A world whose networks have these gateway addresses.
+    async fn with_gateways(addresses: NetworkGateways) -> Self {
         let engine = MockEngine::new();
         let store = Store::in_memory().await.expect("store");
         let owner = OwnershipLabels::new("agentd", "egress-test").expect("labels");
@@ -89,8 +94,7 @@ impl World {
         let api = TcpListener::bind("127.0.0.1:0").await.expect("api");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy");
         let proxy = listener.local_addr().expect("addr");
-        let endpoints =
-            GatewayEndpoints { addresses: NetworkGateways::default(), model_port: 1, proxy_port: proxy.port() };
+        let endpoints = GatewayEndpoints { addresses, model_port: 1, proxy_port: proxy.port() };
         let state = EgressProxy::new(manager.clone(), api.local_addr().expect("addr"), &endpoints)
             .with_timeouts(Duration::from_secs(2), Duration::from_millis(500));
         let app = router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>();
@@ -334,4 +338,28 @@ async fn an_idle_tunnel_is_closed() {
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle tunnel stayed open: {read:?}");
+}
+
+#[tokio::test]
+async fn the_engines_host_aliases_are_the_gateway_of_the_agents_network() {
+    // The host's address on the agent's (internet) network, as a container sees it.
+    let gateway: IpAddr = "127.0.0.1".parse().expect("ip");
+    let world = World::with_gateways(NetworkGateways { internet: Some(gateway), isolated: None }).await;
+    let (port, accepted) = echo_server("hello from the host\n").await;
+    let from = world
+        .agent("aliased", &[format!("host.docker.internal:{port}"), format!("host.containers.internal:{port}")])
+        .await;
+    for alias in ["host.docker.internal", "Host.Containers.Internal"] {
+        let mut stream = world.connect_from(from).await;
+        let (status, head, body) = connect_request(&mut stream, &format!("{alias}:{port}")).await;
+        assert_eq!(status, 200, "{alias}: {head}{body}");
+        read_exactly(&mut stream, "hello from the host\n").await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The daemon's own ports stay out of reach under the alias too.
+    let api = world.api.local_addr().expect("addr").port();
+    let from = world.agent("aliased-api", &[format!("host.docker.internal:{api}")]).await;
+    let mut stream = world.connect_from(from).await;
+    let (status, _, body) = connect_request(&mut stream, &format!("host.docker.internal:{api}")).await;
+    assert_eq!(status, 403, "{body}");
 }
