@@ -178,6 +178,9 @@ pub struct AgentJson {
     pub image: String,
     pub network: backend_core::NetworkPolicy,
     pub restart: agent_manager::RestartPolicy,
+    /// The destinations the egress proxy allows the agent.
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
     pub restarts: u32,
     pub reason: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -225,6 +228,7 @@ fn agent_json(view: AgentView) -> AgentJson {
         image: a.spec.image,
         network: a.spec.network,
         restart: a.spec.restart,
+        egress_allow: a.spec.egress_allow,
         restarts: a.restarts,
         reason: a.reason,
         next_restart_at: a.next_restart_at,
