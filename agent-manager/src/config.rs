@@ -75,6 +75,10 @@ pub struct AgentDefaults {
     /// The host directories an agent's workdir and mounts must be inside (absolute
     /// paths); empty: anywhere that is not protected.
     pub workdir_roots: Vec<PathBuf>,
+    /// The destinations every agent's egress proxy allows unless its spawn names its own
+    /// list (see [`crate::egress`]): `host` (ports 443 and 80), `host:port`,
+    /// `*.domain[:port]`. Empty: nothing.
+    pub egress_allow: Vec<String>,
 }
 
 impl Default for AgentDefaults {
@@ -102,6 +106,7 @@ impl Default for AgentDefaults {
             default_user: DEFAULT_USER.into(),
             allow_root: false,
             workdir_roots: Vec::new(),
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -163,6 +168,13 @@ fn check_common(spec: &AgentSpec, out: &mut Vec<Violation>) {
         if !(budget.is_finite() && budget > 0.0) {
             out.push(Violation::new("max_budget_usd", budget.to_string(), "a positive number of US dollars, or unset"));
         }
+    }
+    if let Err(why) = crate::egress::EgressList::parse(&spec.egress_allow) {
+        out.push(Violation::new(
+            "egress_allow",
+            why,
+            "entries HOST (ports 443 and 80), HOST:PORT, *.DOMAIN[:PORT] or an IP address ([IPv6]:PORT)",
+        ));
     }
     if spec.kind == AgentKind::ClaudeCode && spec.network == NetworkPolicy::None {
         out.push(Violation::new(
@@ -245,6 +257,7 @@ impl AgentDefaults {
             max_turns: self.max_turns,
             max_budget_usd: self.max_budget_usd,
             model_limits: ModelLimits::default(),
+            egress_allow: self.egress_allow.clone(),
         };
         check_common(&spec, &mut out);
         out.extend(self.forward_env.iter().filter_map(|name| check_env_name("forward_env", name)));
@@ -322,6 +335,7 @@ impl AgentDefaults {
             max_turns: new.max_turns,
             max_budget_usd: new.max_budget_usd,
             model_limits: new.model_limits.unwrap_or_default(),
+            egress_allow: new.egress_allow.unwrap_or_else(|| self.egress_allow.clone()),
         };
         // The Claude Code defaults apply to Claude Code agents only.
         let mut spec = spec;

@@ -14,12 +14,14 @@ mod backoff;
 mod clock;
 mod config;
 pub mod conversation;
+pub mod egress;
 mod error;
 mod locks;
 mod manager;
 mod metrics;
 pub mod model;
 mod paths;
+mod peers;
 mod reconcile;
 #[cfg(feature = "testing")]
 pub mod scenarios;

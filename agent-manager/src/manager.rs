@@ -149,6 +149,8 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     restart_tx: tokio::sync::mpsc::UnboundedSender<RestartRequest>,
     pub(crate) restart_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RestartRequest>>>,
     pub(crate) shutting_down: AtomicBool,
+    /// Which agent a peer address is (`agent_for_peer`).
+    peers: crate::peers::PeerCache,
 }
 
 impl<B: ExecutionBackend + ?Sized + 'static> std::fmt::Debug for AgentManager<B> {
@@ -191,6 +193,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             restart_tx,
             restart_rx: Mutex::new(Some(restart_rx)),
             shutting_down: AtomicBool::new(false),
+            peers: crate::peers::PeerCache::default(),
         }
     }
 
@@ -269,6 +272,21 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     pub async fn model_requests(&self, id_or_name: &str, limit: i64) -> Result<Vec<ModelRequest>> {
         let agent = self.find(id_or_name).await?;
         Ok(self.store.list_model_requests(&agent.id, limit).await?)
+    }
+
+    /// The live agent whose current container has the address `ip` on its network: who
+    /// a connection to one of the daemon's gateway listeners comes from. Cached per
+    /// container (a hit costs no engine call); an unknown address asks the engine at most
+    /// once a second. Host-network agents share the host's addresses and are never found.
+    pub async fn agent_for_peer(&self, ip: std::net::IpAddr) -> Option<Agent> {
+        self.peers.lookup(ip, &self.store, &*self.backend).await
+    }
+
+    /// Records that the egress proxy refused `destination` (`host:port`) to the agent:
+    /// an `egress_denied` event. The caller limits how often.
+    pub async fn note_egress_denied(&self, agent: &Agent, destination: &str) -> Result<()> {
+        let detail = format!("{destination} is not on the agent's egress allow-list");
+        self.lifecycle.record(&agent.id, &agent.name, &agent.session, EventKind::EgressDenied, detail).await
     }
 
     /// Live lifecycle events, from now on.
@@ -438,6 +456,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
         spec.env.insert("AGENTD_AGENT_ID".into(), agent.id.clone());
         spec.env.insert("AGENTD_AGENT_NAME".into(), agent.name.clone());
+        // The egress proxy, where the agent's network has a gateway address; its values
+        // win over the agent's own. Host-network agents get none: the proxy cannot tell
+        // them apart from the host, and refuses them.
+        if let Some(endpoints) = self.config.gateway.filter(|_| s.network != backend_core::NetworkPolicy::Host) {
+            if let Some(address) = endpoints.address_for(s.network) {
+                spec.env.extend(crate::egress::proxy_env(address, endpoints.proxy_port));
+            }
+        }
         spec.command = match s.kind {
             AgentKind::Image => s.command.clone(),
             AgentKind::ClaudeCode => {
@@ -508,6 +534,20 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         agent.container_id = Some(container.clone());
         let started_at = self.now();
         self.store.start_run(agent, started_at).await?;
+        // The container may call the daemon's gateway listeners before its record says
+        // it runs.
+        let _starting = self.peers.starting(&agent.id, &container, &agent.session);
+        self.finish_launch(agent, container, started_at, failure).await
+    }
+
+    /// The rest of [`Self::launch`]: starts the created container and records the run.
+    async fn finish_launch(
+        &self,
+        agent: &mut Agent,
+        container: String,
+        started_at: OffsetDateTime,
+        failure: EndedBy,
+    ) -> Result<()> {
         if let Err(e) = self.backend.start_session(&agent.session).await {
             let exit = SessionExitInfo {
                 error: Some(format!("start failed: {e}")),
@@ -1182,8 +1222,9 @@ fn log_event(event: &LifecycleEvent, session: &str, exit: Option<&SessionExitInf
         EventKind::Removed => "Agent removed.",
         EventKind::OrphanRemoved => "Orphaned session removed.",
         EventKind::OrphanFound => "Orphaned session found.",
+        EventKind::EgressDenied => "Egress refused.",
     };
-    if matches!(event.kind, EventKind::Failed) {
+    if matches!(event.kind, EventKind::Failed | EventKind::EgressDenied) {
         warn!(target: LIFECYCLE_TARGET, agent_id = %event.agent_id, agent, session, kind = event.kind.as_str(), from, to, exit_code, oom_killed, reason = %event.detail, "{message}");
     } else {
         info!(target: LIFECYCLE_TARGET, agent_id = %event.agent_id, agent, session, kind = event.kind.as_str(), from, to, exit_code, oom_killed, reason = %event.detail, "{message}");

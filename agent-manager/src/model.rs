@@ -184,6 +184,8 @@ text_enum! {
         Removed = "removed",
         OrphanRemoved = "orphan_removed",
         OrphanFound = "orphan_found",
+        /// The egress proxy refused a destination not on the agent's allow-list.
+        EgressDenied = "egress_denied",
     }
 }
 
@@ -218,6 +220,10 @@ pub struct NewAgent {
     pub max_turns: Option<u32>,
     /// Claude Code's `--max-budget-usd` (claude-code).
     pub max_budget_usd: Option<f64>,
+    /// The destinations the egress proxy lets the agent reach (see [`crate::egress`]);
+    /// unset takes `agents.egress_allow`, an empty list allows nothing.
+    #[serde(default)]
+    pub egress_allow: Option<Vec<String>>,
     /// Limits of the agent's use of the model gateway; unset fields follow `[model]`.
     pub model_limits: Option<ModelLimits>,
 }
@@ -313,6 +319,9 @@ pub struct AgentSpec {
     /// `[model]`).
     #[serde(default)]
     pub model_limits: ModelLimits,
+    /// The egress allow-list, validated (see [`crate::egress`]).
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
 }
 
 fn default_approvals() -> ApprovalPolicy {
@@ -343,6 +352,7 @@ impl fmt::Debug for AgentSpec {
             .field("max_turns", &self.max_turns)
             .field("max_budget_usd", &self.max_budget_usd)
             .field("model_limits", &self.model_limits)
+            .field("egress_allow", &self.egress_allow)
             .finish()
     }
 }

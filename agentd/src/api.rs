@@ -180,6 +180,9 @@ pub struct AgentJson {
     pub image: String,
     pub network: backend_core::NetworkPolicy,
     pub restart: agent_manager::RestartPolicy,
+    /// The destinations the egress proxy allows the agent.
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
     pub restarts: u32,
     pub reason: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -235,6 +238,7 @@ fn agent_json(view: AgentView) -> AgentJson {
         image: a.spec.image,
         network: a.spec.network,
         restart: a.spec.restart,
+        egress_allow: a.spec.egress_allow,
         restarts: a.restarts,
         reason: a.reason,
         next_restart_at: a.next_restart_at,
@@ -684,6 +688,7 @@ mod tests {
             max_turns: None,
             max_budget_usd: None,
             model_limits: agent_manager::ModelLimits { requests_per_minute: Some(2), ..Default::default() },
+            egress_allow: vec!["example.com".into()],
         };
         let agent = Agent {
             id: "a1b2c3".into(),

@@ -46,6 +46,8 @@ pub struct Daemon {
     model_gateway: Arc<ModelGateway>,
     api_limits: ConnLimits,
     gateway_limits: ConnLimits,
+    /// The egress proxy's listeners, one per gateway address.
+    egress: Vec<TcpListener>,
     shutdown: watch::Sender<bool>,
     leave_running: bool,
     protection: Protection,
@@ -80,6 +82,7 @@ impl Daemon {
         // The host firewall that confines isolated agents, before any agent can start.
         let ports = [config.gateway.port, config.gateway.proxy_port];
         let protection = crate::firewall::protect(&config.firewall, &instance, &ports, backend.as_ref()).await;
+        let egress = crate::egress::bind(&endpoints)?;
         let mut manager_config = config.manager_config();
         manager_config.gateway = Some(endpoints);
         manager_config.isolated_refusal = protection.refusal();
@@ -104,6 +107,7 @@ impl Daemon {
             api_limits: config.server.limits(),
             gateway_limits: config.gateway.limits(),
             gateway,
+            egress,
             model_gateway,
             shutdown,
             leave_running: config.shutdown.leave_running,
@@ -136,6 +140,7 @@ impl Daemon {
             api_limits,
             gateway_limits,
             gateway,
+            egress,
             model_gateway,
             shutdown,
             leave_running,
@@ -158,6 +163,10 @@ impl Daemon {
                 let _ = shutdown_rx.wait_for(|s| *s).await;
             });
             servers.spawn(server);
+        }
+        if let Some(endpoints) = app.manager.config().gateway {
+            let proxy = Arc::new(crate::egress::EgressProxy::new(app.manager.clone(), api_addr, &endpoints));
+            crate::egress::serve(egress, proxy, gateway_limits, &shutdown.subscribe(), &mut servers);
         }
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));

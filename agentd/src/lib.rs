@@ -12,6 +12,7 @@ pub mod chat;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod firewall;
 pub mod gateway;
 pub mod listen;

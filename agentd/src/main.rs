@@ -167,6 +167,13 @@ struct SpawnArgs {
     /// Environment variable for the agent, repeatable; wins over forwarded ones [default: none].
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// A destination the agent may reach through agentd's egress proxy, repeatable: HOST
+    /// (ports 443 and 80), HOST:PORT or *.DOMAIN[:PORT] [default: agents.egress_allow, none].
+    #[arg(long = "egress-allow", value_name = "HOST[:PORT]")]
+    egress_allow: Vec<String>,
+    /// Allow the agent no destination through the egress proxy, whatever agents.egress_allow says.
+    #[arg(long, conflicts_with = "egress_allow")]
+    no_egress: bool,
     /// Memory limit in MiB, no swap [default: agents.memory_mb, 2048].
     #[arg(long)]
     memory_mb: Option<u64>,
@@ -305,6 +312,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 max_turns: args.max_turns,
                 max_budget_usd: args.max_budget_usd,
                 model_limits: (!model_limits.is_empty()).then_some(model_limits),
+                egress_allow: (args.no_egress || !args.egress_allow.is_empty()).then_some(args.egress_allow),
                 ..NewAgent::default()
             };
             let agent: AgentJson = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;

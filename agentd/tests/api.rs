@@ -695,3 +695,25 @@ async fn isolated_agents_are_refused_when_the_firewall_cannot_be_installed() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_spawn_takes_its_egress_allow_list_and_refuses_a_bad_entry() {
+    let d = TestDaemon::start(None).await;
+    let post = |body: Value| d.call(reqwest::Method::POST, "/v1/agents", Some(body));
+    let (status, agent) =
+        post(json!({ "name": "egress", "egress_allow": ["GitHub.com", "git.corp.example:22"] })).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    assert_eq!(agent["egress_allow"], json!(["GitHub.com", "git.corp.example:22"]), "{agent}");
+    let (status, agent) = post(json!({ "name": "default-egress" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    assert_eq!(agent["egress_allow"], json!([]), "{agent}");
+
+    let (status, body) = post(json!({ "name": "bad-egress", "egress_allow": ["https://x.example/"] })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let text = error_text(&body);
+    assert!(
+        text.contains("egress_allow") && text.contains("https://x.example/") && text.contains("not a URL"),
+        "{text}"
+    );
+    d.stop().await;
+}

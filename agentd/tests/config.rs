@@ -73,6 +73,7 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
     let backend_key = s.write("backend-key.toml", "[docker]\nsockt = \"unix:///x.sock\"\n");
     let backend_value = s.write("backend-value.toml", "[podman]\nrequest_timeout_secs = 0\n");
     let top_level = s.write("top.toml", "[kubernetes]\nnamespace = \"x\"\n");
+    let egress = s.write("egress.toml", "[agents]\negress_allow = [\"ok.example\", \"https://x.example/\"]\n");
     struct Case<'a> {
         what: &'a str,
         args: Vec<&'a str>,
@@ -170,6 +171,12 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             args: vec![],
             env: vec![("AGENTD_RECONCILE__INTERVAL_SECS", "0")],
             expect: vec!["reconcile.interval_secs = 0", "AGENTD_RECONCILE__INTERVAL_SECS", "at least 1"],
+        },
+        Case {
+            what: "a bad egress allow-list entry",
+            args: vec!["--config", path_str(&egress)],
+            env: vec![],
+            expect: vec!["agents.egress_allow", "https://x.example/", "not a URL", "HOST:PORT", path_str(&egress)],
         },
         Case {
             what: "missing --config file",

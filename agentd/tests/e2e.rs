@@ -155,6 +155,8 @@ impl Setup {
             ("AGENTD_RECONCILE__ORPHAN_GRACE_SECS", "0".to_owned()),
             ("AGENTD_LOG__FORMAT", "json".to_owned()),
             ("AGENTD_LOG__LEVEL", "info".to_owned()),
+            // Each daemon its own egress proxy port on the engine's gateway addresses.
+            ("AGENTD_GATEWAY__PROXY_PORT", free_port().to_string()),
         ] {
             env.insert(k.to_owned(), v);
         }
@@ -1092,6 +1094,114 @@ fn gateway_secrets_are_per_agent(engine: Engine) {
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
+// --- E: the egress allow-list -----------------------------------------------------------
+
+/// A TCP server on the host's loopback that greets every connection with `greeting` and
+/// keeps it open a while; counts its connections.
+fn greeting_server(greeting: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = stream.write_all(greeting.as_bytes());
+                std::thread::sleep(Duration::from_secs(10));
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// An agent reaches an allowed host server through the egress proxy (`$HTTPS_PROXY`,
+/// with bash's /dev/tcp from the Claude Code image) and reads its answer; a different
+/// one is refused with 403 and an `egress_denied` event, and is never connected to.
+fn egress_allow_list_through_the_proxy(engine: Engine) {
+    use std::sync::atomic::Ordering;
+    if !engine.has_claude() {
+        return;
+    }
+    let setup = Setup::new(engine, "egr");
+    let daemon = setup.start();
+    let (allowed, allowed_hits) = greeting_server("hello from the allowed server\n");
+    let (other, other_hits) = greeting_server("hello from the other server\n");
+    let script = r#"
+hp=${HTTPS_PROXY#http://}; host=${hp%:*}; port=${hp##*:}
+echo "proxy $host:$port"
+for target in "$@"; do
+  echo "BEGIN $target"
+  if exec 3<>"/dev/tcp/$host/$port"; then
+    printf 'CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n' "$target" "$target" >&3
+    while IFS= read -r -t 5 line <&3; do echo "< ${line%$'\r'}"; done
+    exec 3<&-
+  else
+    echo "cannot connect to the proxy"
+  fi
+  echo "END $target"
+done
+sleep 600
+"#;
+    let allow = format!("127.0.0.1:{allowed}");
+    let refuse = format!("127.0.0.1:{other}");
+    setup.cli(&[
+        "spawn",
+        "egress",
+        "--image",
+        CLAUDE_IMAGE,
+        "--network",
+        "internet",
+        "--egress-allow",
+        &allow,
+        "--",
+        "bash",
+        "-c",
+        script,
+        "probe",
+        &allow,
+        &refuse,
+    ]);
+    let deadline = Instant::now() + PATIENCE;
+    let logs = loop {
+        let logs = setup.cli(&["logs", "egress"]);
+        if logs.contains(&format!("END {refuse}")) {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "the probes did not finish: {logs}\nlog:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let section = |target: &str| {
+        let begin = logs.find(&format!("BEGIN {target}")).unwrap_or_else(|| panic!("no probe of {target}: {logs}"));
+        let end = logs.find(&format!("END {target}")).unwrap_or_else(|| panic!("no end of {target}: {logs}"));
+        logs[begin..end].to_owned()
+    };
+    let through = section(&allow);
+    assert!(through.contains("< HTTP/1.1 200"), "the allowed server was not tunnelled to: {through}");
+    assert!(through.contains("< hello from the allowed server"), "its answer did not come through: {through}");
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1, "{logs}");
+    let refused = section(&refuse);
+    assert!(refused.contains("< HTTP/1.1 403"), "the other server was not refused: {refused}");
+    assert!(refused.contains("not on the egress allow-list"), "{refused}");
+    assert!(!refused.contains("hello from the other server"), "{refused}");
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0, "the refused server was connected to");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let events = setup.cli(&["events", "--agent", "egress"]);
+        if events.contains("egress_denied") && events.contains(&refuse) {
+            assert!(!events.contains(&format!("{allow} is not")), "{events}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no egress_denied event for {refuse}: {events}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    setup.cli(&["rm", "egress"]);
+    daemon.terminate();
+}
+
 macro_rules! per_engine {
     ($($scenario:ident),* $(,)?) => {
         mod docker {
@@ -1126,6 +1236,8 @@ per_engine!(
     gateway_secrets_are_per_agent,
     // The firewall of the isolated network (B).
     isolated_agents_reach_only_the_gateway,
+    // E: the egress allow-list.
+    egress_allow_list_through_the_proxy,
 );
 
 // A2: metering and limits of the model gateway.

@@ -242,6 +242,17 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// The running session's addresses on its engine networks (what a peer connecting
+    /// from it appears as, from the host's side of its network). Empty while the session
+    /// does not run, for `none` and `host` networks (a host-network session has the
+    /// host's addresses, so it cannot be told apart), and for backends that cannot tell
+    /// (the default). An address does not change while the session's container runs. A
+    /// missing session is [`BackendError::NotFound`] where the backend can tell.
+    async fn session_addresses(&self, session: &str) -> Result<Vec<std::net::IpAddr>> {
+        let _ = session;
+        Ok(Vec::new())
+    }
+
     /// Whether `image` is present locally (nothing is ever pulled).
     async fn image_exists(&self, image: &str) -> Result<bool>;
 

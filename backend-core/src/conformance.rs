@@ -1246,6 +1246,56 @@ pub async fn long_logs_are_capped_with_a_marker(h: &dyn Harness) {
         .await
 }
 
+/// `session_addresses` names each running session's own addresses (the engine's, where
+/// the harness can tell), distinct between sessions; none for a `none` network or once
+/// the session ended; a missing session is `NotFound`. The daemon tells its callers
+/// apart by these.
+pub async fn session_addresses_tell_running_sessions_apart(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let (one, two) = (w.spec("addr-one"), w.spec("addr-two"));
+            let mut offline = w.spec("addr-none");
+            offline.network = NetworkPolicy::None;
+            for spec in [&one, &two, &offline] {
+                w.start(spec).await;
+                wait_status(w, &spec.session, SessionStatus::Running).await;
+            }
+            let addresses = async |session: &str| {
+                w.backend
+                    .session_addresses(session)
+                    .await
+                    .unwrap_or_else(|e| panic!("session_addresses({session}): {e}"))
+            };
+            let (first, second) = (addresses(&one.session).await, addresses(&two.session).await);
+            assert!(!first.is_empty(), "a running internet session has no address");
+            assert!(!second.is_empty(), "a running internet session has no address");
+            assert!(first.iter().all(|a| !second.contains(a)), "two sessions share an address: {first:?} {second:?}");
+            if let Some(engine_says) = w.harness.internet_address(&one.session).await {
+                assert!(first.contains(&engine_says), "{first:?} lacks the engine's {engine_says}");
+            }
+            for address in first.iter().chain(&second) {
+                assert!(!address.is_unspecified(), "{address} is no address");
+            }
+            let none = addresses(&offline.session).await;
+            assert!(none.is_empty(), "a session on no network has addresses: {none:?}");
+
+            w.backend.stop_session(&one.session, Duration::from_secs(5)).await.expect("stop");
+            match w.backend.session_addresses(&one.session).await {
+                Ok(left) => assert!(left.is_empty(), "a stopped session still has addresses: {left:?}"),
+                // Without exit_info_after_stop, a stop may take the session away (a pod).
+                Err(e) if e.is_not_found() && !w.caps().exit_info_after_stop => {}
+                Err(e) => panic!("session_addresses of a stopped session: {e}"),
+            }
+            let ghost = format!("{}-never-created", w.backend.prefix());
+            match w.backend.session_addresses(&ghost).await {
+                Err(e) if e.is_not_found() => {}
+                other => panic!("session_addresses of a missing session: {other:?}, expected NotFound"),
+            }
+        })
+        .await
+}
+
 /// One conformance function, as [`Case`] holds it.
 pub type ConformanceTest = fn(&dyn Harness) -> futures_util::future::LocalBoxFuture<'_, ()>;
 
@@ -1318,6 +1368,7 @@ pub fn cases() -> Vec<Case> {
         case!(attach_to_a_missing_session_is_not_found, needs: [Attach]),
         case!(volumes_outlive_sessions_and_are_removed_on_request, needs: [Volumes]),
         case!(isolated_agents_reach_the_host_and_nothing_routed_beyond_it, needs: [NetworkIsolation, Logs]),
+        case!(session_addresses_tell_running_sessions_apart),
     ]
 }
 

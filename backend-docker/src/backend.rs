@@ -286,6 +286,23 @@ impl ExecutionBackend for DockerBackend {
         }))
     }
 
+    async fn session_addresses(&self, session: &str) -> Result<Vec<IpAddr>> {
+        let inspect = self.inspect(session).await?.ok_or_else(|| Self::not_found(session))?;
+        if !inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
+        let networks = inspect.network_settings.and_then(|n| n.networks).unwrap_or_default();
+        let mut addresses: Vec<IpAddr> = networks
+            .values()
+            .flat_map(|n| [n.ip_address.as_deref(), n.global_ipv6_address.as_deref()])
+            .flatten()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),

@@ -49,6 +49,11 @@ impl ExecutionBackend for MockBackend {
         Ok(self.engine.isolated_network())
     }
 
+    async fn session_addresses(&self, session: &str) -> Result<Vec<std::net::IpAddr>> {
+        self.engine.enter(MockCall::Addresses(session.to_owned())).await?;
+        self.engine.addresses(&self.owner, session)
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         self.engine.enter(MockCall::ImageExists(image.to_owned())).await?;
         Ok(self.engine.image_exists(image))

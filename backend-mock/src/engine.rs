@@ -1,13 +1,14 @@
 //! The simulated engine shared by every [`crate::MockBackend`] built on it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec, OutputStream,
-    OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus, EVENT_BUFFER,
-    LABEL_SESSION,
+    BackendError, BackendEvent, Capabilities, EventReceiver, EventSender, HealthCheck, HealthCheckSpec, NetworkPolicy,
+    OutputStream, OwnershipLabels, SessionExitInfo, SessionHealth, SessionSpec, SessionState, SessionStatus,
+    EVENT_BUFFER, LABEL_SESSION,
 };
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -53,6 +54,8 @@ pub enum MockCall {
     Subscribe,
     Volumes,
     RemoveVolume(String),
+    /// `session_addresses`.
+    Addresses(String),
 }
 
 /// The simulated echo-agent behaviour of one container, from its environment.
@@ -117,6 +120,9 @@ struct Container {
     missing_image: Option<String>,
     /// The spec it was created from.
     spec: Option<SessionSpec>,
+    /// Its address on its network while it runs (see [`MockEngine::session_address`]);
+    /// `None` for the `none` and `host` networks.
+    address: Option<IpAddr>,
 }
 
 impl Container {
@@ -145,6 +151,7 @@ impl Container {
             volumes: Vec::new(),
             missing_image: None,
             spec: None,
+            address: None,
         }
     }
 
@@ -568,11 +575,18 @@ impl MockEngine {
             HealthCheckSpec::Override(check) => Some(check.clone()),
             HealthCheckSpec::Disabled => None,
         };
+        let serial = state.next_id;
         let id = state.new_id();
         let mut c = Container::new(id.clone(), labels, check, Behaviour::from_spec(spec), spec.stdin_open);
         c.volumes = spec.volumes.iter().map(|v| v.name.clone()).collect();
         c.missing_image = missing_image.then(|| spec.image.clone());
         c.spec = Some(spec.clone());
+        c.address = matches!(spec.network, NetworkPolicy::Internet | NetworkPolicy::Isolated).then(|| {
+            // 127.77.0.0/16 without .0 and .255 (a loopback address on Linux), one per
+            // container, for 65,024 containers.
+            let index = serial % (256 * 254);
+            IpAddr::V4(Ipv4Addr::new(127, 77, (index / 254) as u8, (index % 254 + 1) as u8))
+        });
         state.containers.insert(spec.session.clone(), c);
         Ok(id)
     }
@@ -787,6 +801,21 @@ impl MockEngine {
         let epoch = c.output.borrow().attach_epoch;
         let stdin = Stdin { output: c.output.clone(), run: c.generation, epoch, agent: c.stdin.clone() };
         Ok((stdin, c.output.clone()))
+    }
+
+    /// The addresses of an owned session: its one address while it runs (or is paused).
+    pub(crate) fn addresses(&self, owner: &OwnershipLabels, session: &str) -> Result<Vec<IpAddr>, BackendError> {
+        let state = self.lock();
+        let c = state.containers.get(session).filter(|c| owner.owns(&c.labels)).ok_or_else(|| not_found(session))?;
+        Ok(c.address.filter(|_| c.status.is_alive()).into_iter().collect())
+    }
+
+    /// The address a session has on its network while it runs, whatever its status:
+    /// distinct per container, in 127.77.0.0/16 (loopback on Linux, so that a test can
+    /// connect from it by binding its socket there); `None` for the `none` and `host`
+    /// networks, or a missing session.
+    pub fn session_address(&self, session: &str) -> Option<IpAddr> {
+        self.lock().containers.get(session).and_then(|c| c.address)
     }
 
     pub(crate) fn is_running(&self, owner: &OwnershipLabels, session: &str) -> Result<bool, BackendError> {

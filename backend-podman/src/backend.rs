@@ -1,6 +1,7 @@
 //! The Podman implementation of the backend contract.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -324,6 +325,23 @@ impl ExecutionBackend for PodmanBackend {
 
     async fn isolated_network(&self) -> Result<Option<backend_core::IsolatedNetwork>> {
         self.inner.isolated_network_info().await
+    }
+
+    async fn session_addresses(&self, session: &str) -> Result<Vec<IpAddr>> {
+        let inspect = self.inner.inspect(session).await?.ok_or_else(|| Inner::not_found(session))?;
+        if !inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
+        let networks = inspect.network_settings.and_then(|n| n.networks).unwrap_or_default();
+        let mut addresses: Vec<IpAddr> = networks
+            .values()
+            .flat_map(|n| [n.ip_address.as_deref(), n.global_i_pv_6_address.as_deref()])
+            .flatten()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool> {

@@ -32,9 +32,8 @@ pub use credential::{Credential, CredentialKind, OAUTH_BETA};
 use crate::config::ModelConfig;
 
 /// Whether the gateway checks that a secret comes from its own agent's container (by the
-/// caller's address; see [`ModelGateway::caller_is_agent`]). Until that check is wired, a
-/// valid secret is accepted from any caller that reaches the gateway.
-pub const CHECKS_CALLER_ADDRESS: bool = false;
+/// caller's address; see [`ModelGateway::caller_is_agent`]).
+pub const CHECKS_CALLER_ADDRESS: bool = true;
 
 /// How long the upstream may take to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,12 +130,16 @@ impl ModelGateway {
         self.manager.store().cached_agent(&agent_id).map(|agent| agent.id)
     }
 
-    /// The hook where the caller's address is checked against the agent whose secret it
-    /// presented (another agent's secret, read from its container, must not work from a
-    /// different container). Accepts every caller until the manager can name the agent of
-    /// a peer address (`AgentManager::agent_for_peer`); see [`CHECKS_CALLER_ADDRESS`].
-    fn caller_is_agent(&self, _agent_id: &str, _peer: IpAddr) -> bool {
-        true
+    /// Whether the caller at `peer` is the agent whose secret it presented: the live agent
+    /// whose current container has that address ([`AgentManager::agent_for_peer`]). So
+    /// another agent's secret, read from its container, does not work from a different
+    /// one. Host-network agents share the host's addresses and cannot be told apart: their
+    /// secret alone identifies them.
+    async fn caller_is_agent(&self, agent: &agent_manager::Agent, peer: IpAddr) -> bool {
+        if agent.spec.network == backend_core::NetworkPolicy::Host {
+            return true;
+        }
+        self.manager.agent_for_peer(peer.to_canonical()).await.is_some_and(|caller| caller.id == agent.id)
     }
 }
 
@@ -201,7 +204,15 @@ async fn forward(
             false,
         );
     };
-    if !gateway.caller_is_agent(&agent_id, peer.ip()) {
+    let Some(agent) = gateway.manager.store().cached_agent(&agent_id) else {
+        return anthropic_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "agentd model gateway: the agent is gone",
+            false,
+        );
+    };
+    if !gateway.caller_is_agent(&agent, peer.ip()).await {
         warn!(
             %agent_id,
             peer = %peer.ip(),
@@ -228,14 +239,6 @@ async fn forward(
         );
     };
 
-    let Some(agent) = gateway.manager.store().cached_agent(&agent_id) else {
-        return anthropic_error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "agentd model gateway: the agent is gone",
-            false,
-        );
-    };
     let admission = match gateway.meter.admit(&agent) {
         Ok(admission) => admission,
         Err(refusal) => return refusal.into_response(),
