@@ -26,7 +26,7 @@ struct Harness {
     /// `http://127.0.0.1:<gateway port>`.
     base: String,
     model: StandIn,
-    http: reqwest::Client,
+    engine: MockEngine,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -46,7 +46,8 @@ impl Harness {
         let port = listener.local_addr().expect("addr").port();
         let store = Store::in_memory().await.expect("store");
         let owner = OwnershipLabels::new("agentd", "gw-test").expect("labels");
-        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(MockEngine::new(), owner));
+        let engine = MockEngine::new();
+        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
         let mut config = ManagerConfig::default();
         config.defaults.image = backend_mock::ECHO_IMAGE.into();
         config.gateway = Some(GatewayEndpoints {
@@ -64,7 +65,7 @@ impl Harness {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { manager, base: format!("http://127.0.0.1:{port}"), model, http: reqwest::Client::new(), server }
+        Self { manager, base: format!("http://127.0.0.1:{port}"), model, engine, server }
     }
 
     async fn with_api_key() -> Self {
@@ -86,8 +87,26 @@ impl Harness {
         (view.agent.id, spec.env)
     }
 
+    /// The mock address of the agent `secret` belongs to (the gateway knows its callers by
+    /// their address), or 127.0.0.1 for a secret of no agent.
+    fn address_of(&self, secret: &str) -> std::net::IpAddr {
+        let id = self.manager.store().gateway_secrets().verify(secret);
+        id.and_then(|id| self.manager.store().cached_agent(&id))
+            .and_then(|agent| self.engine.session_address(&agent.session))
+            .unwrap_or_else(|| "127.0.0.1".parse().expect("ip"))
+    }
+
+    /// A model request with `secret`, sent from the address of its agent's container.
     fn messages(&self, secret: &str) -> reqwest::RequestBuilder {
-        self.http
+        self.messages_from(self.address_of(secret), secret)
+    }
+
+    /// A model request with `secret`, sent from `from`.
+    fn messages_from(&self, from: std::net::IpAddr, secret: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::builder()
+            .local_address(from)
+            .build()
+            .expect("client")
             .post(format!("{}/v1/messages?beta=true", self.base))
             .header("x-api-key", secret)
             .header("anthropic-version", "2023-06-01")
@@ -148,7 +167,8 @@ async fn an_agent_gets_its_own_secret_and_the_gateway_swaps_in_the_api_key() {
     }
 
     // A bearer token works as well as x-api-key.
-    let bearer = h.http.head(format!("{}/api/hello", h.base)).bearer_auth(&secret).send().await.expect("head");
+    let from = reqwest::Client::builder().local_address(h.address_of(&secret)).build().expect("client");
+    let bearer = from.head(format!("{}/api/hello", h.base)).bearer_auth(&secret).send().await.expect("head");
     assert_eq!(bearer.status(), StatusCode::OK);
     let hello = h.model.requests().into_iter().find(|r| r.path == "/api/hello").expect("forwarded");
     assert_eq!(hello.header("x-api-key"), Some(CREDENTIAL));
@@ -218,7 +238,8 @@ async fn wrong_missing_unknown_and_removed_secrets_get_401() {
         ("the real credential", Some(CREDENTIAL)),
         ("missing", None),
     ] {
-        let mut request = h.http.post(format!("{}/v1/messages", h.base)).json(&json!({}));
+        let from = reqwest::Client::builder().local_address(h.address_of(&secret)).build().expect("client");
+        let mut request = from.post(format!("{}/v1/messages", h.base)).json(&json!({}));
         if let Some(p) = presented {
             request = request.header("x-api-key", p);
         }
@@ -226,11 +247,30 @@ async fn wrong_missing_unknown_and_removed_secrets_get_401() {
         assert_anthropic_error(status, &headers, &body, 401, "authentication_error");
         assert!(!body.to_string().contains(CREDENTIAL), "{what}: {body}");
     }
+    // Another agent's secret, from this agent's container (and from no agent's): 401.
+    let (_, other_env) = h.agent("other").await;
+    let other = other_env["ANTHROPIC_API_KEY"].clone();
+    for (what, from) in
+        [("keeper's container", h.address_of(&secret)), ("no agent's address", "127.0.0.1".parse().expect("ip"))]
+    {
+        let (status, headers, body) = send(h.messages_from(from, &other)).await;
+        assert_anthropic_error(status, &headers, &body, 401, "authentication_error");
+        assert!(body.to_string().contains("another agent"), "{what}: {body}");
+    }
+    // Its own container may use it.
+    let (status, _, body) = send(h.messages(&other)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    h.manager.remove("other").await.expect("remove other");
     // Removed: its secret is still well-formed, but there is no agent to serve.
     h.manager.remove(&id).await.expect("remove");
     let (status, headers, body) = send(h.messages(&secret)).await;
     assert_anthropic_error(status, &headers, &body, 401, "authentication_error");
-    assert!(h.model.requests().is_empty(), "nothing refused reached the model: {:?}", h.model.requests());
+    assert_eq!(
+        h.model.requests().len(),
+        1,
+        "only the own-container request reached the model: {:?}",
+        h.model.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
