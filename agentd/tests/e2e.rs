@@ -1739,9 +1739,18 @@ mod exhaustion {
     /// The longest any of the probed calls may take while a container floods a listener.
     const ANSWER_WITHIN: Duration = Duration::from_millis(100);
 
-    /// Which daemon listener the flood targets: its port, given the daemon's setup. The API
-    /// (bound on 0.0.0.0 with a token) here; point it at `gateway.port` once the gateway is
-    /// served (the flood container reaches both at the host alias).
+    /// The exhaustion tests run one at a time (each engine's and each other's): a flood of
+    /// 21,000 connections starves the reader of another test's 128 MiB of output, which
+    /// then outruns the engine's log rotation (json-file keeps 3 × 10 MiB) and is lost.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Which daemon listener the flood targets: the model gateway's port (the flood
+    /// container, on the engine's default network, reaches it at the network's gateway
+    /// address).
     fn flood_target_port(setup: &Setup) -> u16 {
         setup.env["AGENTD_GATEWAY__PORT"].parse().expect("the gateway port")
     }
@@ -1973,6 +1982,7 @@ mod exhaustion {
         if !engine.available() {
             return;
         }
+        let _alone = one_at_a_time();
         let (setup, daemon) = exhaustion_setup(engine, "flood");
         let baseline = probe_latencies(&setup, 10, "baseline");
         let per_peer = TARGET_LIMITS.max_connections_per_peer as u64;
@@ -2027,6 +2037,7 @@ mod exhaustion {
         if !engine.available() {
             return;
         }
+        let _alone = one_at_a_time();
         let (setup, daemon) = exhaustion_setup(engine, "half");
         let baseline = probe_latencies(&setup, 10, "baseline");
         let started = Instant::now();
@@ -2071,6 +2082,7 @@ mod exhaustion {
         if !engine.available() {
             return;
         }
+        let _alone = one_at_a_time();
         let (setup, daemon) = exhaustion_setup(engine, "big");
         let pid = daemon.child.id();
         // A conversation stream whose client never reads: what the daemon queues for it is
