@@ -432,22 +432,7 @@ impl Store {
     /// Deletes the model requests recorded before `before` (the sums stay), in batches,
     /// and returns how many.
     pub async fn prune_model_requests(&self, before: OffsetDateTime) -> Result<u64> {
-        const BATCH: i64 = 10_000;
-        let mut deleted = 0;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM model_requests WHERE id IN (SELECT id FROM model_requests WHERE at < ?1 LIMIT ?2)",
-            )
-            .bind(millis(before))
-            .bind(BATCH)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            deleted += done;
-            if done < BATCH as u64 {
-                return Ok(deleted);
-            }
-        }
+        self.delete_before("model_requests", before).await
     }
 
     /// Records the start of a run and returns its id.
@@ -566,16 +551,19 @@ impl Store {
     /// Deletes the events stored before `before`, in batches (so that no write waits
     /// long behind one), and returns how many.
     pub async fn prune_events(&self, before: OffsetDateTime) -> Result<u64> {
+        self.delete_before("events", before).await
+    }
+
+    /// Deletes the rows of `table` (one with an `id` and an `at` column) stored before
+    /// `before`, 10,000 at a time, and returns how many.
+    async fn delete_before(&self, table: &'static str, before: OffsetDateTime) -> Result<u64> {
         const BATCH: i64 = 10_000;
+        // Oldest first: the scan in id order finds a batch early and stops there.
+        let statement = format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < ?1 LIMIT ?2)");
         let mut deleted = 0;
         loop {
-            // Oldest first: the scan in id order finds a batch early and stops there.
-            let done = sqlx::query("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 LIMIT ?2)")
-                .bind(millis(before))
-                .bind(BATCH)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+            let done =
+                sqlx::query(&statement).bind(millis(before)).bind(BATCH).execute(&self.pool).await?.rows_affected();
             deleted += done;
             if done < BATCH as u64 {
                 return Ok(deleted);

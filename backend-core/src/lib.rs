@@ -51,7 +51,7 @@ pub use factory::{
 pub use health::{ParseHealthError, SessionHealth};
 pub use labels::{OwnershipLabels, LABEL_AGENT_ID, LABEL_INSTANCE, LABEL_PREFIX, LABEL_SESSION};
 pub use logs::{cap_logs, LogsCollector, LOGS_TRUNCATED, SESSION_LOGS_MAX_BYTES};
-pub use plumbing::{create_replacing_stale, host_address, unix_socket_path};
+pub use plumbing::{create_replacing_stale, host_address, session_addresses, unix_socket_path};
 pub use spec::{rules, HealthCheck, HealthCheckSpec, Mount, NetworkPolicy, Resources, SessionSpec, VolumeMount};
 pub use state::{SessionState, SessionStatus, VolumeState};
 

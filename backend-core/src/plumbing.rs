@@ -170,3 +170,31 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
+
+/// A session's addresses from the engine's view of its networks (each network's IPv4 and
+/// IPv6 address as text, missing or empty ones included): parsed, sorted, without repeats.
+pub fn session_addresses<'a>(addresses: impl IntoIterator<Item = Option<&'a str>>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = addresses.into_iter().flatten().filter_map(|a| a.parse().ok()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod session_addresses_tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_parsed_sorted_and_deduplicated() {
+        let got = session_addresses([
+            Some("10.88.0.5"),
+            None,
+            Some(""),
+            Some("fd00::5"),
+            Some("10.88.0.5"),
+            Some("172.17.0.2"),
+        ]);
+        let want: Vec<IpAddr> = ["10.88.0.5", "172.17.0.2", "fd00::5"].iter().map(|a| a.parse().expect("ip")).collect();
+        assert_eq!(got, want);
+    }
+}

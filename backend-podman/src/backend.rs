@@ -333,15 +333,9 @@ impl ExecutionBackend for PodmanBackend {
             return Ok(Vec::new());
         }
         let networks = inspect.network_settings.and_then(|n| n.networks).unwrap_or_default();
-        let mut addresses: Vec<IpAddr> = networks
-            .values()
-            .flat_map(|n| [n.ip_address.as_deref(), n.global_i_pv_6_address.as_deref()])
-            .flatten()
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        addresses.sort();
-        addresses.dedup();
-        Ok(addresses)
+        Ok(backend_core::session_addresses(
+            networks.values().flat_map(|n| [n.ip_address.as_deref(), n.global_i_pv_6_address.as_deref()]),
+        ))
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool> {
