@@ -743,7 +743,9 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
 
     pub(crate) async fn announce_schedule(&self, agent: &Agent) -> Result<()> {
         if let Some(at) = agent.next_restart_at {
-            let delay = (at - agent.updated_at).whole_seconds().max(0);
+            // The wait as scheduled, not as left by now: a record written a moment after the
+            // schedule would otherwise read `restarting in 9s` for a 10 s wait.
+            let delay = self.config.reconcile.restart_backoff.delay(agent.crash_streak).as_secs();
             let detail = format!(
                 "restart policy {}: restarting in {delay}s (attempt {})",
                 agent.spec.restart, agent.crash_streak

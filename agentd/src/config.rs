@@ -372,6 +372,13 @@ pub fn figment_with(sources: &Sources, registry: &[&dyn BackendFactory]) -> Resu
     }
     figment = figment.merge(Toml::file(&sources.system)).merge(Toml::file(sources.user.clone().unwrap_or_default()));
     if let Some(path) = &sources.explicit {
+        if path.is_dir() {
+            return Err(ConfigError(vec![format!(
+                "--config {}: a directory, not a file (give the configuration file itself, such as {}/agentd.toml)",
+                path.display(),
+                path.display()
+            )]));
+        }
         if !path.is_file() {
             return Err(ConfigError(vec![format!(
                 "--config {}: no such file (leave --config out to use the default locations)",
@@ -379,6 +386,17 @@ pub fn figment_with(sources: &Sources, registry: &[&dyn BackendFactory]) -> Resu
             )]));
         }
         figment = figment.merge(Toml::file_exact(path));
+    }
+    // The legacy name and the current one may not disagree: which one wins would be a guess.
+    let legacy = std::env::var("AGENTD_SHUTDOWN_LEAVE_RUNNING").ok();
+    let current = std::env::var("AGENTD_SHUTDOWN__LEAVE_RUNNING").ok();
+    if let (Some(legacy), Some(current)) = (&legacy, &current) {
+        if legacy.trim() != current.trim() {
+            return Err(ConfigError(vec![format!(
+                "shutdown.leave_running: AGENTD_SHUTDOWN__LEAVE_RUNNING = {current:?} and the legacy \
+                 AGENTD_SHUTDOWN_LEAVE_RUNNING = {legacy:?} disagree; unset the legacy one"
+            )]));
+        }
     }
     let env = Env::prefixed("AGENTD_").ignore(NOT_CONFIG).map(|key| {
         // `AGENTD_SHUTDOWN_LEAVE_RUNNING` (one underscore) is accepted too, as a legacy name.
@@ -625,8 +643,13 @@ impl Config {
         for v in self.reconcile.check() {
             bad(&format!("reconcile.{}", v.field), v.value, &v.allowed);
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
-            bad("log.level", format!("{:?}", self.log.level), "a tracing filter such as info or agentd=debug,info");
+        if !log_filter_names_levels(&self.log.level) {
+            bad(
+                "log.level",
+                format!("{:?}", self.log.level),
+                "a level (trace, debug, info, warn, error, off) or a tracing filter whose every directive names one, \
+                 such as info or agentd=debug,info",
+            );
         }
         if problems.is_empty() {
             Ok(())
@@ -802,5 +825,36 @@ mod protected_paths_tests {
         config.store.path = Some("agentd.db".into());
         let paths = config.protected_paths("podman", None);
         assert!(paths.iter().all(|p| p.path.is_absolute() && !p.what.contains("socket")), "{paths:?}");
+    }
+}
+
+/// Whether `filter` is a tracing filter whose every directive names a level: a bare level
+/// (`info`) or `TARGET=LEVEL`. A bare word that is no level (`verbose`) parses as a target
+/// name and silences every other log line, so it is refused.
+pub fn log_filter_names_levels(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
+    filter.parse::<tracing_subscriber::EnvFilter>().is_ok()
+        && filter.split(',').map(str::trim).filter(|d| !d.is_empty()).all(|directive| {
+            match directive.rsplit_once('=') {
+                Some((_, level)) => is_level(level),
+                None => is_level(directive),
+            }
+        })
+        && filter.split(',').any(|d| !d.trim().is_empty())
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::log_filter_names_levels;
+
+    #[test]
+    fn every_directive_must_name_a_level() {
+        for ok in ["info", "INFO", "agentd=debug,info", "warn,agentd::lifecycle=trace", "off"] {
+            assert!(log_filter_names_levels(ok), "{ok}");
+        }
+        for bad in ["verbose", "agentd", "info,verbose", "agentd=loud", "", " , "] {
+            assert!(!log_filter_names_levels(bad), "{bad}");
+        }
     }
 }

@@ -24,10 +24,15 @@ use crate::listen::ConnLimits;
 pub fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .filter(|v| crate::config::log_filter_names_levels(v))
         .and_then(|v| v.parse::<tracing_subscriber::EnvFilter>().ok())
         .or_else(|| config.log.level.parse().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org): log
+    // files and journald get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour).with_writer(std::io::stderr);
     let outcome = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),

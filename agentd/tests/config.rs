@@ -185,6 +185,24 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             expect: vec!["/nonexistent/agentd.toml", "no such file"],
         },
         Case {
+            what: "--config naming a directory",
+            args: vec!["--config", path_str(&s.dir)],
+            env: vec![],
+            expect: vec![path_str(&s.dir), "a directory, not a file"],
+        },
+        Case {
+            what: "a log level that is no level (it would parse as a target and silence the daemon)",
+            args: vec![],
+            env: vec![("AGENTD_LOG__LEVEL", "verbose")],
+            expect: vec!["log.level = \"verbose\"", "AGENTD_LOG__LEVEL", "every directive names one"],
+        },
+        Case {
+            what: "the legacy leave-running variable disagreeing with the current one",
+            args: vec![],
+            env: vec![("AGENTD_SHUTDOWN__LEAVE_RUNNING", "true"), ("AGENTD_SHUTDOWN_LEAVE_RUNNING", "false")],
+            expect: vec!["AGENTD_SHUTDOWN__LEAVE_RUNNING", "AGENTD_SHUTDOWN_LEAVE_RUNNING", "disagree"],
+        },
+        Case {
             what: "a firewall command with arguments and no timeout",
             args: vec![],
             env: vec![
@@ -351,4 +369,47 @@ fn the_client_says_when_the_daemon_is_not_running() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("agentd is not running at http://127.0.0.1:9") && err.contains("agentd serve"), "{err}");
+}
+
+/// Pretty logs written to a pipe (a file, journald) carry no ANSI colour codes.
+#[test]
+fn pretty_logs_are_plain_text_off_a_terminal() {
+    let s = Scratch::new("colour");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let listen = format!("127.0.0.1:{port}");
+    let db = s.dir.join("colour.db");
+    let mut child = s
+        .command(
+            &["serve"],
+            &[
+                ("AGENTD_BACKEND", "mock"),
+                ("AGENTD_SERVER__LISTEN", &listen),
+                ("AGENTD_STORE__PATH", path_str(&db)),
+                ("AGENTD_LOG__FORMAT", "pretty"),
+            ],
+        )
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start agentd serve");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&text).contains("agentd is running.") {
+                let _ = tx.send(text.clone());
+            }
+        }
+    });
+    let text = rx.recv_timeout(Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&text.expect("agentd serve did not log that it runs within 30 s")).into_owned();
+    assert!(!text.contains('\u{1b}'), "ANSI escape codes in logs written to a pipe:\n{text:?}");
 }
