@@ -1944,8 +1944,15 @@ mod exhaustion {
             .join("; ")
     }
 
+    /// The median of `samples`.
+    fn median(samples: &[Duration]) -> Duration {
+        let mut sorted = samples.to_vec();
+        sorted.sort();
+        sorted[sorted.len() / 2]
+    }
+
     /// The 90th percentile of `samples` (one slow outlier in ten is let through: this host's
-    /// two cores are shared with the flood's own connects), and its maximum.
+    /// two cores are shared with the flood's own connects).
     fn p90(samples: &[Duration]) -> Duration {
         let mut sorted = samples.to_vec();
         sorted.sort();
@@ -1953,8 +1960,9 @@ mod exhaustion {
     }
 
     /// Each probe of the daemon (`/healthz`, the agent list, another agent's conversation,
-    /// a message to it accepted, an engine call) answered within [`ANSWER_WITHIN`] (90th
-    /// percentile) during every phase. The message's round trip through the other agent
+    /// a message to it accepted, an engine call) answered within [`ANSWER_WITHIN`] (median)
+    /// during every phase, and its 90th percentile at most that much over its own without
+    /// the flood. The message's round trip through the other agent
     /// (`message`: its answer read back) must complete, and is reported, not timed: it is
     /// the agent's and the engine log's latency (about 230 ms on Podman without any flood),
     /// and on a CI host shared with other tests it has measured 215 ms at the 90th
@@ -1969,11 +1977,22 @@ mod exhaustion {
                 if *probe == "message" {
                     continue;
                 }
-                let allowed = ANSWER_WITHIN;
+                // The typical answer within 100 ms, and the slow ones (90th percentile) at
+                // most 100 ms slower than the same probe's without the flood, measured just
+                // before in the same run: this host's two cores are shared with the flood's
+                // own connects and with the other tests.
+                let typical = median(took);
+                assert!(
+                    typical <= ANSWER_WITHIN,
+                    "{probe} took {typical:?} (median) during {what} ({phase}; limit {ANSWER_WITHIN:?}): {}",
+                    summary(samples)
+                );
+                let allowed = ANSWER_WITHIN + p90(&baseline[probe]);
                 let p = p90(took);
                 assert!(
                     p <= allowed,
-                    "{probe} took {p:?} (90th percentile) during {what} ({phase}; limit {allowed:?}): {}",
+                    "{probe} took {p:?} (90th percentile) during {what} ({phase}; limit {allowed:?}: 100 ms over \
+                     its 90th percentile without the flood): {}",
                     summary(samples)
                 );
             }
