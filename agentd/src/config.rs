@@ -2,6 +2,7 @@
 //! and where it came from, and `config show`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,7 +83,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The SQLite file; default `$XDG_DATA_HOME/agentd/agentd.db`.
+    /// The SQLite file; default `$XDG_DATA_HOME/agentd/agentd.db`, as root without
+    /// `XDG_DATA_HOME` `/var/lib/agentd/agentd.db`, else `~/.local/share/agentd/agentd.db`.
     pub path: Option<PathBuf>,
     /// Lifecycle events older than this many days are deleted; 0 keeps them forever.
     pub events_retention_days: u64,
@@ -667,17 +669,18 @@ impl Config {
         })
     }
 
-    /// The database file.
+    /// The database file: `store.path`, else `$XDG_DATA_HOME/agentd/agentd.db`, else (run
+    /// as root: a system daemon) `/var/lib/agentd/agentd.db`, else
+    /// `$HOME/.local/share/agentd/agentd.db`.
     pub fn store_path(&self) -> PathBuf {
         if let Some(path) = &self.store.path {
             return path.clone();
         }
-        std::env::var_os("XDG_DATA_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-            .map(|dir| dir.join("agentd/agentd.db"))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/agentd/agentd.db"))
+        default_store_path(
+            rustix::process::geteuid().is_root(),
+            std::env::var_os("XDG_DATA_HOME"),
+            std::env::var_os("HOME"),
+        )
     }
 
     /// The host paths no agent may be given besides the system trees (see
@@ -799,6 +802,21 @@ pub fn describe(path: Option<&Path>) -> String {
     path.map_or_else(|| "the default locations".to_owned(), |p| p.display().to_string())
 }
 
+/// The default database file (see [`Config::store_path`]), from whether the daemon runs as
+/// root and the values of `XDG_DATA_HOME` and `HOME`.
+pub fn default_store_path(root: bool, xdg_data_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    const SYSTEM: &str = "/var/lib/agentd/agentd.db";
+    if let Some(dir) = xdg_data_home.filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("agentd/agentd.db");
+    }
+    if root {
+        return PathBuf::from(SYSTEM);
+    }
+    home.filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".local/share/agentd/agentd.db"))
+        .unwrap_or_else(|| PathBuf::from(SYSTEM))
+}
+
 #[cfg(test)]
 mod protected_paths_tests {
     use super::*;
@@ -856,5 +874,30 @@ mod log_filter_tests {
         for bad in ["verbose", "agentd", "info,verbose", "agentd=loud", "", " , "] {
             assert!(!log_filter_names_levels(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod store_path_tests {
+    use super::default_store_path;
+    use std::path::PathBuf;
+
+    #[test]
+    fn a_root_daemon_without_xdg_data_home_stores_in_var_lib() {
+        let home = Some("/root".into());
+        assert_eq!(default_store_path(true, None, home.clone()), PathBuf::from("/var/lib/agentd/agentd.db"));
+        assert_eq!(default_store_path(true, Some("".into()), home), PathBuf::from("/var/lib/agentd/agentd.db"));
+        assert_eq!(
+            default_store_path(true, Some("/srv/data".into()), None),
+            PathBuf::from("/srv/data/agentd/agentd.db")
+        );
+        assert_eq!(
+            default_store_path(false, None, Some("/home/u".into())),
+            PathBuf::from("/home/u/.local/share/agentd/agentd.db")
+        );
+        assert_eq!(
+            default_store_path(false, Some("/x".into()), Some("/home/u".into())),
+            PathBuf::from("/x/agentd/agentd.db")
+        );
     }
 }

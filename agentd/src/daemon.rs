@@ -307,7 +307,10 @@ pub async fn serve(config: Config) -> Result<()> {
         warn!(error = %e, "Cannot raise the open-file limit (RLIMIT_NOFILE); running with the one inherited.");
     }
     let path = config.store_path();
+    // Held until the daemon ends: a second daemon on this database fails here.
+    let _lock = crate::storefs::prepare(&path)?;
     let store = Store::open(&path).await.with_context(|| format!("opening the database {}", path.display()))?;
+    crate::storefs::tighten_files(&path)?;
     let instance = match &config.instance_id {
         Some(id) => id.clone(),
         None => store.instance_id().await.context("reading the instance id")?,

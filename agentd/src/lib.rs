@@ -17,3 +17,4 @@ pub mod firewall;
 pub mod gateway;
 pub mod listen;
 pub mod metrics;
+pub mod storefs;

@@ -256,7 +256,7 @@ impl Drop for Setup {
         }
         // The daemon's host firewall rules, which a killed or leave-running daemon keeps.
         remove_rules_tagged(&format!("agentd:{}", self.instance));
-        for suffix in ["", "-wal", "-shm", ".log"] {
+        for suffix in ["", "-wal", "-shm", ".lock", ".log"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }
         if let Some(data) = self.db.parent() {
