@@ -361,6 +361,9 @@ fn the_real_binary_runs_the_backend_the_configuration_names_from_the_registry() 
     assert!(answer.0.contains("200"), "{answer:?}");
     assert_eq!(health["backend"], "mock", "{health}");
     assert_eq!(health["instance"], "k-b-registry", "{health}");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["engine"]["state"], "ok", "{health}");
+    assert_eq!(health["supervisor"]["state"], "running", "{health}");
 }
 
 #[test]
