@@ -450,14 +450,22 @@ impl ReconcileConfig {
     /// `[reconcile]`.
     pub fn check(&self) -> Vec<Violation> {
         let mut out = Vec::new();
-        if self.interval.is_zero() {
-            out.push(Violation::new("interval_secs", "0", "at least 1 (seconds)"));
-        }
         let b = &self.restart_backoff;
-        if b.initial.is_zero() {
-            out.push(Violation::new("restart_backoff.initial_secs", "0", "at least 1 (seconds)"));
+        // Every duration is bounded, so that no deadline computed from one (an `Instant`,
+        // an `OffsetDateTime`) can overflow.
+        for (field, value, min, max) in [
+            ("interval_secs", self.interval, 1, MAX_RECONCILE_SECS),
+            ("orphan_grace_secs", self.orphan_grace, 0, MAX_GRACE_SECS),
+            ("unhealthy_grace_secs", self.unhealthy_grace, 0, MAX_RECONCILE_SECS),
+            ("restart_backoff.initial_secs", b.initial, 1, MAX_RECONCILE_SECS),
+            ("restart_backoff.max_secs", b.max, 1, MAX_RECONCILE_SECS),
+            ("restart_backoff.reset_after_secs", b.reset_after, 0, MAX_GRACE_SECS),
+        ] {
+            if !(min..=max).contains(&value.as_secs()) {
+                out.push(Violation::new(field, value.as_secs().to_string(), format!("{min} to {max} (seconds)")));
+            }
         }
-        if b.max < b.initial {
+        if b.max < b.initial && b.max.as_secs() >= 1 && b.initial.as_secs() <= MAX_RECONCILE_SECS {
             out.push(Violation::new(
                 "restart_backoff.max_secs",
                 b.max.as_secs().to_string(),
@@ -467,6 +475,13 @@ impl ReconcileConfig {
         out
     }
 }
+
+/// The longest `reconcile.interval_secs`, `unhealthy_grace_secs` and restart back-off
+/// wait: a day.
+pub const MAX_RECONCILE_SECS: u64 = 86_400;
+/// The longest `reconcile.orphan_grace_secs` and `restart_backoff.reset_after_secs`: 30
+/// days.
+pub const MAX_GRACE_SECS: u64 = 30 * 86_400;
 
 /// Everything the manager needs to know besides its backend and store: the daemon's
 /// `[agents]` and `[reconcile]` sections.

@@ -16,6 +16,7 @@ mod config;
 pub mod conversation;
 pub mod egress;
 mod error;
+mod health;
 mod locks;
 mod manager;
 mod metrics;
@@ -38,6 +39,7 @@ pub use config::{
 pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, LiveEntry, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
+pub use health::{EngineState, Health, HealthStatus, SupervisorState};
 pub use manager::{AgentManager, ShutdownSummary};
 pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
 pub use model::{

@@ -151,6 +151,8 @@ pub struct AgentManager<B: ExecutionBackend + ?Sized> {
     pub(crate) shutting_down: AtomicBool,
     /// Which agent a peer address is (`agent_for_peer`).
     peers: crate::peers::PeerCache,
+    /// The engine's and the supervisor's health ([`AgentManager::health`]).
+    pub(crate) health: crate::health::HealthRecord,
 }
 
 impl<B: ExecutionBackend + ?Sized + 'static> std::fmt::Debug for AgentManager<B> {
@@ -170,6 +172,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// A manager of `backend`'s sessions, recording in `store`.
     pub fn new(backend: Arc<B>, store: Store, config: ManagerConfig) -> Self {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let health = crate::health::HealthRecord::new(clock.now());
         let lifecycle = Lifecycle { store: store.clone(), events: broadcast::channel(1024).0, clock: clock.clone() };
         let (restart_tx, restart_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
@@ -194,7 +197,14 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             restart_rx: Mutex::new(Some(restart_rx)),
             shutting_down: AtomicBool::new(false),
             peers: crate::peers::PeerCache::default(),
+            health,
         }
+    }
+
+    /// The daemon's health now: the engine's state, the supervisor's last full pass, and
+    /// the verdict (see [`crate::Health`]).
+    pub fn health(&self) -> crate::Health {
+        self.health.snapshot(self.now(), self.config.reconcile.interval)
     }
 
     /// Replaces the clock (tests use [`crate::ManualClock`]).

@@ -119,6 +119,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     fn record_pass(&self, outcome: &Result<ReconcileReport>, started: Instant) {
         match outcome {
             Ok(report) => {
+                self.health.pass_succeeded(self.now());
                 Metrics::add(&self.metrics.reconcile_passes);
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.metrics.last_pass_micros.store(micros, std::sync::atomic::Ordering::Relaxed);
@@ -134,6 +135,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
                 Metrics::add(&self.metrics.reconcile_failures);
                 if e.is_engine_unavailable() {
                     Metrics::add(&self.metrics.engine_errors);
+                    self.health.engine_failed(self.now(), e.to_string());
                 }
                 warn!(error = %e, "Reconcile pass failed; nothing was changed and it will be retried.");
             }

@@ -80,6 +80,8 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// the loop stops, those in flight run to their end (shutdown waits for them). Stored
     /// events older than the retention are pruned at start and hourly.
     pub async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        // Marks the loop dead for `health` when it returns or panics.
+        let _supervising = crate::health::Supervising::start(&self.health);
         let interval = self.config.reconcile.interval;
         let mut events: Option<EventReceiver> = None;
         let mut subscribe_at = Some(Instant::now());

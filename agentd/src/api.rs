@@ -626,13 +626,47 @@ async fn event_stream(
     Ok(Sse::new(stream.map(Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
+/// The daemon's health, from memory (no engine call): `200` only when `status` is `ok`,
+/// `503` when `degraded` or `failing`.
+async fn healthz(State(app): State<AppState>) -> Response {
+    use agent_manager::{EngineState, HealthStatus, SupervisorState};
+    let h = app.manager.health();
+    let rfc3339 = |at: time::OffsetDateTime| at.format(&time::format_description::well_known::Rfc3339).ok();
+    let status = match h.status {
+        HealthStatus::Ok => "ok",
+        HealthStatus::Degraded => "degraded",
+        HealthStatus::Failing => "failing",
+    };
+    let engine = match h.engine {
+        EngineState::Ok => "ok",
+        EngineState::Unavailable => "unavailable",
+    };
+    let supervisor = match h.supervisor {
+        SupervisorState::Starting => "starting",
+        SupervisorState::Running => "running",
+        SupervisorState::Stale => "stale",
+        SupervisorState::Dead => "dead",
+    };
+    let body = serde_json::json!({
+        "status": status,
         "backend": app.manager.backend().name(),
         "instance": app.instance,
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+        "engine": {
+            "state": engine,
+            "since": rfc3339(h.engine_since),
+            "last_error": h.last_engine_error.as_ref().map(|(_, e)| e),
+            "last_error_at": h.last_engine_error.as_ref().and_then(|(at, _)| rfc3339(*at)),
+        },
+        "supervisor": {
+            "state": supervisor,
+            "last_pass_at": h.last_pass_at.and_then(rfc3339),
+            "last_pass_age_secs": h.last_pass_age.map(|age| age.as_secs()),
+            "stale_after_secs": h.stale_after.as_secs(),
+        },
+    });
+    let code = if h.status == HealthStatus::Ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
 }
 
 /// Counted from memory: a scrape costs no database query, however many agents there are.

@@ -717,3 +717,61 @@ async fn a_spawn_takes_its_egress_allow_list_and_refuses_a_bad_entry() {
     );
     d.stop().await;
 }
+
+// J: /healthz tells the truth.
+
+async fn wait_health(d: &TestDaemon, what: &str, done: impl Fn(StatusCode, &Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, health) = d.call(reqwest::Method::GET, "/healthz", None).await;
+        if done(status, &health) {
+            return health;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/healthz never showed {what}; last: {status} {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `/healthz` reports the engine's and the supervisor's state: `200` and `ok` while the
+/// engine answers and passes are recent; `503` and `degraded` during an engine outage, with
+/// the error and since when; `ok` again once the engine answers.
+#[tokio::test]
+async fn healthz_reports_the_engine_and_the_supervisor_and_fails_during_an_outage() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = down.clone();
+    let d = TestDaemon::start_with(None, move |config, engine| {
+        config.reconcile.interval = Duration::from_secs(1);
+        engine.fail_next_matching(u32::MAX, move |call| {
+            matches!(call, backend_mock::MockCall::Snapshot) && flag.load(std::sync::atomic::Ordering::SeqCst)
+        });
+    })
+    .await;
+    let health = wait_health(&d, "ok", |status, h| status == StatusCode::OK && h["status"] == "ok").await;
+    assert_eq!(health["engine"]["state"], "ok", "{health}");
+    assert!(health["engine"]["last_error"].is_null(), "{health}");
+    assert_eq!(health["supervisor"]["state"], "running", "{health}");
+    assert!(health["supervisor"]["last_pass_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{health}");
+    assert!(health["supervisor"]["last_pass_age_secs"].as_u64().is_some_and(|age| age <= 2), "{health}");
+    assert_eq!(health["supervisor"]["stale_after_secs"], 32, "{health}");
+
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let health = wait_health(&d, "an unavailable engine", |status, h| {
+        status == StatusCode::SERVICE_UNAVAILABLE && h["engine"]["state"] == "unavailable"
+    })
+    .await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["engine"]["last_error"].as_str().is_some_and(|e| e.contains("scripted failure")),
+        "the engine's error is shown: {health}"
+    );
+    assert!(health["engine"]["since"].as_str().is_some(), "{health}");
+
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let health = wait_health(&d, "recovery", |status, h| status == StatusCode::OK && h["status"] == "ok").await;
+    assert_eq!(health["engine"]["state"], "ok", "{health}");
+    assert!(
+        health["engine"]["last_error"].as_str().is_some_and(|e| e.contains("scripted failure")),
+        "the last error stays shown: {health}"
+    );
+    d.stop().await;
+}

@@ -170,7 +170,7 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             what: "impossible value in the environment",
             args: vec![],
             env: vec![("AGENTD_RECONCILE__INTERVAL_SECS", "0")],
-            expect: vec!["reconcile.interval_secs = 0", "AGENTD_RECONCILE__INTERVAL_SECS", "at least 1"],
+            expect: vec!["reconcile.interval_secs = 0", "AGENTD_RECONCILE__INTERVAL_SECS", "1 to 86400"],
         },
         Case {
             what: "a bad egress allow-list entry",
@@ -343,7 +343,8 @@ fn the_real_binary_runs_the_backend_the_configuration_names_from_the_registry() 
         .expect("start agentd serve");
     let deadline = Instant::now() + Duration::from_secs(30);
     let answer = loop {
-        if let Some(answer) = get(port, "/healthz") {
+        // `503` (`starting`) until the supervisor's first pass, which comes at once.
+        if let Some(answer) = get(port, "/healthz").filter(|a| a.0.contains("200")) {
             break answer;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -351,7 +352,7 @@ fn the_real_binary_runs_the_backend_the_configuration_names_from_the_registry() 
             let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
             panic!("agentd serve exited with {status} before answering:\n{err}");
         }
-        assert!(Instant::now() < deadline, "agentd serve did not answer /healthz within 30 s");
+        assert!(Instant::now() < deadline, "agentd serve did not answer /healthz with 200 within 30 s");
         std::thread::sleep(Duration::from_millis(50));
     };
     let _ = child.kill();
@@ -360,6 +361,9 @@ fn the_real_binary_runs_the_backend_the_configuration_names_from_the_registry() 
     assert!(answer.0.contains("200"), "{answer:?}");
     assert_eq!(health["backend"], "mock", "{health}");
     assert_eq!(health["instance"], "k-b-registry", "{health}");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["engine"]["state"], "ok", "{health}");
+    assert_eq!(health["supervisor"]["state"], "running", "{health}");
 }
 
 #[test]
@@ -412,4 +416,41 @@ fn pretty_logs_are_plain_text_off_a_terminal() {
     let _ = child.wait();
     let text = String::from_utf8_lossy(&text.expect("agentd serve did not log that it runs within 30 s")).into_owned();
     assert!(!text.contains('\u{1b}'), "ANSI escape codes in logs written to a pipe:\n{text:?}");
+}
+
+/// No duration that passes `config check` can overflow a deadline: each is bounded, and a
+/// value past the bound is refused naming the key and the range (it used to pass, then
+/// panicked the supervisor with "overflow when adding duration to instant").
+#[test]
+fn every_duration_is_bounded() {
+    let s = Scratch::new("durations");
+    let huge = "9223372036854775807";
+    let keys = [
+        ("reconcile.interval_secs", "1 to 86400"),
+        ("reconcile.orphan_grace_secs", "0 to 2592000"),
+        ("reconcile.unhealthy_grace_secs", "0 to 86400"),
+        ("reconcile.restart_backoff.initial_secs", "1 to 86400"),
+        ("reconcile.restart_backoff.max_secs", "1 to 86400"),
+        ("reconcile.restart_backoff.reset_after_secs", "0 to 2592000"),
+        ("agents.stop_grace_secs", "at most 3600"),
+        ("agents.approval_timeout_secs", "1 to 86400"),
+        ("agents.turn_idle_timeout_secs", "1 to 86400"),
+        ("agents.interrupt_grace_secs", "1 to 86400"),
+    ];
+    for (key, range) in keys {
+        let var = format!("AGENTD_{}", key.to_uppercase().replace('.', "__"));
+        let out = s.agentd(&["config", "check"], &[(&var, huge)]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{key} = {huge} must be refused; stderr: {err}");
+        assert!(err.contains(&format!("{key} = {huge}")), "names {key}: {err}");
+        assert!(err.contains(range), "{key} gives the range {range:?}: {err}");
+    }
+    // The maxima themselves pass.
+    let file = s.write(
+        "max.toml",
+        "[reconcile]\ninterval_secs = 86400\norphan_grace_secs = 2592000\nunhealthy_grace_secs = 86400\n\
+         [reconcile.restart_backoff]\ninitial_secs = 86400\nmax_secs = 86400\nreset_after_secs = 2592000\n",
+    );
+    let out = s.agentd(&["--config", file.to_str().expect("utf-8"), "config", "check"], &[]);
+    assert!(out.status.success(), "the maxima pass: {}", stderr(&out));
 }
