@@ -667,8 +667,16 @@ async fn isolated_agents_are_refused_when_the_firewall_cannot_be_installed() {
         engine.set_isolated_network(Some(mock_isolated_network()));
     })
     .await;
-    let (status, health) = daemon.call(reqwest::Method::GET, "/healthz", None).await;
-    assert_eq!(status, StatusCode::OK, "the daemon serves: {health}");
+    // The daemon serves: healthy once its first pass ran.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, health) = daemon.call(reqwest::Method::GET, "/healthz", None).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the daemon never became healthy: {status} {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let claude = json!({ "name": "coder", "kind": "claude-code", "image": backend_mock::ECHO_IMAGE });
     let (status, body) = daemon.call(reqwest::Method::POST, "/v1/agents", Some(claude)).await;
