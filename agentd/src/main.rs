@@ -46,6 +46,7 @@ enum Command {
     },
     /// Show agents with their runs, as JSON (an object for one name, an array for several).
     Inspect {
+        /// Agent names (or ids), handled one after the other.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
@@ -61,6 +62,7 @@ enum Command {
     },
     /// Stop agents (their records and exits stay).
     Stop {
+        /// Agent names (or ids), handled one after the other.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
         /// Seconds between SIGTERM and SIGKILL, 0 to 3600 [default: the agent's grace, agents.stop_grace_secs].
@@ -70,11 +72,13 @@ enum Command {
     },
     /// Restart agents.
     Restart {
+        /// Agent names (or ids), handled one after the other.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
     /// Remove agents and their containers; a running one only with --force.
     Rm {
+        /// Agent names (or ids), handled one after the other.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
         /// Stop a running agent first instead of refusing to remove it.
