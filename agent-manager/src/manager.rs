@@ -839,17 +839,28 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// records the run's exit, and marks the agent stopped. The container stays, with its
     /// logs, until the agent is restarted or removed.
     pub async fn stop(&self, id_or_name: &str) -> Result<AgentView> {
+        self.stop_with_grace(id_or_name, None).await
+    }
+
+    /// [`Self::stop`], with `grace` (when given) instead of the agent's own grace period
+    /// between SIGTERM and SIGKILL, for this stop only.
+    pub async fn stop_with_grace(&self, id_or_name: &str, grace: Option<Duration>) -> Result<AgentView> {
         let _op = self.ops.read().await;
         let (_guard, mut agent) = self.find_locked(id_or_name).await?;
         agent.desired = Desired::Stopped;
         agent.next_restart_at = None;
-        self.stop_locked(&mut agent, EndedBy::Stop).await?;
+        self.stop_locked_with(&mut agent, EndedBy::Stop, grace).await?;
         self.view(agent).await
     }
 
     /// Stops a live agent's run on purpose and records it stopped; an agent that is not
     /// live only has its fields saved.
     pub(crate) async fn stop_locked(&self, agent: &mut Agent, ended_by: EndedBy) -> Result<()> {
+        self.stop_locked_with(agent, ended_by, None).await
+    }
+
+    /// [`Self::stop_locked`], with `grace` overriding the agent's grace period.
+    async fn stop_locked_with(&self, agent: &mut Agent, ended_by: EndedBy, grace: Option<Duration>) -> Result<()> {
         if !matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
             agent.updated_at = self.now();
             self.store.update_agent(agent).await?;
@@ -858,7 +869,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         // Persist the intent first: if the daemon dies mid-stop, the next pass still
         // reads the exit as on purpose.
         self.store.update_agent(agent).await?;
-        let exit = self.end_run(agent).await?;
+        let exit = self.end_run(agent, grace).await?;
         agent.reason = Some(match ended_by {
             EndedBy::Shutdown => "stopped by daemon shutdown".to_owned(),
             _ => "stopped on request".to_owned(),
@@ -868,10 +879,10 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.transition(agent, AgentStatus::Stopped, EventKind::Stopped, detail, Some((&exit, ended_by))).await
     }
 
-    /// Stops the agent's container and reads how it ended; a missing container is an
-    /// exit with an error saying so.
-    async fn end_run(&self, agent: &Agent) -> Result<SessionExitInfo> {
-        let grace = Duration::from_secs(agent.spec.stop_grace_secs);
+    /// Stops the agent's container (with `grace`, or the agent's own grace period) and
+    /// reads how it ended; a missing container is an exit with an error saying so.
+    async fn end_run(&self, agent: &Agent, grace: Option<Duration>) -> Result<SessionExitInfo> {
+        let grace = grace.unwrap_or_else(|| Duration::from_secs(agent.spec.stop_grace_secs));
         match self.backend.stop_session(&agent.session, grace).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {
@@ -910,7 +921,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
     /// one the manager decided), which is what it reads if the new run cannot be created.
     pub(crate) async fn restart_locked(&self, agent: &mut Agent, why: &str, between: AgentStatus) -> Result<()> {
         if matches!(agent.status, AgentStatus::Running | AgentStatus::Pending) {
-            let exit = self.end_run(agent).await?;
+            let exit = self.end_run(agent, None).await?;
             agent.reason = Some(why.to_owned());
             agent.health = SessionHealth::Unknown;
             let detail = format!("{why}; {}", exit.summary());

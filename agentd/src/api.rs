@@ -297,8 +297,31 @@ async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(agent_json(view)))
 }
 
-async fn stop(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
-    let view = app.manager.stop(&id).await?;
+/// `POST /v1/agents/{id}/stop` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopQuery {
+    /// Seconds between SIGTERM and SIGKILL for this stop, 0 to 3600, instead of the
+    /// agent's own grace period (`agents.stop_grace_secs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_secs: Option<u64>,
+}
+
+async fn stop(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<StopQuery>,
+) -> Result<Json<AgentJson>, ApiError> {
+    let grace = match query.grace_secs {
+        Some(secs) if secs > agent_manager::MAX_STOP_GRACE_SECS => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("grace_secs: {secs} is out of range: give 0 to {} seconds", agent_manager::MAX_STOP_GRACE_SECS),
+            ))
+        }
+        secs => secs.map(Duration::from_secs),
+    };
+    let view = app.manager.stop_with_grace(&id, grace).await?;
     Ok(Json(agent_json(view)))
 }
 

@@ -18,6 +18,8 @@ use crate::api::{AgentJson, EventJson};
 pub struct Client {
     base: String,
     token: Option<String>,
+    /// Said with a 401: why the configured token may be missing.
+    auth_hint: Option<String>,
     http: reqwest::Client,
 }
 
@@ -29,7 +31,14 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, auth_hint: None, http })
+    }
+
+    /// The client, with a reason the configured token may be missing (a configuration
+    /// that could not be loaded), told with every 401.
+    pub fn with_auth_hint(mut self, hint: Option<String>) -> Self {
+        self.auth_hint = hint;
+        self
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -62,7 +71,10 @@ impl Client {
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or(body);
         if status == StatusCode::UNAUTHORIZED {
-            bail!("{message} (set --token or AGENTD_TOKEN)");
+            match &self.auth_hint {
+                Some(hint) => bail!("{message} (set --token or AGENTD_TOKEN; {hint})"),
+                None => bail!("{message} (set --token or AGENTD_TOKEN)"),
+            }
         }
         bail!("{message} (HTTP {})", status.as_u16())
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_manager::{Approval, ConversationEntry, Decision, Direction, NewAgent, Run};
+use agent_manager::{AgentStatus, Approval, ConversationEntry, Decision, Direction, NewAgent, Run};
 use agentd::api::{self, AgentJson, EventJson};
 use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
@@ -44,8 +44,12 @@ enum Command {
         #[arg(long)]
         status: Option<String>,
     },
-    /// Show an agent with its runs, as JSON.
-    Inspect { name: String },
+    /// Show agents with their runs, as JSON (an object for one name, an array for several).
+    Inspect {
+        /// Agent names (or ids), handled one after the other.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
     /// Print an agent's container output.
     Logs {
         name: String,
@@ -56,12 +60,31 @@ enum Command {
         #[arg(long)]
         tail: Option<usize>,
     },
-    /// Stop an agent (its record and exit stay).
-    Stop { name: String },
-    /// Restart an agent.
-    Restart { name: String },
-    /// Stop and remove an agent and its container.
-    Rm { name: String },
+    /// Stop agents (their records and exits stay).
+    Stop {
+        /// Agent names (or ids), handled one after the other.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Seconds between SIGTERM and SIGKILL, 0 to 3600 [default: the agent's grace, agents.stop_grace_secs].
+        #[arg(short = 't', long = "time", visible_alias = "timeout", value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(0..=3600))]
+        time: Option<u64>,
+    },
+    /// Restart agents.
+    Restart {
+        /// Agent names (or ids), handled one after the other.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Remove agents and their containers; a running one only with --force.
+    Rm {
+        /// Agent names (or ids), handled one after the other.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Stop a running agent first instead of refusing to remove it.
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Print lifecycle events.
     Events {
         /// Keep printing new events.
@@ -264,6 +287,53 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// The configuration files the client read (or was told to read), for a warning.
+fn config_files(sources: &Sources) -> String {
+    let mut files: Vec<String> = [Some(&sources.system), sources.user.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.exists())
+        .chain(sources.explicit.as_ref())
+        .map(|p| p.display().to_string())
+        .collect();
+    files.push("AGENTD_* variables".to_owned());
+    files.join(", ")
+}
+
+/// What [`for_each_name`] did: the values of the names that succeeded, and an error if
+/// any failed.
+struct Outcome<T> {
+    done: Vec<T>,
+    result: Result<()>,
+}
+
+/// Runs `each` for every name in turn, as docker does: one that fails is reported on
+/// stderr with its name and the others still run. The result is that one name's error
+/// when there is only one, and an error counting the failures (exit 1) when there are
+/// several.
+async fn for_each_name<T, F, Fut>(names: &[String], done_what: &str, mut each: F) -> Outcome<T>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut outcome = Outcome { done: Vec::new(), result: Ok(()) };
+    let mut failed = 0;
+    for name in names {
+        match each(name.clone()).await {
+            Ok(value) => outcome.done.push(value),
+            Err(e) if names.len() == 1 => outcome.result = Err(e),
+            Err(e) => {
+                eprintln!("agentd: {name}: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        outcome.result = Err(anyhow::anyhow!("{failed} of {} agents could not be {done_what}", names.len()));
+    }
+    outcome
+}
+
 /// A command-line value for one of the API's enumerations (`--network isolated`), read
 /// as the API reads it.
 fn choice<T: serde::de::DeserializeOwned>(flag: &str, value: Option<String>) -> Result<Option<T>> {
@@ -272,14 +342,36 @@ fn choice<T: serde::de::DeserializeOwned>(flag: &str, value: Option<String>) -> 
 
 async fn client_command(url: Option<String>, token: Option<String>, sources: &Sources, command: Command) -> Result<()> {
     // The client reads the configuration only for the address and token; a broken file
-    // must not stop it from talking to a daemon named on the command line.
-    let config = config::load(sources).ok();
+    // must not stop it from talking to a daemon named on the command line, but it is
+    // said, since its token is then not sent.
+    let mut auth_hint = None;
+    let config = match config::load(sources) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            let files = config_files(sources);
+            eprint!(
+                "agentd: warning: the configuration ({files}) could not be loaded, so its server.listen and \
+                 server.token are not used: {e}"
+            );
+            auth_hint =
+                Some(format!("the configuration ({files}) could not be loaded, so its server.token was not used"));
+            None
+        }
+    };
+    if let Some(c) = config.as_ref().filter(|c| token.is_none() && c.server.token.is_none()) {
+        if let Some(path) = &c.server.token_file {
+            if let Err(e) = std::fs::read_to_string(path) {
+                eprintln!("agentd: warning: cannot read server.token_file {}: {e}; no token is sent", path.display());
+                auth_hint = Some(format!("server.token_file {} could not be read: {e}", path.display()));
+            }
+        }
+    }
     let url = url.unwrap_or_else(|| {
         let listen = config.as_ref().map_or_else(|| "127.0.0.1:7006".to_owned(), |c| c.server.listen.to_string());
         format!("http://{listen}")
     });
     let token = token.or_else(|| config.as_ref().and_then(|c| c.token()));
-    let client = Client::new(&url, token)?;
+    let client = Client::new(&url, token)?.with_auth_hint(auth_hint);
     let agent_path = |name: &str| format!("/v1/agents/{}", client::encode(name));
     match command {
         Command::Spawn(args) => {
@@ -326,11 +418,25 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 print!("{}", client::agents_table(&agents));
             }
         }
-        Command::Inspect { name } => {
-            let agent: AgentJson = client.get(&agent_path(&name)).await?;
-            let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
-            let inspect = client::AgentWithRuns { agent, runs };
-            println!("{}", serde_json::to_string_pretty(&client::printable(&inspect)?)?);
+        Command::Inspect { names } => {
+            let mut found = Vec::new();
+            let outcome = for_each_name(&names, "inspected", |name| {
+                let client = &client;
+                async move {
+                    let agent: AgentJson = client.get(&agent_path(&name)).await?;
+                    let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
+                    client::printable(&client::AgentWithRuns { agent, runs })
+                }
+            })
+            .await;
+            for value in outcome.done {
+                found.push(value);
+            }
+            let printed = if names.len() == 1 { found.pop().unwrap_or(Value::Null) } else { Value::Array(found) };
+            if names.len() > 1 || !printed.is_null() {
+                println!("{}", serde_json::to_string_pretty(&printed)?);
+            }
+            outcome.result?;
         }
         Command::Logs { name, follow, tail } => {
             let text = client.get_text(&format!("{}/logs", agent_path(&name)), &api::LogsQuery { tail }).await?;
@@ -346,17 +452,56 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 }
             }
         }
-        Command::Stop { name } => {
-            let agent: AgentJson = client.call(Method::POST, &format!("{}/stop", agent_path(&name))).await?;
-            println!("{} {} (exit {})", name, agent.status, client::exit_column(agent.exit.as_ref()));
+        Command::Stop { names, time } => {
+            // The API's `StopQuery`.
+            let query = time.map_or_else(String::new, |secs| format!("?grace_secs={secs}"));
+            for_each_name(&names, "stopped", |name| {
+                let (client, query) = (&client, &query);
+                async move {
+                    let path = format!("{}/stop{query}", agent_path(&name));
+                    let agent: AgentJson = client.call(Method::POST, &path).await?;
+                    println!("{} {} (exit {})", name, agent.status, client::exit_column(agent.exit.as_ref()));
+                    Ok(())
+                }
+            })
+            .await
+            .result?;
         }
-        Command::Restart { name } => {
-            let agent: AgentJson = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
-            println!("{} {} (restarts {})", name, agent.status, agent.restarts);
+        Command::Restart { names } => {
+            for_each_name(&names, "restarted", |name| {
+                let client = &client;
+                async move {
+                    let agent: AgentJson = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
+                    println!("{} {} (restarts {})", name, agent.status, agent.restarts);
+                    Ok(())
+                }
+            })
+            .await
+            .result?;
         }
-        Command::Rm { name } => {
-            client.call::<()>(Method::DELETE, &agent_path(&name)).await?;
-            println!("{name} removed");
+        Command::Rm { names, force } => {
+            for_each_name(&names, "removed", |name| {
+                let client = &client;
+                async move {
+                    if !force {
+                        // Checked here, by the client: the API's DELETE stops a live agent.
+                        let agent: AgentJson = client.get(&agent_path(&name)).await?;
+                        let live = matches!(agent.status, AgentStatus::Running | AgentStatus::Pending);
+                        if live || agent.next_restart_at.is_some() {
+                            let what = if live { agent.status.to_string() } else { "about to restart".to_owned() };
+                            bail!(
+                                "agent {name} is {what}: stop it first (`agentd stop {name}`), or remove it anyway \
+                                 with `agentd rm -f {name}`"
+                            );
+                        }
+                    }
+                    client.call::<()>(Method::DELETE, &agent_path(&name)).await?;
+                    println!("{name} removed");
+                    Ok(())
+                }
+            })
+            .await
+            .result?;
         }
         Command::Events { follow, agent } => {
             // Subscribe before listing, so no event falls between the two.

@@ -783,3 +783,136 @@ async fn healthz_reports_the_engine_and_the_supervisor_and_fails_during_an_outag
     );
     d.stop().await;
 }
+
+// ---- The CLI's verbs and its configuration (issue J, items 11 and 3) ----
+
+/// Runs the client binary against `base` with `xdg` as its configuration home and no
+/// AGENTD_* variables but AGENTD_URL.
+async fn agentd_cli(base: &str, xdg: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"));
+    cmd.args(args).env("XDG_CONFIG_HOME", xdg);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AGENTD_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("AGENTD_URL", base);
+    tokio::task::spawn_blocking(move || cmd.output()).await.expect("join").expect("run agentd")
+}
+
+fn no_config() -> std::path::PathBuf {
+    std::env::temp_dir().join("agentd-api-test-no-config")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn status_of(d: &TestDaemon, name: &str) -> Value {
+    let (status, agent) = d.call(reqwest::Method::GET, &format!("/v1/agents/{name}"), None).await;
+    if status == StatusCode::NOT_FOUND {
+        return Value::Null;
+    }
+    agent["status"].clone()
+}
+
+/// `stop`, `restart`, `inspect` and `rm` take several names: each is handled, a name
+/// that fails is reported with its name and the others still go ahead, and the exit is 1
+/// if any failed. `rm` refuses a running agent unless `-f`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_verb_takes_several_names_and_rm_refuses_a_running_agent_without_force() {
+    let d = TestDaemon::start(None).await;
+    d.spawn("multi-a").await;
+    d.spawn("multi-b").await;
+    let xdg = no_config();
+
+    let out = agentd_cli(&d.base, &xdg, &["stop", "multi-a", "multi-nope", "multi-b"]).await;
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(stdout.contains("multi-a stopped") && stdout.contains("multi-b stopped"), "{stdout}");
+    assert!(
+        stderr.contains("agentd: multi-nope: ") && stderr.contains("1 of 3 agents could not be stopped"),
+        "{stderr}"
+    );
+    assert_eq!(status_of(&d, "multi-a").await, "stopped");
+    assert_eq!(status_of(&d, "multi-b").await, "stopped");
+
+    let out = agentd_cli(&d.base, &xdg, &["restart", "multi-a", "multi-b"]).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(status_of(&d, "multi-a").await, "running");
+    assert_eq!(status_of(&d, "multi-b").await, "running");
+
+    let out = agentd_cli(&d.base, &xdg, &["inspect", "multi-a", "multi-b"]).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let inspected: Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    let names: Vec<&str> = inspected.as_array().expect("an array").iter().filter_map(|a| a["name"].as_str()).collect();
+    assert_eq!(names, ["multi-a", "multi-b"], "{inspected}");
+    let out = agentd_cli(&d.base, &xdg, &["inspect", "multi-a"]).await;
+    let one: Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    assert_eq!(one["name"], "multi-a", "one name is one object: {one}");
+
+    d.call(reqwest::Method::POST, "/v1/agents/multi-b/stop", None).await;
+    let out = agentd_cli(&d.base, &xdg, &["rm", "multi-a", "multi-b"]).await;
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("multi-a: agent multi-a is running")
+            && stderr.contains("agentd stop multi-a")
+            && stderr.contains("agentd rm -f multi-a"),
+        "{stderr}"
+    );
+    assert_eq!(status_of(&d, "multi-a").await, "running", "a refused rm leaves the agent running");
+    assert_eq!(status_of(&d, "multi-b").await, Value::Null, "the stopped one is removed");
+
+    let out = agentd_cli(&d.base, &xdg, &["rm", "-f", "multi-a"]).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(status_of(&d, "multi-a").await, Value::Null);
+    d.stop().await;
+}
+
+/// `stop -t SECS` overrides the agent's grace: an agent that ignores SIGTERM is killed
+/// after 0 s instead of its 10 s. The API's `grace_secs` is bounded to 0..=3600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_t_overrides_the_grace_and_the_api_bounds_it() {
+    let d = TestDaemon::start(None).await;
+    let body = json!({ "name": "stubborn", "env": { "ECHO_IGNORE_SIGTERM": "1" } });
+    let (status, agent) = d.call(reqwest::Method::POST, "/v1/agents", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents/stubborn/stop?grace_secs=3601", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("grace_secs: 3601 is out of range: give 0 to 3600 seconds"), "{body}");
+    assert_eq!(status_of(&d, "stubborn").await, "running");
+    let out = agentd_cli(&d.base, &no_config(), &["stop", "-t", "3601", "stubborn"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap refuses it: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("3601"), "{}", text(&out.stderr));
+
+    let started = std::time::Instant::now();
+    let out = agentd_cli(&d.base, &no_config(), &["stop", "-t", "0", "stubborn"]).await;
+    let took = started.elapsed();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(took < Duration::from_secs(5), "stop -t 0 took {took:?}: the 10 s grace was not overridden");
+    assert!(text(&out.stdout).contains("stubborn stopped (exit 137)"), "killed: {}", text(&out.stdout));
+    d.stop().await;
+}
+
+/// A client configuration that fails to load is said on stderr, naming the file and the
+/// error, and the 401 hint says its token was not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_config_that_fails_to_load_is_warned_about_and_named_in_the_401_hint() {
+    let d = TestDaemon::start(Some(TOKEN)).await;
+    let xdg = std::env::temp_dir().join(format!("agentd-api-test-broken-config-{}", std::process::id()));
+    std::fs::create_dir_all(xdg.join("agentd")).expect("mkdir");
+    let file = xdg.join("agentd/agentd.toml");
+    std::fs::write(&file, format!("[server]\ntoken = \"{TOKEN}\"\nbogus_key = 1\n")).expect("write");
+
+    let out = agentd_cli(&d.base, &xdg, &["ls"]).await;
+    let _ = std::fs::remove_dir_all(&xdg);
+    assert_eq!(out.status.code(), Some(1), "the token is not sent: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let file = file.display().to_string();
+    assert!(stderr.contains("warning") && stderr.contains(&file) && stderr.contains("bogus_key"), "{stderr}");
+    let hint = stderr.lines().find(|l| l.contains("--token")).unwrap_or_else(|| panic!("no 401 hint: {stderr}"));
+    assert!(hint.contains("could not be loaded") && hint.contains(&file), "{hint}");
+    d.stop().await;
+}

@@ -489,7 +489,7 @@ fn leave_running_then_restart_adopts_the_same_containers(engine: Engine) {
     let out = setup.cli(&["send", "keeper", "still there?"]);
     assert!(out.contains("echo: still there?"), "{out}");
     // Clean up: this time stop everything.
-    setup.cli(&["rm", "keeper"]);
+    setup.cli(&["rm", "-f", "keeper"]);
     daemon.terminate();
 }
 
@@ -691,7 +691,7 @@ fn claude_code_converses_and_survives_adoption(engine: Engine) {
         engine.name(),
         engine.name()
     );
-    setup.cli(&["rm", "coder"]);
+    setup.cli(&["rm", "-f", "coder"]);
     daemon.terminate();
     assert!(!setup.log_text().contains(&credential), "the daemon's log holds the credential");
     drop(model);
@@ -930,10 +930,10 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     assert_eq!(limited["last_result"]["subtype"], "error_max_turns", "{limited}");
     assert_eq!(limited["last_result"]["is_error"], true, "{limited}");
     assert_eq!(limited["status"], "running", "the agent stays up: {limited}");
-    setup.cli(&["rm", "limited"]);
+    setup.cli(&["rm", "-f", "limited"]);
 
     // rm leaves no volume behind.
-    setup.cli(&["rm", "coder"]);
+    setup.cli(&["rm", "-f", "coder"]);
     let filter = format!("label=agentd.prefix={}", setup.prefix);
     let volumes = engine.run(&["volume", "ls", "-q", "--filter", &filter]);
     assert!(
@@ -1086,8 +1086,8 @@ fn gateway_secrets_are_per_agent(engine: Engine) {
     assert!(!direct.starts_with("HTTP/"), "the stand-in on the host's loopback must be out of reach: {direct}");
 
     assert_no_credential(&setup, engine, "first", &credential);
-    setup.cli(&["rm", "first"]);
-    setup.cli(&["rm", "second"]);
+    setup.cli(&["rm", "-f", "first"]);
+    setup.cli(&["rm", "-f", "second"]);
     daemon.terminate();
     assert!(!setup.log_text().contains(&credential), "the daemon's log holds the credential");
     drop(model);
@@ -1198,7 +1198,7 @@ sleep 600
         assert!(Instant::now() < deadline, "no egress_denied event for {refuse}: {events}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    setup.cli(&["rm", "egress"]);
+    setup.cli(&["rm", "-f", "egress"]);
     daemon.terminate();
 }
 
@@ -1329,7 +1329,7 @@ fn claude_code_model_usage_is_metered_and_limited(engine: Engine) {
     let log = daemon.log_text();
     assert!(log.contains("Model request refused"), "the refusal is logged:\n{log}");
 
-    setup.cli(&["rm", "metered"]);
+    setup.cli(&["rm", "-f", "metered"]);
     daemon.terminate();
     drop(model);
     rt.shutdown_timeout(Duration::from_secs(1));
