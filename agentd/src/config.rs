@@ -141,70 +141,98 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// The limits each gateway listener is served within.
     pub fn limits(&self) -> crate::listen::ConnLimits {
-        conn_limits(
-            crate::listen::ConnLimits::GATEWAY,
-            [self.max_connections, self.max_connections_per_peer, self.max_header_kib],
-            [self.header_timeout_secs, self.idle_timeout_secs, self.max_request_body_mb],
-        )
+        self.limit_keys().limits(crate::listen::ConnLimits::GATEWAY)
+    }
+
+    fn limit_keys(&self) -> LimitKeys {
+        LimitKeys {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            header_timeout_secs: self.header_timeout_secs,
+            idle_timeout_secs: self.idle_timeout_secs,
+            max_header_kib: self.max_header_kib,
+            max_request_body_mb: self.max_request_body_mb,
+        }
     }
 }
 
 impl ServerConfig {
     /// The limits the API is served within.
     pub fn limits(&self) -> crate::listen::ConnLimits {
-        conn_limits(
-            crate::listen::ConnLimits::API,
-            [self.max_connections, self.max_connections_per_peer, self.max_header_kib],
-            [self.header_timeout_secs, self.idle_timeout_secs, self.max_request_body_mb],
-        )
+        self.limit_keys().limits(crate::listen::ConnLimits::API)
+    }
+
+    fn limit_keys(&self) -> LimitKeys {
+        LimitKeys {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            header_timeout_secs: self.header_timeout_secs,
+            idle_timeout_secs: self.idle_timeout_secs,
+            max_header_kib: self.max_header_kib,
+            max_request_body_mb: self.max_request_body_mb,
+        }
     }
 }
 
-fn conn_limits(
-    base: crate::listen::ConnLimits,
-    [max_connections, max_connections_per_peer, max_header_kib]: [usize; 3],
-    [header_timeout_secs, idle_timeout_secs, max_request_body_mb]: [u64; 3],
-) -> crate::listen::ConnLimits {
-    crate::listen::ConnLimits {
-        max_connections,
-        max_connections_per_peer,
-        header_timeout: std::time::Duration::from_secs(header_timeout_secs),
-        idle_timeout: std::time::Duration::from_secs(idle_timeout_secs),
-        max_header_bytes: max_header_kib.saturating_mul(1024),
-        max_request_body_bytes: Some(max_request_body_mb.saturating_mul(1024 * 1024)),
-        shutdown_grace: base.shutdown_grace,
-    }
+/// The connection limit keys `[server]` and `[gateway]` both have (each section keeps its
+/// own fields, so that unknown keys stay errors).
+#[derive(Debug, Clone, Copy)]
+struct LimitKeys {
+    max_connections: usize,
+    max_connections_per_peer: usize,
+    header_timeout_secs: u64,
+    idle_timeout_secs: u64,
+    max_header_kib: usize,
+    max_request_body_mb: u64,
 }
 
-/// The checks of one listener's limit keys (`section` is `server` or `gateway`).
-fn check_limits(
-    section: &str,
-    [max_connections, max_connections_per_peer, max_header_kib]: [usize; 3],
-    [header_timeout_secs, idle_timeout_secs, max_request_body_mb]: [u64; 3],
-    bad: &mut dyn FnMut(&str, String, &str),
-) {
-    let key = |k: &str| format!("{section}.{k}");
-    if !(1..=1_000_000).contains(&max_connections) {
-        bad(&key("max_connections"), max_connections.to_string(), "from 1 to 1000000");
+impl LimitKeys {
+    /// The limits these keys set; what no key sets comes from `base`.
+    fn limits(self, base: crate::listen::ConnLimits) -> crate::listen::ConnLimits {
+        crate::listen::ConnLimits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            max_header_bytes: self.max_header_kib.saturating_mul(1024),
+            max_request_body_bytes: Some(self.max_request_body_mb.saturating_mul(1024 * 1024)),
+            shutdown_grace: base.shutdown_grace,
+        }
     }
-    if max_connections_per_peer == 0 || max_connections_per_peer > max_connections {
-        bad(
-            &key("max_connections_per_peer"),
-            max_connections_per_peer.to_string(),
-            &format!("from 1 to {section}.max_connections ({max_connections})"),
-        );
-    }
-    if !(1..=3600).contains(&header_timeout_secs) {
-        bad(&key("header_timeout_secs"), header_timeout_secs.to_string(), "from 1 to 3600 seconds");
-    }
-    if !(1..=86_400).contains(&idle_timeout_secs) {
-        bad(&key("idle_timeout_secs"), idle_timeout_secs.to_string(), "from 1 to 86400 seconds");
-    }
-    if !(8..=1024).contains(&max_header_kib) {
-        bad(&key("max_header_kib"), max_header_kib.to_string(), "from 8 to 1024 KiB");
-    }
-    if !(1..=4096).contains(&max_request_body_mb) {
-        bad(&key("max_request_body_mb"), max_request_body_mb.to_string(), "from 1 to 4096 MiB");
+
+    /// The checks of one section's limit keys (`section` is `server` or `gateway`).
+    fn check(self, section: &str, bad: &mut dyn FnMut(&str, String, &str)) {
+        let key = |k: &str| format!("{section}.{k}");
+        let LimitKeys {
+            max_connections,
+            max_connections_per_peer,
+            header_timeout_secs,
+            idle_timeout_secs,
+            max_header_kib,
+            max_request_body_mb,
+        } = self;
+        if !(1..=1_000_000).contains(&max_connections) {
+            bad(&key("max_connections"), max_connections.to_string(), "from 1 to 1000000");
+        }
+        if max_connections_per_peer == 0 || max_connections_per_peer > max_connections {
+            bad(
+                &key("max_connections_per_peer"),
+                max_connections_per_peer.to_string(),
+                &format!("from 1 to {section}.max_connections ({max_connections})"),
+            );
+        }
+        if !(1..=3600).contains(&header_timeout_secs) {
+            bad(&key("header_timeout_secs"), header_timeout_secs.to_string(), "from 1 to 3600 seconds");
+        }
+        if !(1..=86_400).contains(&idle_timeout_secs) {
+            bad(&key("idle_timeout_secs"), idle_timeout_secs.to_string(), "from 1 to 86400 seconds");
+        }
+        if !(8..=1024).contains(&max_header_kib) {
+            bad(&key("max_header_kib"), max_header_kib.to_string(), "from 8 to 1024 KiB");
+        }
+        if !(1..=4096).contains(&max_request_body_mb) {
+            bad(&key("max_request_body_mb"), max_request_body_mb.to_string(), "from 1 to 4096 MiB");
+        }
     }
 }
 
@@ -570,20 +598,8 @@ impl Config {
         if g.port != 0 && g.port == g.proxy_port {
             bad("gateway.proxy_port", g.proxy_port.to_string(), "a port other than gateway.port");
         }
-        for (section, c, t) in [
-            (
-                "server",
-                [self.server.max_connections, self.server.max_connections_per_peer, self.server.max_header_kib],
-                [self.server.header_timeout_secs, self.server.idle_timeout_secs, self.server.max_request_body_mb],
-            ),
-            (
-                "gateway",
-                [g.max_connections, g.max_connections_per_peer, g.max_header_kib],
-                [g.header_timeout_secs, g.idle_timeout_secs, g.max_request_body_mb],
-            ),
-        ] {
-            check_limits(section, c, t, &mut bad);
-        }
+        self.server.limit_keys().check("server", &mut bad);
+        g.limit_keys().check("gateway", &mut bad);
         let m = &self.model;
         let upstream_ok = ["https://", "http://"].iter().any(|scheme| {
             m.upstream.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))

@@ -304,10 +304,18 @@ impl Drop for Daemon {
 
 /// A blocking HTTP call: JSON in, JSON out.
 fn http(method: &str, url: &str, body: Option<Value>) -> Result<Value, String> {
+    http_as(method, url, body, None)
+}
+
+/// [`http`] with a bearer token.
+fn http_as(method: &str, url: &str, body: Option<Value>, token: Option<&str>) -> Result<Value, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let client = reqwest::Client::new();
         let mut request = client.request(method.parse().map_err(|_| "method")?, url).timeout(Duration::from_secs(30));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -1459,20 +1467,9 @@ mod identity {
 
 /// A GET with the API token.
 fn get_with_token(url: &str, token: &str) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-    rt.block_on(async {
-        let response = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(token)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = response.status();
-        let text = response.text().await.expect("body");
-        assert!(status.is_success(), "GET {url}: {status}: {text}");
-        serde_json::from_str(&text).expect("JSON")
-    })
+    let value = http_as("GET", url, None, Some(token)).unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(!value.is_null(), "GET {url}: not JSON");
+    value
 }
 
 /// Whether a TCP connection from inside `container` to `host:port` succeeds within 5 s.
@@ -1794,24 +1791,7 @@ mod exhaustion {
 
     /// A blocking API call with the token.
     fn authed(setup: &Setup, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let client = reqwest::Client::new();
-            let mut request = client
-                .request(method.parse().map_err(|_| "method")?, format!("{}{path}", setup.base()))
-                .bearer_auth(FLOOD_TOKEN)
-                .timeout(Duration::from_secs(30));
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
-            let response = request.send().await.map_err(|e| e.to_string())?;
-            let status = response.status();
-            let text = response.text().await.map_err(|e| e.to_string())?;
-            if !status.is_success() {
-                return Err(format!("{status}: {text}"));
-            }
-            Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
-        })
+        http_as(method, &format!("{}{path}", setup.base()), body, Some(FLOOD_TOKEN))
     }
 
     /// The slowest answer of each probe over `rounds` rounds, each on a new connection:

@@ -120,14 +120,14 @@ impl ModelGateway {
 
     /// The agent whose secret `headers` carry, if it is a valid secret of an agent that
     /// exists.
-    fn authenticate(&self, headers: &HeaderMap) -> Option<String> {
+    fn authenticate(&self, headers: &HeaderMap) -> Option<agent_manager::Agent> {
         let presented = headers.get("x-api-key").and_then(|v| v.to_str().ok()).or_else(|| {
             let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
             let (scheme, token) = value.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
         })?;
         let agent_id = self.secrets.verify(presented)?;
-        self.manager.store().cached_agent(&agent_id).map(|agent| agent.id)
+        self.manager.store().cached_agent(&agent_id)
     }
 
     /// Whether the caller at `peer` is the agent whose secret it presented: the live agent
@@ -194,7 +194,7 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    let Some(agent_id) = gateway.authenticate(&parts.headers) else {
+    let Some(agent) = gateway.authenticate(&parts.headers) else {
         warn!(peer = %peer.ip(), %method, path, status = 401, "Model request refused: no valid gateway secret.");
         return anthropic_error(
             StatusCode::UNAUTHORIZED,
@@ -204,14 +204,7 @@ async fn forward(
             false,
         );
     };
-    let Some(agent) = gateway.manager.store().cached_agent(&agent_id) else {
-        return anthropic_error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "agentd model gateway: the agent is gone",
-            false,
-        );
-    };
+    let agent_id = agent.id.clone();
     if !gateway.caller_is_agent(&agent, peer.ip()).await {
         warn!(
             %agent_id,
