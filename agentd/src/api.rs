@@ -7,7 +7,7 @@ use std::time::Duration;
 use agent_manager::{
     AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, LiveEntry, ManagerError, NewAgent,
 };
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -188,8 +188,37 @@ pub struct AgentJson {
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_restart_at: Option<OffsetDateTime>,
     pub exit: Option<ExitView>,
+    /// When the current run (or, when none runs, the last one) started; null before the
+    /// first.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
     /// Whether the engine has the container frozen.
     pub paused: bool,
+    /// The command given at spawn, run instead of the image's (null: the image's own).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The environment given at spawn: every name, each value [`MASKED`] unless
+    /// `show_secrets` was asked for (and allowed).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The host directory mounted at /workspace.
+    #[serde(default)]
+    pub workdir: Option<std::path::PathBuf>,
+    /// Memory limit in MiB (null: none).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores (null: none).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Process limit (null: none).
+    #[serde(default)]
+    pub pids_limit: Option<i64>,
+    /// The user the container runs as (null: the image's).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when the agent is stopped.
+    #[serde(default)]
+    pub stop_grace_secs: u64,
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
     pub conversation: Option<ConversationJson>,
@@ -215,9 +244,28 @@ pub struct ConversationJson {
     pub last_result: Option<agent_manager::LastResult>,
 }
 
+/// What an env value reads in the agent JSON unless `show_secrets` is allowed.
+pub const MASKED: &str = "<masked>";
+
+/// The agent JSON, env values masked.
 fn agent_json(view: AgentView) -> AgentJson {
+    agent_json_with(view, false)
+}
+
+/// The agent JSON; env values only with `show_secrets`.
+fn agent_json_with(view: AgentView, show_secrets: bool) -> AgentJson {
     let a = view.agent;
+    let env = if show_secrets { a.spec.env } else { a.spec.env.into_keys().map(|k| (k, MASKED.to_owned())).collect() };
     AgentJson {
+        started_at: view.started_at,
+        command: a.spec.command,
+        env,
+        workdir: a.spec.workdir,
+        memory_mb: a.spec.memory_mb,
+        cpus: a.spec.cpus,
+        pids_limit: a.spec.pids_limit,
+        user: a.spec.user,
+        stop_grace_secs: a.spec.stop_grace_secs,
         connected: view.connected,
         paused: view.paused,
         conversation: view.session.map(|s| ConversationJson {
@@ -292,9 +340,54 @@ async fn list(
     Ok(Json(views.into_iter().map(agent_json).collect()))
 }
 
-async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
+/// `GET /v1/agents/{id}` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentQuery {
+    /// Show the env values (see [`may_show_secrets`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub show_secrets: bool,
+}
+
+/// Whether a request may see secrets: only one that presented the API token (so a token
+/// is configured) from a loopback peer; else a `403` saying why.
+pub fn may_show_secrets(token_configured: bool, peer: std::net::IpAddr) -> Result<(), ApiError> {
+    if !token_configured {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "show_secrets needs a token-authenticated request, and this daemon has no API token: set server.token \
+             (or server.token_file) to read env values"
+                .into(),
+        ));
+    }
+    let loopback = match peer {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback()),
+    };
+    if !loopback {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "show_secrets is honoured only from a loopback peer (127.0.0.1 or ::1), and this request came from \
+                 {peer}: ask on the daemon's host, or leave show_secrets out to see the env names"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn get_agent(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<AgentQuery>,
+) -> Result<Json<AgentJson>, ApiError> {
+    if query.show_secrets {
+        // The token itself was checked by `require_token`.
+        may_show_secrets(app.token.is_some(), peer.ip())?;
+    }
     let view = app.manager.get(&id).await?;
-    Ok(Json(agent_json(view)))
+    Ok(Json(agent_json_with(view, query.show_secrets)))
 }
 
 /// `POST /v1/agents/{id}/stop` query.
@@ -779,6 +872,7 @@ mod tests {
         });
         AgentView {
             agent,
+            started_at: Some(at(6)),
             exit: Some(ExitView {
                 code: Some(3),
                 oom_killed: false,

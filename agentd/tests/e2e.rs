@@ -366,7 +366,7 @@ fn lifecycle_is_tracked_from_events(engine: Engine) {
     assert_eq!(victim["exit"]["oom_killed"], false, "{victim}");
 
     assert_eq!(passes(&setup), passes_before, "the kill was learned from a relist, not from the engine's events");
-    let table = setup.cli(&["ls"]);
+    let table = setup.cli(&["ls", "-a", "-o", "wide"]);
     for row in ["zero", "three", "hog", "victim"] {
         assert!(table.contains(row), "{table}");
     }
