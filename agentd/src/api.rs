@@ -219,6 +219,27 @@ pub struct AgentJson {
     /// Seconds between SIGTERM and SIGKILL when the agent is stopped.
     #[serde(default)]
     pub stop_grace_secs: u64,
+    /// Whether the container's root filesystem is read-only.
+    #[serde(default)]
+    pub read_only_rootfs: bool,
+    /// What an unhealthy run leads to: `record` or `restart`.
+    #[serde(default = "default_on_unhealthy")]
+    pub on_unhealthy: agent_manager::UnhealthyAction,
+    /// Claude Code's `--model` (null: the CLI's own).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// How tool-permission requests are answered: `ask`, `allow` or `deny`.
+    #[serde(default = "default_approvals")]
+    pub approvals: agent_manager::ApprovalPolicy,
+    /// Claude Code's `--permission-mode` (null: the CLI's own).
+    #[serde(default)]
+    pub permission_mode: Option<String>,
+    /// Claude Code's `--max-turns` (null: none).
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    /// Claude Code's `--max-budget-usd` (null: none).
+    #[serde(default)]
+    pub max_budget_usd: Option<f64>,
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
     pub conversation: Option<ConversationJson>,
@@ -232,6 +253,14 @@ pub struct AgentJson {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+fn default_on_unhealthy() -> agent_manager::UnhealthyAction {
+    agent_manager::UnhealthyAction::Record
+}
+
+fn default_approvals() -> agent_manager::ApprovalPolicy {
+    agent_manager::ApprovalPolicy::Ask
 }
 
 /// A claude-code agent's session, in the agent JSON.
@@ -266,6 +295,13 @@ fn agent_json_with(view: AgentView, show_secrets: bool) -> AgentJson {
         pids_limit: a.spec.pids_limit,
         user: a.spec.user,
         stop_grace_secs: a.spec.stop_grace_secs,
+        read_only_rootfs: a.spec.read_only_rootfs,
+        on_unhealthy: a.spec.on_unhealthy,
+        model: a.spec.model,
+        approvals: a.spec.approvals,
+        permission_mode: a.spec.permission_mode,
+        max_turns: a.spec.max_turns,
+        max_budget_usd: a.spec.max_budget_usd,
         connected: view.connected,
         paused: view.paused,
         conversation: view.session.map(|s| ConversationJson {
@@ -910,6 +946,32 @@ mod tests {
             );
             round_trip(&agent);
             round_trip(&vec![agent]);
+        }
+    }
+
+    #[test]
+    fn env_values_are_masked_unless_secrets_are_shown() {
+        let mut v = view(AgentKind::Image);
+        v.agent.spec.env.insert("GITHUB_TOKEN".into(), "ghp_secret".into());
+        let masked = serde_json::to_string(&agent_json(v.clone())).expect("JSON");
+        assert!(masked.contains(r#""env":{"GITHUB_TOKEN":"<masked>"}"#) && !masked.contains("ghp_secret"), "{masked}");
+        assert_eq!(agent_json_with(v, true).env["GITHUB_TOKEN"], "ghp_secret");
+    }
+
+    #[test]
+    fn secrets_are_shown_only_to_a_token_from_loopback() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(may_show_secrets(true, ip("127.0.0.1")).is_ok());
+        assert!(may_show_secrets(true, ip("::1")).is_ok());
+        assert!(may_show_secrets(true, ip("::ffff:127.0.0.1")).is_ok());
+        for (token, peer, says) in [
+            (false, "127.0.0.1", "server.token"),
+            (true, "10.0.0.5", "10.0.0.5"),
+            (true, "::ffff:10.0.0.5", "loopback"),
+        ] {
+            let e = may_show_secrets(token, ip(peer)).expect_err("refused");
+            assert_eq!(e.0, StatusCode::FORBIDDEN);
+            assert!(e.1.contains(says), "{}", e.1);
         }
     }
 

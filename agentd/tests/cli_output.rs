@@ -308,6 +308,12 @@ async fn inspect_shows_the_spec_and_masks_env_values() {
     assert_eq!(agent["restart"], "on-failure");
     assert_eq!(agent["workdir"], Value::Null);
     assert_eq!(agent["stop_grace_secs"], 10);
+    assert_eq!(agent["on_unhealthy"], "record");
+    assert_eq!(agent["approvals"], "ask");
+    assert_eq!(agent["read_only_rootfs"], false);
+    for field in ["pids_limit", "user", "model", "permission_mode", "max_turns", "max_budget_usd"] {
+        assert!(agent.as_object().is_some_and(|a| a.contains_key(field)), "inspect lacks {field}: {agent}");
+    }
     assert_eq!(agent["model_limits"]["requests_per_minute"], 7);
     assert_eq!(agent["env"], json!({ "GITHUB_TOKEN": "<masked>" }), "{agent}");
     assert!(agent.as_object().is_some_and(|a| a.contains_key("next_restart_at")), "{agent}");
