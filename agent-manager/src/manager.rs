@@ -987,20 +987,28 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let agents = self.store.list_agents(status).await?;
         // One query for every agent's last exit, not one per agent.
         let mut exits = self.store.last_exits().await?;
+        let mut starts = self.store.last_runs_started().await?;
         let mut views = Vec::with_capacity(agents.len());
         for agent in agents {
             let exit = exits.remove(&agent.id);
-            views.push(self.view_with(agent, exit).await?);
+            let started_at = starts.remove(&agent.id);
+            views.push(self.view_with(agent, exit, started_at).await?);
         }
         Ok(views)
     }
 
     pub(crate) async fn view(&self, agent: Agent) -> Result<AgentView> {
         let exit = self.store.last_exit(&agent.id).await?;
-        self.view_with(agent, exit).await
+        let started_at = self.store.last_run_started(&agent.id).await?;
+        self.view_with(agent, exit, started_at).await
     }
 
-    async fn view_with(&self, agent: Agent, exit: Option<crate::model::ExitView>) -> Result<AgentView> {
+    async fn view_with(
+        &self,
+        agent: Agent,
+        exit: Option<crate::model::ExitView>,
+        started_at: Option<OffsetDateTime>,
+    ) -> Result<AgentView> {
         let session = if agent.speaks_stream_json() {
             self.conversations.record(&agent.id).await?;
             self.conversations.view(&agent.id)
@@ -1012,7 +1020,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         let connected = self.conversations.is_connected(&agent.id);
         let model_usage = self.store.model_usage(&agent.id);
         let model_limits = self.model_limits(&agent);
-        Ok(AgentView { agent, exit, connected, paused, session, model_usage, model_limits })
+        Ok(AgentView { agent, exit, started_at, connected, paused, session, model_usage, model_limits })
     }
 
     /// The agent's runs, oldest first.

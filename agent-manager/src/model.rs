@@ -417,6 +417,10 @@ pub struct AgentView {
     #[serde(flatten)]
     pub agent: Agent,
     pub exit: Option<ExitView>,
+    /// When its latest run (the current one, or the last if none runs) started; `None`
+    /// before the first.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
     /// Whether agentd holds a live attach to the agent's stdin and output.
     pub connected: bool,
     /// Whether the engine has the agent's container frozen (`docker pause`).

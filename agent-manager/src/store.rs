@@ -495,6 +495,27 @@ impl Store {
         Ok(exits)
     }
 
+    /// When the agent's latest run (the current one, or the last if none runs) started.
+    pub async fn last_run_started(&self, agent_id: &str) -> Result<Option<OffsetDateTime>> {
+        let row = sqlx::query("SELECT MAX(started_at) AS started_at FROM runs WHERE agent_id = ?")
+            .bind(agent_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("started_at")?.map(from_millis))
+    }
+
+    /// When every agent's latest run started, in one query.
+    pub async fn last_runs_started(&self) -> Result<HashMap<String, OffsetDateTime>> {
+        let rows = sqlx::query("SELECT agent_id, MAX(started_at) AS started_at FROM runs GROUP BY agent_id")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut starts = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            starts.insert(row.try_get("agent_id")?, from_millis(row.try_get("started_at")?));
+        }
+        Ok(starts)
+    }
+
     /// Applies one transition atomically: the agent's new fields, the end of its open run
     /// (if `finish` is given), and the event. Returns the stored event.
     pub async fn transition(

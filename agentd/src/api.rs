@@ -7,7 +7,7 @@ use std::time::Duration;
 use agent_manager::{
     AgentManager, AgentStatus, AgentView, ExitView, LifecycleEvent, LiveEntry, ManagerError, NewAgent,
 };
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -188,8 +188,58 @@ pub struct AgentJson {
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_restart_at: Option<OffsetDateTime>,
     pub exit: Option<ExitView>,
+    /// When the current run (or, when none runs, the last one) started; null before the
+    /// first.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
     /// Whether the engine has the container frozen.
     pub paused: bool,
+    /// The command given at spawn, run instead of the image's (null: the image's own).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The environment given at spawn: every name, each value [`MASKED`] unless
+    /// `show_secrets` was asked for (and allowed).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The host directory mounted at /workspace.
+    #[serde(default)]
+    pub workdir: Option<std::path::PathBuf>,
+    /// Memory limit in MiB (null: none).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores (null: none).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Process limit (null: none).
+    #[serde(default)]
+    pub pids_limit: Option<i64>,
+    /// The user the container runs as (null: the image's).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when the agent is stopped.
+    #[serde(default)]
+    pub stop_grace_secs: u64,
+    /// Whether the container's root filesystem is read-only.
+    #[serde(default)]
+    pub read_only_rootfs: bool,
+    /// What an unhealthy run leads to: `record` or `restart`.
+    #[serde(default = "default_on_unhealthy")]
+    pub on_unhealthy: agent_manager::UnhealthyAction,
+    /// Claude Code's `--model` (null: the CLI's own).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// How tool-permission requests are answered: `ask`, `allow` or `deny`.
+    #[serde(default = "default_approvals")]
+    pub approvals: agent_manager::ApprovalPolicy,
+    /// Claude Code's `--permission-mode` (null: the CLI's own).
+    #[serde(default)]
+    pub permission_mode: Option<String>,
+    /// Claude Code's `--max-turns` (null: none).
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    /// Claude Code's `--max-budget-usd` (null: none).
+    #[serde(default)]
+    pub max_budget_usd: Option<f64>,
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
     pub conversation: Option<ConversationJson>,
@@ -205,6 +255,14 @@ pub struct AgentJson {
     pub updated_at: OffsetDateTime,
 }
 
+fn default_on_unhealthy() -> agent_manager::UnhealthyAction {
+    agent_manager::UnhealthyAction::Record
+}
+
+fn default_approvals() -> agent_manager::ApprovalPolicy {
+    agent_manager::ApprovalPolicy::Ask
+}
+
 /// A claude-code agent's session, in the agent JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationJson {
@@ -215,9 +273,35 @@ pub struct ConversationJson {
     pub last_result: Option<agent_manager::LastResult>,
 }
 
+/// What an env value reads in the agent JSON unless `show_secrets` is allowed.
+pub const MASKED: &str = "<masked>";
+
+/// The agent JSON, env values masked.
 fn agent_json(view: AgentView) -> AgentJson {
+    agent_json_with(view, false)
+}
+
+/// The agent JSON; env values only with `show_secrets`.
+fn agent_json_with(view: AgentView, show_secrets: bool) -> AgentJson {
     let a = view.agent;
+    let env = if show_secrets { a.spec.env } else { a.spec.env.into_keys().map(|k| (k, MASKED.to_owned())).collect() };
     AgentJson {
+        started_at: view.started_at,
+        command: a.spec.command,
+        env,
+        workdir: a.spec.workdir,
+        memory_mb: a.spec.memory_mb,
+        cpus: a.spec.cpus,
+        pids_limit: a.spec.pids_limit,
+        user: a.spec.user,
+        stop_grace_secs: a.spec.stop_grace_secs,
+        read_only_rootfs: a.spec.read_only_rootfs,
+        on_unhealthy: a.spec.on_unhealthy,
+        model: a.spec.model,
+        approvals: a.spec.approvals,
+        permission_mode: a.spec.permission_mode,
+        max_turns: a.spec.max_turns,
+        max_budget_usd: a.spec.max_budget_usd,
         connected: view.connected,
         paused: view.paused,
         conversation: view.session.map(|s| ConversationJson {
@@ -292,9 +376,54 @@ async fn list(
     Ok(Json(views.into_iter().map(agent_json).collect()))
 }
 
-async fn get_agent(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
+/// `GET /v1/agents/{id}` query.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentQuery {
+    /// Show the env values (see [`may_show_secrets`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub show_secrets: bool,
+}
+
+/// Whether a request may see secrets: only one that presented the API token (so a token
+/// is configured) from a loopback peer; else a `403` saying why.
+pub fn may_show_secrets(token_configured: bool, peer: std::net::IpAddr) -> Result<(), ApiError> {
+    if !token_configured {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "show_secrets needs a token-authenticated request, and this daemon has no API token: set server.token \
+             (or server.token_file) to read env values"
+                .into(),
+        ));
+    }
+    let loopback = match peer {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback()),
+    };
+    if !loopback {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "show_secrets is honoured only from a loopback peer (127.0.0.1 or ::1), and this request came from \
+                 {peer}: ask on the daemon's host, or leave show_secrets out to see the env names"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn get_agent(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<AgentQuery>,
+) -> Result<Json<AgentJson>, ApiError> {
+    if query.show_secrets {
+        // The token itself was checked by `require_token`.
+        may_show_secrets(app.token.is_some(), peer.ip())?;
+    }
     let view = app.manager.get(&id).await?;
-    Ok(Json(agent_json(view)))
+    Ok(Json(agent_json_with(view, query.show_secrets)))
 }
 
 /// `POST /v1/agents/{id}/stop` query.
@@ -779,6 +908,7 @@ mod tests {
         });
         AgentView {
             agent,
+            started_at: Some(at(6)),
             exit: Some(ExitView {
                 code: Some(3),
                 oom_killed: false,
@@ -816,6 +946,32 @@ mod tests {
             );
             round_trip(&agent);
             round_trip(&vec![agent]);
+        }
+    }
+
+    #[test]
+    fn env_values_are_masked_unless_secrets_are_shown() {
+        let mut v = view(AgentKind::Image);
+        v.agent.spec.env.insert("GITHUB_TOKEN".into(), "ghp_secret".into());
+        let masked = serde_json::to_string(&agent_json(v.clone())).expect("JSON");
+        assert!(masked.contains(r#""env":{"GITHUB_TOKEN":"<masked>"}"#) && !masked.contains("ghp_secret"), "{masked}");
+        assert_eq!(agent_json_with(v, true).env["GITHUB_TOKEN"], "ghp_secret");
+    }
+
+    #[test]
+    fn secrets_are_shown_only_to_a_token_from_loopback() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(may_show_secrets(true, ip("127.0.0.1")).is_ok());
+        assert!(may_show_secrets(true, ip("::1")).is_ok());
+        assert!(may_show_secrets(true, ip("::ffff:127.0.0.1")).is_ok());
+        for (token, peer, says) in [
+            (false, "127.0.0.1", "server.token"),
+            (true, "10.0.0.5", "10.0.0.5"),
+            (true, "::ffff:10.0.0.5", "loopback"),
+        ] {
+            let e = may_show_secrets(token, ip(peer)).expect_err("refused");
+            assert_eq!(e.0, StatusCode::FORBIDDEN);
+            assert!(e.1.contains(says), "{}", e.1);
         }
     }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use agent_manager::{AgentStatus, Approval, ConversationEntry, Delivery, Direction, ExitView, Run};
 use anyhow::{anyhow, bail, Context, Result};
+use backend_core::SessionHealth;
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -252,42 +253,47 @@ impl Client {
     }
 }
 
-/// The approvals table: ID, AGENT, TOOL, INPUT (cut short), AGE, DECISION.
-pub fn approvals_table(approvals: &[Approval]) -> String {
-    let mut rows =
-        vec![["ID".to_owned(), "AGENT".into(), "TOOL".into(), "INPUT".into(), "AGE".into(), "DECISION".into()]];
+/// The approvals table: ID, AGENT, TOOL, INPUT (cut to 48 characters), AGE, DECISION;
+/// wide: the whole INPUT, REQUESTED (RFC 3339) and the deny MESSAGE too.
+pub fn approvals_table(approvals: &[Approval], wide: bool) -> String {
+    let mut header: Vec<String> = ["ID", "AGENT", "TOOL", "INPUT", "AGE", "DECISION"].map(str::to_owned).to_vec();
+    if wide {
+        header.extend(["REQUESTED", "MESSAGE"].map(str::to_owned));
+    }
+    let mut rows = vec![header];
     for a in approvals {
         let input =
             a.input.get("command").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| a.input.to_string());
-        let input: String = input.replace('\n', " ").chars().take(48).collect();
+        let input = input.replace('\n', " ");
+        let input: String = if wide { input } else { input.chars().take(48).collect() };
         let decision = match a.decision {
             Some(d) => format!("{} ({})", d.as_str(), a.decided_by.map_or("-", |by| by.as_str())),
             None => "pending".to_owned(),
         };
-        rows.push([
+        let mut row = vec![
             a.id.clone(),
             a.agent.clone().unwrap_or_else(|| a.agent_id.clone()),
             a.tool.clone(),
             input,
             age(a.requested_at),
             decision,
-        ]);
+        ];
+        if wide {
+            row.push(rfc3339(a.requested_at));
+            row.push(a.message.clone().unwrap_or_else(|| "-".into()));
+        }
+        rows.push(row);
     }
-    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::output::table(&rows)
 }
 
-/// One conversation entry as a line: `SEQ TIME → KIND TEXT` (→ to the agent, ← from it).
-pub fn conversation_line(e: &ConversationEntry) -> String {
+/// One conversation entry as a line: `SEQ TIME → KIND TEXT` (→ to the agent, ← from it),
+/// the text cut to 400 characters unless `wide`.
+pub fn conversation_line(e: &ConversationEntry, wide: bool) -> String {
     let arrow = if e.direction == Direction::ToAgent { "→" } else { "←" };
     let queued = if e.delivery == Some(Delivery::Queued) { " (queued)" } else { "" };
-    let body: String = e.text.chars().take(400).collect::<String>().replace('\n', " ");
+    let body: String = if wide { e.text.clone() } else { e.text.chars().take(400).collect() };
+    let body = body.replace('\n', " ");
     format!("{:>6} {} {arrow} {:<16} {body}{queued}", e.seq, rfc3339(e.at), e.kind)
 }
 
@@ -298,13 +304,7 @@ fn rfc3339(at: OffsetDateTime) -> String {
 
 /// A short age: `45s`, `12m`, `3h`, `2d`.
 pub fn age(at: OffsetDateTime) -> String {
-    let secs = (OffsetDateTime::now_utc() - at).whole_seconds().max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
+    crate::output::short_duration((OffsetDateTime::now_utc() - at).whole_seconds())
 }
 
 /// The EXIT column: `-`, `0`, `3`, `oom(137)`, or the error.
@@ -321,35 +321,134 @@ pub fn exit_column(exit: Option<&ExitView>) -> String {
     }
 }
 
-/// The `ls` table.
-pub fn agents_table(agents: &[AgentJson]) -> String {
-    let mut rows = vec![[
-        "NAME".to_owned(),
-        "STATUS".to_owned(),
-        "HEALTH".to_owned(),
-        "RESTARTS".to_owned(),
-        "EXIT".to_owned(),
-        "AGE".to_owned(),
-    ]];
-    for a in agents {
-        rows.push([
-            a.name.clone(),
-            a.status.to_string(),
-            a.health.to_string(),
-            a.restarts.to_string(),
-            exit_column(a.exit.as_ref()),
-            age(a.created_at),
-        ]);
+/// Whole seconds from `now` to `at`, rounded up (a restart due in 9.2 s is in 10s).
+fn secs_until(now: OffsetDateTime, at: OffsetDateTime) -> i64 {
+    let millis = (at - now).whole_milliseconds();
+    i64::try_from((millis + 999).div_euclid(1000)).unwrap_or(i64::MAX)
+}
+
+/// The STATUS column, as docker's: `Up 3m (healthy)`, `Exited (3) 2m ago`,
+/// `Restarting in 40s (attempt 3)`, `Awaiting approval`, `Pending`.
+pub fn status_column(a: &AgentJson, now: OffsetDateTime) -> String {
+    use crate::output::short_duration;
+    let ago = |at: OffsetDateTime| format!("{} ago", short_duration((now - at).whole_seconds()));
+    match a.status {
+        AgentStatus::Running => {
+            if a.conversation.as_ref().is_some_and(|c| c.turn == agent_manager::Turn::AwaitingApproval) {
+                return "Awaiting approval".to_owned();
+            }
+            let up = match a.started_at {
+                Some(at) => format!("Up {}", short_duration((now - at).whole_seconds())),
+                None => "Up".to_owned(),
+            };
+            let note = if a.paused {
+                " (paused)"
+            } else {
+                match a.health {
+                    SessionHealth::Healthy => " (healthy)",
+                    SessionHealth::Unhealthy => " (unhealthy)",
+                    SessionHealth::Starting => " (health: starting)",
+                    SessionHealth::Unknown => "",
+                }
+            };
+            format!("{up}{note}")
+        }
+        AgentStatus::Pending => "Pending".to_owned(),
+        AgentStatus::Stopped | AgentStatus::Failed => {
+            if let Some(at) = a.next_restart_at {
+                let attempt = u64::from(a.restarts) + 1;
+                return match secs_until(now, at) {
+                    secs if secs > 0 => {
+                        format!("Restarting in {} (attempt {attempt})", crate::output::short_duration(secs))
+                    }
+                    _ => format!("Restarting (attempt {attempt})"),
+                };
+            }
+            let word = if a.status == AgentStatus::Failed { "Failed" } else { "Stopped" };
+            match &a.exit {
+                Some(exit) => {
+                    let when = exit.finished_at.map(|at| format!(" {}", ago(at))).unwrap_or_default();
+                    match exit.code {
+                        Some(code) if exit.oom_killed => format!("OOM-killed ({code}){when}"),
+                        Some(code) => format!("Exited ({code}){when}"),
+                        None => format!("{word}{when}"),
+                    }
+                }
+                None => word.to_owned(),
+            }
+        }
     }
-    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    rows.iter()
-        .map(|r| {
-            let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-            cells.join("  ").trim_end().to_owned()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
+}
+
+/// Whether `ls` shows the agent without `-a`: it runs, is starting, or will restart
+/// (as `docker ps` shows running and restarting containers).
+pub fn is_live(a: &AgentJson) -> bool {
+    matches!(a.status, AgentStatus::Running | AgentStatus::Pending) || a.next_restart_at.is_some()
+}
+
+/// The `ls` table: NAME, IMAGE, STATUS, RESTARTS, AGE (of the current run); wide: also
+/// ID, KIND, HEALTH, EXIT, NETWORK, RESTART (the policy) and COMMAND.
+pub fn agents_table(agents: &[AgentJson], wide: bool) -> String {
+    let now = OffsetDateTime::now_utc();
+    let header: &[&str] = if wide {
+        &["NAME", "ID", "KIND", "IMAGE", "STATUS", "HEALTH", "EXIT", "RESTARTS", "AGE", "NETWORK", "RESTART", "COMMAND"]
+    } else {
+        &["NAME", "IMAGE", "STATUS", "RESTARTS", "AGE"]
+    };
+    let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
+    for a in agents {
+        let run_age = age(a.started_at.unwrap_or(a.created_at));
+        let status = status_column(a, now);
+        if wide {
+            let command = a.command.as_ref().map_or_else(|| "-".to_owned(), |c| c.join(" "));
+            rows.push(vec![
+                a.name.clone(),
+                a.id.clone(),
+                a.kind.to_string(),
+                a.image.clone(),
+                status,
+                a.health.to_string(),
+                exit_column(a.exit.as_ref()),
+                a.restarts.to_string(),
+                run_age,
+                a.network.to_string(),
+                a.restart.to_string(),
+                command,
+            ]);
+        } else {
+            rows.push(vec![a.name.clone(), a.image.clone(), status, a.restarts.to_string(), run_age]);
+        }
+    }
+    crate::output::table(&rows)
+}
+
+/// The `runs` table: RUN, STARTED (ago), DURATION, EXIT, ENDED BY; wide: also
+/// STARTED AT and FINISHED AT (RFC 3339) and CONTAINER (its full id).
+pub fn runs_table(runs: &[Run], wide: bool) -> String {
+    let now = OffsetDateTime::now_utc();
+    let mut header: Vec<String> = ["RUN", "STARTED", "DURATION", "EXIT", "ENDED BY"].map(str::to_owned).to_vec();
+    if wide {
+        header.extend(["STARTED AT", "FINISHED AT", "CONTAINER"].map(str::to_owned));
+    }
+    let mut rows = vec![header];
+    for r in runs {
+        let duration = crate::output::short_duration((r.finished_at.unwrap_or(now) - r.started_at).whole_seconds());
+        let duration = if r.finished_at.is_some() { duration } else { format!("{duration} (running)") };
+        let mut row = vec![
+            r.id.to_string(),
+            format!("{} ago", age(r.started_at)),
+            duration,
+            exit_column(r.exit.as_ref()),
+            r.ended_by.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+        ];
+        if wide {
+            row.push(rfc3339(r.started_at));
+            row.push(r.finished_at.map_or_else(|| "-".to_owned(), rfc3339));
+            row.push(r.container_id.clone().unwrap_or_else(|| "-".into()));
+        }
+        rows.push(row);
+    }
+    crate::output::table(&rows)
 }
 
 /// One event as a line.
@@ -472,20 +571,69 @@ mod tests {
         assert_eq!(exit_column(Some(&exit(None, false, Some("session disappeared")))), "session disappeared");
     }
 
-    #[test]
-    fn the_table_aligns_columns() {
-        let agent: AgentJson = serde_json::from_value(serde_json::json!({
+    fn agent(extra: Value) -> AgentJson {
+        let mut json = serde_json::json!({
             "id": "a1", "name": "a", "kind": "image", "status": "running", "health": "healthy",
             "connected": false, "session": "s", "image": "i", "network": "none", "restart": "never",
             "restarts": 0, "reason": null, "next_restart_at": null, "exit": null, "paused": false,
             "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
-        }))
-        .expect("an agent");
-        let table = agents_table(&[agent]);
+        });
+        if let (Some(json), Value::Object(extra)) = (json.as_object_mut(), extra) {
+            json.extend(extra);
+        }
+        serde_json::from_value(json).expect("an agent")
+    }
+
+    #[test]
+    fn the_table_aligns_columns_and_ages_the_current_run() {
+        let started = rfc3339(OffsetDateTime::now_utc() - Duration::from_secs(185));
+        let table = agents_table(&[agent(serde_json::json!({ "started_at": started }))], false);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines[0], "NAME  STATUS   HEALTH   RESTARTS  EXIT  AGE");
-        assert!(lines[1].starts_with("a     running  healthy  0         -     "), "{}", lines[1]);
-        assert!(lines[1].ends_with('d'), "an age in days: {}", lines[1]);
+        assert_eq!(lines[0], "NAME  IMAGE  STATUS           RESTARTS  AGE");
+        assert_eq!(lines[1], "a     i      Up 3m (healthy)  0         3m");
+        // Never started: the age is the agent's.
+        let table = agents_table(&[agent(serde_json::json!({ "status": "pending" }))], true);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("NAME  ID  KIND   IMAGE  STATUS   HEALTH   EXIT  RESTARTS  AGE"), "{table}");
+        assert!(lines[1].contains("Pending") && lines[1].contains("d  "), "an age in days: {}", lines[1]);
+    }
+
+    #[test]
+    fn the_status_reads_like_dockers() {
+        let now = OffsetDateTime::now_utc();
+        let at = |secs: i64| rfc3339(now + time::Duration::seconds(secs));
+        let status = |extra: Value| status_column(&agent(extra), now);
+        assert_eq!(status(serde_json::json!({ "started_at": at(-180) })), "Up 3m (healthy)");
+        assert_eq!(status(serde_json::json!({ "started_at": at(-5), "health": "unhealthy" })), "Up 5s (unhealthy)");
+        assert_eq!(status(serde_json::json!({ "started_at": at(-5), "paused": true })), "Up 5s (paused)");
+        assert_eq!(status(serde_json::json!({ "health": "unknown" })), "Up");
+        let exited = |code: i64, oom: bool| {
+            serde_json::json!({ "status": "failed", "health": "unknown", "exit": {
+                "code": code, "oom_killed": oom, "signal": null, "error": null, "finished_at": at(-120) } })
+        };
+        assert_eq!(status(exited(3, false)), "Exited (3) 2m ago");
+        assert_eq!(status(exited(137, true)), "OOM-killed (137) 2m ago");
+        let mut restarting = exited(3, false);
+        restarting["next_restart_at"] = Value::String(at(40));
+        restarting["restarts"] = 2.into();
+        assert_eq!(status(restarting.clone()), "Restarting in 40s (attempt 3)");
+        restarting["next_restart_at"] = Value::String(at(-1));
+        assert_eq!(status(restarting), "Restarting (attempt 3)");
+        assert_eq!(status(serde_json::json!({ "status": "stopped", "health": "unknown" })), "Stopped");
+        assert_eq!(status(serde_json::json!({ "status": "pending" })), "Pending");
+        let awaiting = serde_json::json!({
+            "kind": "claude-code", "session_id": "x", "turn": "awaiting_approval", "cost_usd": 0.0,
+            "usage": {"input_tokens": 0, "output_tokens": 0}, "last_result": null
+        });
+        assert_eq!(status(awaiting), "Awaiting approval");
+    }
+
+    #[test]
+    fn a_restart_in_just_under_ten_seconds_reads_10s() {
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(secs_until(now, now + time::Duration::milliseconds(9_200)), 10);
+        assert_eq!(secs_until(now, now + time::Duration::seconds(10)), 10);
+        assert_eq!(secs_until(now, now - time::Duration::milliseconds(300)), 0);
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod firewall;
 pub mod gateway;
 pub mod listen;
 pub mod metrics;
+pub mod output;
 pub mod storefs;

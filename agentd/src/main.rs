@@ -7,6 +7,7 @@ use agent_manager::{AgentStatus, Approval, ConversationEntry, Decision, Directio
 use agentd::api::{self, AgentJson, EventJson};
 use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
+use agentd::output::OutputArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use reqwest::Method;
@@ -35,20 +36,37 @@ enum Command {
     Serve,
     /// Create and start an agent.
     Spawn(Box<SpawnArgs>),
-    /// List agents.
+    /// List live agents (running, pending or about to restart); -a lists all.
     Ls {
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Every agent, also stopped and failed ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Print JSON instead of a table (the same as -o json).
+        #[arg(long, conflicts_with_all = ["output", "format"])]
         json: bool,
-        /// Only agents with this status.
+        /// Only agents with this status: pending, running, stopped or failed (implies -a) [default: any].
         #[arg(long)]
         status: Option<String>,
+        #[command(flatten)]
+        output: OutputArgs,
     },
-    /// Show agents with their runs, as JSON (an object for one name, an array for several).
+    /// Show agents with their spec and runs, as JSON (an object for one name, an array for several).
     Inspect {
         /// Agent names (or ids), handled one after the other.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
+        /// Show env values instead of <masked> (needs a token, honoured from a loopback peer only).
+        #[arg(long)]
+        show_secrets: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List an agent's runs (container lifetimes), oldest first.
+    Runs {
+        /// Agent name (or id).
+        name: String,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Print an agent's container output.
     Logs {
@@ -115,9 +133,11 @@ enum Command {
         /// Decided ones too.
         #[arg(short, long)]
         all: bool,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (the same as -o json).
+        #[arg(long, conflicts_with_all = ["output", "format"])]
         json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Allow pending tool-permission requests.
     Approve {
@@ -138,9 +158,11 @@ enum Command {
         /// Keep printing new entries.
         #[arg(short, long)]
         follow: bool,
-        /// Print each entry as a line of JSON.
-        #[arg(long)]
+        /// Print each entry as a line of JSON (the same as -o json).
+        #[arg(long, conflicts_with_all = ["output", "format"])]
         json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Validate or print the configuration.
     #[command(subcommand)]
@@ -410,33 +432,49 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             let agent: AgentJson = client.call_with(Method::POST, "/v1/agents", Some(&new)).await?;
             println!("{} {} ({}, session {})", agent.name, agent.status, agent.id, agent.session);
         }
-        Command::Ls { json, status } => {
-            let agents: Vec<AgentJson> = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&client::printable(&agents)?)?);
-            } else {
-                print!("{}", client::agents_table(&agents));
+        Command::Ls { all, json, status, output } => {
+            let format = output.format(json)?;
+            let all = all || status.is_some();
+            let mut agents: Vec<AgentJson> = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
+            if !all {
+                agents.retain(client::is_live);
             }
+            format.print_list(&agents, |wide| client::agents_table(&agents, wide), |a| a.name.clone())?;
         }
-        Command::Inspect { names } => {
-            let mut found = Vec::new();
+        Command::Inspect { names, show_secrets, output } => {
+            let format = output.format(false)?;
+            let query = api::AgentQuery { show_secrets };
             let outcome = for_each_name(&names, "inspected", |name| {
-                let client = &client;
+                let (client, query) = (&client, &query);
                 async move {
-                    let agent: AgentJson = client.get(&agent_path(&name)).await?;
+                    let agent: AgentJson = client.get_query(&agent_path(&name), query).await?;
                     let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
-                    client::printable(&client::AgentWithRuns { agent, runs })
+                    Ok(client::AgentWithRuns { agent, runs })
                 }
             })
             .await;
-            for value in outcome.done {
-                found.push(value);
-            }
-            let printed = if names.len() == 1 { found.pop().unwrap_or(Value::Null) } else { Value::Array(found) };
-            if names.len() > 1 || !printed.is_null() {
-                println!("{}", serde_json::to_string_pretty(&printed)?);
+            let found = outcome.done;
+            match format {
+                // One object for one name, an array for several.
+                agentd::output::Format::Json | agentd::output::Format::Table => {
+                    let mut values = found.iter().map(client::printable).collect::<Result<Vec<Value>>>()?;
+                    let printed =
+                        if names.len() == 1 { values.pop().unwrap_or(Value::Null) } else { Value::Array(values) };
+                    if names.len() > 1 || !printed.is_null() {
+                        println!("{}", serde_json::to_string_pretty(&printed)?);
+                    }
+                }
+                format => {
+                    let agents: Vec<AgentJson> = found.iter().map(|f| f.agent.clone()).collect();
+                    format.print_list(&found, |wide| client::agents_table(&agents, wide), |f| f.agent.name.clone())?;
+                }
             }
             outcome.result?;
+        }
+        Command::Runs { name, output } => {
+            let format = output.format(false)?;
+            let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
+            format.print_list(&runs, |wide| client::runs_table(&runs, wide), |r| r.id.to_string())?;
         }
         Command::Logs { name, follow, tail } => {
             let text = client.get_text(&format!("{}/logs", agent_path(&name)), &api::LogsQuery { tail }).await?;
@@ -579,14 +617,11 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 );
             }
         }
-        Command::Approvals { agent, all, json } => {
+        Command::Approvals { agent, all, json, output } => {
+            let format = output.format(json)?;
             let query = api::ApprovalsQuery { agent, pending: (!all).then_some(true) };
             let approvals: Vec<Approval> = client.get_query("/v1/approvals", &query).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&client::printable(&approvals)?)?);
-            } else {
-                print!("{}", client::approvals_table(&approvals));
-            }
+            format.print_list(&approvals, |wide| client::approvals_table(&approvals, wide), |a| a.id.clone())?;
         }
         Command::Approve { ids } => {
             for id in ids {
@@ -605,13 +640,13 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             }
         }
         Command::Chat { name } => agentd::chat::run(&client, &name).await?,
-        Command::Conversation { name, follow, json } => {
+        Command::Conversation { name, follow, json, output } => {
+            // JSON is one line per entry, so that a followed conversation can be read line by line.
+            let format = output.format(json)?;
             let print = |entry: &ConversationEntry| -> Result<()> {
-                if json {
-                    println!("{}", client::printable(entry)?);
-                } else {
-                    println!("{}", client::conversation_line(entry));
-                }
+                let line =
+                    format.render_one(entry, |wide| client::conversation_line(entry, wide), |e| e.seq.to_string())?;
+                println!("{line}");
                 Ok(())
             };
             let mut last = 0;

@@ -366,7 +366,7 @@ fn lifecycle_is_tracked_from_events(engine: Engine) {
     assert_eq!(victim["exit"]["oom_killed"], false, "{victim}");
 
     assert_eq!(passes(&setup), passes_before, "the kill was learned from a relist, not from the engine's events");
-    let table = setup.cli(&["ls"]);
+    let table = setup.cli(&["ls", "-a", "-o", "wide"]);
     for row in ["zero", "three", "hog", "victim"] {
         assert!(table.contains(row), "{table}");
     }
@@ -2191,4 +2191,81 @@ mod exhaustion {
         half_open_requests_are_closed,
         oversized_lines_are_cut_and_memory_stays_bounded,
     );
+}
+
+/// The client's output on a real engine (issue J, items 8, 9, 12 and 6): docker's STATUS
+/// from the engine's health and exit, `ls` live-only and `ls -a`, `runs`, the spec in
+/// `inspect` with env values masked (but given to the container), `--show-secrets` with
+/// the token on loopback. A module of its own, so that its `per_engine!` list merges apart.
+mod cli_output {
+    use super::*;
+
+    const TOKEN: &str = "cli-output-e2e-token-0123456789";
+    const SECRET: &str = "e2e-secret-value-never-shown";
+
+    /// The agent's JSON, with the token.
+    fn agent(setup: &Setup, name: &str) -> Value {
+        http_as("GET", &format!("{}/v1/agents/{name}", setup.base()), None, Some(TOKEN))
+            .unwrap_or_else(|e| panic!("GET agent {name}: {e}"))
+    }
+
+    fn until(setup: &Setup, daemon: &Daemon, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let agent = agent(setup, name);
+            if check(&agent) {
+                return agent;
+            }
+            assert!(Instant::now() < deadline, "{name} never became {what}: {agent}\nlog:\n{}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The table row of `name`.
+    fn row(table: &str, name: &str) -> String {
+        table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default().to_owned()
+    }
+
+    fn status_spec_and_masked_env_on_the_engine(engine: Engine) {
+        let mut setup = Setup::new(engine, "out");
+        setup.set("AGENTD_SERVER__TOKEN", TOKEN);
+        let daemon = setup.start();
+        let env = format!("GITHUB_TOKEN={SECRET}");
+        setup.cli(&["spawn", "shown", "--env", &env, "--memory-mb", "256", "--cpus", "0.5", "--restart", "on-failure"]);
+        until(&setup, &daemon, "shown", "healthy", |a| a["health"] == "healthy");
+
+        let live = setup.cli(&["ls"]);
+        let shown = row(&live, "shown");
+        assert!(shown.contains("Up ") && shown.contains("(healthy)"), "{live}");
+
+        let inspected = setup.cli(&["inspect", "shown"]);
+        assert!(!inspected.contains(SECRET), "inspect shows the env value: {inspected}");
+        let json: Value = serde_json::from_str(&inspected).expect("inspect prints JSON");
+        assert_eq!(json["env"], serde_json::json!({ "GITHUB_TOKEN": "<masked>" }), "{json}");
+        assert_eq!(json["memory_mb"], 256, "{json}");
+        assert_eq!(json["cpus"], 0.5, "{json}");
+        assert_eq!(json["restart"], "on-failure", "{json}");
+        assert_eq!(json["image"], IMAGE, "{json}");
+        assert_eq!(json["started_at"], json["runs"][0]["started_at"], "AGE counts the current run: {json}");
+        let session = json["session"].as_str().expect("session").to_owned();
+        let inspect_env = ["inspect", "--format", "{{json .Config.Env}}", session.as_str()];
+        let container_env = String::from_utf8_lossy(&engine.run(&inspect_env).stdout).into_owned();
+        assert!(container_env.contains(&env), "masked in the API, but the container has it: {container_env}");
+        let shown_secrets: Value =
+            serde_json::from_str(&setup.cli(&["inspect", "--show-secrets", "shown"])).expect("JSON");
+        assert_eq!(shown_secrets["env"]["GITHUB_TOKEN"], SECRET, "{shown_secrets}");
+
+        setup.cli(&["stop", "shown"]);
+        assert!(!setup.cli(&["ls", "-o", "name"]).lines().any(|l| l == "shown"), "plain ls leaves out a stopped agent");
+        let all = setup.cli(&["ls", "-a"]);
+        let stopped = row(&all, "shown");
+        assert!(stopped.contains("Exited (") && stopped.contains(" ago"), "{all}");
+        let runs = setup.cli(&["runs", "shown"]);
+        assert_eq!(runs.lines().count(), 2, "one run: {runs}");
+        assert!(runs.lines().nth(1).is_some_and(|r| r.contains(" stop")), "ended by stop: {runs}");
+        setup.cli(&["rm", "shown"]);
+        daemon.terminate();
+    }
+
+    per_engine!(status_spec_and_masked_env_on_the_engine);
 }
