@@ -16,5 +16,6 @@ pub mod egress;
 pub mod firewall;
 pub mod gateway;
 pub mod listen;
+pub mod logs;
 pub mod metrics;
 pub mod storefs;
