@@ -916,3 +916,34 @@ async fn a_client_config_that_fails_to_load_is_warned_about_and_named_in_the_401
     assert!(hint.contains("could not be loaded") && hint.contains(&file), "{hint}");
     d.stop().await;
 }
+
+// jl: `GET /v1/agents/{id}/logs` streams (issue J, item 1).
+
+/// A logs stream that follows across restarts ends its work when its client goes away,
+/// also while it waits for the next run; bad input is a 400 saying what is accepted.
+#[tokio::test]
+async fn a_logs_follower_that_goes_away_ends_and_bad_since_is_a_400() {
+    let d = TestDaemon::start(None).await;
+    let (status, agent) =
+        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "lf", "restart": "always" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let session = agent["session"].as_str().expect("session").to_owned();
+
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/lf/logs?since=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("RFC 3339") && error_text(&body).contains("10m"), "{body}");
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/nobody/logs?follow=true", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let baseline = d.manager.subscribers();
+    let follower =
+        d.req(reqwest::Method::GET, "/v1/agents/lf/logs?follow_restarts=true").send().await.expect("logs stream");
+    assert_eq!(follower.status(), StatusCode::OK);
+    assert_eq!(follower.headers()["content-type"], "text/plain; charset=utf-8");
+    // The run ends; a restart is due in 10 s: the follower waits for it, subscribed to events.
+    d.engine.exit(&session, 3);
+    wait_subscribers(&d, (baseline.0 + 1, baseline.1), "a follower waiting for the next run").await;
+    drop(follower);
+    wait_subscribers(&d, baseline, "after the follower went away").await;
+    d.stop().await;
+}
