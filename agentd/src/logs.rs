@@ -23,6 +23,11 @@ use tracing::debug;
 /// of the log without `follow`): a larger `tail` of long lines gives fewer lines.
 pub const TAIL_MAX_BYTES: usize = backend_core::SESSION_LOGS_MAX_BYTES;
 
+/// The lines a stream holds for a client that reads slower than the agent writes (the
+/// engine's log waits meanwhile): at most this many lines of at most
+/// [`backend_core::MAX_LINE_BYTES`] each per stream.
+pub const QUEUED_LINES: usize = 4;
+
 /// How often a follower between two runs looks at the agent again when no event of it
 /// came (events wake it at once).
 const RECHECK: Duration = Duration::from_secs(2);
@@ -158,7 +163,7 @@ pub async fn open(
             first.agent.name, first.agent.status
         )));
     };
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(QUEUED_LINES);
     let pump = Pump {
         manager,
         agent_id: first.agent.id.clone(),
@@ -210,10 +215,10 @@ impl Pump {
             if matches!(self.tail(lines, n).await?, Ended::Gone) || !self.options.follows() {
                 return Ok(());
             }
-            let (followed, cursor) = (self.followed.clone(), self.cursor);
+            let (followed, cursor, since) = (self.followed.clone(), self.cursor, since_cursor(self.options.since));
             let again = self
                 .manager
-                .run_output(&self.agent_id, |agent| if agent.container_id == followed { cursor } else { None }, true)
+                .run_output(&self.agent_id, |agent| if agent.container_id == followed { cursor } else { since }, true)
                 .await?;
             match self.next_run(again).await? {
                 Some(next) => lines = next,
@@ -295,13 +300,14 @@ impl Pump {
     /// After a run's stream ended: the next run's lines once it starts, or `None` when
     /// the agent ended for good (or the reader went away).
     async fn wait_next_run(&mut self) -> Result<Option<OutputLines>, ManagerError> {
+        let mut waited = false;
         loop {
             // Subscribed before the record is read: no change falls between the two.
             let mut events = self.manager.subscribe();
-            let (followed, cursor) = (self.followed.clone(), self.cursor);
+            let (followed, cursor, since) = (self.followed.clone(), self.cursor, since_cursor(self.options.since));
             let found = self
                 .manager
-                .run_output(&self.agent_id, |agent| if agent.container_id == followed { cursor } else { None }, true)
+                .run_output(&self.agent_id, |agent| if agent.container_id == followed { cursor } else { since }, true)
                 .await;
             let found = match found {
                 Err(ManagerError::AgentNotFound(_)) => return Ok(None),
@@ -314,14 +320,19 @@ impl Pump {
                 return self.next_run(found).await;
             }
             if same && live {
-                // The stream ended before the record did: read on from where it stopped
-                // once something happened (or a little later).
-                debug!(agent_id = %agent.id, "Log stream ended while the run is live; resuming.");
+                // The stream ended before the record did (the exit is not recorded yet, or
+                // the engine ended the stream early): after a wait for news, read on from
+                // where it stopped.
+                if waited && found.lines.is_some() {
+                    debug!(agent_id = %agent.id, "Log stream ended while the run is live; resuming.");
+                    return self.next_run(found).await;
+                }
             } else if agent.next_restart_at.is_none() && !live {
                 // Ended, and no restart is due: the agent ended for good.
                 return Ok(None);
             }
             drop(found);
+            waited = true;
             let id = self.agent_id.clone();
             let woke = tokio::time::timeout(RECHECK, async {
                 loop {
@@ -357,7 +368,7 @@ impl Pump {
                 return Ok(None);
             }
             self.followed = found.agent.container_id.clone();
-            self.cursor = None;
+            self.cursor = since_cursor(self.options.since);
         }
         Ok(Some(lines))
     }
