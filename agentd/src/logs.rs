@@ -205,7 +205,18 @@ struct Pump {
 impl Pump {
     async fn run(mut self, lines: OutputLines) {
         if let Err(e) = self.pump(lines).await {
-            let _ = self.tx.send(Ok(Bytes::from(format!("--- agentd: reading the logs failed: {e} ---\n")))).await;
+            if !matches!(e, ManagerError::ShuttingDown) {
+                let _ = self.tx.send(Ok(Bytes::from(format!("--- agentd: reading the logs failed: {e} ---\n")))).await;
+            }
+            // Hyper drops what it has not written yet when a body fails: let it take (and
+            // so write out) the last lines before the body is broken off.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while self.tx.capacity() < self.tx.max_capacity() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            })
+            .await;
             let _ = self.tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
     }

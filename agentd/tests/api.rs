@@ -947,3 +947,27 @@ async fn a_logs_follower_that_goes_away_ends_and_bad_since_is_a_400() {
     wait_subscribers(&d, baseline, "after the follower went away").await;
     d.stop().await;
 }
+
+/// `agentd logs -f` whose daemon shuts down under it says so and exits 1 (a run's end
+/// exits 0; this is not one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_exits_1_when_the_daemon_shuts_down_under_it() {
+    let d = TestDaemon::start(None).await;
+    let agent = d.spawn("lf2").await;
+    let session = agent["session"].as_str().expect("session").to_owned();
+    d.engine.clear_calls();
+    let base = d.base.clone();
+    let follower = tokio::spawn(async move { agentd_cli(&base, &no_config(), &["logs", "-f", "lf2"]).await });
+    let opened = tokio::time::timeout(Duration::from_secs(10), async {
+        while !d.engine.calls().contains(&backend_mock::MockCall::Output(session.clone())) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(opened.is_ok(), "the follower never opened the agent's output: {:?}", d.engine.calls());
+    d.stop().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), follower).await.expect("the follower ends").expect("join");
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).ends_with("--- agentd: the daemon is shutting down ---\n"), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("the log stream broke off"), "{}", text(&out.stderr));
+}
