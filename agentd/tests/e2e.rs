@@ -2291,7 +2291,20 @@ mod logs_stream {
 
     /// Spawns an agent of kind image on the Claude Code image (it has bash) running `script`.
     fn spawn_script(setup: &Setup, name: &str, restart: &str, script: &str) {
-        setup.cli(&["spawn", "--kind", "image", "--image", CLAUDE_IMAGE, "--restart", restart, name, "--", "bash", "-c", script]);
+        setup.cli(&[
+            "spawn",
+            "--kind",
+            "image",
+            "--image",
+            CLAUDE_IMAGE,
+            "--restart",
+            restart,
+            name,
+            "--",
+            "bash",
+            "-c",
+            script,
+        ]);
     }
 
     /// `logs -f` ends with its run; `--follow-restarts` goes on across runs, each new run's
@@ -2305,7 +2318,8 @@ mod logs_stream {
         setup.set("AGENTD_RECONCILE__RESTART_BACKOFF__INITIAL_SECS", "1");
         setup.set("AGENTD_RECONCILE__RESTART_BACKOFF__MAX_SECS", "2");
         let daemon = setup.start();
-        let script = r#"echo "first line of $HOSTNAME: 漢 ✓ 🙂"; echo "on stderr: 漢" >&2; sleep 2; echo "last line ✓"; exit 3"#;
+        let script =
+            r#"echo "first line of $HOSTNAME: 漢 ✓ 🙂"; echo "on stderr: 漢" >&2; sleep 2; echo "last line ✓"; exit 3"#;
         spawn_script(&setup, "lgf", "on-failure", script);
         let restarts = Follower::start(&setup, &["logs", "--follow-restarts", "lgf"]);
         let run = Follower::start(&setup, &["logs", "-f", "lgf"]);
@@ -2354,12 +2368,16 @@ mod logs_stream {
         }
         let setup = Setup::new(engine, "lgs");
         let daemon = setup.start();
-        let script =
-            r#"trap 'echo "bye 🙂"; exit 0' TERM; echo "one 漢"; sleep 1.5; echo two; echo three; while :; do sleep 0.2; done"#;
+        let script = r#"trap 'echo "bye 🙂"; exit 0' TERM; echo "one 漢"; sleep 1.5; echo two; echo three; while :; do sleep 0.2; done"#;
         spawn_script(&setup, "lgs", "never", script);
         let deadline = Instant::now() + PATIENCE;
         while !setup.cli(&["logs", "lgs"]).contains("three") {
-            assert!(Instant::now() < deadline, "no output: {}\nlog:\n{}", setup.cli(&["logs", "lgs"]), daemon.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no output: {}\nlog:\n{}",
+                setup.cli(&["logs", "lgs"]),
+                daemon.log_text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(setup.cli(&["logs", "lgs"]), "one 漢\ntwo\nthree\n");
