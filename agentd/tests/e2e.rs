@@ -2333,7 +2333,11 @@ mod logs_stream {
 
         // Across runs: each restart's marker, then that run's first line.
         let mut restarts = restarts;
-        let text = restarts.wait_for(&daemon, "followed two restarts", |t| t.matches("--- agentd: run ").count() >= 2);
+        let text = restarts.wait_for(&daemon, "followed two restarts", |t| {
+            // Two markers, and the last run's first two lines after the second.
+            t.matches("--- agentd: run ").count() >= 2
+                && t.rsplit("--- agentd: run ").next().is_some_and(|last| last.lines().count() >= 3)
+        });
         let runs: Vec<&str> = text.split("--- agentd: run ").collect();
         assert!(runs[0].contains("first line of ") && runs[0].contains("last line ✓\n"), "run 1:\n{text}");
         for (n, run) in runs.iter().enumerate().skip(1) {
