@@ -971,3 +971,51 @@ async fn logs_follow_exits_1_when_the_daemon_shuts_down_under_it() {
     assert!(text(&out.stdout).ends_with("--- agentd: the daemon is shutting down ---\n"), "{}", text(&out.stdout));
     assert!(text(&out.stderr).contains("the log stream broke off"), "{}", text(&out.stderr));
 }
+
+/// `follow_restarts` puts a marker before each new run and its output after it, and ends
+/// (cleanly) when the agent is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_restarts_marks_each_run_and_ends_when_the_agent_is_removed() {
+    let d = TestDaemon::start_with(None, |config, _| {
+        config.reconcile.restart_backoff.initial = Duration::from_secs(1);
+        config.reconcile.restart_backoff.max = Duration::from_secs(1);
+    })
+    .await;
+    let (status, agent) =
+        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "lf3", "restart": "always" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let session = agent["session"].as_str().expect("session").to_owned();
+    let response =
+        d.req(reqwest::Method::GET, "/v1/agents/lf3/logs?follow_restarts=true").send().await.expect("logs stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    // Reads on until `done` holds for what was read; `None` when the body ended first.
+    async fn read_until(
+        body: &mut (impl futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
+        text: &mut String,
+        done: impl Fn(&str) -> bool,
+    ) -> Option<()> {
+        while !done(text) {
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(20), body.next()).await.expect("a chunk within 20 s")?;
+            text.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("UTF-8"));
+        }
+        Some(())
+    }
+    read_until(&mut body, &mut text, |t| !t.is_empty()).await.expect("the first run's output");
+    d.engine.exit(&session, 3);
+    let marker = "--- agentd: run 2 of lf3 started (container ";
+    let found =
+        read_until(&mut body, &mut text, |t| t.split_once(marker).is_some_and(|(_, rest)| rest.lines().count() >= 2))
+            .await;
+    assert!(found.is_some(), "the body ended before run 2's output:\n{text}");
+    let (first, second) = text.split_once(marker).expect("marker");
+    let second = second.split_once('\n').map_or("", |(_, lines)| lines);
+    assert!(!first.is_empty() && first.lines().next() == second.lines().next(), "run 1:\n{first}\nrun 2:\n{second}");
+    let (status, _) = d.call(reqwest::Method::DELETE, "/v1/agents/lf3", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let ended = read_until(&mut body, &mut text, |_| false).await;
+    assert!(ended.is_none() && !text.contains("reading the logs failed"), "{text}");
+    d.stop().await;
+}
