@@ -40,7 +40,7 @@ pub use conversation::approvals::{Approval, DecidedBy, Decision};
 pub use conversation::{ConversationEntry, Delivery, Direction, LastResult, LiveEntry, SessionView, Turn, Usage};
 pub use error::{ManagerError, Result};
 pub use health::{EngineState, Health, HealthStatus, SupervisorState};
-pub use manager::{AgentManager, ShutdownSummary};
+pub use manager::{AgentManager, RunOutput, ShutdownSummary};
 pub use metrics::{AgentCounts, Metrics, MetricsSnapshot};
 pub use model::{
     Agent, AgentKind, AgentSpec, AgentStatus, AgentView, ApprovalPolicy, Desired, EndedBy, EventKind, ExitView,

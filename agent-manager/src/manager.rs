@@ -94,6 +94,21 @@ impl Runtime {
     }
 }
 
+/// What [`AgentManager::run_output`] found: the agent as its lock showed it, which run
+/// that is (1 for the first; 0 when it never ran), and the run's output, `None` when the
+/// agent has no container.
+pub struct RunOutput {
+    pub agent: Agent,
+    pub run: usize,
+    pub lines: Option<backend_core::OutputLines>,
+}
+
+impl std::fmt::Debug for RunOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOutput").field("agent", &self.agent.id).field("run", &self.run).finish_non_exhaustive()
+    }
+}
+
 /// What [`AgentManager::shutdown_all`] did.
 #[derive(Debug, Default)]
 pub struct ShutdownSummary {
@@ -1039,6 +1054,30 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             ))),
             other => Ok(other?),
         }
+    }
+
+    /// The output of the agent's current (or last) run, read from the engine's log from
+    /// `from(&agent)` on (everything when it says `None`) and, with `follow`, followed
+    /// until the run ends. The record and the stream are taken under the agent's lock, so
+    /// the stream is the output of the container the record names (never of one a restart
+    /// in flight is replacing). `lines` is `None` when the agent has no container now.
+    pub async fn run_output(
+        &self,
+        id_or_name: &str,
+        from: impl FnOnce(&Agent) -> Option<backend_core::OutputCursor> + Send,
+        follow: bool,
+    ) -> Result<RunOutput> {
+        let (_guard, agent) = self.find_locked(id_or_name).await?;
+        let run = self.store.list_runs(&agent.id).await?.len();
+        let lines = match agent.container_id {
+            None => None,
+            Some(_) => match self.backend.session_output(&agent.session, from(&agent), follow).await {
+                Ok(lines) => Some(lines),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        Ok(RunOutput { agent, run, lines })
     }
 
     /// Stored events after id `since`, optionally of one agent.

@@ -472,8 +472,22 @@ async fn runs(State(app): State<AppState>, Path(id): Path<String>) -> Result<Jso
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
+    /// Only the last N lines (then, with `follow`, what follows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tail: Option<usize>,
+    /// Stream on until the run ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+    /// Stream on across restarts, with a marker line before each new run, until the agent
+    /// ends for good (implies `follow`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow_restarts: bool,
+    /// Only lines written since then: RFC 3339, Unix seconds, or a duration back (`10m`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Each line prefixed with its engine time (RFC 3339, UTC, nanoseconds).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timestamps: bool,
 }
 
 async fn logs(
@@ -481,8 +495,28 @@ async fn logs(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let text = app.manager.logs(&id, query.tail).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !query.follow && !query.follow_restarts && query.since.is_none() && !query.timestamps {
+        // The log as it is, capped (see `ExecutionBackend::session_logs`).
+        let text = app.manager.logs(&id, query.tail).await?;
+        return Ok((text_plain, text).into_response());
+    }
+    let since = match &query.since {
+        Some(text) => Some(
+            crate::logs::parse_since(text, OffsetDateTime::now_utc())
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
+        ),
+        None => None,
+    };
+    let options = crate::logs::LogsOptions {
+        follow: query.follow,
+        follow_restarts: query.follow_restarts,
+        since,
+        tail: query.tail,
+        timestamps: query.timestamps,
+    };
+    let lines = crate::logs::open(app.manager.clone(), &id, options, app.shutdown.clone()).await?;
+    Ok((text_plain, axum::body::Body::from_stream(lines)).into_response())
 }
 
 /// `POST /v1/agents/{id}/messages` body.

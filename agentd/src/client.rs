@@ -492,72 +492,28 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
-/// How much of what it printed a [`LogsFollower`] remembers, to find its place again.
-const FOLLOW_TAIL: usize = 4096;
-
-/// What `agentd logs -f` prints of each new read of an agent's logs: what came after
-/// what it printed before. The logs are capped ([`backend_core::SESSION_LOGS_MAX_BYTES`]),
-/// so a long log no longer grows at the front; the follower then finds its place by the
-/// end of what it printed, and when it cannot (more than the cap was written between two
-/// reads, or the container was replaced), prints what the logs hold now.
-#[derive(Debug, Default)]
-pub struct LogsFollower {
-    /// The length of the last read.
-    seen: usize,
-    /// The end of what was printed.
-    tail: String,
-}
-
-impl LogsFollower {
-    /// The part of `now`, the logs as read now, that was not printed yet; it counts as
-    /// printed from here on.
-    pub fn news(&mut self, now: &str) -> String {
-        let truncated = now.starts_with(backend_core::LOGS_TRUNCATED);
-        let grown = !truncated
-            && now.len() >= self.seen
-            && now.is_char_boundary(self.seen)
-            && now[..self.seen].ends_with(self.tail.as_str());
-        let body = if truncated { now.split_once('\n').map_or("", |(_, body)| body) } else { now };
-        let new = if grown {
-            &now[self.seen..]
-        } else {
-            match body.rfind(self.tail.as_str()) {
-                Some(at) if !self.tail.is_empty() => &body[at + self.tail.len()..],
-                _ => body,
-            }
-        };
-        // What is printed now ends where the logs end.
-        self.seen = now.len();
-        let mut cut = body.len().saturating_sub(FOLLOW_TAIL);
-        while !body.is_char_boundary(cut) {
-            cut += 1;
+/// Copies a text body to stdout as it arrives (bytes as they come: a character split
+/// between two chunks is never cut); returns at its end. A body broken off (the daemon
+/// went away, or it ended the stream with an error) is an error; a closed stdout (`| head`)
+/// ends it quietly.
+pub async fn print_body(response: reqwest::Response) -> Result<()> {
+    use std::io::Write;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| anyhow!("the log stream broke off: {e}"))?;
+        let mut stdout = std::io::stdout().lock();
+        match stdout.write_all(&chunk).and_then(|()| stdout.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e).context("writing to stdout"),
         }
-        self.tail = body[cut..].to_owned();
-        new.to_owned()
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_follower_prints_what_is_new_also_once_the_logs_are_capped() {
-        let mut follow = LogsFollower::default();
-        assert_eq!(follow.news("one\n"), "one\n");
-        assert_eq!(follow.news("one\ntwo\n"), "two\n");
-        assert_eq!(follow.news("one\ntwo\n"), "");
-        let long = "x".repeat(2 * FOLLOW_TAIL);
-        assert_eq!(follow.news(&format!("one\ntwo\n{long}\nA\n")), format!("{long}\nA\n"));
-        // Capped: the front is gone, the follower finds its place by the end it printed.
-        let marker = format!("{} the first 9000 bytes are left out; …]\n", backend_core::LOGS_TRUNCATED);
-        let kept = &long[FOLLOW_TAIL / 2..];
-        assert_eq!(follow.news(&format!("{marker}{kept}\nA\nB\n")), "B\n");
-        assert_eq!(follow.news(&format!("{marker}{kept}\nA\nB\nC\n")), "C\n");
-        // Lost track (a new container): everything the logs hold now.
-        assert_eq!(follow.news("fresh\n"), "fresh\n");
-        assert_eq!(follow.news("fresh\nmore\n"), "more\n");
-    }
 
     fn exit(code: Option<i64>, oom_killed: bool, error: Option<&str>) -> ExitView {
         ExitView { code, oom_killed, signal: None, error: error.map(str::to_owned), finished_at: None }

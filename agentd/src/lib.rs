@@ -16,6 +16,7 @@ pub mod egress;
 pub mod firewall;
 pub mod gateway;
 pub mod listen;
+pub mod logs;
 pub mod metrics;
 pub mod output;
 pub mod storefs;

@@ -1,7 +1,6 @@
 //! The `agentd` binary: the daemon (`agentd serve`) and its command-line client.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use agent_manager::{AgentStatus, Approval, ConversationEntry, Decision, Direction, NewAgent, Run};
 use agentd::api::{self, AgentJson, EventJson};
@@ -68,15 +67,27 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Print an agent's container output.
+    /// Print an agent's container output (stdout and stderr), as `docker logs` does.
     Logs {
+        /// Agent name (or id).
         name: String,
-        /// Keep printing new output.
+        /// Keep printing new output as it is written, until the run ends.
         #[arg(short, long)]
         follow: bool,
-        /// Only the last N lines.
+        /// Like --follow, and go on across restarts (a `--- agentd: run N … started ---` line
+        /// before each new run) until the agent ends for good.
         #[arg(long)]
+        follow_restarts: bool,
+        /// Only the last N lines [default: all].
+        #[arg(short = 'n', long, value_name = "N")]
         tail: Option<usize>,
+        /// Only output since a time: RFC 3339 (2026-12-01T19:00:00Z), Unix seconds, or a
+        /// duration back from now (10m, 1h30m, 2d) [default: all].
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Prefix each line with the engine's time for it (RFC 3339, UTC).
+        #[arg(short = 't', long)]
+        timestamps: bool,
     },
     /// Stop agents (their records and exits stay).
     Stop {
@@ -476,19 +487,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             let runs: Vec<Run> = client.get(&format!("{}/runs", agent_path(&name))).await?;
             format.print_list(&runs, |wide| client::runs_table(&runs, wide), |r| r.id.to_string())?;
         }
-        Command::Logs { name, follow, tail } => {
-            let text = client.get_text(&format!("{}/logs", agent_path(&name)), &api::LogsQuery { tail }).await?;
-            print!("{text}");
-            if follow {
-                let all_logs = api::LogsQuery::default();
-                let mut follower = client::LogsFollower::default();
-                follower.news(&client.get_text(&format!("{}/logs", agent_path(&name)), &all_logs).await?);
-                loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let all = client.get_text(&format!("{}/logs", agent_path(&name)), &all_logs).await?;
-                    print!("{}", follower.news(&all));
-                }
-            }
+        Command::Logs { name, follow, follow_restarts, tail, since, timestamps } => {
+            let query = api::LogsQuery { tail, follow, follow_restarts, since, timestamps };
+            let response = client.open_stream(&format!("{}/logs", agent_path(&name)), &query).await?;
+            client::print_body(response).await?;
         }
         Command::Stop { names, time } => {
             // The API's `StopQuery`.

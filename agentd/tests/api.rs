@@ -916,3 +916,106 @@ async fn a_client_config_that_fails_to_load_is_warned_about_and_named_in_the_401
     assert!(hint.contains("could not be loaded") && hint.contains(&file), "{hint}");
     d.stop().await;
 }
+
+// jl: `GET /v1/agents/{id}/logs` streams (issue J, item 1).
+
+/// A logs stream that follows across restarts ends its work when its client goes away,
+/// also while it waits for the next run; bad input is a 400 saying what is accepted.
+#[tokio::test]
+async fn a_logs_follower_that_goes_away_ends_and_bad_since_is_a_400() {
+    let d = TestDaemon::start(None).await;
+    let (status, agent) =
+        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "lf", "restart": "always" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let session = agent["session"].as_str().expect("session").to_owned();
+
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/lf/logs?since=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("RFC 3339") && error_text(&body).contains("10m"), "{body}");
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/nobody/logs?follow=true", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let baseline = d.manager.subscribers();
+    let follower =
+        d.req(reqwest::Method::GET, "/v1/agents/lf/logs?follow_restarts=true").send().await.expect("logs stream");
+    assert_eq!(follower.status(), StatusCode::OK);
+    assert_eq!(follower.headers()["content-type"], "text/plain; charset=utf-8");
+    // The run ends; a restart is due in 10 s: the follower waits for it, subscribed to events.
+    d.engine.exit(&session, 3);
+    wait_subscribers(&d, (baseline.0 + 1, baseline.1), "a follower waiting for the next run").await;
+    drop(follower);
+    wait_subscribers(&d, baseline, "after the follower went away").await;
+    d.stop().await;
+}
+
+/// `agentd logs -f` whose daemon shuts down under it says so and exits 1 (a run's end
+/// exits 0; this is not one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_exits_1_when_the_daemon_shuts_down_under_it() {
+    let d = TestDaemon::start(None).await;
+    let agent = d.spawn("lf2").await;
+    let session = agent["session"].as_str().expect("session").to_owned();
+    d.engine.clear_calls();
+    let base = d.base.clone();
+    let follower = tokio::spawn(async move { agentd_cli(&base, &no_config(), &["logs", "-f", "lf2"]).await });
+    let opened = tokio::time::timeout(Duration::from_secs(10), async {
+        while !d.engine.calls().contains(&backend_mock::MockCall::Output(session.clone())) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(opened.is_ok(), "the follower never opened the agent's output: {:?}", d.engine.calls());
+    d.stop().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), follower).await.expect("the follower ends").expect("join");
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).ends_with("--- agentd: the daemon is shutting down ---\n"), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("the log stream broke off"), "{}", text(&out.stderr));
+}
+
+/// `follow_restarts` puts a marker before each new run and its output after it, and ends
+/// (cleanly) when the agent is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_restarts_marks_each_run_and_ends_when_the_agent_is_removed() {
+    let d = TestDaemon::start_with(None, |config, _| {
+        config.reconcile.restart_backoff.initial = Duration::from_secs(1);
+        config.reconcile.restart_backoff.max = Duration::from_secs(1);
+    })
+    .await;
+    let (status, agent) =
+        d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "lf3", "restart": "always" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let session = agent["session"].as_str().expect("session").to_owned();
+    let response =
+        d.req(reqwest::Method::GET, "/v1/agents/lf3/logs?follow_restarts=true").send().await.expect("logs stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    // Reads on until `done` holds for what was read; `None` when the body ended first.
+    async fn read_until(
+        body: &mut (impl futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
+        text: &mut String,
+        done: impl Fn(&str) -> bool,
+    ) -> Option<()> {
+        while !done(text) {
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(20), body.next()).await.expect("a chunk within 20 s")?;
+            text.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("UTF-8"));
+        }
+        Some(())
+    }
+    read_until(&mut body, &mut text, |t| !t.is_empty()).await.expect("the first run's output");
+    d.engine.exit(&session, 3);
+    let marker = "--- agentd: run 2 of lf3 started (container ";
+    let found =
+        read_until(&mut body, &mut text, |t| t.split_once(marker).is_some_and(|(_, rest)| rest.lines().count() >= 2))
+            .await;
+    assert!(found.is_some(), "the body ended before run 2's output:\n{text}");
+    let (first, second) = text.split_once(marker).expect("marker");
+    let second = second.split_once('\n').map_or("", |(_, lines)| lines);
+    assert!(!first.is_empty() && first.lines().next() == second.lines().next(), "run 1:\n{first}\nrun 2:\n{second}");
+    let (status, _) = d.call(reqwest::Method::DELETE, "/v1/agents/lf3", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let ended = read_until(&mut body, &mut text, |_| false).await;
+    assert!(ended.is_none() && !text.contains("reading the logs failed"), "{text}");
+    d.stop().await;
+}

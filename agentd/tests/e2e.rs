@@ -2269,3 +2269,232 @@ mod cli_output {
 
     per_engine!(status_spec_and_masked_env_on_the_engine);
 }
+
+// jl: `agentd logs` streams from the engine through the daemon (issue J, item 1).
+mod logs_stream {
+    use super::*;
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+
+    /// `agentd logs …` running in the background, its stdout collected as it comes.
+    struct Follower {
+        child: Child,
+        out: Arc<Mutex<Vec<u8>>>,
+        what: String,
+    }
+
+    impl Follower {
+        fn start(setup: &Setup, args: &[&str]) -> Self {
+            let mut child = setup
+                .command(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("agentd {args:?}: {e}"));
+            let mut stdout = child.stdout.take().expect("stdout");
+            let out = Arc::new(Mutex::new(Vec::new()));
+            let sink = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(&buf[..n]);
+                }
+            });
+            Self { child, out, what: format!("agentd {}", args.join(" ")) }
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8(self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+                .unwrap_or_else(|e| panic!("{}: output is not UTF-8: {e}", self.what))
+        }
+
+        /// Waits until the output holds what `check` wants.
+        fn wait_for(&mut self, daemon: &Daemon, what: &str, check: impl Fn(&str) -> bool) -> String {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let text = self.text();
+                if check(&text) {
+                    return text;
+                }
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    // Exited: the output is complete once the reader drained it.
+                    std::thread::sleep(Duration::from_millis(200));
+                    let text = self.text();
+                    assert!(check(&text), "{} exited ({status}) before {what}; it printed:\n{text}", self.what);
+                    return text;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: never {what}; it printed:\n{text}\nlog:\n{}",
+                    self.what,
+                    daemon.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// Waits for the process to exit by itself; returns its code and what it printed.
+        fn wait_exit(mut self, within: Duration) -> (Option<i32>, String, String) {
+            let deadline = Instant::now() + within;
+            let status = loop {
+                if let Some(status) = self.child.try_wait().expect("wait") {
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("{} did not exit within {within:?}; it printed:\n{}", self.what, self.text());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut stderr = String::new();
+            if let Some(mut err) = self.child.stderr.take() {
+                let _ = err.read_to_string(&mut stderr);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            (status.code(), self.text(), stderr)
+        }
+    }
+
+    impl Drop for Follower {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Spawns an agent of kind image on the Claude Code image (it has bash) running `script`.
+    fn spawn_script(setup: &Setup, name: &str, restart: &str, script: &str) {
+        setup.cli(&[
+            "spawn",
+            "--kind",
+            "image",
+            "--image",
+            CLAUDE_IMAGE,
+            "--restart",
+            restart,
+            name,
+            "--",
+            "bash",
+            "-c",
+            script,
+        ]);
+    }
+
+    /// `logs -f` ends with its run; `--follow-restarts` goes on across runs, each new run's
+    /// first lines after a marker, and ends when the agent is stopped; non-ASCII output
+    /// (漢 ✓ 🙂, on stdout and stderr) comes through whole.
+    pub(super) fn logs_follow_runs_and_restarts(engine: Engine) {
+        if !engine.has_claude() {
+            return;
+        }
+        let mut setup = Setup::new(engine, "lgf");
+        setup.set("AGENTD_RECONCILE__RESTART_BACKOFF__INITIAL_SECS", "1");
+        setup.set("AGENTD_RECONCILE__RESTART_BACKOFF__MAX_SECS", "2");
+        let daemon = setup.start();
+        let script =
+            r#"echo "first line of $HOSTNAME: 漢 ✓ 🙂"; echo "on stderr: 漢" >&2; sleep 2; echo "last line ✓"; exit 3"#;
+        spawn_script(&setup, "lgf", "on-failure", script);
+        let restarts = Follower::start(&setup, &["logs", "--follow-restarts", "lgf"]);
+        let run = Follower::start(&setup, &["logs", "-f", "lgf"]);
+
+        // One run: from its first line to its last, then the command exits 0 by itself.
+        let (code, text, stderr) = run.wait_exit(PATIENCE);
+        assert_eq!(code, Some(0), "logs -f: {stderr}\nprinted:\n{text}");
+        assert!(text.contains(": 漢 ✓ 🙂\n") && text.contains("on stderr: 漢\n"), "logs -f:\n{text}");
+        assert!(text.ends_with("last line ✓\n"), "logs -f did not end with its run's last line:\n{text}");
+        assert!(!text.contains("--- agentd:"), "logs -f went past its run:\n{text}");
+
+        // Across runs: each restart's marker, then that run's first line.
+        let mut restarts = restarts;
+        let text = restarts.wait_for(&daemon, "followed two restarts", |t| {
+            // Two markers, and the last run's first two lines after the second.
+            t.matches("--- agentd: run ").count() >= 2
+                && t.rsplit("--- agentd: run ").next().is_some_and(|last| last.lines().count() >= 3)
+        });
+        let runs: Vec<&str> = text.split("--- agentd: run ").collect();
+        assert!(runs[0].contains("first line of ") && runs[0].contains("last line ✓\n"), "run 1:\n{text}");
+        for (n, run) in runs.iter().enumerate().skip(1) {
+            let (marker, lines) = run.split_once('\n').unwrap_or((run, ""));
+            assert!(marker.starts_with(&format!("{} of lgf started (container ", n + 1)), "marker {n}:\n{text}");
+            // Its first lines, on stdout and on stderr (the two streams' order is the engine's).
+            let first: Vec<&str> = lines.lines().take(2).collect();
+            assert!(
+                first.iter().any(|l| l.starts_with("first line of ") && l.ends_with(": 漢 ✓ 🙂"))
+                    && first.contains(&"on stderr: 漢"),
+                "run {} lost its first lines:\n{text}",
+                n + 1
+            );
+        }
+        let hosts: std::collections::BTreeSet<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("first line of ")).collect();
+        assert!(hosts.len() >= 3, "the runs are not three containers: {hosts:?}\n{text}");
+
+        // Stopped for good: the follower ends, exit 0.
+        setup.cli(&["stop", "lgf"]);
+        let (code, text, stderr) = restarts.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "logs --follow-restarts after stop: {stderr}\nprinted:\n{text}");
+        setup.cli(&["rm", "-f", "lgf"]);
+        daemon.terminate();
+    }
+
+    /// `--tail`, `--since` (a time, a duration) and `--timestamps`, and `logs -f` exiting
+    /// when the agent is stopped, with the run's last line.
+    pub(super) fn logs_since_tail_timestamps(engine: Engine) {
+        if !engine.has_claude() {
+            return;
+        }
+        let setup = Setup::new(engine, "lgs");
+        let daemon = setup.start();
+        let script = r#"trap 'echo "bye 🙂"; exit 0' TERM; echo "one 漢"; sleep 1.5; echo two; echo three; while :; do sleep 0.2; done"#;
+        spawn_script(&setup, "lgs", "never", script);
+        let deadline = Instant::now() + PATIENCE;
+        while !setup.cli(&["logs", "lgs"]).contains("three") {
+            assert!(
+                Instant::now() < deadline,
+                "no output: {}\nlog:\n{}",
+                setup.cli(&["logs", "lgs"]),
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(setup.cli(&["logs", "lgs"]), "one 漢\ntwo\nthree\n");
+        assert_eq!(setup.cli(&["logs", "--tail", "2", "lgs"]), "two\nthree\n");
+        assert_eq!(setup.cli(&["logs", "-n", "0", "--since", "1h", "lgs"]), "");
+
+        let stamped = setup.cli(&["logs", "-t", "lgs"]);
+        let lines: Vec<(&str, &str)> = stamped.lines().map(|l| l.split_once(' ').expect("a time first")).collect();
+        assert_eq!(lines.iter().map(|(_, text)| *text).collect::<Vec<_>>(), ["one 漢", "two", "three"], "{stamped}");
+        for (at, _) in &lines {
+            assert_eq!(at.len(), "2026-12-01T19:00:00.123456789Z".len(), "not fixed width: {stamped}");
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|e| panic!("{at}: {e}\n{stamped}"));
+        }
+        let two_at = lines[1].0;
+        assert_eq!(setup.cli(&["logs", "--since", two_at, "lgs"]), "two\nthree\n");
+        assert_eq!(setup.cli(&["logs", "--since", "10m", "lgs"]), "one 漢\ntwo\nthree\n");
+        assert_eq!(setup.cli(&["logs", "--since", "2099-01-01T00:00:00Z", "lgs"]), "");
+        assert_eq!(setup.cli(&["logs", "-t", "--tail", "1", "lgs"]), format!("{} three\n", lines[2].0));
+        let bad = setup.command(&["logs", "--since", "yesterday", "lgs"]).output().expect("agentd logs");
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && stderr.contains("RFC 3339") && stderr.contains("HTTP 400"), "{stderr}");
+
+        // Following from the last line on; the stop's last line, then the end.
+        let mut follow = Follower::start(&setup, &["logs", "-f", "--tail", "1", "lgs"]);
+        follow.wait_for(&daemon, "printed the last line", |t| t == "three\n");
+        setup.cli(&["stop", "lgs"]);
+        let (code, text, stderr) = follow.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "logs -f after stop: {stderr}\nprinted:\n{text}");
+        assert_eq!(text, "three\nbye 🙂\n");
+        // A stopped agent's container keeps its log: -f prints it and ends at once.
+        let (code, text, _) = Follower::start(&setup, &["logs", "-f", "lgs"]).wait_exit(Duration::from_secs(30));
+        assert_eq!((code, text.as_str()), (Some(0), "one 漢\ntwo\nthree\nbye 🙂\n"));
+        setup.cli(&["rm", "-f", "lgs"]);
+        daemon.terminate();
+    }
+
+    per_engine!(logs_follow_runs_and_restarts, logs_since_tail_timestamps);
+}
