@@ -49,18 +49,21 @@ impl Client {
         request
     }
 
+    /// A request that got no answer, said with what to do.
+    fn transport_error(&self, e: reqwest::Error) -> anyhow::Error {
+        if e.is_connect() || e.is_timeout() {
+            anyhow!(
+                "agentd is not running at {} ({e}).\nStart it with `agentd serve` (or `cargo run --release -p agentd -- serve`), \
+                 or point --url / AGENTD_URL at a running daemon",
+                self.base
+            )
+        } else {
+            anyhow!("request to {} failed: {e}", self.base)
+        }
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let response = request.send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
-                anyhow!(
-                    "agentd is not running at {} ({e}).\nStart it with `agentd serve` (or `cargo run --release -p agentd -- serve`), \
-                     or point --url / AGENTD_URL at a running daemon",
-                    self.base
-                )
-            } else {
-                anyhow!("request to {} failed: {e}", self.base)
-            }
-        })?;
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -77,6 +80,17 @@ impl Client {
             }
         }
         bail!("{message} (HTTP {})", status.as_u16())
+    }
+
+    /// The daemon's `/healthz` answer, whatever its status says (it answers 503 with the
+    /// same body when it is not healthy).
+    pub async fn health(&self) -> Result<Value> {
+        let request = self.request(Method::GET, "/healthz");
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
+        if response.status() != StatusCode::SERVICE_UNAVAILABLE && !response.status().is_success() {
+            bail!("GET /healthz answered HTTP {}", response.status().as_u16());
+        }
+        response.json().await.context("reading the answer to GET /healthz")
     }
 
     /// GETs JSON, read as `R` (one of the API's response types, `api::AgentJson`, …).

@@ -8,7 +8,7 @@ use agentd::api::{self, AgentJson, EventJson};
 use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -145,6 +145,48 @@ enum Command {
     /// Validate or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the client's version and the daemon's (from its /healthz); exit 1 when the
+    /// daemon cannot be asked.
+    Version,
+    /// Print a shell completion script: `agentd completion bash > /etc/bash_completion.d/agentd`,
+    /// `agentd completion zsh > "${fpath[1]}/_agentd"`, `agentd completion fish >
+    /// ~/.config/fish/completions/agentd.fish`.
+    Completion {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `agentd man > /usr/local/share/man/man1/agentd.1`.
+    Man,
+}
+
+/// The verbs that do not talk to a daemon: the client's `--url` and `--token` are not
+/// offered on them (not in their help, not completed, refused when given).
+const LOCAL_VERBS: [&str; 4] = ["serve", "config", "completion", "man"];
+
+/// The client flags, as `--url`, `--token`.
+const CLIENT_FLAGS: [&str; 2] = ["url", "token"];
+
+/// The command line's grammar: [`Cli`] with `--url` and `--token` taken off the verbs
+/// that do not talk to a daemon. clap gives a global flag to every subcommand that does
+/// not define one of its own id, so each of those verbs gets a hidden stand-in that
+/// refuses any value (and reads no environment variable).
+fn cli_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for verb in LOCAL_VERBS {
+        cmd = cmd.mut_subcommand(verb, |mut sub| {
+            for flag in CLIENT_FLAGS {
+                let name = format!("agentd {verb}");
+                sub = sub.arg(clap::Arg::new(flag).long(flag).global(true).hide(true).value_parser(
+                    move |_: &str| -> Result<String, String> {
+                        Err(format!("--{flag} is for the client verbs; {name} does not talk to a daemon"))
+                    },
+                ));
+            }
+            sub
+        });
+    }
+    cmd
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,7 +266,20 @@ struct SpawnArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = cli_command().get_matches();
+    let local = matches.subcommand_name().is_some_and(|verb| LOCAL_VERBS.contains(&verb));
+    if let Some(flag) = CLIENT_FLAGS
+        .into_iter()
+        .find(|flag| local && matches.value_source(flag) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        let verb = matches.subcommand_name().unwrap_or_default();
+        eprintln!("agentd: --{flag} is for the client verbs; agentd {verb} does not talk to a daemon");
+        std::process::exit(2);
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -265,6 +320,17 @@ async fn run(cli: Cli) -> i32 {
             Err(e) => {
                 eprint!("agentd: {e}");
                 2
+            }
+        },
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "agentd", &mut std::io::stdout());
+            0
+        }
+        Command::Man => match clap_mangen::Man::new(cli_command()).render(&mut std::io::stdout()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("agentd: cannot write the manual page: {e}");
+                1
             }
         },
         Command::Config(ConfigCommand::Show) => match config::show(&sources) {
@@ -647,7 +713,16 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 }
             }
         }
-        Command::Serve | Command::Config(_) => bail!("not a client command"),
+        Command::Version => {
+            println!("client: agentd {}", env!("CARGO_PKG_VERSION"));
+            let health = client.health().await.with_context(|| format!("server: cannot ask the daemon at {url}"))?;
+            let version = health["version"].as_str().unwrap_or("unknown (its /healthz names no version)");
+            let backend = health["backend"].as_str().unwrap_or("unknown");
+            println!("server: agentd {version} ({backend} backend, {url})");
+        }
+        Command::Serve | Command::Config(_) | Command::Completion { .. } | Command::Man => {
+            bail!("not a client command")
+        }
     }
     Ok(())
 }
