@@ -15,14 +15,14 @@ use serde_json::Value;
 #[derive(Debug, Parser)]
 #[command(name = "agentd", version, about = "Runs AI coding agents in containers and knows the truth about them.")]
 struct Cli {
-    /// The daemon's API (default: http://<server.listen>).
+    /// The daemon's API [default: http://<server.listen>, http://127.0.0.1:7006].
     #[arg(long, env = "AGENTD_URL", global = true)]
     url: Option<String>,
-    /// The API bearer token (default: server.token from the configuration).
+    /// The API bearer token [default: server.token or server.token_file from the configuration, none].
     #[arg(long, env = "AGENTD_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
     /// A configuration file, layered over /etc/agentd/agentd.toml and
-    /// $XDG_CONFIG_HOME/agentd/agentd.toml.
+    /// $XDG_CONFIG_HOME/agentd/agentd.toml [default: none, those two alone].
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -40,7 +40,7 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Only agents with this status.
+        /// Only agents with this status: pending, running, stopped or failed [default: any].
         #[arg(long)]
         status: Option<String>,
     },
@@ -52,11 +52,12 @@ enum Command {
     },
     /// Print an agent's container output.
     Logs {
+        /// The agent's name (or id).
         name: String,
         /// Keep printing new output.
         #[arg(short, long)]
         follow: bool,
-        /// Only the last N lines.
+        /// Only the last N lines [default: all].
         #[arg(long)]
         tail: Option<usize>,
     },
@@ -85,19 +86,35 @@ enum Command {
         #[arg(short, long)]
         force: bool,
     },
-    /// Print lifecycle events.
+    /// Print lifecycle events: only new ones as they happen (as `docker events`), unless
+    /// --since or --tail asks for past ones, which are printed and then the command exits
+    /// (with -f it goes on with new ones). Following ends with exit 1 and a message when
+    /// the daemon goes away.
     Events {
-        /// Keep printing new events.
+        /// After the past events --since or --tail chose, keep printing new ones (without
+        /// either flag, events always follows).
         #[arg(short, long)]
         follow: bool,
-        /// Only this agent's events.
+        /// Only this agent's events (name or id) [default: every agent's].
         #[arg(long)]
         agent: Option<String>,
+        /// Past events from this time on: RFC 3339 (2026-12-01T18:00:00Z), Unix seconds
+        /// (0 is every stored event), or an age such as 90s, 10m, 2h, 1d, 1h30m [default: none, only new events].
+        #[arg(long, value_name = "TIME", value_parser = client::parse_since)]
+        since: Option<time::OffsetDateTime>,
+        /// The last N past events (with --since: the last N of those) [default: none, only new events].
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// One JSON object per line (the API's event JSON, keys sorted), no header.
+        #[arg(long)]
+        json: bool,
     },
     /// Send a message to a claude-code agent and print its reply as it arrives; exits 0
     /// when the turn succeeds and 1 when its result is an error.
     Send {
+        /// The agent's name (or id).
         name: String,
+        /// The message.
         text: String,
         /// Only queue the message; do not wait for the reply.
         #[arg(long)]
@@ -106,10 +123,13 @@ enum Command {
     /// Talk to a claude-code agent: a prompt with history, replies as they stream,
     /// approvals asked as `allow? [y/N]`; Ctrl-C interrupts the turn, Ctrl-D leaves.
     /// Without a terminal, one message per line of stdin.
-    Chat { name: String },
+    Chat {
+        /// The agent's name (or id).
+        name: String,
+    },
     /// List tool-permission requests (pending ones by default).
     Approvals {
-        /// Only this agent's.
+        /// Only this agent's (name or id) [default: every agent's].
         #[arg(long)]
         agent: Option<String>,
         /// Decided ones too.
@@ -121,19 +141,22 @@ enum Command {
     },
     /// Allow pending tool-permission requests.
     Approve {
-        #[arg(required = true)]
+        /// Approval ids, as `agentd approvals` lists them.
+        #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
     },
     /// Deny pending tool-permission requests.
     Deny {
-        #[arg(required = true)]
+        /// Approval ids, as `agentd approvals` lists them.
+        #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
-        /// Why, told to the agent.
+        /// Why, told to the agent [default: none].
         #[arg(long)]
         message: Option<String>,
     },
     /// Print a claude-code agent's conversation.
     Conversation {
+        /// The agent's name (or id).
         name: String,
         /// Keep printing new entries.
         #[arg(short, long)]
@@ -525,7 +548,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 let (client, query) = (&client, &query);
                 async move {
                     let path = format!("{}/stop{query}", agent_path(&name));
-                    let agent: AgentJson = client.call(Method::POST, &path).await?;
+                    let progress = client::Progress::start(client, "stopping", &name, time).await;
+                    let agent = client.call::<AgentJson>(Method::POST, &path).await;
+                    progress.done();
+                    let agent = agent?;
                     println!("{} {} (exit {})", name, agent.status, client::exit_column(agent.exit.as_ref()));
                     Ok(())
                 }
@@ -537,7 +563,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             for_each_name(&names, "restarted", |name| {
                 let client = &client;
                 async move {
-                    let agent: AgentJson = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
+                    let progress = client::Progress::start(client, "restarting", &name, None).await;
+                    let agent = client.call::<AgentJson>(Method::POST, &format!("{}/restart", agent_path(&name))).await;
+                    progress.done();
+                    let agent = agent?;
                     println!("{} {} (restarts {})", name, agent.status, agent.restarts);
                     Ok(())
                 }
@@ -561,7 +590,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                             );
                         }
                     }
-                    client.call::<()>(Method::DELETE, &agent_path(&name)).await?;
+                    let progress = client::Progress::start(client, "removing", &name, None).await;
+                    let removed = client.call::<()>(Method::DELETE, &agent_path(&name)).await;
+                    progress.done();
+                    removed?;
                     println!("{name} removed");
                     Ok(())
                 }
@@ -569,35 +601,73 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             .await
             .result?;
         }
-        Command::Events { follow, agent } => {
+        Command::Events { follow, agent, since, tail, json } => {
+            let past = since.is_some() || tail.is_some();
             // Subscribe before listing, so no event falls between the two.
-            let stream = if follow {
+            let stream = if follow || !past {
                 Some(client.open_stream("/v1/events/stream", &api::StreamQuery { agent: agent.clone() }).await?)
             } else {
                 None
             };
-            let mut last = 0;
-            loop {
-                let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
-                let page: Vec<EventJson> = client.get_query("/v1/events", &query).await?;
-                for event in &page {
+            let print = |event: &EventJson| -> Result<()> {
+                if json {
+                    println!("{}", client::printable(event)?);
+                } else {
                     println!("{}", client::event_line(event));
-                    last = event.id;
                 }
-                // A page is short when it hits the daemon's byte budget: read on until
-                // one is empty.
-                if page.is_empty() {
-                    break;
+                Ok(())
+            };
+            if !json {
+                println!("{}", client::EVENTS_HEADER);
+            }
+            let mut last = 0;
+            if past {
+                // The store answers by id; the time and the tail are chosen here, holding
+                // no more than the tail.
+                let mut kept = std::collections::VecDeque::new();
+                loop {
+                    let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
+                    let page: Vec<EventJson> = client.get_query("/v1/events", &query).await?;
+                    // A page is short when it hits the daemon's byte budget: read on until
+                    // one is empty.
+                    let Some(end) = page.last() else { break };
+                    last = end.id;
+                    for event in page.into_iter().filter(|e| since.is_none_or(|since| e.at >= since)) {
+                        if tail == Some(0) {
+                            continue;
+                        }
+                        if tail.is_some_and(|n| kept.len() >= n) {
+                            kept.pop_front();
+                        }
+                        if tail.is_some() {
+                            kept.push_back(event);
+                        } else {
+                            print(&event)?;
+                        }
+                    }
+                }
+                for event in &kept {
+                    print(event)?;
                 }
             }
             if let Some(stream) = stream {
-                client
+                eprintln!("agentd: following new events from {url} (Ctrl-C to stop)");
+                let mut failed = None;
+                let followed = client
                     .follow_events(stream, |event| {
-                        if event.id > last {
-                            println!("{}", client::event_line(&event));
+                        if event.id > last && failed.is_none() {
+                            failed = print(&event).err();
                         }
                     })
-                    .await?;
+                    .await;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let why = match followed {
+                    Ok(()) => "the daemon ended the event stream".to_owned(),
+                    Err(e) => format!("{e:#}"),
+                };
+                bail!("stopped following events: the daemon at {url} went away ({why}); is it stopping or restarting?");
             }
         }
         Command::Send { name, text, no_wait } => {
@@ -725,4 +795,46 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and argument of `cmd` and its subcommands that has no help text, and
+    /// every option taking a value whose help shows no default.
+    fn undocumented(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let takes_value = matches!(arg.get_action(), clap::ArgAction::Set | clap::ArgAction::Append);
+            if help.is_empty() {
+                problems.push(format!("{path} {id}: no help text"));
+            } else if takes_value
+                && !arg.is_positional()
+                && arg.get_default_values().is_empty()
+                && !help.contains("[default:")
+            {
+                problems.push(format!("{path} --{id}: the help shows no default ({help:?})"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            undocumented(sub, &format!("{path} {}", sub.get_name()), problems);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_text_and_shows_its_default() {
+        let mut problems = Vec::new();
+        undocumented(&cli_command(), "agentd", &mut problems);
+        assert!(problems.is_empty(), "undocumented flags:\n{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        cli_command().debug_assert();
+    }
 }
