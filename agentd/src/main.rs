@@ -212,6 +212,27 @@ fn cli_command() -> clap::Command {
     cmd
 }
 
+/// The grammar as completion scripts and the man page tell it: [`Cli`] with `--url` and
+/// `--token` given to each client verb (and the top level) but not to the local verbs.
+/// (The generators would show [`cli_command`]'s hidden stand-ins.)
+fn documented_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for flag in CLIENT_FLAGS {
+        cmd = cmd.mut_arg(flag, |arg| arg.global(false));
+    }
+    let flags: Vec<clap::Arg> =
+        cmd.get_arguments().filter(|a| CLIENT_FLAGS.contains(&a.get_id().as_str())).cloned().collect();
+    let verbs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .filter(|verb| !LOCAL_VERBS.contains(&verb.as_str()))
+        .collect();
+    for verb in verbs {
+        cmd = cmd.mut_subcommand(verb, |sub| sub.args(flags.iter().cloned()));
+    }
+    cmd
+}
+
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate the configuration; exit 2 with the problems if it is invalid.
@@ -346,10 +367,10 @@ async fn run(cli: Cli) -> i32 {
             }
         },
         Command::Completion { shell } => {
-            clap_complete::generate(shell, &mut cli_command(), "agentd", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut documented_command(), "agentd", &mut std::io::stdout());
             0
         }
-        Command::Man => match clap_mangen::Man::new(cli_command()).render(&mut std::io::stdout()) {
+        Command::Man => match clap_mangen::Man::new(documented_command()).render(&mut std::io::stdout()) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("agentd: cannot write the manual page: {e}");
@@ -836,5 +857,6 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         cli_command().debug_assert();
+        documented_command().debug_assert();
     }
 }
