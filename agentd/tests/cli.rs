@@ -406,3 +406,25 @@ fn a_ten_second_restart_wait_reads_restarting_in_10s() {
     };
     assert_eq!(detail, "restart policy on-failure: restarting in 10s (attempt 1)");
 }
+
+/// On a terminal (a pty from util-linux's `script`), `stop` says what it waits for, then
+/// clears the line before its answer.
+#[test]
+fn stop_shows_progress_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` (util-linux) to give agentd a terminal");
+        return;
+    }
+    let daemon = Daemon::start("progress-tty", &[]);
+    spawn(&daemon, "loud", &[]);
+    let out = Command::new("script")
+        .args(["-qec", &format!("{} stop -t 7 loud", env!("CARGO_BIN_EXE_agentd")), "/dev/null"])
+        .env("AGENTD_URL", daemon.url())
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("agentd-cli-test-no-config"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.starts_with("stopping loud… (SIGTERM sent, 7 s grace)\r\x1b[2Kloud stopped"), "{said:?}");
+}
