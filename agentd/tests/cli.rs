@@ -77,7 +77,15 @@ fn wait_line(lines: &Receiver<String>, needle: &str, within: Duration, seen: &mu
                     return line;
                 }
             }
-            Err(_) => panic!("no line with {needle:?} within {within:?}; read:\n{}", seen.join("\n")),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no line with {needle:?} within {within:?}; read:\n{}", seen.join("\n"))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!(
+                    "the output ended (the process exited?) without a line with {needle:?}; read:\n{}",
+                    seen.join("\n")
+                )
+            }
         }
     }
 }
