@@ -148,6 +148,8 @@ impl Client {
                 if let Ok(value) = serde_json::from_str(data) {
                     each(value);
                 }
+            } else if event == "lagged" {
+                eprintln!("agentd: warning: {data}");
             }
             true
         })
