@@ -436,3 +436,29 @@ fn stop_shows_progress_on_a_terminal() {
     assert!(out.status.success(), "{said}{}", text(&out.stderr));
     assert!(said.starts_with("stopping loud… (SIGTERM sent, 7 s grace)\r\x1b[2Kloud stopped"), "{said:?}");
 }
+
+/// The shipped unit is what the docs say (`Type=notify`, `agentd serve`), and systemd
+/// accepts it (`systemd-analyze verify`, where installed).
+#[test]
+fn the_systemd_unit_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/agentd.service");
+    let unit = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    for line in ["Type=notify", "ExecStart=/usr/local/bin/agentd serve", "Restart=on-failure", "StateDirectory=agentd"]
+    {
+        assert!(unit.lines().any(|l| l == line), "{path} lacks {line:?}");
+    }
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("skipped systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("agentd-cli-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let copy = dir.join("agentd.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/agentd", env!("CARGO_BIN_EXE_agentd"))).expect("write");
+    // The man page need not be installed here (--man=no); anything it says is a defect.
+    let out =
+        Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&copy).output().expect("systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = text(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+}
