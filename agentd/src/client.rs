@@ -395,7 +395,7 @@ impl Progress {
             return Self { shown: false };
         }
         let agent: Option<Value> = client.get(&format!("/v1/agents/{}", encode(name))).await.ok();
-        let running = agent.as_ref().is_none_or(|a| a["status"] == "running");
+        let running = agent.as_ref().is_some_and(|a| a["status"] == "running");
         let grace = grace.or_else(|| {
             let agent = agent.as_ref()?;
             agent["stop_grace_secs"].as_u64().or_else(|| agent["spec"]["stop_grace_secs"].as_u64())

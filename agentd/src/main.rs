@@ -654,16 +654,14 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                     let Some(end) = page.last() else { break };
                     last = end.id;
                     for event in page.into_iter().filter(|e| since.is_none_or(|since| e.at >= since)) {
-                        if tail == Some(0) {
-                            continue;
-                        }
-                        if tail.is_some_and(|n| kept.len() >= n) {
-                            kept.pop_front();
-                        }
-                        if tail.is_some() {
-                            kept.push_back(event);
-                        } else {
-                            print(&event)?;
+                        match tail {
+                            None => print(&event)?,
+                            Some(n) => {
+                                kept.push_back(event);
+                                if kept.len() > n {
+                                    kept.pop_front();
+                                }
+                            }
                         }
                     }
                 }
