@@ -179,8 +179,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `agentd man > /usr/local/share/man/man1/agentd.1`.
-    Man,
+    /// Print the manual page (roff): `agentd man > /usr/local/share/man/man1/agentd.1`, and
+    /// a verb's with its flags: `agentd man spawn > /usr/local/share/man/man1/agentd-spawn.1`.
+    Man {
+        /// The verb whose page to print [default: none, agentd's own page].
+        #[arg(value_name = "VERB")]
+        verb: Option<String>,
+    },
 }
 
 /// The verbs that do not talk to a daemon: the client's `--url` and `--token` are not
@@ -370,13 +375,29 @@ async fn run(cli: Cli) -> i32 {
             clap_complete::generate(shell, &mut documented_command(), "agentd", &mut std::io::stdout());
             0
         }
-        Command::Man => match clap_mangen::Man::new(documented_command()).render(&mut std::io::stdout()) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("agentd: cannot write the manual page: {e}");
-                1
+        Command::Man { verb } => {
+            let mut cmd = documented_command();
+            cmd.build();
+            let page = match &verb {
+                None => clap_mangen::Man::new(cmd),
+                Some(verb) => match cmd.find_subcommand(verb) {
+                    Some(sub) => clap_mangen::Man::new(sub.clone().version(env!("CARGO_PKG_VERSION")))
+                        .title(format!("agentd-{verb}")),
+                    None => {
+                        let verbs: Vec<&str> = cmd.get_subcommands().map(clap::Command::get_name).collect();
+                        eprintln!("agentd: man {verb}: no such verb; one of: {}", verbs.join(", "));
+                        return 2;
+                    }
+                },
+            };
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentd: cannot write the manual page: {e}");
+                    1
+                }
             }
-        },
+        }
         Command::Config(ConfigCommand::Show) => match config::show(&sources) {
             Ok(text) => {
                 print!("{text}");
@@ -809,7 +830,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             let backend = health["backend"].as_str().unwrap_or("unknown");
             println!("server: agentd {version} ({backend} backend, {url})");
         }
-        Command::Serve | Command::Config(_) | Command::Completion { .. } | Command::Man => {
+        Command::Serve | Command::Config(_) | Command::Completion { .. } | Command::Man { .. } => {
             bail!("not a client command")
         }
     }

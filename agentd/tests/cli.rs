@@ -212,6 +212,18 @@ fn completion_scripts_and_the_man_page_are_printed() {
     for word in ["SUBCOMMANDS", "spawn", "events", "version"] {
         assert!(page.contains(word), "the man page lacks {word:?}");
     }
+    let out = run(&["man", "spawn"]);
+    assert!(out.status.success(), "man spawn: {}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH agentd-spawn 1"), "not agentd-spawn(1):\n{page}");
+    for flag in ["memory\\-mb", "egress\\-allow", "url"] {
+        assert!(page.contains(&format!("\\fB\\-\\-{flag}\\fR")), "agentd-spawn(1) lacks --{flag}:\n{page}");
+    }
+    let out = run(&["man", "serve"]);
+    assert!(!text(&out.stdout).contains("\\-\\-url"), "agentd-serve(1) names --url");
+    let out = run(&["man", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no such verb; one of: serve"), "{}", text(&out.stderr));
 }
 
 #[test]
