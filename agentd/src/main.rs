@@ -86,10 +86,11 @@ enum Command {
         #[arg(short, long)]
         force: bool,
     },
-    /// Print lifecycle events: only new ones as they happen (as `docker events`), unless
-    /// --since or --tail asks for past ones, which are printed and then the command exits
-    /// (with -f it goes on with new ones). Following ends with exit 1 and a message when
-    /// the daemon goes away.
+    /// Print lifecycle events (new ones as they happen, or past ones with --since/--tail).
+    ///
+    /// Without --since or --tail, only new events, as they happen (as `docker events`).
+    /// With either, those past events, then the command exits (with -f it goes on with new
+    /// ones). Following ends with exit 1 and a message when the daemon goes away.
     Events {
         /// After the past events --since or --tail chose, keep printing new ones (without
         /// either flag, events always follows).
@@ -168,19 +169,24 @@ enum Command {
     /// Validate or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Print the client's version and the daemon's (from its /healthz); exit 1 when the
-    /// daemon cannot be asked.
+    /// Print the client's version and the daemon's.
+    ///
+    /// The daemon's comes from its /healthz; exit 1 when the daemon cannot be asked.
     Version,
-    /// Print a shell completion script: `agentd completion bash > /etc/bash_completion.d/agentd`,
-    /// `agentd completion zsh > "${fpath[1]}/_agentd"`, `agentd completion fish >
-    /// ~/.config/fish/completions/agentd.fish`.
+    /// Print a shell completion script.
+    ///
+    /// `agentd completion bash > /etc/bash_completion.d/agentd`,
+    /// `agentd completion zsh > "${fpath[1]}/_agentd"`,
+    /// `agentd completion fish > ~/.config/fish/completions/agentd.fish`.
     Completion {
         /// The shell to complete in.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `agentd man > /usr/local/share/man/man1/agentd.1`, and
-    /// a verb's with its flags: `agentd man spawn > /usr/local/share/man/man1/agentd-spawn.1`.
+    /// Print the manual page (roff), agentd's or a verb's.
+    ///
+    /// `agentd man > /usr/local/share/man/man1/agentd.1`, and a verb's with its flags:
+    /// `agentd man spawn > /usr/local/share/man/man1/agentd-spawn.1`.
     Man {
         /// The verb whose page to print [default: none, agentd's own page].
         #[arg(value_name = "VERB")]
