@@ -50,18 +50,21 @@ impl Client {
         request
     }
 
+    /// A request that got no answer, said with what to do.
+    fn transport_error(&self, e: reqwest::Error) -> anyhow::Error {
+        if e.is_connect() || e.is_timeout() {
+            anyhow!(
+                "agentd is not running at {} ({e}).\nStart it with `agentd serve` (or `cargo run --release -p agentd -- serve`), \
+                 or point --url / AGENTD_URL at a running daemon",
+                self.base
+            )
+        } else {
+            anyhow!("request to {} failed: {e}", self.base)
+        }
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let response = request.send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
-                anyhow!(
-                    "agentd is not running at {} ({e}).\nStart it with `agentd serve` (or `cargo run --release -p agentd -- serve`), \
-                     or point --url / AGENTD_URL at a running daemon",
-                    self.base
-                )
-            } else {
-                anyhow!("request to {} failed: {e}", self.base)
-            }
-        })?;
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -78,6 +81,17 @@ impl Client {
             }
         }
         bail!("{message} (HTTP {})", status.as_u16())
+    }
+
+    /// The daemon's `/healthz` answer, whatever its status says (it answers 503 with the
+    /// same body when it is not healthy).
+    pub async fn health(&self) -> Result<Value> {
+        let request = self.request(Method::GET, "/healthz");
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
+        if response.status() != StatusCode::SERVICE_UNAVAILABLE && !response.status().is_success() {
+            bail!("GET /healthz answered HTTP {}", response.status().as_u16());
+        }
+        response.json().await.context("reading the answer to GET /healthz")
     }
 
     /// GETs JSON, read as `R` (one of the API's response types, `api::AgentJson`, …).
@@ -135,6 +149,8 @@ impl Client {
                 if let Ok(value) = serde_json::from_str(data) {
                     each(value);
                 }
+            } else if event == "lagged" {
+                eprintln!("agentd: warning: {data}");
             }
             true
         })
@@ -451,7 +467,59 @@ pub fn runs_table(runs: &[Run], wide: bool) -> String {
     crate::output::table(&rows)
 }
 
-/// One event as a line.
+/// What a slow verb (`stop`, `restart`, `rm`) says on a terminal while it waits:
+/// `stopping coder… (SIGTERM sent, 10 s grace)`. `grace` is the seconds between SIGTERM and
+/// SIGKILL when known; an agent that is not running gets no signal.
+pub fn progress_line(doing: &str, name: &str, running: bool, grace: Option<u64>) -> String {
+    match (running, grace) {
+        (false, _) => format!("{doing} {name}…"),
+        (true, Some(secs)) => format!("{doing} {name}… (SIGTERM sent, {secs} s grace)"),
+        (true, None) => format!("{doing} {name}… (SIGTERM sent, SIGKILL after the agent's grace)"),
+    }
+}
+
+/// Progress on stderr for a slow verb, only when stderr is a terminal (nothing at all
+/// otherwise, so scripts and logs stay clean); the line is cleared when the verb is done.
+#[derive(Debug)]
+pub struct Progress {
+    shown: bool,
+}
+
+impl Progress {
+    /// Says what `doing` does to `name` (`"stopping"`), on a terminal: asks the daemon
+    /// whether the agent runs and its grace (`grace`, from `stop -t`, wins).
+    pub async fn start(client: &Client, doing: &str, name: &str, grace: Option<u64>) -> Self {
+        use std::io::{IsTerminal, Write};
+        if !std::io::stderr().is_terminal() {
+            return Self { shown: false };
+        }
+        let agent: Option<Value> = client.get(&format!("/v1/agents/{}", encode(name))).await.ok();
+        let running = agent.as_ref().is_some_and(|a| a["status"] == "running");
+        let grace = grace.or_else(|| {
+            let agent = agent.as_ref()?;
+            agent["stop_grace_secs"].as_u64().or_else(|| agent["spec"]["stop_grace_secs"].as_u64())
+        });
+        let mut stderr = std::io::stderr();
+        let _ = write!(stderr, "{}", progress_line(doing, name, running, grace));
+        let _ = stderr.flush();
+        Self { shown: true }
+    }
+
+    /// Clears the line.
+    pub fn done(self) {
+        if self.shown {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+/// The header of the `events` lines, aligned with [`event_line`].
+pub const EVENTS_HEADER: &str =
+    "TIME                      AGENT                 EVENT               CHANGE                DETAIL";
+
+/// One event as a line: `TIME  AGENT  EVENT  CHANGE  DETAIL`, the time in UTC to the
+/// millisecond so that every line's columns start at the same place (an agent name over
+/// 20 characters pushes its line's later columns along).
 pub fn event_line(e: &EventJson) -> String {
     let change = match (e.from, e.to) {
         (Some(f), Some(t)) if f != t => format!("{f} -> {t}"),
@@ -460,12 +528,70 @@ pub fn event_line(e: &EventJson) -> String {
     };
     format!(
         "{}  {:<20}  {:<18}  {:<20}  {}",
-        rfc3339(e.at),
+        fixed_time(e.at),
         e.agent.as_deref().unwrap_or(&e.agent_id),
         e.kind.as_str(),
         change,
         e.detail
     )
+}
+
+/// A time in UTC to the millisecond, always 24 characters: `2026-12-01T18:00:00.250Z`.
+pub fn fixed_time(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+/// A `--since` value: RFC 3339 (`2026-12-01T18:00:00Z`), Unix seconds (`0`, `1764612000`),
+/// or an age before now made of numbers with `s`, `m`, `h` or `d` (`90s`, `10m`, `1h30m`).
+pub fn parse_since(text: &str) -> std::result::Result<OffsetDateTime, String> {
+    let text = text.trim();
+    let expected = "expected an RFC 3339 time (2026-12-01T18:00:00Z), Unix seconds (0 for all), or an age \
+                    such as 90s, 10m, 2h, 1d or 1h30m";
+    if let Ok(at) = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+        return Ok(at);
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<i64>()
+            .ok()
+            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+            .ok_or_else(|| format!("{text:?} is out of range as Unix seconds; {expected}"));
+    }
+    let mut secs: i64 = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(format!("{text:?}: {c:?} is not a unit (s, m, h, d); {expected}")),
+        };
+        let n: i64 = number.parse().map_err(|_| format!("{text:?}: a unit without a number; {expected}"))?;
+        number.clear();
+        secs =
+            n.checked_mul(unit).and_then(|s| secs.checked_add(s)).ok_or_else(|| format!("{text:?} is too long ago"))?;
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(format!("{text:?}: {expected}"));
+    }
+    OffsetDateTime::now_utc()
+        .checked_sub(time::Duration::seconds(secs))
+        .ok_or_else(|| format!("{text:?} is too long ago"))
 }
 
 /// `agentd inspect`: an agent with its runs.
@@ -517,6 +643,54 @@ mod tests {
 
     fn exit(code: Option<i64>, oom_killed: bool, error: Option<&str>) -> ExitView {
         ExitView { code, oom_killed, signal: None, error: error.map(str::to_owned), finished_at: None }
+    }
+
+    #[test]
+    fn progress_says_what_is_sent_and_the_grace() {
+        assert_eq!(progress_line("stopping", "coder", true, Some(10)), "stopping coder… (SIGTERM sent, 10 s grace)");
+        assert_eq!(
+            progress_line("restarting", "coder", true, None),
+            "restarting coder… (SIGTERM sent, SIGKILL after the agent's grace)"
+        );
+        assert_eq!(progress_line("removing", "coder", false, Some(10)), "removing coder…");
+    }
+
+    #[test]
+    fn since_reads_times_unix_seconds_and_ages() {
+        let at = parse_since("2026-12-01T18:00:00.5+01:00").expect("rfc 3339");
+        assert_eq!(fixed_time(at), "2026-12-01T17:00:00.500Z");
+        assert_eq!(parse_since("0").expect("unix"), OffsetDateTime::UNIX_EPOCH);
+        let age = |text: &str| (OffsetDateTime::now_utc() - parse_since(text).expect(text)).whole_seconds();
+        assert!((5399..=5401).contains(&age("1h30m")), "{}", age("1h30m"));
+        assert!((89..=91).contains(&age("90s")));
+        assert!((86_399..=86_401).contains(&age("1d")));
+        for bad in ["", "10x", "m", "1h30", "yesterday", "99999999999999999999"] {
+            let e = parse_since(bad).expect_err(bad);
+            assert!(e.contains("RFC 3339") || e.contains("too long ago") || e.contains("out of range"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn event_lines_have_fixed_width_times_under_the_header() {
+        let event = |nanos: i64| EventJson {
+            id: 1,
+            agent_id: "id".into(),
+            agent: Some("coder".into()),
+            kind: agent_manager::EventKind::Started,
+            from: None,
+            to: Some(AgentStatus::Running),
+            detail: "container started".into(),
+            at: OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(nanos),
+        };
+        let whole = event_line(&event(0));
+        let fraction = event_line(&event(123_456_789));
+        assert!(whole.starts_with("1970-01-01T00:00:00.000Z  coder "), "{whole}");
+        assert!(fraction.starts_with("1970-01-01T00:00:00.123Z  coder "), "{fraction}");
+        for column in ["AGENT", "EVENT", "CHANGE", "DETAIL"] {
+            let at = EVENTS_HEADER.find(column).expect(column);
+            assert_ne!(whole.as_bytes()[at], b' ', "{column} starts at {at}:\n{EVENTS_HEADER}\n{whole}");
+            assert_eq!(whole.as_bytes()[at - 1], b' ', "{column} starts at {at}:\n{EVENTS_HEADER}\n{whole}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use backend_core::{ExecutionBackend, OwnershipLabels};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{router, App};
 use crate::config::{Config, LogFormat};
@@ -176,6 +176,9 @@ impl Daemon {
         let (stop_supervisor, supervisor_rx) = watch::channel(false);
         let mut supervisor = tokio::spawn(app.manager.clone().supervise(supervisor_rx));
         info!(backend = app.manager.backend().name(), instance = %app.instance, "agentd is running.");
+        // The API serves (its listener is bound and its server task runs): tell systemd
+        // (`Type=notify`, contrib/agentd.service). Without NOTIFY_SOCKET this does nothing.
+        notify_systemd(sd_notify::NotifyState::Ready, "READY=1");
 
         // A supervisor that dies takes the daemon with it: an API over a dead supervision
         // loop would serve stale truth. The agents are left running for the next start
@@ -193,6 +196,7 @@ impl Daemon {
                 how,
                 "The supervision loop {how}; agentd stops, leaving its agents running for the next start to adopt."
             );
+            notify_systemd(sd_notify::NotifyState::Stopping, "STOPPING=1");
             let _ = shutdown.send(true);
             let _ = app.manager.shutdown_all(true).await;
             servers.abort_all();
@@ -200,6 +204,7 @@ impl Daemon {
             bail!("the supervision loop {how}; agents were left running for the next start to adopt");
         }
         info!(leave_running, "Shutting down: no new requests; stopping the supervisor.");
+        notify_systemd(sd_notify::NotifyState::Stopping, "STOPPING=1");
         let _ = shutdown.send(true);
         let _ = stop_supervisor.send(true);
         if tokio::time::timeout(Duration::from_secs(30), supervisor).await.is_err() {
@@ -277,6 +282,41 @@ fn bind_gateways(endpoints: &GatewayEndpoints) -> Result<Vec<TcpListener>> {
         .collect()
 }
 
+/// Tells the service manager (systemd, `Type=notify`) a state change, when it listens
+/// (`NOTIFY_SOCKET` is set); a failure to tell it is logged, not fatal.
+fn notify_systemd(state: sd_notify::NotifyState<'_>, what: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    match sd_notify::notify(&[state]) {
+        Ok(()) => debug!(state = what, "Service manager notified."),
+        Err(e) => warn!(state = what, error = %e, "Cannot notify the service manager (NOTIFY_SOCKET)."),
+    }
+}
+
+/// Ignores SIGHUP for the rest of the process's life, logging each one: its default
+/// action would kill the daemon (a closed terminal, `systemctl reload`, a log rotator's
+/// habit). agentd has no log file of its own to reopen (it logs to stderr) and reads its
+/// configuration only at start, so there is nothing to reload: restart it for a new
+/// configuration.
+pub fn ignore_sighup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    info!(
+                        signal = "SIGHUP",
+                        "Signal ignored: agentd logs to stderr and reads its configuration only at start; \
+                         restart it to apply a new configuration."
+                    );
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "Cannot install a SIGHUP handler; a SIGHUP will end agentd."),
+    }
+}
+
 /// Waits for SIGTERM or SIGINT; a second one exits at once.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -301,6 +341,7 @@ pub async fn shutdown_signal() {
 
 /// `agentd serve`.
 pub async fn serve(config: Config) -> Result<()> {
+    ignore_sighup();
     // The connection caps, not the fd limit, bound what the listeners hold; the rest of
     // the limit is the engine calls', the store's and /healthz's.
     if let Err(e) = crate::listen::raise_fd_limit() {

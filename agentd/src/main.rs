@@ -8,21 +8,21 @@ use agentd::client::{self, Client};
 use agentd::config::{self, Sources};
 use agentd::output::OutputArgs;
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(name = "agentd", version, about = "Runs AI coding agents in containers and knows the truth about them.")]
 struct Cli {
-    /// The daemon's API (default: http://<server.listen>).
+    /// The daemon's API [default: http://<server.listen>, http://127.0.0.1:7006].
     #[arg(long, env = "AGENTD_URL", global = true)]
     url: Option<String>,
-    /// The API bearer token (default: server.token from the configuration).
+    /// The API bearer token [default: server.token or server.token_file from the configuration, none].
     #[arg(long, env = "AGENTD_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
     /// A configuration file, layered over /etc/agentd/agentd.toml and
-    /// $XDG_CONFIG_HOME/agentd/agentd.toml.
+    /// $XDG_CONFIG_HOME/agentd/agentd.toml [default: none, those two alone].
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -114,19 +114,36 @@ enum Command {
         #[arg(short, long)]
         force: bool,
     },
-    /// Print lifecycle events.
+    /// Print lifecycle events (new ones as they happen, or past ones with --since/--tail).
+    ///
+    /// Without --since or --tail, only new events, as they happen (as `docker events`).
+    /// With either, those past events, then the command exits (with -f it goes on with new
+    /// ones). Following ends with exit 1 and a message when the daemon goes away.
     Events {
-        /// Keep printing new events.
+        /// After the past events --since or --tail chose, keep printing new ones (without
+        /// either flag, events always follows).
         #[arg(short, long)]
         follow: bool,
-        /// Only this agent's events.
+        /// Only this agent's events (name or id) [default: every agent's].
         #[arg(long)]
         agent: Option<String>,
+        /// Past events from this time on: RFC 3339 (2026-12-01T18:00:00Z), Unix seconds
+        /// (0 is every stored event), or an age such as 90s, 10m, 2h, 1d, 1h30m [default: none, only new events].
+        #[arg(long, value_name = "TIME", value_parser = client::parse_since)]
+        since: Option<time::OffsetDateTime>,
+        /// The last N past events (with --since: the last N of those) [default: none, only new events].
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// One JSON object per line (the API's event JSON, keys sorted), no header.
+        #[arg(long)]
+        json: bool,
     },
     /// Send a message to a claude-code agent and print its reply as it arrives; exits 0
     /// when the turn succeeds and 1 when its result is an error.
     Send {
+        /// The agent's name (or id).
         name: String,
+        /// The message.
         text: String,
         /// Only queue the message; do not wait for the reply.
         #[arg(long)]
@@ -135,10 +152,13 @@ enum Command {
     /// Talk to a claude-code agent: a prompt with history, replies as they stream,
     /// approvals asked as `allow? [y/N]`; Ctrl-C interrupts the turn, Ctrl-D leaves.
     /// Without a terminal, one message per line of stdin.
-    Chat { name: String },
+    Chat {
+        /// The agent's name (or id).
+        name: String,
+    },
     /// List tool-permission requests (pending ones by default).
     Approvals {
-        /// Only this agent's.
+        /// Only this agent's (name or id) [default: every agent's].
         #[arg(long)]
         agent: Option<String>,
         /// Decided ones too.
@@ -152,19 +172,22 @@ enum Command {
     },
     /// Allow pending tool-permission requests.
     Approve {
-        #[arg(required = true)]
+        /// Approval ids, as `agentd approvals` lists them.
+        #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
     },
     /// Deny pending tool-permission requests.
     Deny {
-        #[arg(required = true)]
+        /// Approval ids, as `agentd approvals` lists them.
+        #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
-        /// Why, told to the agent.
+        /// Why, told to the agent [default: none].
         #[arg(long)]
         message: Option<String>,
     },
     /// Print a claude-code agent's conversation.
     Conversation {
+        /// The agent's name (or id).
         name: String,
         /// Keep printing new entries.
         #[arg(short, long)]
@@ -178,6 +201,79 @@ enum Command {
     /// Validate or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the client's version and the daemon's.
+    ///
+    /// The daemon's comes from its /healthz; exit 1 when the daemon cannot be asked.
+    Version,
+    /// Print a shell completion script.
+    ///
+    /// `agentd completion bash > /etc/bash_completion.d/agentd`,
+    /// `agentd completion zsh > "${fpath[1]}/_agentd"`,
+    /// `agentd completion fish > ~/.config/fish/completions/agentd.fish`.
+    Completion {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), agentd's or a verb's.
+    ///
+    /// `agentd man > /usr/local/share/man/man1/agentd.1`, and a verb's with its flags:
+    /// `agentd man spawn > /usr/local/share/man/man1/agentd-spawn.1`.
+    Man {
+        /// The verb whose page to print [default: none, agentd's own page].
+        #[arg(value_name = "VERB")]
+        verb: Option<String>,
+    },
+}
+
+/// The verbs that do not talk to a daemon: the client's `--url` and `--token` are not
+/// offered on them (not in their help, not completed, refused when given).
+const LOCAL_VERBS: [&str; 4] = ["serve", "config", "completion", "man"];
+
+/// The client flags, as `--url`, `--token`.
+const CLIENT_FLAGS: [&str; 2] = ["url", "token"];
+
+/// The command line's grammar: [`Cli`] with `--url` and `--token` taken off the verbs
+/// that do not talk to a daemon. clap gives a global flag to every subcommand that does
+/// not define one of its own id, so each of those verbs gets a hidden stand-in that
+/// refuses any value (and reads no environment variable).
+fn cli_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for verb in LOCAL_VERBS {
+        cmd = cmd.mut_subcommand(verb, |mut sub| {
+            for flag in CLIENT_FLAGS {
+                let name = format!("agentd {verb}");
+                sub = sub.arg(clap::Arg::new(flag).long(flag).global(true).hide(true).value_parser(
+                    move |_: &str| -> Result<String, String> {
+                        Err(format!("--{flag} is for the client verbs; {name} does not talk to a daemon"))
+                    },
+                ));
+            }
+            sub
+        });
+    }
+    cmd
+}
+
+/// The grammar as completion scripts and the man page tell it: [`Cli`] with `--url` and
+/// `--token` given to each client verb (and the top level) but not to the local verbs.
+/// (The generators would show [`cli_command`]'s hidden stand-ins.)
+fn documented_command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for flag in CLIENT_FLAGS {
+        cmd = cmd.mut_arg(flag, |arg| arg.global(false));
+    }
+    let flags: Vec<clap::Arg> =
+        cmd.get_arguments().filter(|a| CLIENT_FLAGS.contains(&a.get_id().as_str())).cloned().collect();
+    let verbs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .filter(|verb| !LOCAL_VERBS.contains(&verb.as_str()))
+        .collect();
+    for verb in verbs {
+        cmd = cmd.mut_subcommand(verb, |sub| sub.args(flags.iter().cloned()));
+    }
+    cmd
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,7 +353,20 @@ struct SpawnArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = cli_command().get_matches();
+    let local = matches.subcommand_name().is_some_and(|verb| LOCAL_VERBS.contains(&verb));
+    if let Some(flag) = CLIENT_FLAGS
+        .into_iter()
+        .find(|flag| local && matches.value_source(flag) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        let verb = matches.subcommand_name().unwrap_or_default();
+        eprintln!("agentd: --{flag} is for the client verbs; agentd {verb} does not talk to a daemon");
+        std::process::exit(2);
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -300,6 +409,33 @@ async fn run(cli: Cli) -> i32 {
                 2
             }
         },
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut documented_command(), "agentd", &mut std::io::stdout());
+            0
+        }
+        Command::Man { verb } => {
+            let mut cmd = documented_command();
+            cmd.build();
+            let page = match &verb {
+                None => clap_mangen::Man::new(cmd),
+                Some(verb) => match cmd.find_subcommand(verb) {
+                    Some(sub) => clap_mangen::Man::new(sub.clone().version(env!("CARGO_PKG_VERSION")))
+                        .title(format!("agentd-{verb}")),
+                    None => {
+                        let verbs: Vec<&str> = cmd.get_subcommands().map(clap::Command::get_name).collect();
+                        eprintln!("agentd: man {verb}: no such verb; one of: {}", verbs.join(", "));
+                        return 2;
+                    }
+                },
+            };
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentd: cannot write the manual page: {e}");
+                    1
+                }
+            }
+        }
         Command::Config(ConfigCommand::Show) => match config::show(&sources) {
             Ok(text) => {
                 print!("{text}");
@@ -499,7 +635,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 let (client, query) = (&client, &query);
                 async move {
                     let path = format!("{}/stop{query}", agent_path(&name));
-                    let agent: AgentJson = client.call(Method::POST, &path).await?;
+                    let progress = client::Progress::start(client, "stopping", &name, time).await;
+                    let agent = client.call::<AgentJson>(Method::POST, &path).await;
+                    progress.done();
+                    let agent = agent?;
                     println!("{} {} (exit {})", name, agent.status, client::exit_column(agent.exit.as_ref()));
                     Ok(())
                 }
@@ -511,7 +650,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             for_each_name(&names, "restarted", |name| {
                 let client = &client;
                 async move {
-                    let agent: AgentJson = client.call(Method::POST, &format!("{}/restart", agent_path(&name))).await?;
+                    let progress = client::Progress::start(client, "restarting", &name, None).await;
+                    let agent = client.call::<AgentJson>(Method::POST, &format!("{}/restart", agent_path(&name))).await;
+                    progress.done();
+                    let agent = agent?;
                     println!("{} {} (restarts {})", name, agent.status, agent.restarts);
                     Ok(())
                 }
@@ -535,7 +677,10 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                             );
                         }
                     }
-                    client.call::<()>(Method::DELETE, &agent_path(&name)).await?;
+                    let progress = client::Progress::start(client, "removing", &name, None).await;
+                    let removed = client.call::<()>(Method::DELETE, &agent_path(&name)).await;
+                    progress.done();
+                    removed?;
                     println!("{name} removed");
                     Ok(())
                 }
@@ -543,35 +688,71 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             .await
             .result?;
         }
-        Command::Events { follow, agent } => {
+        Command::Events { follow, agent, since, tail, json } => {
+            let past = since.is_some() || tail.is_some();
             // Subscribe before listing, so no event falls between the two.
-            let stream = if follow {
+            let stream = if follow || !past {
                 Some(client.open_stream("/v1/events/stream", &api::StreamQuery { agent: agent.clone() }).await?)
             } else {
                 None
             };
-            let mut last = 0;
-            loop {
-                let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
-                let page: Vec<EventJson> = client.get_query("/v1/events", &query).await?;
-                for event in &page {
+            let print = |event: &EventJson| -> Result<()> {
+                if json {
+                    println!("{}", client::printable(event)?);
+                } else {
                     println!("{}", client::event_line(event));
-                    last = event.id;
                 }
-                // A page is short when it hits the daemon's byte budget: read on until
-                // one is empty.
-                if page.is_empty() {
-                    break;
+                Ok(())
+            };
+            if !json {
+                println!("{}", client::EVENTS_HEADER);
+            }
+            let mut last = 0;
+            if past {
+                // The store answers by id; the time and the tail are chosen here, holding
+                // no more than the tail.
+                let mut kept = std::collections::VecDeque::new();
+                loop {
+                    let query = api::EventsQuery { agent: agent.clone(), since: Some(last), limit: Some(1000) };
+                    let page: Vec<EventJson> = client.get_query("/v1/events", &query).await?;
+                    // A page is short when it hits the daemon's byte budget: read on until
+                    // one is empty.
+                    let Some(end) = page.last() else { break };
+                    last = end.id;
+                    for event in page.into_iter().filter(|e| since.is_none_or(|since| e.at >= since)) {
+                        match tail {
+                            None => print(&event)?,
+                            Some(n) => {
+                                kept.push_back(event);
+                                if kept.len() > n {
+                                    kept.pop_front();
+                                }
+                            }
+                        }
+                    }
+                }
+                for event in &kept {
+                    print(event)?;
                 }
             }
             if let Some(stream) = stream {
-                client
+                eprintln!("agentd: following new events from {url} (Ctrl-C to stop)");
+                let mut failed = None;
+                let followed = client
                     .follow_events(stream, |event| {
-                        if event.id > last {
-                            println!("{}", client::event_line(&event));
+                        if event.id > last && failed.is_none() {
+                            failed = print(&event).err();
                         }
                     })
-                    .await?;
+                    .await;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let why = match followed {
+                    Ok(()) => "the daemon ended the event stream".to_owned(),
+                    Err(e) => format!("{e:#}"),
+                };
+                bail!("stopped following events: the daemon at {url} went away ({why}); is it stopping or restarting?");
             }
         }
         Command::Send { name, text, no_wait } => {
@@ -684,7 +865,59 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 }
             }
         }
-        Command::Serve | Command::Config(_) => bail!("not a client command"),
+        Command::Version => {
+            println!("client: agentd {}", env!("CARGO_PKG_VERSION"));
+            let health = client.health().await.with_context(|| format!("server: cannot ask the daemon at {url}"))?;
+            let version = health["version"].as_str().unwrap_or("unknown (its /healthz names no version)");
+            let backend = health["backend"].as_str().unwrap_or("unknown");
+            println!("server: agentd {version} ({backend} backend, {url})");
+        }
+        Command::Serve | Command::Config(_) | Command::Completion { .. } | Command::Man { .. } => {
+            bail!("not a client command")
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and argument of `cmd` and its subcommands that has no help text, and
+    /// every option taking a value whose help shows no default.
+    fn undocumented(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let takes_value = matches!(arg.get_action(), clap::ArgAction::Set | clap::ArgAction::Append);
+            if help.is_empty() {
+                problems.push(format!("{path} {id}: no help text"));
+            } else if takes_value
+                && !arg.is_positional()
+                && arg.get_default_values().is_empty()
+                && !help.contains("[default:")
+            {
+                problems.push(format!("{path} --{id}: the help shows no default ({help:?})"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            undocumented(sub, &format!("{path} {}", sub.get_name()), problems);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_text_and_shows_its_default() {
+        let mut problems = Vec::new();
+        undocumented(&cli_command(), "agentd", &mut problems);
+        assert!(problems.is_empty(), "undocumented flags:\n{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        cli_command().debug_assert();
+        documented_command().debug_assert();
+    }
 }

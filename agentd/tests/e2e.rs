@@ -371,7 +371,7 @@ fn lifecycle_is_tracked_from_events(engine: Engine) {
         assert!(table.contains(row), "{table}");
     }
     assert!(table.contains("oom(137)"), "{table}");
-    let events = setup.cli(&["events", "--agent", "three"]);
+    let events = setup.cli(&["events", "--since", "0", "--agent", "three"]);
     assert!(events.contains("failed") && events.contains("exit 3"), "{events}");
     daemon.terminate();
 }
@@ -429,7 +429,7 @@ fn orphans_are_cleaned_up_at_start(engine: Engine) {
     }
     assert_eq!(engine.inspect(&theirs, "{{.State.Running}}"), "true", "another instance's container was touched");
     assert_eq!(engine.inspect(&foreign, "{{.State.Running}}"), "true", "a foreign container was touched");
-    let events = setup.cli(&["events"]);
+    let events = setup.cli(&["events", "--since", "0"]);
     assert!(events.contains("orphan_removed") && events.contains(&orphan), "{events}");
     daemon.terminate();
 }
@@ -492,7 +492,7 @@ fn leave_running_then_restart_adopts_the_same_containers(engine: Engine) {
         container,
         "not the same container"
     );
-    let events = setup.cli(&["events", "--agent", "keeper"]);
+    let events = setup.cli(&["events", "--since", "0", "--agent", "keeper"]);
     assert!(events.contains("left_running") && events.contains("adopted"), "{events}");
     let out = setup.cli(&["send", "keeper", "still there?"]);
     assert!(out.contains("echo: still there?"), "{out}");
@@ -718,7 +718,7 @@ fn assert_no_credential(setup: &Setup, engine: Engine, name: &str, credential: &
         ("engine inspect", text(engine.run(&["inspect", &session]))),
         ("agentd inspect", setup.cli(&["inspect", name])),
         ("agentd logs", setup.cli(&["logs", name])),
-        ("agentd events", setup.cli(&["events"])),
+        ("agentd events", setup.cli(&["events", "--since", "0"])),
         ("agentd conversation", setup.cli(&["conversation", name, "--json"])),
         ("the daemon's log", setup.log_text()),
     ];
@@ -903,7 +903,7 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
     wait_conversation(&setup, &daemon, "coder", "the interrupted turn's end", |e| {
         results(e) > before && e.iter().any(|x| x["kind"] == "command_lifecycle" && x["text"] == "cancelled")
     });
-    let events = setup.cli(&["events", "--agent", "coder"]);
+    let events = setup.cli(&["events", "--since", "0", "--agent", "coder"]);
     assert!(events.contains("turn_interrupted"), "{events}");
     {
         // The stalled stream is given up by the model end, as a real endpoint times out: the
@@ -922,7 +922,7 @@ fn claude_code_approvals_resume_and_stuck_turns(engine: Engine) {
                 .take(12)
                 .map(|e| (e["seq"].clone(), e["direction"].clone(), e["kind"].clone(), e["text"].clone()))
                 .collect::<Vec<_>>(),
-            setup.cli(&["events", "--agent", "coder"])
+            setup.cli(&["events", "--since", "0", "--agent", "coder"])
         );
         let reply = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(reply.contains("Back to work."), "{reply}");
@@ -1198,7 +1198,7 @@ sleep 600
     assert_eq!(other_hits.load(Ordering::SeqCst), 0, "the refused server was connected to");
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let events = setup.cli(&["events", "--agent", "egress"]);
+        let events = setup.cli(&["events", "--since", "0", "--agent", "egress"]);
         if events.contains("egress_denied") && events.contains(&refuse) {
             assert!(!events.contains(&format!("{allow} is not")), "{events}");
             break;
