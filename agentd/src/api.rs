@@ -349,29 +349,63 @@ async fn spawn(State(app): State<AppState>, ApiJson(new): ApiJson<NewAgent>) -> 
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only agents with this status: `pending`, `running`, `stopped` or `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Agents in the page: 1 to 1000 (default 500).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Where the page starts: the `X-Next-Cursor` of the previous page (opaque); unset,
+    /// the first page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
+
+/// The header that carries the cursor of the next page, on a page that has one.
+pub const NEXT_CURSOR: &str = "x-next-cursor";
 
 #[utoipa::path(
     get, path = "/v1/agents", tag = "agents",
     params(ListQuery),
     responses(
-        (status = 200, description = "Every agent, oldest first", body = Vec<AgentJson>),
-        (status = 400, description = "Bad status", body = ErrorJson),
+        (status = 200, description = "A page of agents, oldest first; when more follow, `X-Next-Cursor` names the next page", body = Vec<AgentJson>,
+            headers(("X-Next-Cursor" = String, description = "Give as `cursor` for the next page; absent on the last page"))),
+        (status = 400, description = "Bad status, limit or cursor", body = ErrorJson),
     )
 )]
-async fn list(
-    State(app): State<AppState>,
-    ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Vec<AgentJson>>, ApiError> {
+async fn list(State(app): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
     let status = query
         .status
         .map(|s| s.parse::<AgentStatus>())
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("status: {e}")))?;
-    let views = app.manager.list(status).await?;
-    Ok(Json(views.into_iter().map(agent_json).collect()))
+    let limit = match query.limit {
+        None => agent_manager::DEFAULT_AGENT_PAGE,
+        Some(limit @ 1..=agent_manager::MAX_AGENT_PAGE) => limit,
+        Some(limit) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("limit: {limit} is out of range: give 1 to {} agents a page", agent_manager::MAX_AGENT_PAGE),
+            ))
+        }
+    };
+    let cursor = query
+        .cursor
+        .map(|c| c.parse::<agent_manager::AgentCursor>())
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("cursor: {e}")))?;
+    let (views, next) = app.manager.list_page(status, cursor.as_ref(), limit).await?;
+    let page: Vec<AgentJson> = views.into_iter().map(agent_json).collect();
+    Ok(paged(Json(page), next.map(|c| c.to_string())))
+}
+
+/// A page, with the cursor of the next one in [`NEXT_CURSOR`] when more follow.
+fn paged(page: impl IntoResponse, next: Option<String>) -> Response {
+    let mut response = page.into_response();
+    if let Some(value) = next.and_then(|next| header::HeaderValue::from_str(&next).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR, value);
+    }
+    response
 }
 
 #[utoipa::path(
@@ -719,10 +753,14 @@ impl ConversationFeed {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// Only events whose `agent_id` or `agent` (name) is this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Only events with an `id` greater than this: the `X-Next-Cursor` of the previous
+    /// page. Also accepted as `after`.
+    #[serde(skip_serializing_if = "Option::is_none", alias = "after")]
     pub since: Option<i64>,
+    /// Events in the page, 1 to 10000 (default 1000); a value out of range is clamped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<i64>,
 }
@@ -760,17 +798,19 @@ impl From<LifecycleEvent> for EventJson {
     get, path = "/v1/events", tag = "events",
     params(EventsQuery),
     responses(
-        (status = 200, description = "Lifecycle events, by id", body = Vec<EventJson>),
+        (status = 200, description = "A page of lifecycle events, by id; when more follow, `X-Next-Cursor` names the next page", body = Vec<EventJson>,
+            headers(("X-Next-Cursor" = String, description = "Give as `after` (or `since`) for the next page; absent on the last page"))),
         (status = 400, description = "Bad query", body = ErrorJson),
     )
 )]
-async fn events(
-    State(app): State<AppState>,
-    ApiQuery(q): ApiQuery<EventsQuery>,
-) -> Result<Json<Vec<EventJson>>, ApiError> {
+async fn events(State(app): State<AppState>, ApiQuery(q): ApiQuery<EventsQuery>) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    let events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit).await?;
-    Ok(Json(events.into_iter().map(EventJson::from).collect()))
+    // One more than the page tells whether another follows (an SQL keyset on the id).
+    let mut events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit + 1).await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let next = more.then(|| events.last().map(|e| e.id.to_string())).flatten();
+    Ok(paged(Json(events.into_iter().map(EventJson::from).collect::<Vec<_>>()), next))
 }
 
 /// `GET /v1/events/stream` query.

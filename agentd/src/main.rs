@@ -411,7 +411,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             println!("{} {} ({}, session {})", agent.name, agent.status, agent.id, agent.session);
         }
         Command::Ls { json, status } => {
-            let agents: Vec<AgentJson> = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
+            // Every page, the largest the daemon gives.
+            let query = api::ListQuery { status, limit: Some(agent_manager::MAX_AGENT_PAGE), cursor: None };
+            let agents: Vec<AgentJson> = client.get_all_pages("/v1/agents", &query, "cursor").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&client::printable(&agents)?)?);
             } else {
