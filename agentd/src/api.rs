@@ -256,6 +256,7 @@ pub struct AgentJson {
     pub paused: bool,
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
+    #[schema(value_type = ConversationFields)]
     pub conversation: Option<ConversationJson>,
     /// Its requests through the model gateway, summed.
     #[serde(default)]
@@ -277,6 +278,19 @@ pub struct ConversationJson {
     pub cost_usd: f64,
     pub usage: agent_manager::Usage,
     pub last_result: Option<agent_manager::LastResult>,
+}
+
+/// The schema of the fields [`ConversationJson`] adds to a claude-code agent's JSON: all
+/// absent for other kinds.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct ConversationFields {
+    /// Claude Code's session id (claude-code only).
+    session_id: Option<String>,
+    turn: Option<agent_manager::Turn>,
+    cost_usd: Option<f64>,
+    usage: Option<agent_manager::Usage>,
+    last_result: Option<agent_manager::LastResult>,
 }
 
 fn agent_json(view: AgentView) -> AgentJson {
@@ -354,6 +368,7 @@ pub struct ListQuery {
     pub status: Option<String>,
     /// Agents in the page: 1 to 1000 (default 500).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Where the page starts: the `X-Next-Cursor` of the previous page (opaque); unset,
     /// the first page.

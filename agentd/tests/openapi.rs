@@ -130,6 +130,19 @@ async fn the_openapi_document_is_served_without_a_token_and_describes_the_api() 
             schemas[schema]
         );
     }
+    // An image agent's JSON has no conversation fields: the flattened part requires none
+    // (and is not "null or a conversation", which no object would match).
+    let agent_parts = schemas["AgentJson"]["allOf"].as_array().expect("AgentJson flattens its conversation");
+    for part in agent_parts {
+        assert!(part.get("oneOf").is_none(), "a flattened part is an object, not a choice with null: {part}");
+        let fields = match part.get("$ref").and_then(Value::as_str) {
+            Some(r) => &schemas[r.rsplit('/').next().expect("ref")],
+            None => part,
+        };
+        if fields["properties"].get("session_id").is_some() {
+            assert!(fields["required"].as_array().is_none_or(Vec::is_empty), "{fields}");
+        }
+    }
     assert_eq!(
         schemas["AgentStatus"]["enum"],
         serde_json::json!(["pending", "running", "stopped", "failed"]),
