@@ -446,7 +446,7 @@ pub struct StopQuery {
 
 #[utoipa::path(
     post, path = "/v1/agents/{id}/stop", tag = "agents",
-    params(("id" = String, Path, description = "The agent's id or name")), params(StopQuery),
+    params(("id" = String, Path, description = "The agent's id or name"), StopQuery),
     responses((status = 200, description = "The agent, stopped", body = AgentJson), (status = 400, description = "Bad grace_secs", body = ErrorJson), (status = 404, description = "No such agent", body = ErrorJson))
 )]
 async fn stop(
@@ -507,7 +507,7 @@ pub struct LogsQuery {
 
 #[utoipa::path(
     get, path = "/v1/agents/{id}/logs", tag = "agents",
-    params(("id" = String, Path, description = "The agent's id or name")), params(LogsQuery),
+    params(("id" = String, Path, description = "The agent's id or name"), LogsQuery),
     responses((status = 200, description = "The current run's output", body = String, content_type = "text/plain"), (status = 404, description = "No such agent", body = ErrorJson))
 )]
 async fn logs(
@@ -637,7 +637,7 @@ pub struct ConversationQuery {
 
 #[utoipa::path(
     get, path = "/v1/agents/{id}/conversation", tag = "conversations",
-    params(("id" = String, Path, description = "The agent's id or name")), params(ConversationQuery),
+    params(("id" = String, Path, description = "The agent's id or name"), ConversationQuery),
     responses((status = 200, description = "Entries after `after`, by seq", body = Vec<agent_manager::ConversationEntry>), (status = 404, description = "No such agent", body = ErrorJson))
 )]
 async fn conversation(
@@ -658,8 +658,7 @@ async fn conversation(
 /// away, the body is dropped, and with it the subscription.
 #[utoipa::path(
     get, path = "/v1/agents/{id}/conversation/stream", tag = "conversations",
-    params(("id" = String, Path, description = "The agent's id or name")), params(ConversationQuery),
-    params(("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")),
+    params(("id" = String, Path, description = "The agent's id or name"), ConversationQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")),
     responses((status = 200, description = "Server-sent events, one per entry (`data` is a ConversationEntry, `id` its seq)", content_type = "text/event-stream", body = String), (status = 404, description = "No such agent", body = ErrorJson))
 )]
 async fn conversation_stream(

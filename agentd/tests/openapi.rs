@@ -148,6 +148,23 @@ async fn the_openapi_document_is_served_without_a_token_and_describes_the_api() 
         serde_json::json!(["pending", "running", "stopped", "failed"]),
         "a text enum is a string with its names"
     );
+    // Every operation documents the parameters of its path template, and its query.
+    for (path, method) in operations(&doc) {
+        let params = doc["paths"][&path][&method]["parameters"].as_array().cloned().unwrap_or_default();
+        let named = |name: &str, place: &str| params.iter().any(|p| p["name"] == name && p["in"] == place);
+        for segment in path.split('/').filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}'))) {
+            assert!(named(segment, "path"), "{method} {path} does not document its path parameter {segment}");
+        }
+        let query: &[&str] = match (path.as_str(), method.as_str()) {
+            ("/v1/agents/{id}/stop", "post") => &["grace_secs"],
+            ("/v1/agents/{id}/conversation/stream", "get") => &["after", "limit"],
+            ("/v1/agents", "get") => &["status", "limit", "cursor"],
+            _ => &[],
+        };
+        for name in query {
+            assert!(named(name, "query"), "{method} {path} does not document its query parameter {name}");
+        }
+    }
     let spawn = &doc["paths"]["/v1/agents"]["post"];
     assert!(spawn["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         .as_str()
