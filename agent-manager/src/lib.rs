@@ -21,6 +21,7 @@ mod locks;
 mod manager;
 mod metrics;
 pub mod model;
+mod page;
 mod paths;
 mod peers;
 mod reconcile;
@@ -47,6 +48,7 @@ pub use model::{
     LifecycleEvent, ModelLimits, ModelRequest, ModelUsage, NewAgent, RestartPolicy, Run, UnhealthyAction,
     PERMISSION_MODES,
 };
+pub use page::{AgentCursor, BadCursor, DEFAULT_AGENT_PAGE, MAX_AGENT_PAGE};
 pub use paths::{check_host_dir, ProtectedPath, SYSTEM_TREES};
 pub use reconcile::ReconcileReport;
 pub use secrets::{AgentSecret, GatewaySecrets, SECRET_PREFIX};

@@ -1012,6 +1012,31 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         Ok(views)
     }
 
+    /// A page of agents: at most `limit` (1 to [`crate::MAX_AGENT_PAGE`]) after `after`,
+    /// oldest first, with `status` when given, and the cursor of the next page when more
+    /// follow. It costs the page, not the number of agents: the store's ordered index is
+    /// walked from the cursor, and one query reads the page's last exits.
+    pub async fn list_page(
+        &self,
+        status: Option<AgentStatus>,
+        after: Option<&crate::AgentCursor>,
+        limit: usize,
+    ) -> Result<(Vec<AgentView>, Option<crate::AgentCursor>)> {
+        let limit = limit.clamp(1, crate::MAX_AGENT_PAGE);
+        let (agents, more) = self.store.list_agents_page(status, after, limit);
+        let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+        let mut exits = self.store.last_exits_of(&ids).await?;
+        let mut starts = self.store.last_runs_started_of(&ids).await?;
+        let next = more.then(|| agents.last().map(|a| crate::AgentCursor::after(a.created_at, &a.id))).flatten();
+        let mut views = Vec::with_capacity(agents.len());
+        for agent in agents {
+            let exit = exits.remove(&agent.id);
+            let started_at = starts.remove(&agent.id);
+            views.push(self.view_with(agent, exit, started_at).await?);
+        }
+        Ok((views, next))
+    }
+
     pub(crate) async fn view(&self, agent: Agent) -> Result<AgentView> {
         let exit = self.store.last_exit(&agent.id).await?;
         let started_at = self.store.last_run_started(&agent.id).await?;

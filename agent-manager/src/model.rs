@@ -51,6 +51,20 @@ macro_rules! text_enum {
             }
         }
 
+        /// A string, one of the snake_case names.
+        #[cfg(feature = "openapi")]
+        impl ::utoipa::PartialSchema for $name {
+            fn schema() -> ::utoipa::openapi::RefOr<::utoipa::openapi::schema::Schema> {
+                ::utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(::utoipa::openapi::schema::Type::String)
+                    .enum_values(Some(Self::ALL.iter().map(|v| v.as_str())))
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl ::utoipa::ToSchema for $name {}
+
         impl<'de> ::serde::Deserialize<'de> for $name {
             fn deserialize<D: ::serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 let text = <String as ::serde::Deserialize>::deserialize(deserializer)?;
@@ -193,6 +207,7 @@ text_enum! {
 /// [`crate::AgentDefaults`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewAgent {
     pub name: String,
     pub kind: Option<AgentKind>,
@@ -200,6 +215,7 @@ pub struct NewAgent {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub workdir: Option<PathBuf>,
     pub memory_mb: Option<u64>,
     pub cpus: Option<f64>,
@@ -232,6 +248,7 @@ pub struct NewAgent {
 /// daemon's `[model]` default at the time of the request (unset there too: no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelLimits {
     /// Requests admitted in any 60 s window.
     #[serde(default)]
@@ -262,6 +279,7 @@ impl ModelLimits {
 
 /// An agent's use of the model through the gateway, summed over every recorded request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelUsage {
     /// Requests recorded (every status).
     pub requests: u64,
@@ -437,6 +455,7 @@ pub struct AgentView {
 
 /// How a run ended, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExitView {
     pub code: Option<i64>,
     pub oom_killed: bool,
@@ -460,6 +479,7 @@ impl From<&SessionExitInfo> for ExitView {
 
 /// One container run of an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     pub id: i64,
     pub agent_id: String,

@@ -1,7 +1,7 @@
 //! The SQLite store: agents, runs and lifecycle events, in one file that survives
 //! restarts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::model::{
     Agent, AgentStatus, Desired, EndedBy, EventKind, ExitView, LifecycleEvent, ModelRequest, ModelUsage, Run,
 };
+use crate::page::AgentCursor;
 use crate::secrets::GatewaySecrets;
 
 /// A database failure.
@@ -111,6 +112,8 @@ struct AgentCache {
     agents: HashMap<String, (Agent, u64)>,
     by_name: HashMap<String, String>,
     by_session: HashMap<String, String>,
+    /// Every agent's place in the list (creation time, then id): pages are read from it.
+    order: BTreeSet<AgentCursor>,
     next_version: u64,
 }
 
@@ -119,6 +122,7 @@ impl AgentCache {
         self.next_version += 1;
         self.by_name.insert(agent.name.clone(), agent.id.clone());
         self.by_session.insert(agent.session.clone(), agent.id.clone());
+        self.order.insert(AgentCursor::after(agent.created_at, &agent.id));
         self.agents.insert(agent.id.clone(), (agent, self.next_version));
     }
 
@@ -126,6 +130,7 @@ impl AgentCache {
         if let Some((agent, _)) = self.agents.remove(id) {
             self.by_name.remove(&agent.name);
             self.by_session.remove(&agent.session);
+            self.order.remove(&AgentCursor::after(agent.created_at, &agent.id));
         }
     }
 
@@ -313,6 +318,32 @@ impl Store {
         agents
     }
 
+    /// At most `limit` agents after `after` in the list's order (oldest first), with
+    /// `status` when given, and whether more follow. Walks the ordered index from the
+    /// cursor and copies only the page's records, however many agents there are.
+    pub fn list_agents_page(
+        &self,
+        status: Option<AgentStatus>,
+        after: Option<&AgentCursor>,
+        limit: usize,
+    ) -> (Vec<Agent>, bool) {
+        use std::ops::Bound;
+        let cache = self.cache();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = Vec::with_capacity(limit.min(cache.agents.len()));
+        for key in cache.order.range((from, Bound::Unbounded)) {
+            let Some((agent, _)) = cache.agents.get(&key.id) else { continue };
+            if status.is_some_and(|s| agent.status != s) {
+                continue;
+            }
+            if page.len() == limit {
+                return (page, true);
+            }
+            page.push(agent.clone());
+        }
+        (page, false)
+    }
+
     /// Every agent's id, status and health (from memory, without copying the records).
     pub(crate) fn agent_states(&self) -> Vec<(String, AgentStatus, SessionHealth)> {
         self.cache().agents.values().map(|(a, _)| (a.id.clone(), a.status, a.health)).collect()
@@ -477,6 +508,31 @@ impl Store {
         Ok(row.as_ref().map(run_from_row).transpose()?.and_then(|r| r.exit))
     }
 
+    /// The last exit of each of `ids` that has one: one query for a page of agents.
+    pub async fn last_exits_of(&self, ids: &[&str]) -> Result<HashMap<String, ExitView>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let marks = vec!["?"; ids.len()].join(", ");
+        let statement = format!(
+            "SELECT r.* FROM runs r JOIN (SELECT agent_id, MAX(id) AS id FROM runs WHERE finished_at IS NOT NULL \
+             AND agent_id IN ({marks}) GROUP BY agent_id) last ON r.id = last.id"
+        );
+        let mut query = sqlx::query(&statement);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let mut exits = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let run = run_from_row(row)?;
+            if let Some(exit) = run.exit {
+                exits.insert(run.agent_id, exit);
+            }
+        }
+        Ok(exits)
+    }
+
     /// Every agent's last finished run's exit, in one query.
     pub async fn last_exits(&self) -> Result<HashMap<String, ExitView>> {
         let rows = sqlx::query(
@@ -509,6 +565,27 @@ impl Store {
         let rows = sqlx::query("SELECT agent_id, MAX(started_at) AS started_at FROM runs GROUP BY agent_id")
             .fetch_all(&self.pool)
             .await?;
+        let mut starts = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            starts.insert(row.try_get("agent_id")?, from_millis(row.try_get("started_at")?));
+        }
+        Ok(starts)
+    }
+
+    /// When the latest run of each of `ids` that has one started: one query for a page.
+    pub async fn last_runs_started_of(&self, ids: &[&str]) -> Result<HashMap<String, OffsetDateTime>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let marks = vec!["?"; ids.len()].join(", ");
+        let statement = format!(
+            "SELECT agent_id, MAX(started_at) AS started_at FROM runs WHERE agent_id IN ({marks}) GROUP BY agent_id"
+        );
+        let mut query = sqlx::query(&statement);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         let mut starts = HashMap::with_capacity(rows.len());
         for row in &rows {
             starts.insert(row.try_get("agent_id")?, from_millis(row.try_get("started_at")?));

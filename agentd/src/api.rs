@@ -13,7 +13,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use backend_core::{BackendError, ExecutionBackend};
 use futures_util::{stream, Stream, StreamExt};
@@ -24,6 +23,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tracing::warn;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Everything the handlers share.
 pub struct App {
@@ -43,33 +45,95 @@ impl std::fmt::Debug for App {
 
 type AppState = Arc<App>;
 
-/// The full API: `/v1/*`, `/healthz` and `/metrics`.
+/// The full API: `/v1/*`, `/healthz`, `/metrics` and `/v1/openapi.json`.
 pub fn router(app: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/agents", post(spawn).get(list))
-        .route("/v1/agents/{id}", get(get_agent).delete(remove))
-        .route("/v1/agents/{id}/stop", post(stop))
-        .route("/v1/agents/{id}/restart", post(restart))
-        .route("/v1/agents/{id}/runs", get(runs))
-        .route("/v1/agents/{id}/logs", get(logs))
-        .route("/v1/agents/{id}/messages", post(send_message))
-        .route("/v1/agents/{id}/interrupt", post(interrupt))
-        .route("/v1/approvals", get(approvals))
-        .route("/v1/approvals/{id}", get(get_approval).post(decide))
-        .route("/v1/agents/{id}/conversation", get(conversation))
-        .route("/v1/agents/{id}/conversation/stream", get(conversation_stream))
-        .route("/v1/events", get(events))
-        .route("/v1/events/stream", get(event_stream))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
-    Router::new()
-        .merge(v1)
-        .route("/healthz", get(healthz))
+    let (router, _) = routes(Some(&app)).split_for_parts();
+    router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint; see docs/api.md".into())
         })
         .with_state(app)
+}
+
+/// Every route with its OpenAPI operation: the router and the document come from one
+/// list, so neither has a route the other lacks. With `app`, the token check guards
+/// every route but `/healthz` and `/v1/openapi.json`; without, only the document is wanted.
+fn routes(app: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut authenticated = OpenApiRouter::new()
+        .routes(routes!(spawn, list))
+        .routes(routes!(get_agent, remove))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(runs))
+        .routes(routes!(logs))
+        .routes(routes!(send_message))
+        .routes(routes!(interrupt))
+        .routes(routes!(approvals))
+        .routes(routes!(get_approval, decide))
+        .routes(routes!(conversation))
+        .routes(routes!(conversation_stream))
+        .routes(routes!(events))
+        .routes(routes!(event_stream))
+        .routes(routes!(metrics));
+    if let Some(app) = app {
+        authenticated = authenticated.route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    }
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(authenticated)
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI document of this API, as `GET /v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(None).split_for_parts().1
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "agentd",
+        description = "The agentd daemon's HTTP API: agents, their runs, logs and conversations, \
+                       approvals, lifecycle events, health and metrics. Every path but `/healthz` and \
+                       `/v1/openapi.json` needs `Authorization: Bearer <server.token>` when the daemon has a \
+                       token. Errors are `{\"error\": \"...\"}` with a 4xx or 5xx status. See docs/api.md."
+    ),
+    modifiers(&BearerToken),
+    security(("token" = []))
+)]
+struct ApiDoc;
+
+/// The `token` security scheme: `Authorization: Bearer <server.token>`.
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("token", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// `GET /v1/openapi.json`: this document, generated from the handlers and their types.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json"))
+)]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let json = DOCUMENT.get_or_init(|| openapi().to_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], json.as_str()).into_response()
+}
+
+/// An error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorJson {
+    /// What was wrong, and how to fix it where the client can.
+    pub error: String,
 }
 
 /// An error response: `{"error": "..."}` with a status.
@@ -168,7 +232,7 @@ async fn require_token(State(app): State<AppState>, request: Request, next: Next
 }
 
 /// An agent as the API shows it (and as the client reads it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AgentJson {
     pub id: String,
     pub name: String,
@@ -203,6 +267,7 @@ pub struct AgentJson {
     pub env: std::collections::BTreeMap<String, String>,
     /// The host directory mounted at /workspace.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub workdir: Option<std::path::PathBuf>,
     /// Memory limit in MiB (null: none).
     #[serde(default)]
@@ -242,6 +307,7 @@ pub struct AgentJson {
     pub max_budget_usd: Option<f64>,
     /// The conversation of a claude-code agent; absent for other kinds.
     #[serde(flatten)]
+    #[schema(value_type = ConversationFields)]
     pub conversation: Option<ConversationJson>,
     /// Its requests through the model gateway, summed.
     #[serde(default)]
@@ -264,13 +330,26 @@ fn default_approvals() -> agent_manager::ApprovalPolicy {
 }
 
 /// A claude-code agent's session, in the agent JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ConversationJson {
     pub session_id: String,
     pub turn: agent_manager::Turn,
     pub cost_usd: f64,
     pub usage: agent_manager::Usage,
     pub last_result: Option<agent_manager::LastResult>,
+}
+
+/// The schema of the fields [`ConversationJson`] adds to a claude-code agent's JSON: all
+/// absent for other kinds.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct ConversationFields {
+    /// Claude Code's session id (claude-code only).
+    session_id: Option<String>,
+    turn: Option<agent_manager::Turn>,
+    cost_usd: Option<f64>,
+    usage: Option<agent_manager::Usage>,
+    last_result: Option<agent_manager::LastResult>,
 }
 
 /// What an env value reads in the agent JSON unless `show_secrets` is allowed.
@@ -332,6 +411,15 @@ fn agent_json_with(view: AgentView, show_secrets: bool) -> AgentJson {
     }
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents", tag = "agents",
+    request_body = NewAgent,
+    responses(
+        (status = 201, description = "The agent, created (its `exit` says why when it could not start)", body = AgentJson),
+        (status = 400, description = "Invalid spec", body = ErrorJson), (status = 409, description = "The name is taken", body = ErrorJson), (status = 422, description = "The image is missing, or the spawn is refused", body = ErrorJson),
+        (status = 503, description = "The engine is unavailable, or the daemon shuts down", body = ErrorJson),
+    )
+)]
 async fn spawn(State(app): State<AppState>, ApiJson(new): ApiJson<NewAgent>) -> Result<Response, ApiError> {
     let defaults = &app.manager.config().defaults;
     let network = new.network.unwrap_or_else(|| defaults.network_for(new.kind.unwrap_or(defaults.kind)));
@@ -356,28 +444,64 @@ async fn spawn(State(app): State<AppState>, ApiJson(new): ApiJson<NewAgent>) -> 
 }
 
 /// `GET /v1/agents` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only agents with this status: `pending`, `running`, `stopped` or `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Agents in the page: 1 to 1000 (default 500).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// Where the page starts: the `X-Next-Cursor` of the previous page (opaque); unset,
+    /// the first page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
-async fn list(
-    State(app): State<AppState>,
-    ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Vec<AgentJson>>, ApiError> {
+/// The header that carries the cursor of the next page, on a page that has one.
+pub const NEXT_CURSOR: &str = "x-next-cursor";
+
+#[utoipa::path(
+    get, path = "/v1/agents", tag = "agents",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of agents, oldest first; when more follow, `X-Next-Cursor` names the next page", body = Vec<AgentJson>,
+            headers(("X-Next-Cursor" = String, description = "Give as `cursor` for the next page; absent on the last page"))),
+        (status = 400, description = "Bad status, limit or cursor", body = ErrorJson),
+    )
+)]
+async fn list(State(app): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
     let status = query
         .status
         .map(|s| s.parse::<AgentStatus>())
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("status: {e}")))?;
-    let views = app.manager.list(status).await?;
-    Ok(Json(views.into_iter().map(agent_json).collect()))
+    let limit = match query.limit {
+        None => agent_manager::DEFAULT_AGENT_PAGE,
+        Some(limit @ 1..=agent_manager::MAX_AGENT_PAGE) => limit,
+        Some(limit) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("limit: {limit} is out of range: give 1 to {} agents a page", agent_manager::MAX_AGENT_PAGE),
+            ))
+        }
+    };
+    let cursor = query
+        .cursor
+        .map(|c| c.parse::<agent_manager::AgentCursor>())
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("cursor: {e}")))?;
+    let (views, next) = app.manager.list_page(status, cursor.as_ref(), limit).await?;
+    let page: Vec<AgentJson> = views.into_iter().map(agent_json).collect();
+    Ok(paged(Json(page), next.map(|c| c.to_string())))
 }
 
 /// `GET /v1/agents/{id}` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AgentQuery {
     /// Show the env values (see [`may_show_secrets`]).
@@ -412,6 +536,24 @@ pub fn may_show_secrets(token_configured: bool, peer: std::net::IpAddr) -> Resul
     Ok(())
 }
 
+/// A page, with the cursor of the next one in [`NEXT_CURSOR`] when more follow.
+fn paged(page: impl IntoResponse, next: Option<String>) -> Response {
+    let mut response = page.into_response();
+    if let Some(value) = next.and_then(|next| header::HeaderValue::from_str(&next).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR, value);
+    }
+    response
+}
+
+#[utoipa::path(
+    get, path = "/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name"), AgentQuery),
+    responses(
+        (status = 200, description = "The agent", body = AgentJson),
+        (status = 403, description = "show_secrets asked for without a token, or not from a loopback peer", body = ErrorJson),
+        (status = 404, description = "No such agent", body = ErrorJson)
+    )
+)]
 async fn get_agent(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -427,7 +569,8 @@ async fn get_agent(
 }
 
 /// `POST /v1/agents/{id}/stop` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StopQuery {
     /// Seconds between SIGTERM and SIGKILL for this stop, 0 to 3600, instead of the
@@ -436,6 +579,11 @@ pub struct StopQuery {
     pub grace_secs: Option<u64>,
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{id}/stop", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name"), StopQuery),
+    responses((status = 200, description = "The agent, stopped", body = AgentJson), (status = 400, description = "Bad grace_secs", body = ErrorJson), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn stop(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -454,22 +602,38 @@ async fn stop(
     Ok(Json(agent_json(view)))
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{id}/restart", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name")),
+    responses((status = 200, description = "The agent, in its new run", body = AgentJson), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn restart(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<AgentJson>, ApiError> {
     let view = app.manager.restart(&id).await?;
     Ok(Json(agent_json(view)))
 }
 
+#[utoipa::path(
+    delete, path = "/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name")),
+    responses((status = 204, description = "Removed (stopped first)"), (status = 404, description = "No such agent", body = ErrorJson), (status = 409, description = "Busy", body = ErrorJson))
+)]
 async fn remove(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     app.manager.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get, path = "/v1/agents/{id}/runs", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name")),
+    responses((status = 200, description = "Its runs, oldest first", body = Vec<agent_manager::Run>), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn runs(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<agent_manager::Run>>, ApiError> {
     Ok(Json(app.manager.runs(&id).await?))
 }
 
 /// `GET /v1/agents/{id}/logs` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Only the last N lines (then, with `follow`, what follows).
@@ -490,6 +654,11 @@ pub struct LogsQuery {
     pub timestamps: bool,
 }
 
+#[utoipa::path(
+    get, path = "/v1/agents/{id}/logs", tag = "agents",
+    params(("id" = String, Path, description = "The agent's id or name"), LogsQuery),
+    responses((status = 200, description = "The current run's output", body = String, content_type = "text/plain"), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn logs(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -520,7 +689,7 @@ async fn logs(
 }
 
 /// `POST /v1/agents/{id}/messages` body.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageRequest {
     pub text: String,
@@ -528,18 +697,24 @@ pub struct MessageRequest {
 
 /// The answer to a message: its entry's `seq`, and the `uuid` the agent's `result`
 /// names when it answers it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MessageAccepted {
     pub seq: i64,
     pub uuid: Option<String>,
 }
 
 /// The answer to an interrupt: its entry's `seq`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct InterruptAccepted {
     pub seq: i64,
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{id}/messages", tag = "conversations",
+    params(("id" = String, Path, description = "The agent's id or name")),
+    request_body = MessageRequest,
+    responses((status = 202, description = "Queued for the agent", body = MessageAccepted), (status = 404, description = "No such agent", body = ErrorJson), (status = 409, description = "Not running, or not a claude-code agent", body = ErrorJson))
+)]
 async fn send_message(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -550,13 +725,19 @@ async fn send_message(
     Ok((StatusCode::ACCEPTED, Json(MessageAccepted { seq: entry.seq, uuid })).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/agents/{id}/interrupt", tag = "conversations",
+    params(("id" = String, Path, description = "The agent's id or name")),
+    responses((status = 202, description = "The interrupt, queued", body = InterruptAccepted), (status = 404, description = "No such agent", body = ErrorJson), (status = 409, description = "Not running", body = ErrorJson))
+)]
 async fn interrupt(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let entry = app.manager.interrupt(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(InterruptAccepted { seq: entry.seq })).into_response())
 }
 
 /// `GET /v1/approvals` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsQuery {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -565,6 +746,11 @@ pub struct ApprovalsQuery {
     pub pending: Option<bool>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/approvals", tag = "approvals",
+    params(ApprovalsQuery),
+    responses((status = 200, description = "Tool-permission requests, oldest first", body = Vec<agent_manager::Approval>))
+)]
 async fn approvals(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ApprovalsQuery>,
@@ -572,6 +758,11 @@ async fn approvals(
     Ok(Json(app.manager.approvals(q.agent.as_deref(), q.pending.unwrap_or(false)).await?))
 }
 
+#[utoipa::path(
+    get, path = "/v1/approvals/{id}", tag = "approvals",
+    params(("id" = String, Path, description = "The approval's id")),
+    responses((status = 200, description = "The approval", body = agent_manager::Approval), (status = 404, description = "No such approval", body = ErrorJson))
+)]
 async fn get_approval(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -580,7 +771,7 @@ async fn get_approval(
 }
 
 /// `POST /v1/approvals/{id}` body.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionRequest {
     pub decision: agent_manager::Decision,
@@ -588,6 +779,12 @@ pub struct DecisionRequest {
     pub message: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/v1/approvals/{id}", tag = "approvals",
+    params(("id" = String, Path, description = "The approval's id")),
+    request_body = DecisionRequest,
+    responses((status = 200, description = "The approval, decided", body = agent_manager::Approval), (status = 404, description = "No such approval", body = ErrorJson), (status = 409, description = "Already decided, or its run ended", body = ErrorJson))
+)]
 async fn decide(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -597,7 +794,8 @@ async fn decide(
 }
 
 /// `GET /v1/agents/{id}/conversation` (and `/stream`) query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConversationQuery {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -606,6 +804,11 @@ pub struct ConversationQuery {
     pub limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/agents/{id}/conversation", tag = "conversations",
+    params(("id" = String, Path, description = "The agent's id or name"), ConversationQuery),
+    responses((status = 200, description = "Entries after `after`, by seq", body = Vec<agent_manager::ConversationEntry>), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn conversation(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -622,6 +825,11 @@ async fn conversation(
 ///
 /// The stream is the response body itself (no task of its own): when the client goes
 /// away, the body is dropped, and with it the subscription.
+#[utoipa::path(
+    get, path = "/v1/agents/{id}/conversation/stream", tag = "conversations",
+    params(("id" = String, Path, description = "The agent's id or name"), ConversationQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")),
+    responses((status = 200, description = "Server-sent events, one per entry (`data` is a ConversationEntry, `id` its seq)", content_type = "text/event-stream", body = String), (status = 404, description = "No such agent", body = ErrorJson))
+)]
 async fn conversation_stream(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -724,19 +932,24 @@ impl ConversationFeed {
 }
 
 /// `GET /v1/events` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// Only events whose `agent_id` or `agent` (name) is this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Only events with an `id` greater than this: the `X-Next-Cursor` of the previous
+    /// page. Also accepted as `after`.
+    #[serde(skip_serializing_if = "Option::is_none", alias = "after")]
     pub since: Option<i64>,
+    /// Events in the page, 1 to 10000 (default 1000); a value out of range is clamped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<i64>,
 }
 
 /// A lifecycle event as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventJson {
     pub id: i64,
     pub agent_id: String,
@@ -764,17 +977,28 @@ impl From<LifecycleEvent> for EventJson {
     }
 }
 
-async fn events(
-    State(app): State<AppState>,
-    ApiQuery(q): ApiQuery<EventsQuery>,
-) -> Result<Json<Vec<EventJson>>, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/events", tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of lifecycle events, by id; when more follow, `X-Next-Cursor` names the next page", body = Vec<EventJson>,
+            headers(("X-Next-Cursor" = String, description = "Give as `after` (or `since`) for the next page; absent on the last page"))),
+        (status = 400, description = "Bad query", body = ErrorJson),
+    )
+)]
+async fn events(State(app): State<AppState>, ApiQuery(q): ApiQuery<EventsQuery>) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    let events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit).await?;
-    Ok(Json(events.into_iter().map(EventJson::from).collect()))
+    // One more than the page tells whether another follows (an SQL keyset on the id).
+    let mut events = app.manager.events(q.agent.as_deref(), q.since.unwrap_or(0), limit + 1).await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let next = more.then(|| events.last().map(|e| e.id.to_string())).flatten();
+    Ok(paged(Json(events.into_iter().map(EventJson::from).collect::<Vec<_>>()), next))
 }
 
 /// `GET /v1/events/stream` query.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -783,6 +1007,11 @@ pub struct StreamQuery {
 
 /// `GET /v1/events/stream`: lifecycle events as they happen. The stream is the response
 /// body itself: a client that goes away takes its subscription with it.
+#[utoipa::path(
+    get, path = "/v1/events/stream", tag = "events",
+    params(StreamQuery),
+    responses((status = 200, description = "Server-sent events: `lifecycle` (data: an EventJson) and `lagged`", content_type = "text/event-stream", body = String))
+)]
 async fn event_stream(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<StreamQuery>,
@@ -814,6 +1043,14 @@ async fn event_stream(
 
 /// The daemon's health, from memory (no engine call): `200` only when `status` is `ok`,
 /// `503` when `degraded` or `failing`.
+#[utoipa::path(
+    get, path = "/healthz", tag = "meta",
+    security(()),
+    responses(
+        (status = 200, description = "`status` is `ok`: the engine answers and the supervisor runs (see docs/api.md for the fields)", body = Object),
+        (status = 503, description = "`status` is `degraded` or `failing`", body = Object),
+    )
+)]
 async fn healthz(State(app): State<AppState>) -> Response {
     use agent_manager::{EngineState, HealthStatus, SupervisorState};
     let h = app.manager.health();
@@ -856,6 +1093,10 @@ async fn healthz(State(app): State<AppState>) -> Response {
 }
 
 /// Counted from memory: a scrape costs no database query, however many agents there are.
+#[utoipa::path(
+    get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"))
+)]
 async fn metrics(State(app): State<AppState>) -> Response {
     let text = crate::metrics::render(&app.manager.agent_counts(), &app.manager.metrics().snapshot());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()

@@ -107,6 +107,34 @@ impl Client {
         response.json().await.with_context(|| format!("reading the answer to GET {path}"))
     }
 
+    /// GETs every page of a paged list (`GET /v1/agents`, `GET /v1/events`) with a query,
+    /// following the daemon's `X-Next-Cursor` (sent back as `cursor_param`) until the last
+    /// page, and returns all the items in order.
+    pub async fn get_all_pages<Q: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &Q,
+        cursor_param: &str,
+    ) -> Result<Vec<T>> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut request = self.request(Method::GET, path).query(query);
+            if let Some(cursor) = &cursor {
+                request = request.query(&[(cursor_param, cursor)]);
+            }
+            let response = self.send(request).await?;
+            let next = response.headers().get(crate::api::NEXT_CURSOR).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let page: Vec<T> = response.json().await.with_context(|| format!("reading the answer to GET {path}"))?;
+            all.extend(page);
+            match next {
+                // A daemon that names the same page again would loop forever: stop.
+                Some(next) if cursor.as_ref() != Some(&next) => cursor = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+
     /// Sends `method` without a body and reads the answer as `R` (`()` for no content).
     pub async fn call<R: DeserializeOwned>(&self, method: Method, path: &str) -> Result<R> {
         self.call_with::<(), R>(method, path, None).await

@@ -582,7 +582,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
         Command::Ls { all, json, status, output } => {
             let format = output.format(json)?;
             let all = all || status.is_some();
-            let mut agents: Vec<AgentJson> = client.get_query("/v1/agents", &api::ListQuery { status }).await?;
+            // Every page, the largest the daemon gives.
+            let query = api::ListQuery { status, limit: Some(agent_manager::MAX_AGENT_PAGE), cursor: None };
+            let mut agents: Vec<AgentJson> = client.get_all_pages("/v1/agents", &query, "cursor").await?;
             if !all {
                 agents.retain(client::is_live);
             }

@@ -10,6 +10,7 @@ use std::str::FromStr;
 /// stopped container, which means nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SessionHealth {
     /// The health check passes.
     Healthy,

@@ -10,6 +10,7 @@ use crate::BackendError;
 /// How a session reaches the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum NetworkPolicy {
     /// A bridge network with a route out, and the host reachable as `host.docker.internal`.
     #[default]

@@ -71,7 +71,9 @@ fn run() -> Result<()> {
             steps.run("engines", engines::provision)?;
         }
         Some("bench") => {
-            steps.run("bench", || cargo(&["bench", "-p", "agent-manager", "--bench", "reconcile"], &[]))?;
+            steps.run("bench", || {
+                cargo(&["bench", "-p", "agent-manager", "--bench", "reconcile", "--bench", "list"], &[])
+            })?;
         }
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");

@@ -13,6 +13,7 @@ use crate::store::{from_millis, millis, StoreError};
 /// A decision on a tool-permission request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Decision {
     Allow,
     Deny,
@@ -31,6 +32,7 @@ impl Decision {
 /// Who decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DecidedBy {
     /// A person, through the API.
     User,
@@ -71,6 +73,7 @@ impl DecidedBy {
 /// One tool-permission request (its JSON, read back by the client, has no
 /// `container_id`: that one reads as empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Approval {
     pub id: String,
     pub agent_id: String,

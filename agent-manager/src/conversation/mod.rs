@@ -68,6 +68,7 @@ text_enum! {
 /// One line of an agent's conversation (its JSON, read back by the client, has no
 /// `agent_id`: that one reads as empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConversationEntry {
     #[serde(skip)]
     pub agent_id: String,
@@ -182,6 +183,7 @@ fn entry_size(entry: &ConversationEntry) -> usize {
 
 /// The last result of a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LastResult {
     pub subtype: String,
     pub is_error: bool,
@@ -192,6 +194,7 @@ pub struct LastResult {
 
 /// Tokens a session used, summed from its results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
