@@ -545,23 +545,36 @@ impl Progress {
 pub const EVENTS_HEADER: &str =
     "TIME                      AGENT                 EVENT               CHANGE                DETAIL";
 
+/// The header of [`event_line`]'s lines; `wide` puts the event id first.
+pub fn events_header(wide: bool) -> String {
+    if wide {
+        format!("{:>8}  {EVENTS_HEADER}", "ID")
+    } else {
+        EVENTS_HEADER.to_owned()
+    }
+}
+
 /// One event as a line: `TIME  AGENT  EVENT  CHANGE  DETAIL`, the time in UTC to the
 /// millisecond so that every line's columns start at the same place (an agent name over
-/// 20 characters pushes its line's later columns along).
-pub fn event_line(e: &EventJson) -> String {
+/// 20 characters pushes its line's later columns along). `wide` puts the event's id first
+/// and names the agent by name and id.
+pub fn event_line(e: &EventJson, wide: bool) -> String {
     let change = match (e.from, e.to) {
         (Some(f), Some(t)) if f != t => format!("{f} -> {t}"),
         (_, Some(t)) => t.to_string(),
         _ => "-".to_owned(),
     };
-    format!(
-        "{}  {:<20}  {:<18}  {:<20}  {}",
-        fixed_time(e.at),
-        e.agent.as_deref().unwrap_or(&e.agent_id),
-        e.kind.as_str(),
-        change,
-        e.detail
-    )
+    let agent = match (&e.agent, wide) {
+        (Some(name), true) => format!("{name} ({})", e.agent_id),
+        (Some(name), false) => name.clone(),
+        (None, _) => e.agent_id.clone(),
+    };
+    let line = format!("{}  {:<20}  {:<18}  {:<20}  {}", fixed_time(e.at), agent, e.kind.as_str(), change, e.detail);
+    if wide {
+        format!("{:>8}  {line}", e.id)
+    } else {
+        line
+    }
 }
 
 /// A time in UTC to the millisecond, always 24 characters: `2026-12-01T18:00:00.250Z`.
@@ -710,8 +723,8 @@ mod tests {
             detail: "container started".into(),
             at: OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(nanos),
         };
-        let whole = event_line(&event(0));
-        let fraction = event_line(&event(123_456_789));
+        let whole = event_line(&event(0), false);
+        let fraction = event_line(&event(123_456_789), false);
         assert!(whole.starts_with("1970-01-01T00:00:00.000Z  coder "), "{whole}");
         assert!(fraction.starts_with("1970-01-01T00:00:00.123Z  coder "), "{fraction}");
         for column in ["AGENT", "EVENT", "CHANGE", "DETAIL"] {
@@ -719,6 +732,12 @@ mod tests {
             assert_ne!(whole.as_bytes()[at], b' ', "{column} starts at {at}:\n{EVENTS_HEADER}\n{whole}");
             assert_eq!(whole.as_bytes()[at - 1], b' ', "{column} starts at {at}:\n{EVENTS_HEADER}\n{whole}");
         }
+        // Wide: the id first, the agent by name and id, under a header with ID.
+        let wide = event_line(&event(0), true);
+        let header = events_header(true);
+        assert!(wide.starts_with("       1  1970-01-01T00:00:00.000Z  coder (id) "), "{wide}");
+        assert!(header.starts_with("      ID  TIME "), "{header}");
+        assert_eq!(header.find("AGENT"), wide.find("coder"), "{header}\n{wide}");
     }
 
     #[test]

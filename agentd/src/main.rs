@@ -134,9 +134,11 @@ enum Command {
         /// The last N past events (with --since: the last N of those) [default: none, only new events].
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
-        /// One JSON object per line (the API's event JSON, keys sorted), no header.
-        #[arg(long)]
+        /// One JSON object per line (the API's event JSON, keys sorted), no header (the same as -o json).
+        #[arg(long, conflicts_with_all = ["output", "format"])]
         json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Send a message to a claude-code agent and print its reply as it arrives; exits 0
     /// when the turn succeeds and 1 when its result is an error.
@@ -690,7 +692,9 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
             .await
             .result?;
         }
-        Command::Events { follow, agent, since, tail, json } => {
+        Command::Events { follow, agent, since, tail, json, output } => {
+            // JSON is one line per event, so that a followed stream can be read line by line.
+            let format = output.format(json)?;
             let past = since.is_some() || tail.is_some();
             // Subscribe before listing, so no event falls between the two.
             let stream = if follow || !past {
@@ -699,15 +703,12 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 None
             };
             let print = |event: &EventJson| -> Result<()> {
-                if json {
-                    println!("{}", client::printable(event)?);
-                } else {
-                    println!("{}", client::event_line(event));
-                }
+                let line = format.render_one(event, |wide| client::event_line(event, wide), |e| e.id.to_string())?;
+                println!("{line}");
                 Ok(())
             };
-            if !json {
-                println!("{}", client::EVENTS_HEADER);
+            if let Some(wide) = format.table() {
+                println!("{}", client::events_header(wide));
             }
             let mut last = 0;
             if past {

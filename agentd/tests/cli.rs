@@ -336,6 +336,20 @@ fn events_prints_past_ones_only_when_asked() {
     assert!(!events.is_empty() && events.iter().all(|e| e["agent"] == "old-one"), "{json}");
     assert!(events.iter().any(|e| e["kind"] == "spawned"), "{json}");
 
+    // The output flags every listing verb takes (issue J, item 8).
+    let json_o = daemon.ok(&["events", "--since", "10m", "-o", "json", "--agent", "old-one"]);
+    assert_eq!(json_o, json, "-o json is --json");
+    let names = daemon.ok(&["events", "--since", "0", "-o", "name"]);
+    let ids: Vec<i64> = events.iter().filter_map(|e| e["id"].as_i64()).collect();
+    assert!(ids.iter().all(|id| names.lines().any(|l| l == id.to_string())), "-o name prints ids:\n{names}");
+    assert!(!names.contains("TIME"), "-o name has no header:\n{names}");
+    let wide = daemon.ok(&["events", "--since", "0", "-o", "wide"]);
+    assert!(wide.lines().next().is_some_and(|h| h.trim_start().starts_with("ID ")), "{wide}");
+    let template = daemon.ok(&["events", "--since", "0", "--agent", "old-two", "--format", "{{.kind}}/{{.agent}}"]);
+    assert!(template.lines().any(|l| l == "spawned/old-two"), "{template}");
+    let both = daemon.cli(&["events", "--since", "0", "--json", "-o", "wide"]).output().expect("run");
+    assert_eq!(both.status.code(), Some(2), "--json with -o: {}", text(&both.stderr));
+
     let future = daemon.ok(&["events", "--since", "2999-01-01T00:00:00Z"]);
     assert_eq!(future.lines().count(), 1, "only the header:\n{future}");
 
