@@ -94,7 +94,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::ShuttingDown | ManagerError::NetworkUnprotected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_engine_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ManagerError::Backend(BackendError::InvalidSpec { .. }) => StatusCode::BAD_REQUEST,
-            ManagerError::Backend(BackendError::ImageNotFound { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::Backend(BackendError::ImageNotFound { .. } | BackendError::Rejected { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ManagerError::Backend(BackendError::AlreadyExists { .. }) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -726,6 +728,7 @@ mod tests {
         let spec = AgentSpec {
             kind,
             image: "agentd-claude:latest".into(),
+            entrypoint: None,
             command: None,
             env: std::collections::BTreeMap::new(),
             workdir: None,

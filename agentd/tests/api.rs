@@ -26,6 +26,15 @@ struct TestDaemon {
     task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
 }
 
+/// A model credential file of a fake key, one per call.
+fn fake_key_file() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("agentd-api-test-key-{}-{n}", std::process::id()));
+    std::fs::write(&path, "sk-ant-api-test-unused\n").expect("write the fake key file");
+    path
+}
+
 impl TestDaemon {
     async fn start(token: Option<&str>) -> Self {
         Self::start_with(token, |_, _| {}).await
@@ -38,6 +47,8 @@ impl TestDaemon {
         config.server.token = token.map(str::to_owned);
         config.agents.kind = agent_manager::AgentKind::Image;
         config.agents.image = backend_mock::ECHO_IMAGE.into();
+        // A model credential, without which claude-code spawns are refused (none is used).
+        config.model.api_key_file = Some(fake_key_file());
         let engine = MockEngine::new();
         prepare(&mut config, &engine);
         let store = Store::in_memory().await.expect("store");
