@@ -927,3 +927,34 @@ async fn a_client_config_that_fails_to_load_is_warned_about_and_named_in_the_401
     assert!(hint.contains("could not be loaded") && hint.contains(&file), "{hint}");
     d.stop().await;
 }
+
+// ---- The engine's answers to a client's mistakes (issue J, items 17 and 18) ----
+
+/// A create the engine refuses as invalid (its 400, as Docker answers a CPU limit above
+/// the host's) is the client's mistake: 422 with the engine's words, no agent left, never
+/// 500. A CPU limit above the CPUs the engine reports is refused before the engine is
+/// asked, naming the range.
+#[tokio::test]
+async fn engine_refusals_of_client_input_are_422_and_cpus_are_bounded_by_the_engine() {
+    let d = TestDaemon::start(None).await;
+    let answer = "Range of CPUs is from 0.01 to 2.00, as there are only 2 CPUs available";
+    d.engine.reject_creates(Some(answer));
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "refused" }))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(error_text(&body).contains(answer), "the engine's words: {body}");
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/refused", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a refused spawn leaves no agent: {body}");
+    d.engine.reject_creates(None);
+
+    d.engine.set_cpus(Some(2));
+    let creates = || d.engine.calls().iter().filter(|c| matches!(c, backend_mock::MockCall::Create(_))).count();
+    let before = creates();
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "big", "cpus": 3 }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let text = error_text(&body);
+    assert!(text.contains("invalid cpus") && text.contains("at most 2") && text.contains("0.01"), "{text}");
+    assert_eq!(creates(), before, "refused before the engine is asked");
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "fits", "cpus": 2 }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    d.stop().await;
+}

@@ -207,6 +207,8 @@ struct State {
     snapshot_exit_info: bool,
     /// The host's CPUs, as the engine reports them; `None`: it cannot tell.
     cpus: Option<u32>,
+    /// Creates refused as invalid with this answer (see [`MockEngine::reject_creates`]).
+    reject_creates: Option<String>,
     /// What backends report, and the lifecycle the engine follows.
     capabilities: Capabilities,
     /// Named volumes: name → (labels, created at).
@@ -262,6 +264,7 @@ impl MockEngine {
             subscribers: Vec::new(),
             snapshot_exit_info: true,
             cpus: None,
+            reject_creates: None,
             capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             volumes: BTreeMap::new(),
             isolated_network: None,
@@ -317,6 +320,12 @@ impl MockEngine {
     /// more is refused at create, as Docker refuses it.
     pub fn set_cpus(&self, cpus: Option<u32>) {
         self.lock().cpus = cpus;
+    }
+
+    /// Every create is refused as the engine refuses a value it cannot honour (a 400:
+    /// [`BackendError::Rejected`] with `answer`), until called with `None`.
+    pub fn reject_creates(&self, answer: Option<&str>) {
+        self.lock().reject_creates = answer.map(str::to_owned);
     }
 
     pub(crate) fn cpus(&self) -> Option<u32> {
@@ -564,6 +573,9 @@ impl MockEngine {
         owner: &OwnershipLabels,
     ) -> Result<String, BackendError> {
         let mut state = self.lock();
+        if let Some(message) = state.reject_creates.clone() {
+            return Err(BackendError::Rejected { backend: NAME, message });
+        }
         if let (Some(host), Some(cpus)) = (state.cpus, spec.resources.cpus) {
             if cpus > f64::from(host) {
                 let message =
