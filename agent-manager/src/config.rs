@@ -608,9 +608,20 @@ mod tests {
         };
         let base = || NewAgent { name: "a".into(), ..NewAgent::default() };
         let memory = defaults.check().into_iter().next().expect("memory");
-        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), "memory_mb: 4: at least 6 (MiB)");
-        assert_eq!(memory.allowed, "at least 6 (MiB)");
-        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("at most 1024"));
+        let range = "from 6 to 1099511627776 (MiB: 6 MiB to 2^40 MiB)";
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), format!("memory_mb: 4: {range}"));
+        assert_eq!(memory.allowed, range);
+        let huge = (1 << 44) + 64;
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(huge), ..base() })), format!("memory_mb: {huge}: {range}"));
+        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("to 1024"));
+        assert!(message(spawn(NewAgent { cpus: Some(1e-12), ..base() })).contains("from 0.01"));
+        let entrypoint = |kind, entrypoint: Vec<&str>| NewAgent {
+            kind: Some(kind),
+            entrypoint: Some(entrypoint.into_iter().map(str::to_owned).collect()),
+            ..base()
+        };
+        assert!(message(spawn(entrypoint(AgentKind::Image, vec![]))).starts_with("entrypoint: must name a program"));
+        assert!(message(spawn(entrypoint(AgentKind::ClaudeCode, vec!["/bin/sh"]))).contains("kind claude-code runs"));
         let mut env = base();
         env.env.insert("AGENTD_TOKEN".into(), "x".into());
         assert!(message(spawn(env)).starts_with("env: \"AGENTD_TOKEN\": not AGENTD_*"));

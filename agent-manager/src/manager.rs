@@ -355,11 +355,17 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
     }
 
-    /// Refuses a CPU limit above what the engine's host has (the engine's own answer, as
-    /// Docker gives it; Podman would take it in silence).
-    async fn check_cpus(&self, spec: &crate::model::AgentSpec) -> Result<()> {
+    /// Refuses a CPU limit the spawn `given` above what the engine's host has (the
+    /// engine's own answer, as Docker gives it; Podman would take it in silence). The
+    /// `agents.cpus` default is lowered to the host's CPUs instead: "2" means "up to 2".
+    async fn check_cpus(&self, spec: &mut crate::model::AgentSpec, given: bool) -> Result<()> {
         let Some(cpus) = spec.cpus else { return Ok(()) };
         match self.backend.engine_cpus().await? {
+            Some(host) if cpus > f64::from(host) && !given => {
+                info!(cpus, engine_cpus = host, "Lowered the default CPU limit to the engine host's CPUs.");
+                spec.cpus = Some(f64::from(host));
+                Ok(())
+            }
             Some(host) if cpus > f64::from(host) => Err(ManagerError::Invalid {
                 field: "cpus",
                 message: format!(
@@ -381,7 +387,7 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         if let Some(reason) = self.config.claude_refusal.as_ref().filter(|_| spec.kind == AgentKind::ClaudeCode) {
             return Err(ManagerError::Refused { field: "kind", value: spec.kind.to_string(), rule: reason.clone() });
         }
-        self.check_cpus(&spec).await?;
+        self.check_cpus(&mut spec, new.cpus.is_some()).await?;
         if let Some(dir) = spec.workdir.take() {
             // The canonical path is what is stored (and mounted).
             spec.workdir = Some(self.check_host_dirs(Some(dir), Vec::new()).await?.0.unwrap_or_default());

@@ -107,8 +107,7 @@ impl Daemon {
                 Ok(Some(host)) if cpus > f64::from(host) => warn!(
                     cpus,
                     engine_cpus = host,
-                    "agents.cpus is above the engine host's CPUs: spawns that take it are refused until it is at \
-                     most that number."
+                    "agents.cpus is above the engine host's CPUs: agents that take the default get the host's CPUs."
                 ),
                 _ => {}
             }

@@ -957,4 +957,16 @@ async fn engine_refusals_of_client_input_are_422_and_cpus_are_bounded_by_the_eng
     let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "fits", "cpus": 2 }))).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     d.stop().await;
+
+    // The agents.cpus default means "up to": above the host's CPUs, agents get the host's.
+    let d = TestDaemon::start_with(None, |config, engine| {
+        config.agents.cpus = Some(8.0);
+        engine.set_cpus(Some(2));
+    })
+    .await;
+    let agent = d.spawn("default").await;
+    let session = agent["session"].as_str().expect("session");
+    let spec = d.engine.created_spec(session).expect("created");
+    assert_eq!(spec.resources.cpus, Some(2.0), "{spec:?}");
+    d.stop().await;
 }
