@@ -48,7 +48,8 @@ impl TestDaemon {
         config.agents.kind = agent_manager::AgentKind::Image;
         config.agents.image = backend_mock::ECHO_IMAGE.into();
         // A model credential, without which claude-code spawns are refused (none is used).
-        config.model.api_key_file = Some(fake_key_file());
+        let key_file = fake_key_file();
+        config.model.api_key_file = Some(key_file.clone());
         let engine = MockEngine::new();
         prepare(&mut config, &engine);
         let store = Store::in_memory().await.expect("store");
@@ -56,6 +57,8 @@ impl TestDaemon {
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
         let daemon = Daemon::bind(&config, backend, store.clone(), instance).await.expect("bind");
+        // The daemon read it at bind.
+        let _ = std::fs::remove_file(&key_file);
         let base = format!("http://{}", daemon.api_addr());
         let manager = daemon.manager();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -2263,8 +2263,15 @@ fn spawn_input_is_checked_before_the_engine(engine: Engine) {
         assert_eq!(status, 400, "image {image:?}: {error}");
         assert!(error.contains("invalid image") && error.len() < 1000, "{image:?}: {error}");
     }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let over = (cpus + 1) as f64;
+    let format = match engine {
+        Engine::Docker => "{{.NCPU}}",
+        Engine::Podman => "{{.Host.CPUs}}",
+    };
+    let cpus: u32 = String::from_utf8_lossy(&engine.run(&["info", "--format", format]).stdout)
+        .trim()
+        .parse()
+        .expect("the engine's CPU count");
+    let over = f64::from(cpus + 1);
     let limits = [
         (json!({"cpus": 1024}), vec!["invalid cpus", "at most"]),
         (json!({"cpus": over}), vec!["invalid cpus", "at most"]),
