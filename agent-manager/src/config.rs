@@ -141,7 +141,12 @@ impl Violation {
 fn check_common(spec: &AgentSpec, out: &mut Vec<Violation>) {
     use backend_core::rules;
     if let Err(allowed) = rules::image(&spec.image) {
-        out.push(Violation::new("image", format!("{:?}", spec.image), allowed));
+        // A reference of thousands of characters is not echoed whole.
+        let shown = match spec.image.char_indices().nth(80) {
+            Some((end, _)) => format!("{:?}… ({} bytes)", &spec.image[..end], spec.image.len()),
+            None => format!("{:?}", spec.image),
+        };
+        out.push(Violation::new("image", shown, allowed));
     }
     if let Some(Err(allowed)) = spec.memory_mb.map(rules::memory_mb) {
         out.push(Violation::new("memory_mb", spec.memory_mb.unwrap_or_default().to_string(), allowed));
@@ -238,6 +243,7 @@ impl AgentDefaults {
         let spec = AgentSpec {
             kind: self.kind,
             image: self.image.clone(),
+            entrypoint: None,
             command: None,
             env: Default::default(),
             workdir: None,
@@ -316,6 +322,7 @@ impl AgentDefaults {
         let spec = AgentSpec {
             kind: new.kind.unwrap_or(self.kind),
             image: new.image.unwrap_or_else(|| self.image.clone()),
+            entrypoint: new.entrypoint,
             command: new.command,
             env: new.env,
             workdir: new.workdir,
@@ -344,8 +351,22 @@ impl AgentDefaults {
             spec.max_turns = spec.max_turns.or(self.max_turns);
             spec.max_budget_usd = spec.max_budget_usd.or(self.max_budget_usd);
         }
+        if let Some(entrypoint) = &spec.entrypoint {
+            if entrypoint.first().is_none_or(String::is_empty) {
+                return invalid("entrypoint", "must name a program; leave it out to run the image's entrypoint".into());
+            }
+            if spec.kind == AgentKind::ClaudeCode {
+                return invalid(
+                    "entrypoint",
+                    "kind claude-code runs the Claude Code CLI; use kind \"image\" to run an entrypoint of your own"
+                        .into(),
+                );
+            }
+        }
         if let Some(command) = &spec.command {
-            if command.is_empty() || command[0].is_empty() {
+            // Under an entrypoint of its own the command is the entrypoint's arguments,
+            // which may be none; alone it is the program and its arguments.
+            if spec.entrypoint.is_none() && command.first().is_none_or(String::is_empty) {
                 return invalid("command", "must name a program; leave it out to run the image's entrypoint".into());
             }
             if spec.kind == AgentKind::ClaudeCode {
@@ -514,6 +535,11 @@ pub struct ManagerConfig {
     /// [`ManagerError::NetworkUnprotected`] carrying this text. `None`: they may run.
     #[serde(skip)]
     pub isolated_refusal: Option<String>,
+    /// Why `claude-code` agents cannot be spawned now (the daemon has no model credential
+    /// for its gateway), set by the daemon. While set, spawns of claude-code agents are
+    /// refused with [`ManagerError::Refused`] carrying this text. `None`: they may.
+    #[serde(skip)]
+    pub claude_refusal: Option<String>,
 }
 
 /// The daemon's listeners on the engine networks' gateway addresses.
@@ -558,6 +584,7 @@ impl Default for ManagerConfig {
             model_limits: ModelLimits::default(),
             protected_paths: Vec::new(),
             isolated_refusal: None,
+            claude_refusal: None,
         }
     }
 }
@@ -581,9 +608,20 @@ mod tests {
         };
         let base = || NewAgent { name: "a".into(), ..NewAgent::default() };
         let memory = defaults.check().into_iter().next().expect("memory");
-        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), "memory_mb: 4: at least 6 (MiB)");
-        assert_eq!(memory.allowed, "at least 6 (MiB)");
-        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("at most 1024"));
+        let range = "from 6 to 1099511627776 (MiB: 6 MiB to 2^40 MiB)";
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(4), ..base() })), format!("memory_mb: 4: {range}"));
+        assert_eq!(memory.allowed, range);
+        let huge = (1 << 44) + 64;
+        assert_eq!(message(spawn(NewAgent { memory_mb: Some(huge), ..base() })), format!("memory_mb: {huge}: {range}"));
+        assert!(message(spawn(NewAgent { cpus: Some(2000.0), ..base() })).contains("to 1024"));
+        assert!(message(spawn(NewAgent { cpus: Some(1e-12), ..base() })).contains("from 0.01"));
+        let entrypoint = |kind, entrypoint: Vec<&str>| NewAgent {
+            kind: Some(kind),
+            entrypoint: Some(entrypoint.into_iter().map(str::to_owned).collect()),
+            ..base()
+        };
+        assert!(message(spawn(entrypoint(AgentKind::Image, vec![]))).starts_with("entrypoint: must name a program"));
+        assert!(message(spawn(entrypoint(AgentKind::ClaudeCode, vec!["/bin/sh"]))).contains("kind claude-code runs"));
         let mut env = base();
         env.env.insert("AGENTD_TOKEN".into(), "x".into());
         assert!(message(spawn(env)).starts_with("env: \"AGENTD_TOKEN\": not AGENTD_*"));

@@ -370,6 +370,28 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         }
     }
 
+    /// Refuses a CPU limit the spawn `given` above what the engine's host has (the
+    /// engine's own answer, as Docker gives it; Podman would take it in silence). The
+    /// `agents.cpus` default is lowered to the host's CPUs instead: "2" means "up to 2".
+    async fn check_cpus(&self, spec: &mut crate::model::AgentSpec, given: bool) -> Result<()> {
+        let Some(cpus) = spec.cpus else { return Ok(()) };
+        match self.backend.engine_cpus().await? {
+            Some(host) if cpus > f64::from(host) && !given => {
+                info!(cpus, engine_cpus = host, "Lowered the default CPU limit to the engine host's CPUs.");
+                spec.cpus = Some(f64::from(host));
+                Ok(())
+            }
+            Some(host) if cpus > f64::from(host) => Err(ManagerError::Invalid {
+                field: "cpus",
+                message: format!(
+                    "{cpus}: at most {host}, the number of CPUs of the {} engine's host (and at least 0.01)",
+                    self.backend.name()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Creates an agent and starts its container, with the agent as the container's main
     /// process.
     pub async fn spawn(&self, new: NewAgent) -> Result<AgentView> {
@@ -377,12 +399,30 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
         self.check_accepting()?;
         let mut spec = self.config.defaults.resolve(new.clone())?;
         self.check_network(&new.name, &spec)?;
+        if let Some(reason) = self.config.claude_refusal.as_ref().filter(|_| spec.kind == AgentKind::ClaudeCode) {
+            return Err(ManagerError::Refused { field: "kind", value: spec.kind.to_string(), rule: reason.clone() });
+        }
+        self.check_cpus(&mut spec, new.cpus.is_some()).await?;
         if let Some(dir) = spec.workdir.take() {
             // The canonical path is what is stored (and mounted).
             spec.workdir = Some(self.check_host_dirs(Some(dir), Vec::new()).await?.0.unwrap_or_default());
         }
         if !self.backend.image_exists(&spec.image).await? {
-            let hint = if spec.image.starts_with("agentd-echo") {
+            let ours = spec.image.contains("agentd-claude") || spec.image.contains("agentd-echo");
+            let hint = if spec.kind == AgentKind::ClaudeCode {
+                let build = if ours {
+                    "build it with `cargo xtask images` (in agentd's source tree)".to_owned()
+                } else {
+                    format!(
+                        "build or load it into the {} engine first (agentd never pulls images)",
+                        self.backend.name()
+                    )
+                };
+                format!(
+                    "{build}. Kind claude-code, the default kind, needs an image with Claude Code's `claude`; to run \
+                     any other image, spawn it with `--kind image --image IMAGE` (API: \"kind\": \"image\")"
+                )
+            } else if ours {
                 "build it with `cargo xtask images`".to_owned()
             } else {
                 format!("build or load it into the {} engine first (agentd never pulls images)", self.backend.name())
@@ -490,7 +530,21 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
         }
         spec.command = match s.kind {
-            AgentKind::Image => s.command.clone(),
+            // `command` alone replaces the image's entrypoint, as documented: its program
+            // becomes the entrypoint and the rest its arguments.
+            AgentKind::Image => match (&s.entrypoint, &s.command) {
+                (Some(entrypoint), command) => {
+                    spec.entrypoint = Some(entrypoint.clone());
+                    command.clone().filter(|c| !c.is_empty())
+                }
+                (None, Some(command)) => {
+                    let (program, args) =
+                        command.split_first().map_or((String::new(), &[][..]), |(p, a)| (p.clone(), a));
+                    spec.entrypoint = Some(vec![program]);
+                    (!args.is_empty()).then(|| args.to_vec())
+                }
+                (None, None) => None,
+            },
             AgentKind::ClaudeCode => {
                 spec.stdin_open = true;
                 // HOME (with the CLI's conversation files) outlives the containers, so a
@@ -533,7 +587,13 @@ impl<B: ExecutionBackend + ?Sized + 'static> AgentManager<B> {
             }
         };
         spec.workdir = s.workdir.clone();
-        spec.resources.memory_bytes = s.memory_mb.map(|mb| mb * 1024 * 1024);
+        spec.resources.memory_bytes = match s.memory_mb {
+            Some(mb) => Some(backend_core::rules::memory_mb_to_bytes(mb).ok_or_else(|| ManagerError::Invalid {
+                field: "memory_mb",
+                message: format!("{mb}: {}", backend_core::rules::memory_mb(mb).err().unwrap_or("out of range")),
+            })?),
+            None => None,
+        };
         spec.resources.cpus = s.cpus;
         spec.resources.pids_limit = s.pids_limit;
         spec.network = s.network;

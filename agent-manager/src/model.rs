@@ -212,6 +212,12 @@ pub struct NewAgent {
     pub name: String,
     pub kind: Option<AgentKind>,
     pub image: Option<String>,
+    /// The program (and its first arguments) run instead of the image's `ENTRYPOINT`
+    /// (kind image); `command`, if any, follows as its arguments.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Alone: the program and its arguments, run instead of the image's `ENTRYPOINT` and
+    /// `CMD` (kind image). With `entrypoint`: that entrypoint's arguments.
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -311,6 +317,9 @@ pub struct ModelRequest {
 pub struct AgentSpec {
     pub kind: AgentKind,
     pub image: String,
+    /// The entrypoint given at spawn, if any (see [`NewAgent::entrypoint`]).
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
@@ -351,6 +360,7 @@ impl fmt::Debug for AgentSpec {
         f.debug_struct("AgentSpec")
             .field("kind", &self.kind)
             .field("image", &self.image)
+            .field("entrypoint", &self.entrypoint)
             .field("command", &self.command)
             .field("env_keys", &self.env.keys().collect::<Vec<_>>())
             .field("workdir", &self.workdir)

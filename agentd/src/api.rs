@@ -158,7 +158,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::ShuttingDown | ManagerError::NetworkUnprotected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_engine_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ManagerError::Backend(BackendError::InvalidSpec { .. }) => StatusCode::BAD_REQUEST,
-            ManagerError::Backend(BackendError::ImageNotFound { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::Backend(BackendError::ImageNotFound { .. } | BackendError::Rejected { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ManagerError::Backend(BackendError::AlreadyExists { .. }) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -261,6 +263,10 @@ pub struct AgentJson {
     /// The command given at spawn, run instead of the image's (null: the image's own).
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// The entrypoint given at spawn, run instead of the image's (null: the image's own,
+    /// or the command's first word when only a command was given).
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
     /// The environment given at spawn: every name, each value [`MASKED`] unless
     /// `show_secrets` was asked for (and allowed).
     #[serde(default)]
@@ -367,6 +373,7 @@ fn agent_json_with(view: AgentView, show_secrets: bool) -> AgentJson {
     AgentJson {
         started_at: view.started_at,
         command: a.spec.command,
+        entrypoint: a.spec.entrypoint,
         env,
         workdir: a.spec.workdir,
         memory_mb: a.spec.memory_mb,
@@ -1130,6 +1137,7 @@ mod tests {
         let spec = AgentSpec {
             kind,
             image: "agentd-claude:latest".into(),
+            entrypoint: None,
             command: None,
             env: std::collections::BTreeMap::new(),
             workdir: None,

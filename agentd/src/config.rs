@@ -745,6 +745,7 @@ impl Config {
             protected_paths: Vec::new(),
             // Filled in by the daemon once it tried to install the firewall.
             isolated_refusal: None,
+            claude_refusal: None,
         }
     }
 

@@ -68,6 +68,12 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// Why claude-code agents are refused while the daemon has no model credential.
+const NO_CREDENTIAL: &str = "agents of kind claude-code reach the model through agentd's gateway, and agentd has no \
+     model credential to give it: set model.api_key_file, or ANTHROPIC_API_KEY (an API key) or \
+     CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`) in agentd's environment, and restart agentd; \
+     or spawn with --kind image to run an image without Claude Code";
+
 impl Daemon {
     /// Binds the API on `server.listen` and builds the manager.
     pub async fn bind(
@@ -92,9 +98,22 @@ impl Daemon {
         manager_config.gateway = Some(endpoints);
         manager_config.isolated_refusal = protection.refusal();
         manager_config.protected_paths = config.protected_paths(backend.name(), backend.engine_socket());
+        let credential = Credential::from_daemon(&config.model)?;
+        if credential.is_none() {
+            manager_config.claude_refusal = Some(NO_CREDENTIAL.to_owned());
+        }
+        if let Some(cpus) = config.agents.cpus {
+            match backend.engine_cpus().await {
+                Ok(Some(host)) if cpus > f64::from(host) => warn!(
+                    cpus,
+                    engine_cpus = host,
+                    "agents.cpus is above the engine host's CPUs: agents that take the default get the host's CPUs."
+                ),
+                _ => {}
+            }
+        }
         let manager: Arc<AgentManager<dyn ExecutionBackend>> =
             Arc::new(AgentManager::new(backend, store, manager_config));
-        let credential = Credential::from_daemon(&config.model)?;
         match &credential {
             Some(c) => info!(source = c.source(), kind = ?c.kind(), "Model credential loaded; it stays in agentd."),
             None if !gateway.is_empty() => warn!(

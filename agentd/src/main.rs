@@ -328,11 +328,11 @@ struct SpawnArgs {
     /// Allow the agent no destination through the egress proxy, whatever agents.egress_allow says.
     #[arg(long, conflicts_with = "egress_allow")]
     no_egress: bool,
-    /// Memory limit in MiB, no swap [default: agents.memory_mb, 2048].
-    #[arg(long)]
+    /// Memory limit in MiB, no swap, from 6 to 2^40 [default: agents.memory_mb, 2048].
+    #[arg(long, value_parser = parse_memory_mb)]
     memory_mb: Option<u64>,
-    /// CPU limit in cores [default: agents.cpus, 2].
-    #[arg(long)]
+    /// CPU limit in cores, from 0.01 to the engine host's CPUs [default: agents.cpus, 2].
+    #[arg(long, value_parser = parse_cpus)]
     cpus: Option<f64>,
     /// internet, isolated, none or host [default: agents.network; unset: isolated for claude-code, internet for image].
     #[arg(long)]
@@ -349,9 +349,29 @@ struct SpawnArgs {
     /// First message of a claude-code agent's conversation [default: none].
     #[arg(long)]
     prompt: Option<String>,
-    /// Command to run instead of the image's entrypoint (kind image), after `--`.
+    /// Program to run instead of the image's ENTRYPOINT (kind image); the words after `--`
+    /// become its arguments, and the image's CMD is not used [default: the image's].
+    #[arg(long, value_name = "PROGRAM")]
+    entrypoint: Option<String>,
+    /// Command to run instead of the image's ENTRYPOINT and CMD (kind image), after `--`;
+    /// with --entrypoint, that program's arguments [default: the image's].
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// `--memory-mb`: a number of MiB in the range agentd accepts.
+fn parse_memory_mb(value: &str) -> Result<u64, String> {
+    let mb: u64 = value.parse().map_err(|e| format!("{value:?} is not a whole number of MiB: {e}"))?;
+    backend_core::rules::memory_mb(mb).map_err(|allowed| format!("{mb}: {allowed}"))?;
+    Ok(mb)
+}
+
+/// `--cpus`: a number of cores in the range agentd accepts (the engine's CPUs are checked
+/// by the daemon).
+fn parse_cpus(value: &str) -> Result<f64, String> {
+    let cpus: f64 = value.parse().map_err(|e| format!("{value:?} is not a number of cores: {e}"))?;
+    backend_core::rules::cpus(cpus).map_err(|allowed| format!("{cpus}: {allowed}"))?;
+    Ok(cpus)
 }
 
 fn main() {
@@ -561,6 +581,7 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 name: args.name,
                 kind: choice("--kind", args.kind)?,
                 image: args.image,
+                entrypoint: args.entrypoint.map(|program| vec![program]),
                 command: (!args.command.is_empty()).then_some(args.command),
                 env,
                 workdir: args.workdir,

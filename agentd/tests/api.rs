@@ -26,6 +26,15 @@ struct TestDaemon {
     task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
 }
 
+/// A model credential file of a fake key, one per call.
+fn fake_key_file() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("agentd-api-test-key-{}-{n}", std::process::id()));
+    std::fs::write(&path, "sk-ant-api-test-unused\n").expect("write the fake key file");
+    path
+}
+
 impl TestDaemon {
     async fn start(token: Option<&str>) -> Self {
         Self::start_with(token, |_, _| {}).await
@@ -38,6 +47,9 @@ impl TestDaemon {
         config.server.token = token.map(str::to_owned);
         config.agents.kind = agent_manager::AgentKind::Image;
         config.agents.image = backend_mock::ECHO_IMAGE.into();
+        // A model credential, without which claude-code spawns are refused (none is used).
+        let key_file = fake_key_file();
+        config.model.api_key_file = Some(key_file.clone());
         let engine = MockEngine::new();
         prepare(&mut config, &engine);
         let store = Store::in_memory().await.expect("store");
@@ -45,6 +57,8 @@ impl TestDaemon {
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
         let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
         let daemon = Daemon::bind(&config, backend, store.clone(), instance).await.expect("bind");
+        // The daemon read it at bind.
+        let _ = std::fs::remove_file(&key_file);
         let base = format!("http://{}", daemon.api_addr());
         let manager = daemon.manager();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -1017,5 +1031,48 @@ async fn logs_follow_restarts_marks_each_run_and_ends_when_the_agent_is_removed(
     assert_eq!(status, StatusCode::NO_CONTENT);
     let ended = read_until(&mut body, &mut text, |_| false).await;
     assert!(ended.is_none() && !text.contains("reading the logs failed"), "{text}");
+    d.stop().await;
+}
+
+// ---- The engine's answers to a client's mistakes (issue J, items 17 and 18) ----
+
+/// A create the engine refuses as invalid (its 400, as Docker answers a CPU limit above
+/// the host's) is the client's mistake: 422 with the engine's words, no agent left, never
+/// 500. A CPU limit above the CPUs the engine reports is refused before the engine is
+/// asked, naming the range.
+#[tokio::test]
+async fn engine_refusals_of_client_input_are_422_and_cpus_are_bounded_by_the_engine() {
+    let d = TestDaemon::start(None).await;
+    let answer = "Range of CPUs is from 0.01 to 2.00, as there are only 2 CPUs available";
+    d.engine.reject_creates(Some(answer));
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "refused" }))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(error_text(&body).contains(answer), "the engine's words: {body}");
+    let (status, body) = d.call(reqwest::Method::GET, "/v1/agents/refused", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a refused spawn leaves no agent: {body}");
+    d.engine.reject_creates(None);
+
+    d.engine.set_cpus(Some(2));
+    let creates = || d.engine.calls().iter().filter(|c| matches!(c, backend_mock::MockCall::Create(_))).count();
+    let before = creates();
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "big", "cpus": 3 }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let text = error_text(&body);
+    assert!(text.contains("invalid cpus") && text.contains("at most 2") && text.contains("0.01"), "{text}");
+    assert_eq!(creates(), before, "refused before the engine is asked");
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents", Some(json!({ "name": "fits", "cpus": 2 }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    d.stop().await;
+
+    // The agents.cpus default means "up to": above the host's CPUs, agents get the host's.
+    let d = TestDaemon::start_with(None, |config, engine| {
+        config.agents.cpus = Some(8.0);
+        engine.set_cpus(Some(2));
+    })
+    .await;
+    let agent = d.spawn("default").await;
+    let session = agent["session"].as_str().expect("session");
+    let spec = d.engine.created_spec(session).expect("created");
+    assert_eq!(spec.resources.cpus, Some(2.0), "{spec:?}");
     d.stop().await;
 }

@@ -98,6 +98,8 @@ fn start_mock_daemon() -> Daemon {
         .env("AGENTD_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("AGENTD_STORE__PATH", dir.join("agentd.db"))
         .env("AGENTD_AGENTS__IMAGE", "agentd-echo:latest")
+        // A model credential, without which claude-code spawns are refused (none is used).
+        .env("ANTHROPIC_API_KEY", "sk-ant-chat-test-unused")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -68,6 +68,8 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
     let unknown = s.write("unknown.toml", "[agents]\nmemroy_mb = 512\n");
     let wrong_type = s.write("type.toml", "[reconcile]\ninterval_secs = \"often\"\n");
     let impossible = s.write("impossible.toml", "[agents]\nmemory_mb = 2\n");
+    let huge_memory = s.write("huge-memory.toml", "[agents]\nmemory_mb = 17592186044416\n");
+    let bad_image = s.write("bad-image.toml", "[agents]\nimage = \"AGENTD-ECHO:LATEST\"\n");
     let exposed = s.write("exposed.toml", "[server]\nlisten = \"0.0.0.0:7006\"\n");
     let bad_enum = s.write("enum.toml", "backend = \"kubernetes\"\n");
     let backend_key = s.write("backend-key.toml", "[docker]\nsockt = \"unix:///x.sock\"\n");
@@ -110,7 +112,25 @@ fn bad_configurations_exit_2_naming_key_value_source_and_what_is_allowed() {
             what: "impossible value in a file",
             args: vec!["--config", path_str(&impossible)],
             env: vec![],
-            expect: vec!["agents.memory_mb = 2", path_str(&impossible), "at least 6"],
+            expect: vec!["agents.memory_mb = 2", path_str(&impossible), "from 6 to 1099511627776"],
+        },
+        Case {
+            what: "a memory limit of 2^44 MiB in a file (its bytes would not fit)",
+            args: vec!["--config", path_str(&huge_memory)],
+            env: vec![],
+            expect: vec!["agents.memory_mb = 17592186044416", path_str(&huge_memory), "from 6 to 1099511627776"],
+        },
+        Case {
+            what: "a CPU limit below what the kernel can enforce",
+            args: vec![],
+            env: vec![("AGENTD_AGENTS__CPUS", "0.001")],
+            expect: vec!["agents.cpus", "AGENTD_AGENTS__CPUS", "from 0.01 to 1024"],
+        },
+        Case {
+            what: "an image reference outside the grammar",
+            args: vec!["--config", path_str(&bad_image)],
+            env: vec![],
+            expect: vec!["agents.image", "AGENTD-ECHO:LATEST", "lower-case", path_str(&bad_image)],
         },
         Case {
             what: "non-loopback listen without a token",

@@ -157,6 +157,9 @@ impl Setup {
             ("AGENTD_LOG__LEVEL", "info".to_owned()),
             // Each daemon its own egress proxy port on the engine's gateway addresses.
             ("AGENTD_GATEWAY__PROXY_PORT", free_port().to_string()),
+            // A model credential, without which claude-code spawns are refused; tests that
+            // talk to a model replace it (`use_model`).
+            ("ANTHROPIC_API_KEY", "sk-ant-e2e-unused".to_owned()),
         ] {
             env.insert(k.to_owned(), v);
         }
@@ -2497,4 +2500,136 @@ mod logs_stream {
     }
 
     per_engine!(logs_follow_runs_and_restarts, logs_since_tail_timestamps);
+}
+
+// ---- Spawn input and the engine's answers (issue J, items 2, 14, 17 and 18) ----
+
+/// What a spawn gets: the status and the error text (`None` for a 2xx).
+fn spawn_answer(setup: &Setup, body: Value) -> (u16, Option<String>) {
+    let (status, error) = spawn_refusal(setup, body);
+    (status, (!(200..300).contains(&status)).then_some(error))
+}
+
+/// `spawn -- COMMAND` replaces the image's entrypoint (the echo image's `/agent`, under
+/// which `/agent --version` would run as `/agent /agent --version`, an agent that never
+/// exits), and `--entrypoint X -- ARGS` runs `X ARGS`.
+fn spawn_command_replaces_the_entrypoint(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let setup = Setup::new(engine, "entry");
+    let daemon = setup.start();
+    setup.cli(&["spawn", "whole", "--kind", "image", "--", "/agent", "--version"]);
+    setup.cli(&["spawn", "split", "--kind", "image", "--entrypoint", "/agent", "--", "--version"]);
+    let via_api = json!({"name": "api", "kind": "image", "entrypoint": ["/agent", "--version"]});
+    http("POST", &format!("{}/v1/agents", setup.base()), Some(via_api)).expect("spawn with an entrypoint");
+    for name in ["whole", "split", "api"] {
+        let agent =
+            setup.wait_agent(&daemon, name, "stopped", |a| a["status"] != "running" && a["status"] != "pending");
+        assert_eq!(agent["status"], "stopped", "{name}: /agent --version exits 0: {agent}");
+        assert_eq!(exit_code(&agent), Some(0), "{name}: {agent}");
+        let session = agent["session"].as_str().expect("session");
+        let logs = engine.run(&["logs", session]);
+        let logs = String::from_utf8_lossy(&logs.stdout).into_owned() + &String::from_utf8_lossy(&logs.stderr);
+        assert!(logs.contains("echo-agent 0."), "{name}: the version line: {logs:?}");
+        assert!(!logs.contains("echo-agent started"), "{name}: not the image's entrypoint: {logs:?}");
+    }
+    // Claude Code agents run the CLI: no entrypoint of the user's.
+    let (status, error) = spawn_answer(&setup, json!({"name": "cc", "kind": "claude-code", "entrypoint": ["/bin/sh"]}));
+    assert_eq!(status, 400, "{error:?}");
+    assert!(error.unwrap_or_default().contains("entrypoint"));
+    daemon.terminate();
+}
+
+/// Bad image references, CPU and memory limits get 400 naming the rule, never 500 (the
+/// engine's answers included); claude-code spawns without a credential or without their
+/// image say what to do.
+fn spawn_input_is_checked_before_the_engine(engine: Engine) {
+    if !engine.available() {
+        return;
+    }
+    let mut setup = Setup::new(engine, "input");
+    setup.set("AGENTD_AGENTS__KIND", "claude-code");
+    setup.set("AGENTD_AGENTS__IMAGE", &format!("agentd-claude:missing-{}", setup.prefix));
+    let daemon = setup.start();
+    let bad_images = [
+        "agentd-echo:latest;id".to_owned(),
+        "$(id)".into(),
+        "`id`".into(),
+        "a|b".into(),
+        "AGENTD-ECHO:LATEST".into(),
+        "a".repeat(5000),
+        "agentd-echo\0:latest".into(),
+        "agentd-echo@sha256:zzz".into(),
+        "sha256:".into(),
+    ];
+    for image in &bad_images {
+        let (status, error) = spawn_answer(&setup, json!({"name": "img", "kind": "image", "image": image}));
+        let error = error.unwrap_or_default();
+        assert_eq!(status, 400, "image {image:?}: {error}");
+        assert!(error.contains("invalid image") && error.len() < 1000, "{image:?}: {error}");
+    }
+    let format = match engine {
+        Engine::Docker => "{{.NCPU}}",
+        Engine::Podman => "{{.Host.CPUs}}",
+    };
+    let cpus: u32 = String::from_utf8_lossy(&engine.run(&["info", "--format", format]).stdout)
+        .trim()
+        .parse()
+        .expect("the engine's CPU count");
+    let over = f64::from(cpus + 1);
+    let limits = [
+        (json!({"cpus": 1024}), vec!["invalid cpus", "at most"]),
+        (json!({"cpus": over}), vec!["invalid cpus", "at most"]),
+        (json!({"cpus": 1e-12}), vec!["invalid cpus", "0.01"]),
+        (json!({"memory_mb": (1u64 << 44) + 64}), vec!["invalid memory_mb", "1099511627776"]),
+        (json!({"memory_mb": 1u64 << 44}), vec!["invalid memory_mb", "1099511627776"]),
+    ];
+    for (limit, needles) in limits {
+        let mut body = json!({"name": "lim", "kind": "image", "image": IMAGE});
+        body.as_object_mut().expect("object").extend(limit.as_object().expect("object").clone());
+        let (status, error) = spawn_answer(&setup, body);
+        let error = error.unwrap_or_default();
+        assert_eq!(status, 400, "{limit}: {error}");
+        for needle in needles {
+            assert!(error.contains(needle), "{limit}: {needle:?} in {error}");
+        }
+    }
+    // The same ranges in the CLI, before any request.
+    for (flag, value, needle) in [("--cpus", "1e-12", "0.01"), ("--memory-mb", "17592186044480", "1099511627776")] {
+        let out = setup.command(&["spawn", "cli", "--kind", "image", flag, value]).output().expect("run agentd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+    // A limit the engine host can honour runs.
+    let (status, error) = spawn_answer(&setup, json!({"name": "fits", "kind": "image", "image": IMAGE, "cpus": 0.01}));
+    assert_eq!(status, 201, "{error:?}");
+
+    // The default kind's missing image: how to build it, and how to run another.
+    let out = setup.command(&["spawn", "coder"]).output().expect("run agentd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for needle in ["cargo xtask images", "--kind image"] {
+        assert!(stderr.contains(needle), "{needle:?} in: {stderr}");
+    }
+    daemon.terminate();
+
+    // Without a model credential, claude-code spawns are refused (422) naming what to set.
+    setup.env.remove("ANTHROPIC_API_KEY");
+    let daemon = setup.start();
+    let (status, error) = spawn_answer(&setup, json!({"name": "coder", "image": IMAGE}));
+    let error = error.unwrap_or_default();
+    assert_eq!(status, 422, "{error}");
+    for needle in ["model.api_key_file", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "--kind image"] {
+        assert!(error.contains(needle), "{needle:?} in: {error}");
+    }
+    let (status, error) = spawn_answer(&setup, json!({"name": "plain", "kind": "image", "image": IMAGE}));
+    assert_eq!(status, 201, "image agents need no credential: {error:?}");
+    daemon.terminate();
+}
+
+/// The scenarios of this block, per engine: `spawn_input::docker::…`, `spawn_input::podman::…`.
+mod spawn_input {
+    use super::{spawn_command_replaces_the_entrypoint, spawn_input_is_checked_before_the_engine, Engine};
+    per_engine!(spawn_command_replaces_the_entrypoint, spawn_input_is_checked_before_the_engine);
 }

@@ -253,6 +253,13 @@ pub trait ExecutionBackend: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// The number of CPUs the engine's host has (Docker's `NCPU`, Podman's `host.cpus`):
+    /// the most a session's CPU limit may be. `None` when the backend cannot tell (the
+    /// default).
+    async fn engine_cpus(&self) -> Result<Option<u32>> {
+        Ok(None)
+    }
+
     /// Whether `image` is present locally (nothing is ever pulled).
     async fn image_exists(&self, image: &str) -> Result<bool>;
 

@@ -861,6 +861,66 @@ pub async fn logs_return_the_agent_output(h: &dyn Harness) {
         .await
 }
 
+/// Waits for the session to exit 0 with `needle` in its logs, and checks `absent` is not.
+async fn exits_zero_saying(w: &World<'_>, session: &str, needle: &str, absent: &str) {
+    wait_status(w, session, SessionStatus::Exited).await;
+    let exit = w.backend.session_exit_info(session).await.expect("exit info").expect("exit info of an exited session");
+    let logs = w.backend.session_logs(session, Some(50)).await.expect("logs");
+    assert_eq!(exit.exit_code, Some(0), "{session}: {exit:?}; logs: {logs:?}");
+    assert!(logs.contains(needle), "{session}: {needle:?} not in the logs: {logs:?}");
+    assert!(!logs.contains(absent), "{session}: {absent:?} in the logs: {logs:?}");
+}
+
+/// An `entrypoint` replaces the image's `ENTRYPOINT` (the echo image's is `/agent`, which
+/// would run on forever): alone, it runs as given; with a `command`, the command is its
+/// arguments.
+pub async fn the_entrypoint_replaces_the_images(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            // Under the image's entrypoint this would run `/agent /agent --version`, an
+            // agent that never exits.
+            let mut alone = w.spec("entry1");
+            alone.entrypoint = Some(vec!["/agent".into(), "--version".into()]);
+            w.start(&alone).await;
+            let mut with_args = w.spec("entry2");
+            with_args.entrypoint = Some(vec!["/agent".into()]);
+            with_args.command = Some(vec!["--version".into()]);
+            w.start(&with_args).await;
+            exits_zero_saying(w, &alone.session, "echo-agent ", "echo-agent started").await;
+            exits_zero_saying(w, &with_args.session, "echo-agent ", "echo-agent started").await;
+        })
+        .await
+}
+
+/// The engine reports its host's CPUs; a CPU limit above them is refused at create as
+/// the client's mistake ([`BackendError::Rejected`] or [`BackendError::InvalidSpec`]),
+/// and one of exactly that many is created.
+pub async fn cpus_beyond_the_engines_are_refused(h: &dyn Harness) {
+    World::new(h)
+        .await
+        .run(async |w| {
+            let Some(host) = w.backend.engine_cpus().await.expect("engine_cpus") else {
+                eprintln!("{}: the backend cannot tell its host's CPUs; nothing to check", w.backend.name());
+                return;
+            };
+            assert!(host >= 1, "engine_cpus {host}");
+            let mut over = w.spec("cpuover");
+            over.resources.cpus = Some(f64::from(host) + 1.0);
+            match w.backend.create_session(&over).await {
+                Err(BackendError::Rejected { message, .. } | BackendError::InvalidSpec { message, .. }) => {
+                    assert!(!message.is_empty())
+                }
+                other => panic!("{} CPUs on a {host}-CPU engine: expected Rejected, got {other:?}", host + 1),
+            }
+            assert!(!w.backend.session_exists(&over.session).await.expect("exists"), "nothing is left behind");
+            let mut all = w.spec("cpuall");
+            all.resources.cpus = Some(f64::from(host));
+            w.start(&all).await;
+        })
+        .await
+}
+
 /// A spec for an echo agent in stdio mode: stdin open, speaking stream-json.
 fn stdio_spec(w: &World<'_>, name: &str) -> SessionSpec {
     let mut spec = w.spec(name);
@@ -1369,6 +1429,8 @@ pub fn cases() -> Vec<Case> {
         case!(volumes_outlive_sessions_and_are_removed_on_request, needs: [Volumes]),
         case!(isolated_agents_reach_the_host_and_nothing_routed_beyond_it, needs: [NetworkIsolation, Logs]),
         case!(session_addresses_tell_running_sessions_apart),
+        case!(the_entrypoint_replaces_the_images, needs: [Logs]),
+        case!(cpus_beyond_the_engines_are_refused),
     ]
 }
 

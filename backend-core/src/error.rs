@@ -41,6 +41,13 @@ pub enum BackendError {
     #[error("invalid session spec: {field}: {message}")]
     InvalidSpec { field: &'static str, message: String },
 
+    /// The engine refused the request as invalid: a 4xx answer other than "not found"
+    /// or "conflict", for a value of the spec or a reference it cannot honour (such as a
+    /// CPU limit above the host's CPUs). `message` is the engine's answer. A client's
+    /// mistake, never retryable.
+    #[error("{backend} refused the request: {message}")]
+    Rejected { backend: &'static str, message: String },
+
     /// The backend's configuration section is invalid; `key` names the offending key
     /// within it.
     #[error("invalid [{backend}] configuration: {key}: {message}")]

@@ -129,7 +129,15 @@ pub struct SessionSpec {
     pub agent_id: String,
     /// A local image reference. Images are never pulled.
     pub image: String,
-    /// The command to run instead of the image's default; `None` keeps the image's.
+    /// The program (and its first arguments) to run instead of the image's `ENTRYPOINT`;
+    /// `None` keeps the image's. When set, the image's `CMD` is not used either (as
+    /// `docker run --entrypoint` does): the session runs `entrypoint` followed by
+    /// `command`, if any.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// The arguments (`CMD`) given to the entrypoint instead of the image's `CMD`; `None`
+    /// keeps the image's (or none, when `entrypoint` is set). Without an entrypoint, the
+    /// image's `ENTRYPOINT`, if it has one, runs it.
     pub command: Option<Vec<String>>,
     /// Environment variables, exactly these (the backend adds nothing but what its
     /// documentation lists).
@@ -167,6 +175,7 @@ impl fmt::Debug for SessionSpec {
             .field("session", &self.session)
             .field("agent_id", &self.agent_id)
             .field("image", &self.image)
+            .field("entrypoint", &self.entrypoint)
             .field("command", &self.command)
             .field("env_keys", &self.env.keys().collect::<Vec<_>>())
             .field("workdir", &self.workdir)
@@ -194,37 +203,51 @@ pub const MIN_MEMORY_BYTES: u64 = rules::MIN_MEMORY_MB * 1024 * 1024;
 pub mod rules {
     /// The smallest memory limit in MiB (Docker refuses less than 6 MiB).
     pub const MIN_MEMORY_MB: u64 = 6;
-    /// The largest CPU limit in cores.
+    /// The largest memory limit in MiB: 2^40 MiB (1 EiB), so that its bytes (2^60) fit
+    /// every engine's signed 64-bit field.
+    pub const MAX_MEMORY_MB: u64 = 1 << 40;
+    /// The smallest CPU limit in cores (Docker's and the kernel's least quota).
+    pub const MIN_CPUS: f64 = 0.01;
+    /// The largest CPU limit in cores; the engine's host CPU count bounds it further.
     pub const MAX_CPUS: f64 = 1024.0;
+    /// The longest image name (without tag and digest), as the reference grammar says.
+    pub const MAX_IMAGE_NAME: usize = 255;
 
-    /// A local image reference: not empty, no whitespace.
+    /// An image reference, by the grammar of Docker's and the OCI distribution's
+    /// references: `[HOST[:PORT]/]PATH[:TAG][@DIGEST]`, where PATH is `/`-separated
+    /// lower-case components of `[a-z0-9]` joined by `.`, `_`, `__` or dashes, the TAG
+    /// is `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}` and the DIGEST `ALGORITHM:HEX` (`sha256:`
+    /// and 64 lower-case hex digits); or an image id `sha256:<64 hex digits>`.
     pub fn image(image: &str) -> Result<(), &'static str> {
-        if image.trim().is_empty() || image.contains(char::is_whitespace) {
-            return Err("an image reference such as agentd-echo:latest");
-        }
-        Ok(())
+        image::check(image)
     }
 
-    /// A memory limit in MiB: at least [`MIN_MEMORY_MB`].
+    /// A memory limit in MiB: from [`MIN_MEMORY_MB`] to [`MAX_MEMORY_MB`].
     pub fn memory_mb(mb: u64) -> Result<(), &'static str> {
-        if mb < MIN_MEMORY_MB {
-            return Err("at least 6 (MiB)");
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&mb) {
+            return Err("from 6 to 1099511627776 (MiB: 6 MiB to 2^40 MiB)");
         }
         Ok(())
     }
 
-    /// A memory limit in bytes: at least [`MIN_MEMORY_MB`] MiB.
+    /// A memory limit in bytes: from [`MIN_MEMORY_MB`] MiB to [`MAX_MEMORY_MB`] MiB.
     pub fn memory_bytes(bytes: u64) -> Result<(), &'static str> {
-        if bytes < super::MIN_MEMORY_BYTES {
-            return Err("at least 6 MiB (6291456 bytes)");
+        if !(super::MIN_MEMORY_BYTES..=MAX_MEMORY_MB << 20).contains(&bytes) {
+            return Err("from 6 MiB (6291456 bytes) to 2^60 bytes");
         }
         Ok(())
     }
 
-    /// A CPU limit: finite, above 0 and at most [`MAX_CPUS`] cores.
+    /// The bytes of a memory limit in MiB, when it is one [`memory_mb`] allows.
+    pub fn memory_mb_to_bytes(mb: u64) -> Option<u64> {
+        memory_mb(mb).ok()?;
+        mb.checked_mul(1024 * 1024)
+    }
+
+    /// A CPU limit: a finite number of cores from [`MIN_CPUS`] to [`MAX_CPUS`].
     pub fn cpus(cpus: f64) -> Result<(), &'static str> {
-        if !(cpus.is_finite() && cpus > 0.0 && cpus <= MAX_CPUS) {
-            return Err("a number of cores above 0 and at most 1024, such as 0.5 or 2");
+        if !(cpus.is_finite() && (MIN_CPUS..=MAX_CPUS).contains(&cpus)) {
+            return Err("a number of cores from 0.01 to 1024 (and at most the engine host's CPUs), such as 0.5 or 2");
         }
         Ok(())
     }
@@ -294,6 +317,154 @@ pub mod rules {
         }
         Ok(())
     }
+
+    /// The image reference grammar ([`image`]).
+    mod image {
+        const NAME: &str = "an image reference such as agentd-echo:latest or registry.example:5000/team/agent:1.2 \
+            (lower-case name components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/')";
+        const TAG: &str = "a tag of [A-Za-z0-9_.-], at most 128 characters, not starting with '.' or '-', after ':'";
+        const DIGEST: &str = "a digest such as sha256: and 64 lower-case hex digits, after '@'";
+        const LONG: &str = "an image name of at most 255 characters";
+        const HOST: &str = "a registry host of [A-Za-z0-9-] labels joined by '.', or [IPv6], with an optional :PORT";
+
+        pub(super) fn check(reference: &str) -> Result<(), &'static str> {
+            if let Some(hex) = reference.strip_prefix("sha256:") {
+                // An image id.
+                return if is_hex(hex, 64) { Ok(()) } else { Err(DIGEST) };
+            }
+            let (rest, digest) = match reference.split_once('@') {
+                Some((rest, digest)) => (rest, Some(digest)),
+                None => (reference, None),
+            };
+            if let Some(digest) = digest {
+                check_digest(digest)?;
+            }
+            let last = rest.rfind('/').map_or(0, |i| i + 1);
+            let (name, tag) = match rest[last..].rfind(':') {
+                Some(i) => (&rest[..last + i], Some(&rest[last + i + 1..])),
+                None => (rest, None),
+            };
+            if let Some(tag) = tag {
+                check_tag(tag)?;
+            }
+            if name.len() > super::MAX_IMAGE_NAME {
+                return Err(LONG);
+            }
+            let (host, path) = match name.split_once('/') {
+                Some((first, path))
+                    if first.contains(['.', ':', '['])
+                        || first == "localhost"
+                        || first.bytes().any(|b| b.is_ascii_uppercase()) =>
+                {
+                    (Some(first), path)
+                }
+                _ => (None, name),
+            };
+            if let Some(host) = host {
+                check_host(host)?;
+            }
+            if path.split('/').all(path_component) {
+                Ok(())
+            } else {
+                Err(NAME)
+            }
+        }
+
+        fn is_hex(s: &str, len: usize) -> bool {
+            s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+
+        /// `[a-z0-9]+` runs joined by `.`, `_`, `__` or one or more `-`.
+        fn path_component(component: &str) -> bool {
+            let bytes = component.as_bytes();
+            let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+            let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else { return false };
+            if !alnum(first) || !alnum(last) {
+                return false;
+            }
+            let mut i = 0;
+            while i < bytes.len() {
+                if alnum(bytes[i]) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < bytes.len() && !alnum(bytes[i]) {
+                    i += 1;
+                }
+                let separator = &component[start..i];
+                let ok = matches!(separator, "." | "_" | "__") || separator.bytes().all(|b| b == b'-');
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        }
+
+        fn check_tag(tag: &str) -> Result<(), &'static str> {
+            let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+            let mut bytes = tag.bytes();
+            let ok =
+                tag.len() <= 128 && bytes.next().is_some_and(word) && bytes.all(|b| word(b) || b == b'.' || b == b'-');
+            if ok {
+                Ok(())
+            } else {
+                Err(TAG)
+            }
+        }
+
+        fn check_digest(digest: &str) -> Result<(), &'static str> {
+            let Some((algorithm, hex)) = digest.split_once(':') else { return Err(DIGEST) };
+            let ok = match algorithm {
+                "sha256" => is_hex(hex, 64),
+                "sha512" => is_hex(hex, 128),
+                _ => {
+                    let component = |c: &str| {
+                        let mut bytes = c.bytes();
+                        bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+                            && bytes.all(|b| b.is_ascii_alphanumeric())
+                    };
+                    algorithm.split(['+', '.', '_', '-']).all(component)
+                        && hex.len() >= 32
+                        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                }
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(DIGEST)
+            }
+        }
+
+        fn check_host(host: &str) -> Result<(), &'static str> {
+            let (name, port) = if let Some(v6) = host.strip_prefix('[') {
+                let Some((address, rest)) = v6.split_once(']') else { return Err(HOST) };
+                if address.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(HOST);
+                }
+                (None, if rest.is_empty() { None } else { Some(rest.strip_prefix(':').ok_or(HOST)?) })
+            } else {
+                match host.split_once(':') {
+                    Some((name, port)) => (Some(name), Some(port)),
+                    None => (Some(host), None),
+                }
+            };
+            let label = |l: &str| {
+                let bytes = l.as_bytes();
+                !bytes.is_empty()
+                    && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+                    && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+                    && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            };
+            let name_ok = name.is_none_or(|n| n.split('.').all(label));
+            let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            if name_ok && port_ok {
+                Ok(())
+            } else {
+                Err(HOST)
+            }
+        }
+    }
 }
 
 impl SessionSpec {
@@ -305,6 +476,7 @@ impl SessionSpec {
             session: session.into(),
             agent_id: agent_id.into(),
             image: image.into(),
+            entrypoint: None,
             command: None,
             env: BTreeMap::new(),
             workdir: None,
@@ -344,8 +516,14 @@ impl SessionSpec {
         if let Err(allowed) = rules::image(&self.image) {
             return invalid("image", format!("{:?}: {allowed}", self.image));
         }
+        if let Some(entrypoint) = &self.entrypoint {
+            if entrypoint.first().is_none_or(String::is_empty) {
+                return invalid("entrypoint", "must name a program; omit it to use the image's entrypoint".into());
+            }
+        }
         if let Some(command) = &self.command {
-            if command.is_empty() || command[0].is_empty() {
+            // Under an entrypoint, the command is its arguments, which may be none.
+            if self.entrypoint.is_none() && command.first().is_none_or(String::is_empty) {
                 return invalid("command", "must name a program; omit it to use the image's entrypoint".into());
             }
         }
@@ -432,6 +610,8 @@ mod tests {
             ("session", Box::new(|s| s.session = "-bad".into())),
             ("image", Box::new(|s| s.image = " ".into())),
             ("command", Box::new(|s| s.command = Some(vec![]))),
+            ("entrypoint", Box::new(|s| s.entrypoint = Some(vec![]))),
+            ("entrypoint", Box::new(|s| s.entrypoint = Some(vec![String::new(), "x".into()]))),
             ("env", Box::new(|s| drop(s.env.insert("A=B".into(), "x".into())))),
             ("workdir", Box::new(|s| s.workdir = Some("relative".into()))),
             ("resources.memory_bytes", Box::new(|s| s.resources.memory_bytes = Some(1024))),
@@ -449,6 +629,81 @@ mod tests {
                 other => panic!("{field}: expected InvalidSpec, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn image_references_follow_the_grammar() {
+        let sha = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for ok in [
+            "agentd-echo:latest".to_owned(),
+            "agentd-echo".into(),
+            "busybox".into(),
+            "library/busybox:1.36".into(),
+            "docker.io/library/busybox:1.36.1-glibc".into(),
+            "localhost/agentd-claude:latest".into(),
+            "localhost:5000/team/agent:v1".into(),
+            "registry.example.com:5000/a/b/c:TAG_1".into(),
+            "Registry.Example/team/agent".into(),
+            "[::1]:5000/agent:1".into(),
+            "a__b.c_d---e:x".into(),
+            format!("agentd-echo@sha256:{sha}"),
+            format!("agentd-echo:latest@sha256:{sha}"),
+            format!("sha256:{sha}"),
+            sha.to_owned(),
+            "a".repeat(255),
+            format!("a:{}", "t".repeat(128)),
+        ] {
+            assert!(rules::image(&ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "".to_owned(),
+            " ".into(),
+            "agentd-echo:latest;id".into(),
+            "$(id)".into(),
+            "`id`".into(),
+            "a|b".into(),
+            "AGENTD-ECHO:LATEST".into(),
+            "agentd-echo:lat est".into(),
+            "a".repeat(5000),
+            "a".repeat(256),
+            "agentd\0echo:latest".into(),
+            "agentd-echo@sha256:zzz".into(),
+            format!("agentd-echo@sha256:{}", sha.to_uppercase()),
+            "sha256:".into(),
+            "agentd-echo:".into(),
+            "agentd-echo:-x".into(),
+            format!("a:{}", "t".repeat(129)),
+            ":latest".into(),
+            "a/".into(),
+            "/a".into(),
+            "a//b".into(),
+            "-a".into(),
+            "a-".into(),
+            "a...b".into(),
+            "a___b".into(),
+            "host:port/a".into(),
+            "-host.example/a".into(),
+            "[zz]:5000/a".into(),
+            "a@".into(),
+            "a@sha256".into(),
+        ] {
+            assert!(rules::image(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn limits_have_a_range_and_never_wrap() {
+        assert!(rules::cpus(0.01).is_ok() && rules::cpus(1024.0).is_ok() && rules::cpus(2.5).is_ok());
+        for bad in [1e-12, 0.009, 0.0, -1.0, 1024.5, f64::NAN, f64::INFINITY] {
+            assert!(rules::cpus(bad).is_err(), "{bad}");
+        }
+        assert_eq!(rules::memory_mb_to_bytes(64), Some(64 << 20));
+        assert_eq!(rules::memory_mb_to_bytes(1 << 40), Some(1 << 60));
+        assert_eq!(rules::memory_mb_to_bytes((1 << 44) + 64), None, "2^44 + 64 MiB must not wrap to 64 MiB");
+        assert_eq!(rules::memory_mb_to_bytes(1 << 44), None);
+        assert_eq!(rules::memory_mb_to_bytes(5), None);
+        assert!(rules::memory_mb(u64::MAX).is_err());
+        assert!(rules::memory_bytes((1 << 60) + 1).is_err());
     }
 
     #[test]

@@ -297,6 +297,11 @@ impl ExecutionBackend for DockerBackend {
         ))
     }
 
+    async fn engine_cpus(&self) -> Result<Option<u32>> {
+        let info = self.docker.info().await.map_err(|e| map_err(e, Subject::Other))?;
+        Ok(info.ncpu.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0))
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),

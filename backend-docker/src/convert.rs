@@ -71,6 +71,7 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
     };
     ContainerCreateBody {
         image: Some(spec.image.clone()),
+        entrypoint: spec.entrypoint.clone(),
         cmd: spec.command.clone(),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         user: spec.user.clone(),

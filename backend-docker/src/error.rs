@@ -14,7 +14,8 @@ pub(crate) enum Subject<'a> {
 }
 
 /// Maps a bollard error: connection failures and timeouts are `Unavailable` (never "not
-/// found"); 404 is `NotFound` or `ImageNotFound` by subject; the rest is `Engine`.
+/// found"); 404 is `NotFound` or `ImageNotFound` by subject; 400 about a session or an
+/// image is `Rejected` (the client's input); the rest is `Engine`.
 pub(crate) fn map_err(err: DockerError, subject: Subject<'_>) -> BackendError {
     match &err {
         DockerError::DockerResponseServerError { status_code: 404, message } => match subject {
@@ -32,6 +33,11 @@ pub(crate) fn map_err(err: DockerError, subject: Subject<'_>) -> BackendError {
             }
             _ => engine(err),
         },
+        DockerError::DockerResponseServerError { status_code: 400 | 422, message }
+            if matches!(subject, Subject::Session(_) | Subject::Image(_)) =>
+        {
+            BackendError::Rejected { backend: NAME, message: message.clone() }
+        }
         DockerError::IOError { .. }
         | DockerError::HyperResponseError { .. }
         | DockerError::RequestTimeoutError
@@ -76,5 +82,19 @@ mod tests {
         assert!(matches!(map_err(server(404, "x"), Subject::Image("i")), BackendError::ImageNotFound { .. }));
         assert!(matches!(map_err(server(409, "conflict"), Subject::Session("s")), BackendError::AlreadyExists { .. }));
         assert!(matches!(map_err(server(500, "boom"), Subject::Session("s")), BackendError::Engine { .. }));
+    }
+
+    #[test]
+    fn a_refused_value_is_the_clients_mistake() {
+        let cpus = "Range of CPUs is from 0.01 to 2.00, as there are only 2 CPUs available";
+        assert!(matches!(
+            map_err(server(400, cpus), Subject::Session("s")),
+            BackendError::Rejected { message, .. } if message == cpus
+        ));
+        assert!(matches!(
+            map_err(server(400, "invalid reference format"), Subject::Image("a|b")),
+            BackendError::Rejected { .. }
+        ));
+        assert!(matches!(map_err(server(400, "x"), Subject::Other), BackendError::Engine { .. }));
     }
 }

@@ -16,11 +16,19 @@ use crate::output::{self, Output, Write};
 /// The session id when the command names none.
 pub(crate) const DEFAULT_SESSION_ID: &str = "00000000-0000-4000-8000-000000000000";
 
+/// The echo agent's arguments: the image's entrypoint is the echo agent (`/agent`), so an
+/// `entrypoint` of the spec is taken for it, with its further elements as the first
+/// arguments, and the command follows.
+pub(crate) fn agent_args(spec: &SessionSpec) -> Vec<String> {
+    let leading = spec.entrypoint.as_deref().map_or(&[][..], |e| e.get(1..).unwrap_or_default());
+    leading.iter().chain(spec.command.as_deref().unwrap_or_default()).cloned().collect()
+}
+
 /// The session id of a container whose agent speaks stream-json: `ECHO_STDIO=1`, or a
 /// command with `--input-format stream-json` (as agentd runs `claude`). The id is the
 /// command's `--session-id X`, else `--resume X`, else [`DEFAULT_SESSION_ID`].
 pub(crate) fn stdio_session_id(spec: &SessionSpec) -> Option<String> {
-    let args = spec.command.as_deref().unwrap_or_default();
+    let args = agent_args(spec);
     let flag = |name: &str| {
         let prefixed = format!("{name}=");
         args.iter().enumerate().find_map(|(i, a)| {

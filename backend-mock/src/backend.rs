@@ -54,6 +54,10 @@ impl ExecutionBackend for MockBackend {
         self.engine.addresses(&self.owner, session)
     }
 
+    async fn engine_cpus(&self) -> Result<Option<u32>> {
+        Ok(self.engine.cpus())
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         self.engine.enter(MockCall::ImageExists(image.to_owned())).await?;
         Ok(self.engine.image_exists(image))

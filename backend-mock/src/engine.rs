@@ -69,6 +69,8 @@ struct Behaviour {
     unhealthy_after: Option<Duration>,
     /// Stdio mode: the stream-json session id.
     stdio: Option<String>,
+    /// Run as `/agent --version`: print the version and exit 0.
+    version: bool,
 }
 
 impl Behaviour {
@@ -87,6 +89,7 @@ impl Behaviour {
             ignore_sigterm: spec.env.get("ECHO_IGNORE_SIGTERM").is_some_and(|v| v == "1"),
             unhealthy_after: ms("ECHO_UNHEALTHY_AFTER_MS"),
             stdio: agent::stdio_session_id(spec),
+            version: agent::agent_args(spec).first().is_some_and(|a| a == "--version"),
         }
     }
 }
@@ -202,6 +205,10 @@ struct State {
     calls: VecDeque<MockCall>,
     subscribers: Vec<Subscriber>,
     snapshot_exit_info: bool,
+    /// The host's CPUs, as the engine reports them; `None`: it cannot tell.
+    cpus: Option<u32>,
+    /// Creates refused as invalid with this answer (see [`MockEngine::reject_creates`]).
+    reject_creates: Option<String>,
     /// What backends report, and the lifecycle the engine follows.
     capabilities: Capabilities,
     /// Named volumes: name → (labels, created at).
@@ -256,6 +263,8 @@ impl MockEngine {
             calls: VecDeque::new(),
             subscribers: Vec::new(),
             snapshot_exit_info: true,
+            cpus: None,
+            reject_creates: None,
             capabilities: Capabilities { network_isolation: false, ..Capabilities::ALL },
             volumes: BTreeMap::new(),
             isolated_network: None,
@@ -305,6 +314,22 @@ impl MockEngine {
     /// (like Docker, whose listing lacks it).
     pub fn set_snapshot_exit_info(&self, included: bool) {
         self.lock().snapshot_exit_info = included;
+    }
+
+    /// The host's CPU count the engine reports (none by default); a session asking for
+    /// more is refused at create, as Docker refuses it.
+    pub fn set_cpus(&self, cpus: Option<u32>) {
+        self.lock().cpus = cpus;
+    }
+
+    /// Every create is refused as the engine refuses a value it cannot honour (a 400:
+    /// [`BackendError::Rejected`] with `answer`), until called with `None`.
+    pub fn reject_creates(&self, answer: Option<&str>) {
+        self.lock().reject_creates = answer.map(str::to_owned);
+    }
+
+    pub(crate) fn cpus(&self) -> Option<u32> {
+        self.lock().cpus
     }
 
     /// The next `n` backend calls fail as "engine unavailable".
@@ -548,6 +573,16 @@ impl MockEngine {
         owner: &OwnershipLabels,
     ) -> Result<String, BackendError> {
         let mut state = self.lock();
+        if let Some(message) = state.reject_creates.clone() {
+            return Err(BackendError::Rejected { backend: NAME, message });
+        }
+        if let (Some(host), Some(cpus)) = (state.cpus, spec.resources.cpus) {
+            if cpus > f64::from(host) {
+                let message =
+                    format!("Range of CPUs is from 0.01 to {host}.00, as there are only {host} CPUs available");
+                return Err(BackendError::Rejected { backend: NAME, message });
+            }
+        }
         for volume in &spec.volumes {
             if let Some((existing, _)) = state.volumes.get(&volume.name) {
                 if !owner.owns(existing) {
@@ -622,6 +657,13 @@ impl MockEngine {
             log.run = Some(generation);
             log.frozen = false;
         });
+        if c.behaviour.version {
+            c.say([concat!("echo-agent ", env!("CARGO_PKG_VERSION")).to_owned()]);
+            let labels = c.labels.clone();
+            state.emit(&labels, BackendEvent::Started { session: session.to_owned() });
+            state.finish(session, SessionExitInfo::exited(0, Some(OffsetDateTime::now_utc())));
+            return Ok(());
+        }
         c.say(["echo-agent started".to_owned()]);
         if let Some(mb) = c.behaviour.alloc_mb {
             c.say([format!("allocating {mb} MB")]);

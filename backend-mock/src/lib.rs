@@ -8,7 +8,14 @@
 //! - its stdio mode (`ECHO_STDIO=1`, or a command with `--input-format stream-json`, as
 //!   agentd runs `claude`): Claude Code's stream-json on stdin and stdout, with the
 //!   `!emit`, `!stderr`, `!tool`, `!stall` and `!exit` commands, answered with the echo
-//!   agent's lines byte for byte.
+//!   agent's lines byte for byte;
+//! - its image's entrypoint, `/agent`: a spec's `entrypoint` is taken for the echo agent,
+//!   its further elements and the `command` as its arguments, and `--version` first
+//!   prints `echo-agent <version>` and exits 0.
+//!
+//! The engine reports no host CPU count unless given one ([`MockEngine::set_cpus`]); then
+//! a create with more CPUs is refused as Docker refuses it, and
+//! [`MockEngine::reject_creates`] refuses every create with an engine answer of the test's.
 //!
 //! Every container keeps one output log (capped at [`MAX_LOG_ENTRIES`] entries and
 //! [`MAX_LOG_BYTES`] bytes, oldest dropped first), stamped by the engine with

@@ -11,7 +11,7 @@ use common::MockHarness;
 fn main() -> ExitCode {
     backend_core::conformance::main(
         "mock",
-        || async { Ok(MockHarness { engine: MockEngine::new() }) },
+        || async { Ok(MockHarness::new(MockEngine::new())) },
         backend_core::conformance::cases(),
     )
 }

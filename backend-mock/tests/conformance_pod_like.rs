@@ -13,7 +13,7 @@ use common::MockHarness;
 fn main() -> ExitCode {
     backend_core::conformance::main(
         "mock (pod-like)",
-        || async { Ok(MockHarness { engine: MockEngine::pod_like() }) },
+        || async { Ok(MockHarness::new(MockEngine::pod_like())) },
         backend_core::conformance::cases(),
     )
 }

@@ -68,6 +68,8 @@ struct Inner {
     health_events: broadcast::Sender<BackendEvent>,
     /// The processes that hold the sessions' stdin open (see `stdin.rs`).
     keepers: Keepers,
+    /// The host's CPU count, asked once (Podman does not refuse a CPU limit above it).
+    cpus: tokio::sync::OnceCell<Option<u32>>,
     /// Runs health checks while the backend lives.
     _driver: HealthDriver,
 }
@@ -178,6 +180,7 @@ impl PodmanBackend {
             oom,
             health_events,
             keepers,
+            cpus: tokio::sync::OnceCell::new(),
             _driver: driver,
         };
         inner.gateways = inner.prepare_networks().await?;
@@ -338,6 +341,20 @@ impl ExecutionBackend for PodmanBackend {
         ))
     }
 
+    async fn engine_cpus(&self) -> Result<Option<u32>> {
+        let inner = &self.inner;
+        let cpus = inner
+            .cpus
+            .get_or_try_init(|| async {
+                let info = inner.call("the engine information", Subject::Other, inner.podman.info()).await?;
+                Ok::<_, BackendError>(
+                    info.host.and_then(|h| h.cpus).and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0),
+                )
+            })
+            .await?;
+        Ok(*cpus)
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool> {
         let handle = self.inner.podman.images().get(image);
         self.inner.call("the image lookup", Subject::Image(image), handle.exists()).await
@@ -356,6 +373,13 @@ impl ExecutionBackend for PodmanBackend {
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {
         let inner = &self.inner;
         inner.owner.validate_spec(spec)?;
+        if let Some(cpus) = spec.resources.cpus {
+            // Docker refuses a limit above the host's CPUs; Podman would take it in silence.
+            if let Some(host) = self.engine_cpus().await?.filter(|host| cpus > f64::from(*host)) {
+                let message = format!("Range of CPUs is from 0.01 to {host}, as there are only {host} CPUs available");
+                return Err(BackendError::Rejected { backend: NAME, message });
+            }
+        }
         inner
             .call_within(inner.config.request_timeout, "the volume setup", Subject::Other, async {
                 Ok::<_, podman_api::Error>(crate::volumes::ensure(&inner.podman, &inner.owner, spec).await)

@@ -144,6 +144,9 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, plan: &Ne
             spec.volumes.iter().map(|v| json!({ "Name": v.name, "Dest": v.target.to_string_lossy() })).collect();
         fields.insert("volumes".into(), Value::Array(volumes));
     }
+    if let Some(entrypoint) = &spec.entrypoint {
+        fields.insert("entrypoint".into(), json!(entrypoint));
+    }
     if let Some(command) = &spec.command {
         fields.insert("command".into(), json!(command));
     }

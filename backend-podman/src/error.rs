@@ -51,6 +51,10 @@ pub(crate) fn map_err(err: PodmanError, subject: Subject<'_>) -> BackendError {
                 (_, Subject::Create { session, .. }) if lower.contains(NAME_TAKEN) => {
                     BackendError::AlreadyExists { backend: NAME, session: session.to_owned(), detail: message.clone() }
                 }
+                (
+                    StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY,
+                    Subject::Image(_) | Subject::Create { .. },
+                ) => BackendError::Rejected { backend: NAME, message: message.clone() },
                 _ => engine(err),
             }
         }
@@ -131,5 +135,7 @@ mod tests {
             matches!(map_err(fault(500, taken), create), BackendError::AlreadyExists { session, .. } if session == "s")
         );
         assert!(matches!(map_err(fault(409, "conflict"), Subject::Session("s")), BackendError::AlreadyExists { .. }));
+        assert!(matches!(map_err(fault(400, "invalid cpus"), create), BackendError::Rejected { .. }));
+        assert!(matches!(map_err(fault(400, "x"), Subject::Session("s")), BackendError::Engine { .. }));
     }
 }

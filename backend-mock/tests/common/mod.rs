@@ -13,6 +13,14 @@ pub struct MockHarness {
     pub engine: MockEngine,
 }
 
+impl MockHarness {
+    /// A harness on `engine`, which reports a 4-CPU host.
+    pub fn new(engine: MockEngine) -> Self {
+        engine.set_cpus(Some(4));
+        Self { engine }
+    }
+}
+
 #[async_trait]
 impl Harness for MockHarness {
     async fn backend(&self, owner: OwnershipLabels) -> Arc<dyn ExecutionBackend> {
