@@ -513,34 +513,22 @@ impl Store {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let marks = vec!["?"; ids.len()].join(", ");
-        let statement = format!(
-            "SELECT r.* FROM runs r JOIN (SELECT agent_id, MAX(id) AS id FROM runs WHERE finished_at IS NOT NULL \
-             AND agent_id IN ({marks}) GROUP BY agent_id) last ON r.id = last.id"
-        );
-        let mut query = sqlx::query(&statement);
-        for id in ids {
-            query = query.bind(*id);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        let mut exits = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let run = run_from_row(row)?;
-            if let Some(exit) = run.exit {
-                exits.insert(run.agent_id, exit);
-            }
-        }
-        Ok(exits)
+        self.last_exits_where(Some(ids)).await
     }
 
     /// Every agent's last finished run's exit, in one query.
     pub async fn last_exits(&self) -> Result<HashMap<String, ExitView>> {
-        let rows = sqlx::query(
+        self.last_exits_where(None).await
+    }
+
+    /// The last exits of `ids`, or of every agent.
+    async fn last_exits_where(&self, ids: Option<&[&str]>) -> Result<HashMap<String, ExitView>> {
+        let statement = format!(
             "SELECT r.* FROM runs r JOIN (SELECT agent_id, MAX(id) AS id FROM runs WHERE finished_at IS NOT NULL \
-             GROUP BY agent_id) last ON r.id = last.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+             {} GROUP BY agent_id) last ON r.id = last.id",
+            agent_filter(ids)
+        );
+        let rows = bind_ids(sqlx::query(&statement), ids).fetch_all(&self.pool).await?;
         let mut exits = HashMap::with_capacity(rows.len());
         for row in &rows {
             let run = run_from_row(row)?;
@@ -553,23 +541,12 @@ impl Store {
 
     /// When the agent's latest run (the current one, or the last if none runs) started.
     pub async fn last_run_started(&self, agent_id: &str) -> Result<Option<OffsetDateTime>> {
-        let row = sqlx::query("SELECT MAX(started_at) AS started_at FROM runs WHERE agent_id = ?")
-            .bind(agent_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<Option<i64>, _>("started_at")?.map(from_millis))
+        Ok(self.last_runs_started_of(&[agent_id]).await?.remove(agent_id))
     }
 
     /// When every agent's latest run started, in one query.
     pub async fn last_runs_started(&self) -> Result<HashMap<String, OffsetDateTime>> {
-        let rows = sqlx::query("SELECT agent_id, MAX(started_at) AS started_at FROM runs GROUP BY agent_id")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut starts = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            starts.insert(row.try_get("agent_id")?, from_millis(row.try_get("started_at")?));
-        }
-        Ok(starts)
+        self.last_runs_started_where(None).await
     }
 
     /// When the latest run of each of `ids` that has one started: one query for a page.
@@ -577,15 +554,15 @@ impl Store {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let marks = vec!["?"; ids.len()].join(", ");
+        self.last_runs_started_where(Some(ids)).await
+    }
+
+    async fn last_runs_started_where(&self, ids: Option<&[&str]>) -> Result<HashMap<String, OffsetDateTime>> {
         let statement = format!(
-            "SELECT agent_id, MAX(started_at) AS started_at FROM runs WHERE agent_id IN ({marks}) GROUP BY agent_id"
+            "SELECT agent_id, MAX(started_at) AS started_at FROM runs WHERE 1 = 1 {} GROUP BY agent_id",
+            agent_filter(ids)
         );
-        let mut query = sqlx::query(&statement);
-        for id in ids {
-            query = query.bind(*id);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = bind_ids(sqlx::query(&statement), ids).fetch_all(&self.pool).await?;
         let mut starts = HashMap::with_capacity(rows.len());
         for row in &rows {
             starts.insert(row.try_get("agent_id")?, from_millis(row.try_get("started_at")?));
@@ -802,4 +779,20 @@ impl Desired {
     pub fn is_running(self) -> bool {
         self == Desired::Running
     }
+}
+
+/// `AND agent_id IN (?, …)` for `ids`, or nothing for every agent.
+fn agent_filter(ids: Option<&[&str]>) -> String {
+    ids.map_or_else(String::new, |ids| format!("AND agent_id IN ({})", vec!["?"; ids.len()].join(", ")))
+}
+
+/// Binds `ids` to the marks [`agent_filter`] wrote.
+fn bind_ids<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ids: Option<&[&'q str]>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for id in ids.unwrap_or_default() {
+        query = query.bind(*id);
+    }
+    query
 }

@@ -679,7 +679,7 @@ async fn logs(
     }
     let since = match &query.since {
         Some(text) => Some(
-            crate::logs::parse_since(text, OffsetDateTime::now_utc())
+            crate::times::parse_since(text, OffsetDateTime::now_utc())
                 .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
         ),
         None => None,

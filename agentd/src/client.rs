@@ -579,60 +579,14 @@ pub fn event_line(e: &EventJson, wide: bool) -> String {
 
 /// A time in UTC to the millisecond, always 24 characters: `2026-12-01T18:00:00.250Z`.
 pub fn fixed_time(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.millisecond()
-    )
+    crate::times::utc_fixed(at, 3)
 }
 
-/// A `--since` value: RFC 3339 (`2026-12-01T18:00:00Z`), Unix seconds (`0`, `1764612000`),
-/// or an age before now made of numbers with `s`, `m`, `h` or `d` (`90s`, `10m`, `1h30m`).
+/// A `--since` value, read as the daemon reads the logs' `since` ([`crate::times::parse_since`]):
+/// RFC 3339 (`2026-12-01T18:00:00Z`), Unix seconds (`0`, `1764612000`), or an age before now
+/// (`90s`, `10m`, `1h30m`, `500ms`).
 pub fn parse_since(text: &str) -> std::result::Result<OffsetDateTime, String> {
-    let text = text.trim();
-    let expected = "expected an RFC 3339 time (2026-12-01T18:00:00Z), Unix seconds (0 for all), or an age \
-                    such as 90s, 10m, 2h, 1d or 1h30m";
-    if let Ok(at) = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
-        return Ok(at);
-    }
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text
-            .parse::<i64>()
-            .ok()
-            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
-            .ok_or_else(|| format!("{text:?} is out of range as Unix seconds; {expected}"));
-    }
-    let mut secs: i64 = 0;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(format!("{text:?}: {c:?} is not a unit (s, m, h, d); {expected}")),
-        };
-        let n: i64 = number.parse().map_err(|_| format!("{text:?}: a unit without a number; {expected}"))?;
-        number.clear();
-        secs =
-            n.checked_mul(unit).and_then(|s| secs.checked_add(s)).ok_or_else(|| format!("{text:?} is too long ago"))?;
-    }
-    if !number.is_empty() || text.is_empty() {
-        return Err(format!("{text:?}: {expected}"));
-    }
-    OffsetDateTime::now_utc()
-        .checked_sub(time::Duration::seconds(secs))
-        .ok_or_else(|| format!("{text:?} is too long ago"))
+    crate::times::parse_since(text, OffsetDateTime::now_utc())
 }
 
 /// `agentd inspect`: an agent with its runs.

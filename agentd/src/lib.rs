@@ -20,3 +20,4 @@ pub mod logs;
 pub mod metrics;
 pub mod output;
 pub mod storefs;
+pub mod times;

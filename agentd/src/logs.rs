@@ -13,7 +13,6 @@ use agent_manager::{Agent, AgentManager, AgentStatus, ManagerError, RunOutput};
 use axum::body::Bytes;
 use backend_core::{ExecutionBackend, OutputCursor, OutputLine, OutputLines};
 use futures_util::StreamExt;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,57 +52,6 @@ impl LogsOptions {
     }
 }
 
-/// Reads `since` as docker does: an RFC 3339 time (`2026-12-01T19:00:00Z`), Unix seconds
-/// (`1764615600`, `1764615600.5`), or a duration back from `now` (`90s`, `10m`, `1h30m`,
-/// `2d`, `500ms`).
-pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    let text = text.trim();
-    let wrong = || {
-        format!(
-            "since {text:?} is neither an RFC 3339 time (2026-12-01T19:00:00Z), Unix seconds (1764615600) \
-             nor a duration back from now (90s, 10m, 1h30m, 2d)"
-        )
-    };
-    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Ok(at);
-    }
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        let secs: f64 = text.parse().map_err(|_| wrong())?;
-        let nanos = (secs * 1e9) as i128;
-        return OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|_| wrong());
-    }
-    let mut back = time::Duration::ZERO;
-    let mut rest = text;
-    if rest.is_empty() {
-        return Err(wrong());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(wrong)?;
-        if digits == 0 {
-            return Err(wrong());
-        }
-        let amount: i64 = rest[..digits].parse().map_err(|_| wrong())?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let step = match &rest[..unit_len] {
-            "ms" => time::Duration::milliseconds(amount),
-            unit => {
-                let per: i64 = match unit {
-                    "s" => 1,
-                    "m" => 60,
-                    "h" => 3600,
-                    "d" => 86_400,
-                    _ => return Err(wrong()),
-                };
-                time::Duration::seconds(amount.checked_mul(per).ok_or_else(wrong)?)
-            }
-        };
-        back = back.checked_add(step).ok_or_else(wrong)?;
-        rest = &rest[unit_len..];
-    }
-    now.checked_sub(back).ok_or_else(wrong)
-}
-
 /// The cursor that skips everything written before `since`.
 fn since_cursor(since: Option<OffsetDateTime>) -> Option<OutputCursor> {
     since.map(|at| OutputCursor { at_nanos: at.unix_timestamp_nanos() - 1, skip: u32::MAX })
@@ -111,17 +59,7 @@ fn since_cursor(since: Option<OffsetDateTime>) -> Option<OutputCursor> {
 
 /// The time in front of a line with `timestamps`: UTC, nanoseconds, fixed width.
 fn stamp(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.nanosecond()
-    )
+    crate::times::utc_fixed(at, 9)
 }
 
 /// One line of the body: the line's text (with its time first with `timestamps`) and a
@@ -389,22 +327,6 @@ impl Pump {
 mod tests {
     use super::*;
     use time::macros::datetime;
-
-    #[test]
-    fn since_takes_times_unix_seconds_and_durations() {
-        let now = datetime!(2026-12-01 19:00:00 UTC);
-        assert_eq!(parse_since("2026-12-01T18:00:00Z", now), Ok(datetime!(2026-12-01 18:00:00 UTC)));
-        assert_eq!(parse_since("2026-12-01T20:00:00+01:00", now), Ok(datetime!(2026-12-01 19:00:00 UTC)));
-        assert_eq!(parse_since("10m", now), Ok(datetime!(2026-12-01 18:50:00 UTC)));
-        assert_eq!(parse_since("1h30m", now), Ok(datetime!(2026-12-01 17:30:00 UTC)));
-        assert_eq!(parse_since("2d", now), Ok(datetime!(2026-11-29 19:00:00 UTC)));
-        assert_eq!(parse_since("500ms", now), Ok(datetime!(2026-12-01 18:59:59.5 UTC)));
-        assert_eq!(parse_since("1764615600", now), Ok(datetime!(2025-12-01 19:00:00 UTC)));
-        for bad in ["", "m", "10x", "-5m", "1h 30m", "yesterday", "99999999999999999999d", "999999999999999d"] {
-            let error = parse_since(bad, now).expect_err(bad);
-            assert!(error.contains("RFC 3339") && error.contains("10m"), "{bad}: {error}");
-        }
-    }
 
     #[test]
     fn timestamps_are_fixed_width_utc() {
