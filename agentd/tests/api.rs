@@ -11,7 +11,10 @@ use backend_mock::{MockBackend, MockEngine};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+
+#[path = "support/in_process.rs"]
+mod in_process;
+use in_process::{test_config, InProcess};
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -21,9 +24,8 @@ struct TestDaemon {
     store: Store,
     http: reqwest::Client,
     token: Option<String>,
-    stop: Option<oneshot::Sender<()>>,
     manager: Arc<agent_manager::AgentManager<dyn ExecutionBackend>>,
-    task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
+    daemon: InProcess,
 }
 
 /// A model credential file of a fake key, one per call.
@@ -42,38 +44,23 @@ impl TestDaemon {
 
     /// A daemon whose configuration and engine `prepare` adjusts first.
     async fn start_with(token: Option<&str>, prepare: impl FnOnce(&mut Config, &MockEngine)) -> Self {
-        let mut config = Config::default();
-        config.server.listen = "127.0.0.1:0".parse().expect("addr");
-        config.server.token = token.map(str::to_owned);
-        config.agents.kind = agent_manager::AgentKind::Image;
-        config.agents.image = backend_mock::ECHO_IMAGE.into();
+        let mut config = test_config(token);
         // A model credential, without which claude-code spawns are refused (none is used).
         let key_file = fake_key_file();
         config.model.api_key_file = Some(key_file.clone());
         let engine = MockEngine::new();
         prepare(&mut config, &engine);
-        let store = Store::in_memory().await.expect("store");
-        let instance = store.instance_id().await.expect("instance");
-        let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
-        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine.clone(), owner));
-        let daemon = Daemon::bind(&config, backend, store.clone(), instance).await.expect("bind");
+        let daemon = InProcess::start(&config, engine).await;
         // The daemon read it at bind.
         let _ = std::fs::remove_file(&key_file);
-        let base = format!("http://{}", daemon.api_addr());
-        let manager = daemon.manager();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async move {
-            let _ = stopped.await;
-        }));
         Self {
-            base,
-            engine,
-            store,
+            base: daemon.base.clone(),
+            engine: daemon.engine.clone(),
+            store: daemon.store.clone(),
             http: reqwest::Client::new(),
             token: token.map(str::to_owned),
-            stop: Some(stop),
-            manager,
-            task,
+            manager: daemon.manager.clone(),
+            daemon,
         }
     }
 
@@ -102,15 +89,8 @@ impl TestDaemon {
         agent
     }
 
-    async fn stop(mut self) -> agent_manager::ShutdownSummary {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("daemon stops")
-            .expect("join")
-            .expect("clean shutdown")
+    async fn stop(self) -> agent_manager::ShutdownSummary {
+        self.daemon.stop(Duration::from_secs(10)).await
     }
 }
 

@@ -5,17 +5,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Output;
-use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::Store;
-use agentd::config::Config;
-use agentd::daemon::Daemon;
-use backend_core::{ExecutionBackend, OwnershipLabels};
-use backend_mock::{MockBackend, MockEngine};
+use backend_mock::MockEngine;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+
+#[path = "support/in_process.rs"]
+mod in_process;
+use in_process::{test_config, InProcess};
 
 const TOKEN: &str = "cli-output-token-0123456789";
 const SECRET: &str = "s3cret-value-never-shown";
@@ -25,18 +23,14 @@ struct TestDaemon {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
+    daemon: InProcess,
     xdg: std::path::PathBuf,
 }
 
 impl TestDaemon {
     async fn start(token: Option<&str>, listen: &str) -> Self {
-        let mut config = Config::default();
+        let mut config = test_config(token);
         config.server.listen = listen.parse().expect("addr");
-        config.server.token = token.map(str::to_owned);
-        config.agents.kind = agent_manager::AgentKind::Image;
-        config.agents.image = backend_mock::ECHO_IMAGE.into();
         let xdg = std::env::temp_dir().join(format!("agentd-cli-output-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&xdg).expect("mkdir");
         // A model credential (never used: no agent here reaches the model), so that
@@ -44,24 +38,13 @@ impl TestDaemon {
         let key = xdg.join("model-key");
         std::fs::write(&key, "sk-fake-cli-output\n").expect("write the key file");
         config.model.api_key_file = Some(key);
-        let engine = MockEngine::new();
-        let store = Store::in_memory().await.expect("store");
-        let instance = store.instance_id().await.expect("instance");
-        let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
-        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine, owner));
-        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
-        let addr = daemon.api_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async move {
-            let _ = stopped.await;
-        }));
+        let daemon = InProcess::start(&config, MockEngine::new()).await;
         Self {
-            addr,
-            base: format!("http://127.0.0.1:{}", addr.port()),
+            addr: daemon.addr,
+            base: format!("http://127.0.0.1:{}", daemon.addr.port()),
             http: reqwest::Client::new(),
             token: token.map(str::to_owned),
-            stop: Some(stop),
-            task,
+            daemon,
             xdg,
         }
     }
@@ -123,15 +106,8 @@ impl TestDaemon {
         text(&out.stdout)
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("daemon stops")
-            .expect("join")
-            .expect("clean shutdown");
+    async fn stop(self) {
+        self.daemon.stop(Duration::from_secs(10)).await;
         let _ = std::fs::remove_dir_all(&self.xdg);
     }
 }

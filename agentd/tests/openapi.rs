@@ -2,17 +2,15 @@
 //! serves, with its methods, and no route it does not serve.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::Store;
-use agentd::config::Config;
-use agentd::daemon::Daemon;
-use backend_core::{ExecutionBackend, OwnershipLabels};
-use backend_mock::{MockBackend, MockEngine};
+use backend_mock::MockEngine;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use tokio::sync::oneshot;
+
+#[path = "support/in_process.rs"]
+mod in_process;
+use in_process::{test_config, InProcess};
 
 const TOKEN: &str = "openapi-test-token-0123456789";
 
@@ -22,40 +20,17 @@ const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "op
 struct TestDaemon {
     base: String,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
+    daemon: InProcess,
 }
 
 impl TestDaemon {
     async fn start() -> Self {
-        let mut config = Config::default();
-        config.server.listen = "127.0.0.1:0".parse().expect("addr");
-        config.server.token = Some(TOKEN.into());
-        config.agents.kind = agent_manager::AgentKind::Image;
-        config.agents.image = backend_mock::ECHO_IMAGE.into();
-        let engine = MockEngine::new();
-        let store = Store::in_memory().await.expect("store");
-        let instance = store.instance_id().await.expect("instance");
-        let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
-        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(engine, owner));
-        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
-        let base = format!("http://{}", daemon.api_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async move {
-            let _ = stopped.await;
-        }));
-        Self { base, http: reqwest::Client::new(), stop: Some(stop), task }
+        let daemon = InProcess::start(&test_config(Some(TOKEN)), MockEngine::new()).await;
+        Self { base: daemon.base.clone(), http: reqwest::Client::new(), daemon }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("daemon stops")
-            .expect("join")
-            .expect("clean shutdown");
+    async fn stop(self) {
+        self.daemon.stop(Duration::from_secs(10)).await;
     }
 }
 

@@ -5,21 +5,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_manager::{AgentManager, NewAgent, Store};
-use agentd::config::Config;
-use agentd::daemon::Daemon;
-use backend_core::{ExecutionBackend, OwnershipLabels};
-use backend_mock::{MockBackend, MockEngine};
+use agent_manager::{AgentManager, NewAgent};
+use backend_core::ExecutionBackend;
+use backend_mock::MockEngine;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::sync::oneshot;
+
+#[path = "support/in_process.rs"]
+mod in_process;
+use in_process::{test_config, InProcess};
 
 struct TestDaemon {
     base: String,
     http: reqwest::Client,
     manager: Arc<AgentManager<dyn ExecutionBackend>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<agent_manager::ShutdownSummary>>,
+    daemon: InProcess,
 }
 
 /// A page: its status, its items, and its `X-Next-Cursor`.
@@ -41,22 +41,8 @@ impl Page {
 
 impl TestDaemon {
     async fn start() -> Self {
-        let mut config = Config::default();
-        config.server.listen = "127.0.0.1:0".parse().expect("addr");
-        config.agents.kind = agent_manager::AgentKind::Image;
-        config.agents.image = backend_mock::ECHO_IMAGE.into();
-        let store = Store::in_memory().await.expect("store");
-        let instance = store.instance_id().await.expect("instance");
-        let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
-        let backend: Arc<dyn ExecutionBackend> = Arc::new(MockBackend::new(MockEngine::new(), owner));
-        let daemon = Daemon::bind(&config, backend, store, instance).await.expect("bind");
-        let base = format!("http://{}", daemon.api_addr());
-        let manager = daemon.manager();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async move {
-            let _ = stopped.await;
-        }));
-        Self { base, http: reqwest::Client::new(), manager, stop: Some(stop), task }
+        let daemon = InProcess::start(&test_config(None), MockEngine::new()).await;
+        Self { base: daemon.base.clone(), http: reqwest::Client::new(), manager: daemon.manager.clone(), daemon }
     }
 
     /// Creates agents `prefix-0000` … in order (through the manager: quicker than HTTP).
@@ -87,15 +73,8 @@ impl TestDaemon {
         Page { status, body: serde_json::from_str(&text).unwrap_or(Value::String(text)), next }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(60), &mut self.task)
-            .await
-            .expect("daemon stops")
-            .expect("join")
-            .expect("clean shutdown");
+    async fn stop(self) {
+        self.daemon.stop(Duration::from_secs(60)).await;
     }
 }
 
