@@ -65,7 +65,10 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
         extra_hosts: (!network.extra_hosts.is_empty()).then_some(network.extra_hosts),
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),
-            config: Some(HashMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "3".into())])),
+            config: Some(HashMap::from([
+                ("max-size".into(), LOG_MAX_SIZE.into()),
+                ("max-file".into(), LOG_MAX_FILES.into()),
+            ])),
         }),
         ..HostConfig::default()
     };
@@ -88,6 +91,14 @@ pub(crate) fn create_body(spec: &SessionSpec, owner: &OwnershipLabels, network: 
         ..ContainerCreateBody::default()
     }
 }
+
+/// The json-file log of an agent's container: rotated at 32 MiB, 5 files kept (160 MiB).
+/// The log is where agentd reads an agent's output from, so a burst the daemon cannot
+/// keep up with (a CPU-starved host) is lost once it is rotated away: 160 MiB holds
+/// the largest burst the daemon bounds its memory for (a 64 MiB line and sixteen 4 MiB
+/// ones, about 128 MiB), where 10 MiB × 3 lost a turn's result line in CI.
+const LOG_MAX_SIZE: &str = "32m";
+const LOG_MAX_FILES: &str = "5";
 
 fn bind(source: String, target: String, read_only: bool) -> Mount {
     Mount {

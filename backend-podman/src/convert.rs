@@ -26,8 +26,8 @@ const SIGTERM: i64 = 15;
 /// runaway output only, far above what a session writes. Podman 4.3 does not rotate a
 /// k8s-file log: at the limit conmon replaces it with an empty file, so the output written
 /// before is gone, and a reader following the log while it is replaced loses and tears
-/// entries (measured). A 10 MiB limit like the Docker backend's rotated json-file log
-/// (which keeps 3 files) is reached by one 5 MB line echoed back.
+/// entries (measured). A 10 MiB limit (what the Docker backend's json-file log first
+/// rotated at) is reached by one 5 MB line echoed back.
 const LOG_SIZE_MAX: i64 = 1024 * 1024 * 1024;
 
 /// Where a session's network policy puts it.
