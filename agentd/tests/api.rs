@@ -448,8 +448,8 @@ async fn a_conversation_is_posted_listed_and_streamed_from_any_point() {
     let (status, body) =
         d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "words": "hello" }))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = d.call(reqwest::Method::POST, "/v1/agents/talker/stop", None).await;
-    assert_eq!(status, StatusCode::OK);
+    let (status, body) = d.call(reqwest::Method::POST, "/v1/agents/talker/stop", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) =
         d.call(reqwest::Method::POST, "/v1/agents/talker/messages", Some(json!({ "text": "hello?" }))).await;
     assert_eq!(status, StatusCode::CONFLICT, "a stopped agent takes no message: {body}");

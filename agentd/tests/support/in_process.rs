@@ -41,6 +41,12 @@ pub fn test_config(token: Option<&str>) -> Config {
 impl InProcess {
     /// Binds a daemon with `config` on `engine` and runs it until [`InProcess::stop`].
     pub async fn start(config: &Config, engine: MockEngine) -> Self {
+        // The daemon's warnings (a request that failed with 500 says why there) go to the
+        // test's captured output, shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .try_init();
         let store = Store::in_memory().await.expect("store");
         let instance = store.instance_id().await.expect("instance");
         let owner = OwnershipLabels::new("agentd", instance.clone()).expect("labels");
