@@ -338,7 +338,7 @@ pub fn conversation_line(e: &ConversationEntry, wide: bool) -> String {
     let queued = if e.delivery == Some(Delivery::Queued) { " (queued)" } else { "" };
     let body: String = if wide { e.text.clone() } else { e.text.chars().take(400).collect() };
     let body = body.replace('\n', " ");
-    format!("{:>6} {} {arrow} {:<16} {body}{queued}", e.seq, rfc3339(e.at), e.kind)
+    format!("{:>6} {} {arrow} {:<16} {body}{queued}", e.seq, fixed_time(e.at), e.kind)
 }
 
 /// A time as the API writes it.
@@ -663,6 +663,22 @@ mod tests {
             let e = parse_since(bad).expect_err(bad);
             assert!(e.contains("RFC 3339") || e.contains("too long ago") || e.contains("out of range"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn conversation_lines_have_fixed_width_times() {
+        let entry = |nanos: i64| -> ConversationEntry {
+            serde_json::from_value(serde_json::json!({
+                "seq": 7, "at": (OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(nanos))
+                    .format(&time::format_description::well_known::Rfc3339).expect("format"),
+                "direction": "from_agent", "kind": "result", "text": "done", "data": {}
+            }))
+            .expect("an entry")
+        };
+        // 10 ms reads .010, not .01: every line's arrow is in the same column.
+        let lines: Vec<String> = [10_000_000, 0, 123_456_789].map(|n| conversation_line(&entry(n), false)).into();
+        assert_eq!(lines[0], "     7 1970-01-01T00:00:00.010Z ← result           done");
+        assert!(lines.iter().all(|l| l.find('←') == lines[0].find('←')), "{lines:#?}");
     }
 
     #[test]

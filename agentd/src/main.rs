@@ -817,11 +817,14 @@ async fn client_command(url: Option<String>, token: Option<String>, sources: &So
                 result.context("the conversation stream ended before the turn's result (is the daemon stopping?)")?;
             // `data` is the agent's own line: the one part of an entry without a type here.
             if result.data["is_error"].as_bool() == Some(true) {
-                bail!(
-                    "the turn ended with an error ({}): {}",
-                    result.data["subtype"].as_str().unwrap_or("error"),
-                    result.text
-                );
+                // Claude Code ends a turn whose model request failed with subtype
+                // `success` and `is_error`: the subtype is named only when it says more.
+                match result.data["subtype"].as_str() {
+                    Some(subtype) if subtype != "success" => {
+                        bail!("the turn ended with an error ({subtype}): {}", result.text)
+                    }
+                    _ => bail!("the turn ended with an error: {}", result.text),
+                }
             }
         }
         Command::Approvals { agent, all, json, output } => {
