@@ -159,11 +159,6 @@ impl Client {
         response.json().await.with_context(|| format!("reading the answer to {method} {path}"))
     }
 
-    /// GETs text, with a query.
-    pub async fn get_text<Q: Serialize + ?Sized>(&self, path: &str, query: &Q) -> Result<String> {
-        Ok(self.send(self.request(Method::GET, path).query(query)).await?.text().await?)
-    }
-
     /// Opens a server-sent event stream, with a query (the subscription starts when this
     /// returns).
     pub async fn open_stream<Q: Serialize + ?Sized>(&self, path: &str, query: &Q) -> Result<reqwest::Response> {
