@@ -62,6 +62,11 @@ pub struct Store {
     usage: Arc<Mutex<HashMap<String, UsageState>>>,
     /// The gateway key (`meta.gateway_key`), generated on first open.
     gateway: Arc<GatewaySecrets>,
+    /// An in-memory store's own connection, outside the pool: the database lives as
+    /// long as one connection to it, and the pool closes its connection when a query's
+    /// future is dropped midway (a client that goes away), which would leave an empty
+    /// database behind it. `None` for a file.
+    _keeper: Option<Arc<std::sync::Mutex<sqlx::SqliteConnection>>>,
 }
 
 /// An agent's model usage in memory.
@@ -187,15 +192,19 @@ impl Store {
 
     /// A private in-memory database, for tests.
     pub async fn in_memory() -> Result<Self> {
+        // A named, shared-cache in-memory database (what sqlx makes of `:memory:`), so
+        // that the keeper and the pool's connection see the same one.
         let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
-        // One connection that never expires: an in-memory database lives as long as it.
+        let keeper = sqlx::ConnectOptions::connect(&options).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options)
             .await?;
-        Self::migrated(pool).await
+        let mut store = Self::migrated(pool).await?;
+        store._keeper = Some(Arc::new(std::sync::Mutex::new(keeper)));
+        Ok(store)
     }
 
     async fn migrated(pool: SqlitePool) -> Result<Self> {
@@ -208,7 +217,13 @@ impl Store {
         }
         let usage = load_usage(&pool).await?;
         let gateway = Arc::new(gateway_key(&pool).await?);
-        Ok(Self { pool, agents: Arc::new(Mutex::new(cache)), usage: Arc::new(Mutex::new(usage)), gateway })
+        Ok(Self {
+            pool,
+            agents: Arc::new(Mutex::new(cache)),
+            usage: Arc::new(Mutex::new(usage)),
+            gateway,
+            _keeper: None,
+        })
     }
 
     /// The daemon's gateway key, which makes and checks every agent's gateway secret. It
