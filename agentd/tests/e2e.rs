@@ -113,8 +113,19 @@ fn unique(tag: &str) -> String {
     format!("{tag}{:x}", (nanos as u64) ^ u64::from(std::process::id()) << 32)
 }
 
+/// A port free now and never handed out before in this test process: two ports taken
+/// one after the other can be the same one (the first was only bound for a moment),
+/// which a daemon refuses as `gateway.port` and `gateway.proxy_port` both.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One daemon configuration: engine, prefix, instance, port, database.
